@@ -1,0 +1,297 @@
+"""The ``chrono`` command line.
+
+Every user mistake (unknown run, bad SQL, bad id, missing root, bad option)
+prints one line ``chrono: error: ...`` and exits with code 2, never a
+traceback. Commands that only read the store never import torch.
+
+Subcommands beyond the core live in ``chrono.commands.<name>`` modules that
+expose ``register(subparsers)``; they are listed in ``EXTENSIONS``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+# Subcommand modules added by later parts of the product (each has register(sub)).
+EXTENSIONS: tuple[str, ...] = ()
+
+
+class UserError(Exception):
+    """A mistake by the user: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(EXIT_USER_ERROR, f"chrono: error: {message} (see 'chrono --help')\n")
+
+
+def _root(args) -> Path:
+    return Path(args.root)
+
+
+def _fmt_cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def print_table(table, out=None, max_rows: int | None = None) -> None:
+    """Print an Arrow table as aligned text columns."""
+    out = out or sys.stdout
+    rows = table.to_pylist()
+    if max_rows is not None and len(rows) > max_rows:
+        hidden = len(rows) - max_rows
+        rows = rows[:max_rows]
+    else:
+        hidden = 0
+    cols = table.column_names
+    cells = [[_fmt_cell(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    out.write("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip() + "\n")
+    for row in cells:
+        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+    if hidden:
+        out.write(f"... {hidden} more rows (use --format csv/json/parquet --output F for all)\n")
+    if not rows:
+        out.write("(no rows)\n")
+
+
+def _connect(args):
+    import chrono
+
+    return chrono.connect(_root(args))
+
+
+# ------------------------------------------------------------------ commands
+RUNS_SQL = """
+SELECT r.run_id, r.n_layers AS layers, r.n_experts AS experts, r.top_k, r.adapter,
+       s.steps, s.last_step, a.raised AS alerts_raised, r.updated_at
+FROM runs r
+LEFT JOIN (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS last_step
+           FROM routing GROUP BY run_id) s USING (run_id)
+LEFT JOIN (SELECT run_id, count(*) FILTER (WHERE transition = 'raised') AS raised
+           FROM alerts GROUP BY run_id) a USING (run_id)
+ORDER BY r.updated_at DESC, r.run_id
+"""
+
+
+def cmd_runs(args) -> int:
+    con = _connect(args)
+    print_table(con.sql(RUNS_SQL).to_arrow_table())
+    return 0
+
+
+def cmd_show(args) -> int:
+    from chrono.store import read_manifest, require_run
+    from chrono.schema import TABLES
+
+    path = require_run(_root(args), args.run)
+    con = _connect(args)
+    manifest = read_manifest(path)
+    print(f"run {args.run}  ({path})")
+    print(json.dumps(manifest, indent=2, default=str))
+    print("\nrows per table:")
+    for t in TABLES:
+        ((n,),) = con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [args.run]).fetchall()
+        print(f"  {t:<10} {n}")
+    latest = con.sql(
+        "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
+        "round(top2_share, 3) AS top2_share, dead, nearly_dead FROM snapshots "
+        "WHERE run_id = ? AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) ORDER BY layer",
+        params=[args.run, args.run]).to_arrow_table()
+    if latest.num_rows:
+        print("\nlatest snapshot:")
+        print_table(latest)
+    else:
+        print(f"\nno snapshots yet: run 'chrono snapshot {args.run} --every K'")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from chrono.reader import run_readonly_sql
+
+    con = _connect(args)
+    result = run_readonly_sql(con, args.sql)
+    fmt = args.format
+    if fmt == "parquet" and not args.output:
+        raise UserError("--format parquet needs --output FILE")
+    if args.output:
+        out_path = Path(args.output)
+        if not out_path.parent.exists():
+            raise UserError(f"output directory {out_path.parent} does not exist")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, args.output)
+        print(f"wrote {result.num_rows} rows to {args.output}", file=sys.stderr)
+        return 0
+    if fmt == "table":
+        if args.output:
+            with open(args.output, "w") as f:
+                print_table(result, f)
+        else:
+            print_table(result, max_rows=args.max_rows)
+        return 0
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        sink = args.output or sys.stdout.buffer
+        pcsv.write_csv(result, sink)
+        return 0
+    # json: one object per line
+    lines = "".join(json.dumps(r, default=str) + "\n" for r in result.to_pylist())
+    if args.output:
+        Path(args.output).write_text(lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    import chrono
+    from chrono.snapshots import alerts_for, build_snapshots
+    from chrono.store import require_run
+
+    require_run(_root(args), args.run)
+    if args.every < 1:
+        raise UserError("--every must be >= 1")
+    con = _connect(args)
+    routing = con.sql(
+        "SELECT step, layer, expert, sum(tokens) AS tokens, sum(dropped) AS dropped FROM routing "
+        "WHERE run_id = ? GROUP BY ALL", params=[args.run]).to_arrow_table()
+    if routing.num_rows == 0:
+        raise UserError(f"run {args.run!r} has no routing rows yet")
+    snaps = build_snapshots(args.run, routing, args.every)
+    alerts = alerts_for(snaps)
+    with chrono.open_run(_root(args), args.run) as w:
+        w.replace_table("snapshots", snaps)
+        w.replace_table("alerts", alerts)
+    windows = len(set(snaps.column("step").to_pylist()))
+    raised = sum(1 for t in alerts.column("transition").to_pylist() if t == "raised")
+    print(f"{args.run}: {windows} snapshots (every {args.every} steps), "
+          f"{snaps.num_rows} rows, {raised} alerts raised")
+    return 0
+
+
+def cmd_alerts(args) -> int:
+    from chrono.store import require_run
+
+    require_run(_root(args), args.run)
+    con = _connect(args)
+    t = con.sql(
+        "SELECT step, layer, alert, transition, consecutive, round(neff, 3) AS neff, n_experts, "
+        "round(top2_share, 3) AS top2_share, dead FROM alerts WHERE run_id = ? "
+        "ORDER BY step, layer, alert", params=[args.run]).to_arrow_table()
+    if t.num_rows == 0:
+        ((snaps,),) = con.execute("SELECT count(*) FROM snapshots WHERE run_id = ?", [args.run]).fetchall()
+        hint = "" if snaps else f" (no snapshots yet: run 'chrono snapshot {args.run} --every K')"
+        print(f"no alerts for run {args.run}{hint}")
+        return 0
+    print_table(t)
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from chrono.store import compact
+
+    merged = compact(_root(args), args.run)
+    if not merged:
+        print(f"{args.run}: nothing to compact")
+    for table, n in merged.items():
+        print(f"{args.run}: {table}: merged {n} parts")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from chrono.demo import run_demo
+
+    return run_demo(args)
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="chrono",
+        description="Routing telemetry and governance for Mixture-of-Experts models. "
+                    "Reads and writes a store of Parquet files (one directory per run).",
+    )
+    p.add_argument("--root", default=os.environ.get("CHRONO_ROOT") or "chrono_runs",
+                   help="store root directory (default: $CHRONO_ROOT, else ./chrono_runs)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("runs", help="list runs with layers, experts, steps and alerts")
+    s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("show", help="manifest, row counts and latest health of one run")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("query", help="run read-only SQL over the store (DuckDB)",
+                       description="Views: runs routing tokens snapshots alerts decisions signals "
+                                   "lifecycle. Example: chrono query \"SELECT layer, expert, "
+                                   "sum(tokens) FROM routing GROUP BY ALL ORDER BY ALL\"")
+    s.add_argument("sql")
+    s.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    s.add_argument("--output", "-o", help="write to this file instead of stdout")
+    s.add_argument("--max-rows", type=int, default=100, help="rows shown in table format (default 100)")
+    s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("snapshot", help="(re)compute snapshots and alerts of a run from its routing rows")
+    s.add_argument("run")
+    s.add_argument("--every", type=int, default=10, help="window size in steps (default 10)")
+    s.set_defaults(func=cmd_snapshot)
+
+    s = sub.add_parser("alerts", help="alert transitions (raised / cleared) of a run")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_alerts)
+
+    s = sub.add_parser("compact", help="merge a run's small part files into one per table and rank")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_compact)
+
+    s = sub.add_parser("demo", help="record a demo run whose routing drifts into collapse")
+    s.add_argument("--run", default="demo", help="run id (default: demo)")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-serve", action="store_true", help="do not start the dashboard afterwards")
+    s.set_defaults(func=cmd_demo)
+
+    for mod in EXTENSIONS:
+        importlib.import_module(mod).register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    from chrono.reader import QueryError
+    from chrono.store import StoreError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, StoreError, QueryError) as e:
+        print(f"chrono: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("chrono: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Read side of the store: a sandboxed, read-only DuckDB connection and Polars frames.
+
+``connect(root)`` returns an in-memory DuckDB connection with one view per
+table over every readable part file under ``root`` (corrupt or truncated
+parts are skipped with one warning each), plus ``runs`` built from the
+manifests. After the views are created, DuckDB's file access is confined to
+``root`` (``allowed_directories`` + ``enable_external_access=false``) and the
+configuration is locked, so SQL typed by a user cannot read or write files
+elsewhere. ``run_readonly_sql`` additionally refuses any statement that is not
+a query.
+
+Views are built from the part list at call time; ``refresh(con)`` rebuilds
+them so a long-lived reader (dashboard, exporter) sees parts written since.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
+from .store import StoreError, list_runs, part_files, read_manifest
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
+    ("updated_at", pa.timestamp("s")), ("schema_version", pa.int32()),
+    ("n_layers", pa.int32()), ("n_experts", pa.int32()), ("top_k", pa.int32()),
+    ("adapter", pa.string()), ("model", pa.string()), ("config", pa.string()),
+    ("host", pa.string()), ("world_size", pa.int32()),
+])
+
+READ_ONLY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
+
+
+class QueryError(Exception):
+    """A user's SQL was refused or failed; the message is one readable line."""
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _view_sql(table: str, files: list[str]) -> str:
+    schema = table_schema(table)
+    if not files:
+        cols = ", ".join(f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema)
+        return f"SELECT {cols} WHERE false"
+    file_list = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+    defaults = COLUMN_DEFAULTS.get(table, {})
+    # union_by_name fills columns a part lacks (older schema) with NULL; coalesce to the default
+    cols = []
+    for f in schema:
+        d = defaults.get(f.name)
+        if d is not None:
+            cols.append(f"COALESCE(CAST({f.name} AS {duckdb_type(f.type)}), {d!r}) AS {f.name}")
+        else:
+            cols.append(f"CAST({f.name} AS {duckdb_type(f.type)}) AS {f.name}")
+    return f"SELECT {', '.join(cols)} FROM read_parquet({file_list}, union_by_name=true)"
+
+
+def runs_table(root) -> pa.Table:
+    rows = []
+    for r in list_runs(root):
+        m = read_manifest(Path(root) / r) or {}
+        model = m.get("model") or {}
+        epl = model.get("experts_per_layer") or {}
+        n_exp = max((int(v) for v in epl.values()), default=None) if isinstance(epl, dict) else None
+        layers = model.get("layers")
+        rows.append({
+            "run_id": r,
+            "created_at": int(m["created_at"]) if m.get("created_at") else None,
+            "updated_at": int(m["updated_at"]) if m.get("updated_at") else None,
+            "schema_version": m.get("schema_version"),
+            "n_layers": len(layers) if isinstance(layers, list) else (len(epl) or None),
+            "n_experts": n_exp,
+            "top_k": model.get("top_k"),
+            "adapter": model.get("adapter"),
+            "model": json.dumps(model) if model else None,
+            "config": json.dumps(m.get("config")) if m.get("config") is not None else None,
+            "host": m.get("host"),
+            "world_size": m.get("world_size"),
+        })
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+
+
+def _build_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    for table in TABLES:
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {_view_sql(table, part_files(root, table))}")
+    con.register("_runs_arrow", runs_table(root))
+    con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _runs_arrow")
+
+
+def connect(root=None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+    """Read-only DuckDB connection with views ``runs routing tokens snapshots alerts
+    decisions signals lifecycle`` over all runs under ``root``.
+
+    A missing root is an empty store (every view empty, right columns).
+    """
+    from .store import default_root
+
+    root = Path(root if root is not None else default_root()).absolute()
+    con = duckdb.connect(":memory:")
+    con.execute("SET threads TO 2")
+    con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root")
+    _build_views(con, root)
+    if sandbox:
+        allowed = str(root) + os.sep
+        con.execute(f"SET allowed_directories = [{_sql_str(allowed)}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    return con
+
+
+def refresh(con: duckdb.DuckDBPyConnection) -> None:
+    """Rebuild the views of a ``connect()`` connection to include newly written parts."""
+    try:
+        ((root,),) = con.execute("SELECT root FROM _chrono_root").fetchall()
+    except duckdb.Error:
+        raise ValueError("refresh() needs a connection made by chrono.connect()") from None
+    _build_views(con, Path(root))
+
+
+def check_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise QueryError unless every statement in ``sql`` is a read-only query."""
+    try:
+        stmts = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(_one_line(e)) from None
+    if not stmts:
+        raise QueryError("empty query")
+    for st in stmts:
+        kind = str(st.type).rsplit(".", 1)[-1]
+        if kind not in READ_ONLY_TYPES:
+            raise QueryError(f"only read-only queries are allowed (got a {kind} statement); "
+                             f"the store is written by chrono itself")
+
+
+def run_readonly_sql(con: duckdb.DuckDBPyConnection, sql: str, limit: int | None = None):
+    """Run a user's read-only SQL; returns a DuckDB relation result as an Arrow table.
+
+    ``limit`` caps the rows returned (the dashboard passes one; the CLI does not).
+    """
+    check_readonly(con, sql)
+    try:
+        stmts = con.extract_statements(sql)
+        for st in stmts[:-1]:
+            con.execute(st.query)
+        rel = con.sql(stmts[-1].query)
+        if rel is None:
+            return pa.table({})
+        if limit is not None:
+            rel = rel.limit(limit)
+        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+    except duckdb.Error as e:
+        raise QueryError(_one_line(e)) from None
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def read(root, table: str, run: str | None = None):
+    """The same rows as the DuckDB view ``table``, as a ``polars.LazyFrame``."""
+    import polars as pl
+
+    schema = table_schema(table)
+    pl_schema = pl.from_arrow(schema.empty_table()).schema
+    if table == "runs":
+        raise StoreError("use chrono.connect(root) for the runs view")
+    files = part_files(root, table, run)
+    if not files:
+        return pl.LazyFrame(schema=pl_schema)
+    lf = pl.scan_parquet(files, schema=pl_schema, missing_columns="insert", extra_columns="ignore")
+    fills = [pl.col(c).fill_null(v) for c, v in COLUMN_DEFAULTS.get(table, {}).items() if v is not None]
+    return lf.with_columns(fills) if fills else lf

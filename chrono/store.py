@@ -1,0 +1,557 @@
+"""The Parquet store: one directory per run, one directory of immutable parts per table.
+
+Layout (DESIGN §3)::
+
+    <root>/<run_id>/manifest.json
+    <root>/<run_id>/<table>/part-<rank>-<seq>.parquet
+
+Writers buffer columns in memory and on ``flush()`` write each table's buffer
+as one part: first to a hidden temporary name in the same directory, then
+``os.replace`` to its final name, so a reader never sees half a file and a
+killed writer loses at most the unflushed buffer. One writer per (run, rank)
+holds an ``flock`` on ``.writer-<rank>.lock``; the kernel drops it when the
+process dies, so a crashed run can be reopened at once.
+
+Write failures (disk full, permission, directory removed) never raise out of
+``flush()`` when ``on_error="count"`` (what probes use): the batch stays
+buffered (bounded by ``max_pending_rows``; beyond that the oldest rows are
+dropped and counted), the error is counted and logged once per kind, and the
+next flush retries.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .schema import MODES, SCHEMA_VERSION, TABLES, conform, table_schema
+
+log = logging.getLogger("chrono.store")
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+PART_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+MANIFEST = "manifest.json"
+REPLACES_KEY = b"chrono.replaces"
+DEFAULT_ROOT = "chrono_runs"
+
+
+class StoreError(Exception):
+    """A user-facing store problem (bad run id, unknown run, run locked...)."""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("CHRONO_ROOT") or DEFAULT_ROOT)
+
+
+def validate_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it matches ``[A-Za-z0-9._-]{1,128}`` and is no path trick."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or run_id in (".", ".."):
+        raise StoreError(
+            f"invalid run id {run_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ - (not '.' or '..')")
+    return run_id
+
+
+def run_dir(root, run_id: str) -> Path:
+    return Path(root) / validate_run_id(run_id)
+
+
+def _atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class WriterStats:
+    """Counters a writer keeps; probes and the Prometheus exporter read them."""
+
+    rows_written: dict = field(default_factory=lambda: {t: 0 for t in TABLES})
+    parts_written: int = 0
+    write_errors: int = 0
+    rows_dropped: int = 0
+    last_error: str | None = None
+
+
+class _Buffer:
+    """Columns appended as NumPy arrays / Python lists, concatenated on flush."""
+
+    def __init__(self, table: str):
+        self.table = table
+        self.chunks: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, t: pa.Table) -> None:
+        if t.num_rows:
+            self.chunks.append(t)
+            self.rows += t.num_rows
+
+    def take(self) -> pa.Table | None:
+        if not self.rows:
+            return None
+        t = pa.concat_tables(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        self.chunks, self.rows = [], 0
+        return t
+
+
+class RunWriter:
+    """Writes one run (one rank of it) into the store. Thread-safe; a context manager.
+
+    Use ``chrono.open_run(root, run_id, model=..., config=...)`` to get one.
+    """
+
+    def __init__(self, root, run_id: str, model: dict | None = None, config: dict | None = None,
+                 rank: int = 0, world_size: int = 1, on_error: str = "raise",
+                 max_pending_rows: int = 5_000_000, auto_flush_rows: int = 2_000_000,
+                 compression: str = "zstd", fsync: bool = False):
+        if on_error not in ("raise", "count"):
+            raise ValueError("on_error must be 'raise' or 'count'")
+        self.root = Path(root)
+        self.run_id = validate_run_id(run_id)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.on_error = on_error
+        self.max_pending_rows = max_pending_rows
+        self.auto_flush_rows = auto_flush_rows
+        self.compression = compression
+        self.fsync = fsync
+        self.stats = WriterStats()
+        self._lock = threading.RLock()
+        self._buffers = {t: _Buffer(t) for t in TABLES}
+        self._logged_errors: set[str] = set()
+        self._closed = False
+        self.path = self.root / self.run_id
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._acquire_lock()
+        self._seq = self._next_seq()
+        self.manifest = self._write_manifest(model, config)
+
+    # ------------------------------------------------------------------ setup
+    def _acquire_lock(self):
+        lock_path = self.path / f".writer-{self.rank}.lock"
+        f = open(lock_path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise StoreError(
+                    f"run {self.run_id!r} (rank {self.rank}) is already being written by another "
+                    f"writer; use a different run id or stop the other writer") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}@{socket.gethostname()}\n")
+        f.flush()
+        return f
+
+    def _next_seq(self) -> int:
+        seq = 0
+        for t in TABLES:
+            d = self.path / t
+            if not d.is_dir():
+                continue
+            for name in os.listdir(d):
+                m = PART_RE.match(name)
+                if m and int(m.group(1)) == self.rank:
+                    seq = max(seq, int(m.group(2)) + 1)
+        return seq
+
+    def _write_manifest(self, model, config) -> dict:
+        old = read_manifest(self.path) or {}
+        now = time.time()
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "created_at": old.get("created_at", now),
+            "updated_at": now,
+            "model": model if model is not None else old.get("model"),
+            "config": config if config is not None else old.get("config"),
+            "host": socket.gethostname(),
+            "world_size": self.world_size,
+        }
+        if self.rank == 0:
+            _atomic_write_bytes(self.path / MANIFEST,
+                                json.dumps(manifest, indent=2, default=_json_default).encode())
+        return manifest
+
+    def update_manifest(self, **fields) -> None:
+        """Merge ``fields`` into the manifest (rank 0 only writes it)."""
+        with self._lock:
+            self.manifest.update(fields)
+            self.manifest["updated_at"] = time.time()
+            if self.rank == 0:
+                self._guarded(lambda: _atomic_write_bytes(
+                    self.path / MANIFEST, json.dumps(self.manifest, indent=2,
+                                                     default=_json_default).encode()))
+
+    # ---------------------------------------------------------------- logging
+    def _append(self, table: str, columns: dict) -> None:
+        if self._closed:
+            raise StoreError(f"run {self.run_id!r}: writer is closed")
+        t = pa.Table.from_pydict(columns, schema=table_schema(table))
+        with self._lock:
+            self._buffers[table].add(t)
+            pending = sum(b.rows for b in self._buffers.values())
+        if pending >= self.auto_flush_rows:
+            self.flush()
+
+    def log_routing(self, step, layer, counts, mode: str = "TRAIN", weight_sum=None,
+                    rank: int | None = None, dropped=None) -> None:
+        """Append aggregated routing counts.
+
+        ``counts``: ``[..., n_experts]`` tokens dispatched per expert; ``step`` and
+        ``layer`` broadcast against ``counts.shape[:-1]`` (so a whole flush
+        interval ``[steps, layers, experts]`` is one call). ``weight_sum`` and
+        ``dropped`` have the shape of ``counts``.
+        """
+        c = np.asarray(counts)
+        if c.ndim == 0:
+            raise ValueError("counts must have a trailing expert dimension")
+        lead, n = c.shape[:-1], c.shape[-1]
+        _check_mode(mode)
+        try:
+            step_a = np.broadcast_to(np.asarray(step, dtype=np.int64), lead)
+            layer_a = np.broadcast_to(np.asarray(layer, dtype=np.int32), lead)
+        except ValueError:
+            raise ValueError(f"step {np.shape(step)} and layer {np.shape(layer)} must broadcast to "
+                             f"counts' leading shape {lead}") from None
+        rows = int(np.prod(lead, dtype=np.int64)) * n
+        cols = {
+            "run_id": _const_str(self.run_id, rows),
+            "step": np.repeat(step_a.reshape(-1), n),
+            "mode": _const_str(mode, rows),
+            "layer": np.repeat(layer_a.reshape(-1), n),
+            "expert": np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0),
+            "tokens": c.reshape(-1).astype(np.int64),
+            "weight_sum": (None if weight_sum is None
+                           else np.asarray(weight_sum, dtype=np.float32).reshape(-1)),
+            "dropped": (np.zeros(rows, dtype=np.int64) if dropped is None
+                        else np.asarray(dropped, dtype=np.int64).reshape(-1)),
+            "rank": np.full(rows, self.rank if rank is None else rank, dtype=np.int32),
+        }
+        if cols["weight_sum"] is None:
+            cols["weight_sum"] = pa.nulls(rows, pa.float32())
+        self._append("routing", cols)
+
+    def log_tokens(self, step, layer, expert, weight=None, batch_idx=None, position=None, k=None,
+                   token_id=None, mode: str = "TRAIN", rank: int | None = None) -> None:
+        """Append per-token routing facts; every argument is a scalar or an array of one length."""
+        expert_a = np.asarray(expert, dtype=np.int32).reshape(-1)
+        rows = expert_a.shape[0]
+        _check_mode(mode)
+
+        def col(v, dtype, default=0):
+            if v is None:
+                return np.full(rows, default, dtype=dtype)
+            return np.broadcast_to(np.asarray(v, dtype=dtype).reshape(-1) if np.ndim(v) else
+                                   np.asarray(v, dtype=dtype), (rows,))
+
+        cols = {
+            "run_id": _const_str(self.run_id, rows),
+            "step": col(step, np.int64),
+            "mode": _const_str(mode, rows),
+            "layer": col(layer, np.int32),
+            "batch_idx": col(batch_idx, np.int32),
+            "position": col(position, np.int32),
+            "k": col(k, np.int16),
+            "expert": expert_a,
+            "weight": pa.nulls(rows, pa.float32()) if weight is None else col(weight, np.float32),
+            "token_id": pa.nulls(rows, pa.int64()) if token_id is None else col(token_id, np.int64),
+            "rank": np.full(rows, self.rank if rank is None else rank, dtype=np.int32),
+        }
+        self._append("tokens", cols)
+
+    def log_signal(self, step: int, name: str, value, layer: int | None = None,
+                   rank: int | None = None) -> None:
+        """Append one scalar signal (loss, accuracy, a model-specific state probe)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("signal name must be a non-empty string")
+        self._append("signals", {
+            "run_id": [self.run_id], "step": [int(step)], "name": [name],
+            "layer": [None if layer is None else int(layer)],
+            "value": [None if value is None else float(value)],
+            "rank": [self.rank if rank is None else int(rank)],
+        })
+
+    def log_rows(self, table: str, rows: list[dict]) -> None:
+        """Append whole rows (dicts) to ``table``; ``run_id`` is filled in."""
+        if not rows:
+            return
+        schema = table_schema(table)
+        cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
+        cols["run_id"] = [self.run_id] * len(rows)
+        if "rank" in cols:
+            cols["rank"] = [self.rank if v is None else v for v in cols["rank"]]
+        self._append(table, cols)
+
+    # ---------------------------------------------------------------- flushing
+    def pending_rows(self) -> int:
+        with self._lock:
+            return sum(b.rows for b in self._buffers.values())
+
+    def flush(self) -> int:
+        """Write every buffered table as one part each. Returns rows written."""
+        written = 0
+        with self._lock:
+            for name, buf in self._buffers.items():
+                t = buf.take()
+                if t is None:
+                    continue
+                ok = self._guarded(lambda: self._write_part(name, t))
+                if ok:
+                    written += t.num_rows
+                    self.stats.rows_written[name] += t.num_rows
+                    self.stats.parts_written += 1
+                else:
+                    self._keep_pending(buf, t)
+        return written
+
+    def _keep_pending(self, buf: _Buffer, t: pa.Table) -> None:
+        buf.chunks.insert(0, t)
+        buf.rows += t.num_rows
+        excess = buf.rows - self.max_pending_rows
+        if excess > 0:
+            whole = buf.take()
+            self.stats.rows_dropped += excess
+            buf.add(whole.slice(excess))
+
+    def _write_part(self, table: str, t: pa.Table, replaces: list[str] | None = None) -> str:
+        d = self.path / table
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"part-{self.rank:05d}-{self._seq:08d}.parquet"
+        final = d / name
+        tmp = d / f".{name}.tmp"
+        meta = {b"chrono.schema_version": str(SCHEMA_VERSION).encode(), b"chrono.table": table.encode()}
+        if replaces:
+            meta[REPLACES_KEY] = json.dumps(replaces).encode()
+        t = t.replace_schema_metadata(meta)
+        try:
+            pq.write_table(t, tmp, compression=self.compression)
+            if self.fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        self._seq += 1
+        return name
+
+    def replace_table(self, table: str, new: pa.Table, only_rank: int | None = None,
+                      parts: list[str] | None = None) -> int:
+        """Atomically replace the visible contents of ``table`` in this run by ``new``.
+
+        The new part names the parts it supersedes in its metadata; readers
+        ignore superseded parts from the moment the new part appears, so a
+        crash between writing it and deleting the old files shows no
+        duplicates. Returns the number of parts superseded.
+        """
+        with self._lock:
+            d = self.path / table
+            old = [n for n in (sorted(os.listdir(d)) if d.is_dir() else [])
+                   if PART_RE.match(n) and (only_rank is None or int(PART_RE.match(n).group(1)) == only_rank)]
+            new = conform(table, new)
+            self._write_part(table, new, replaces=old)
+            for n in old:
+                try:
+                    os.unlink(d / n)
+                except FileNotFoundError:
+                    pass
+            return len(old)
+
+    def _guarded(self, fn) -> bool:
+        if self.on_error == "raise":
+            fn()
+            return True
+        try:
+            fn()
+            return True
+        except Exception as e:  # a telemetry fault must never reach the training loop
+            self.stats.write_errors += 1
+            self.stats.last_error = f"{type(e).__name__}: {e}"
+            kind = f"{type(e).__name__}:{getattr(e, 'errno', '')}"
+            if kind not in self._logged_errors:
+                self._logged_errors.add(kind)
+                log.error("chrono: telemetry write failed for run %r (%s); training continues, "
+                          "rows stay buffered and are retried", self.run_id, self.stats.last_error)
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+            self.update_manifest()
+        finally:
+            self._closed = True
+            try:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            finally:
+                self._lock_file.close()
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _const_str(value: str, rows: int) -> pa.Array:
+    """A string column holding one value, built in C (no Python list of ``rows`` items)."""
+    idx = pa.array(np.zeros(rows, dtype=np.int32))
+    return pa.DictionaryArray.from_arrays(idx, pa.array([value])).cast(pa.string())
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+def open_run(root, run_id: str, model: dict | None = None, config: dict | None = None,
+             **kwargs) -> RunWriter:
+    """Open (create or resume) run ``run_id`` under ``root`` for writing."""
+    return RunWriter(root, run_id, model=model, config=config, **kwargs)
+
+
+# ====================================================================== reading
+_part_cache: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
+_warned: set[str] = set()
+
+
+def _part_info(path: str) -> tuple[bool, tuple[str, ...]]:
+    """(readable, names of parts it supersedes) for one part file.
+
+    Readable means the Parquet footer parses; cached by (path, size, mtime)
+    so repeated connects cost one ``stat`` per part.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False, ()
+    key = (path, st.st_size, st.st_mtime_ns)
+    info = _part_cache.get(key)
+    if info is None:
+        try:
+            md = pq.read_metadata(path)
+            kv = md.metadata or {}
+            replaces = tuple(json.loads(kv[REPLACES_KEY])) if REPLACES_KEY in kv else ()
+            info = (True, replaces)
+        except Exception as e:
+            info = (False, ())
+            if path not in _warned:
+                _warned.add(path)
+                log.warning("chrono: skipping unreadable part file %s (%s)", path, type(e).__name__)
+        if len(_part_cache) > 200_000:
+            _part_cache.clear()
+        _part_cache[key] = info
+    return info
+
+
+def list_runs(root) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and RUN_ID_RE.match(p.name) and (p / MANIFEST).is_file())
+
+
+def part_files(root, table: str, run: str | None = None) -> list[str]:
+    """Readable part files of ``table`` (one run or all), temporary files excluded."""
+    table_schema(table)
+    runs = [validate_run_id(run)] if run is not None else list_runs(root)
+    out = []
+    for r in runs:
+        d = Path(root) / r / table
+        try:
+            names = sorted(n for n in os.listdir(d) if PART_RE.match(n))
+        except OSError:
+            continue
+        good, superseded = [], set()
+        for name in names:
+            ok, replaces = _part_info(str(d / name))
+            if ok:
+                good.append(name)
+                superseded.update(replaces)
+        out.extend(str(d / n) for n in good if n not in superseded)
+    return out
+
+
+def compact(root, run: str, tables=None) -> dict[str, int]:
+    """Merge each table's parts (per rank) into one part. Returns parts merged per table.
+
+    Takes the run's writer lock for each rank it touches, so it refuses to run
+    while that rank is being written.
+    """
+    path = require_run(root, run)
+    merged: dict[str, int] = {}
+    ranks = sorted({int(m.group(1)) for t in TABLES if (path / t).is_dir()
+                    for n in os.listdir(path / t) if (m := PART_RE.match(n))})
+    for rank in ranks:
+        with RunWriter(root, run, rank=rank) as w:
+            for table in (tables or TABLES):
+                files = [f for f in part_files(root, table, run)
+                         if int(PART_RE.match(os.path.basename(f)).group(1)) == rank]
+                if len(files) < 2:
+                    continue
+                data = pa.concat_tables([conform(table, pq.read_table(f)) for f in files])
+                w.replace_table(table, data, parts=[os.path.basename(f) for f in files])
+                merged[table] = merged.get(table, 0) + len(files)
+    return merged
+
+
+def require_run(root, run: str) -> Path:
+    validate_run_id(run)
+    p = Path(root) / run
+    if not (p / MANIFEST).is_file():
+        known = list_runs(root)
+        hint = f"; runs under {root}: {', '.join(known[:10])}" if known else f"; no runs under {root}"
+        raise StoreError(f"unknown run {run!r}{hint}")
+    return p
