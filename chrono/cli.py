@@ -19,7 +19,7 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("chrono.commands.serve_metrics",)
 
 
 class UserError(Exception):
@@ -294,4 +294,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m chrono.cli` this file runs as __main__; dispatch through the real
+    # chrono.cli module so UserError raised by extension commands is the class caught in main().
+    from chrono.cli import main as _main
+
+    sys.exit(_main())
