@@ -31,6 +31,7 @@ def register(sub) -> None:
 
 
 def cmd_serve_metrics(args) -> int:
+    import signal
     import threading
     from pathlib import Path
 
@@ -51,8 +52,10 @@ def cmd_serve_metrics(args) -> int:
         raise UserError(str(e)) from None
     following = args.run or f"the newest run under {root}"
     print(f"serving Prometheus metrics for {following} at {server.url} (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill` stops it as cleanly as Ctrl-C
     try:
-        threading.Event().wait()  # serve until interrupted
+        stop.wait()
     except KeyboardInterrupt:
         print("chrono: stopped", file=sys.stderr)
     finally:
