@@ -297,6 +297,18 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     except BrokenPipeError:
         return 0
+    except OSError as e:  # unreadable root, output file not writable, ...
+        print(f"chrono: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        import duckdb
+
+        if not isinstance(e, duckdb.Error):
+            raise
+        # e.g. a part file whose pages are corrupt (its footer parsed, so it was listed)
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"chrono: error: reading the store failed: {msg}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("chrono: interrupted", file=sys.stderr)
         return 130

@@ -36,12 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import MODES, SCHEMA_VERSION, TABLES, conform, table_schema
+from .schema import COLUMN_DEFAULTS, MODES, SCHEMA_VERSION, TABLES, conform, table_schema
 
 log = logging.getLogger("chrono.store")
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-PART_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, which let "run\n" through.
+RUN_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
+PART_RE = re.compile(r"\Apart-(\d+)-(\d+)\.parquet\Z")
 MANIFEST = "manifest.json"
 REPLACES_KEY = b"chrono.replaces"
 DEFAULT_ROOT = "chrono_runs"
@@ -189,6 +190,7 @@ class RunWriter:
         self.path = self.root / self.run_id
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire_lock()
+        self._remove_stale_temp_files()
         self._seq = self._next_seq()
         self.manifest = self._write_manifest(model, config)
 
@@ -210,6 +212,26 @@ class RunWriter:
         f.write(f"{os.getpid()}@{socket.gethostname()}\n")
         f.flush()
         return f
+
+    def _remove_stale_temp_files(self) -> None:
+        """Delete temporary part files this rank left behind when it was killed mid-write.
+
+        Safe: we hold this rank's lock, so no live writer owns them. Readers
+        never read them anyway (they do not match ``PART_RE``).
+        """
+        prefix = f".part-{self.rank:05d}-"
+        for t in TABLES:
+            d = self.path / t
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith(prefix) and name.endswith(".parquet.tmp"):
+                    try:
+                        os.unlink(d / name)
+                    except OSError:
+                        pass
 
     def _next_seq(self) -> int:
         seq = 0
@@ -240,6 +262,13 @@ class RunWriter:
             _atomic_write_bytes(self.path / MANIFEST,
                                 json.dumps(manifest, indent=2, default=_json_default).encode())
         return manifest
+
+    def _restore_manifest(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.path / MANIFEST,
+                            json.dumps(self.manifest, indent=2, default=_json_default).encode())
+        log.warning("chrono: manifest of run %r was missing (directory deleted?); rewrote it",
+                    self.run_id)
 
     def update_manifest(self, **fields) -> None:
         """Merge ``fields`` into the manifest (rank 0 only writes it)."""
@@ -359,6 +388,11 @@ class RunWriter:
         """Write every buffered table as one part each. Returns rows written."""
         written = 0
         with self._lock:
+            if self.rank == 0 and any(b.rows for b in self._buffers.values()) \
+                    and not (self.path / MANIFEST).is_file():
+                # the run directory was deleted (or emptied) under us: without a manifest
+                # readers would not list the run, so the parts written next would be invisible
+                self._guarded(self._restore_manifest)
             for name, buf in self._buffers.items():
                 t = buf.take()
                 if t is None:
@@ -413,6 +447,9 @@ class RunWriter:
                       parts: list[str] | None = None) -> int:
         """Atomically replace the visible contents of ``table`` in this run by ``new``.
 
+        Superseded: the part files named in ``parts`` when given, else every
+        part of ``only_rank`` (every part when ``only_rank`` is None).
+
         The new part names the parts it supersedes in its metadata; readers
         ignore superseded parts from the moment the new part appears, so a
         crash between writing it and deleting the old files shows no
@@ -420,8 +457,12 @@ class RunWriter:
         """
         with self._lock:
             d = self.path / table
-            old = [n for n in (sorted(os.listdir(d)) if d.is_dir() else [])
-                   if PART_RE.match(n) and (only_rank is None or int(PART_RE.match(n).group(1)) == only_rank)]
+            if parts is not None:
+                # only the named parts (compaction of one rank must not supersede other ranks' parts)
+                old = sorted(n for n in parts if PART_RE.match(n))
+            else:
+                old = [n for n in (sorted(os.listdir(d)) if d.is_dir() else [])
+                       if PART_RE.match(n) and (only_rank is None or int(PART_RE.match(n).group(1)) == only_rank)]
             new = conform(table, new)
             self._write_part(table, new, replaces=old)
             for n in old:
@@ -502,33 +543,71 @@ _part_cache: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
 _warned: set[str] = set()
 
 
-def _part_info(path: str) -> tuple[bool, tuple[str, ...]]:
-    """(readable, names of parts it supersedes) for one part file.
+def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...]]:
+    """(readable, names of parts it supersedes) for one part file of ``table``.
 
-    Readable means the Parquet footer parses; cached by (path, size, mtime)
-    so repeated connects cost one ``stat`` per part.
+    Readable means the Parquet footer parses and the file's columns fit the
+    table (see ``_schema_problem``): a truncated, foreign or mis-filed file is
+    skipped with one warning instead of failing every query over the table.
+    Cached by (path, size, mtime) so repeated connects cost one ``stat`` per part.
     """
     try:
         st = os.stat(path)
     except OSError:
         return False, ()
-    key = (path, st.st_size, st.st_mtime_ns)
+    key = (path, table, st.st_size, st.st_mtime_ns)
     info = _part_cache.get(key)
     if info is None:
         try:
             md = pq.read_metadata(path)
             kv = md.metadata or {}
+            problem = _schema_problem(table, md.schema.to_arrow_schema(), kv)
+            if problem:
+                raise ValueError(problem)
             replaces = tuple(json.loads(kv[REPLACES_KEY])) if REPLACES_KEY in kv else ()
+            if not all(isinstance(n, str) for n in replaces):
+                raise ValueError("malformed chrono.replaces metadata")
             info = (True, replaces)
         except Exception as e:
             info = (False, ())
             if path not in _warned:
                 _warned.add(path)
-                log.warning("chrono: skipping unreadable part file %s (%s)", path, type(e).__name__)
+                log.warning("chrono: skipping unreadable part file %s (%s: %s)", path,
+                            type(e).__name__, str(e)[:200])
         if len(_part_cache) > 200_000:
             _part_cache.clear()
         _part_cache[key] = info
     return info
+
+
+_STRINGS = (pa.string(), pa.large_string(), pa.string_view())
+
+
+def _schema_problem(table: str, schema: pa.Schema, kv: dict) -> str | None:
+    """Why a part file with this Arrow schema cannot be read as ``table`` (None if it can).
+
+    Every current column must be present with its exact type (any string
+    flavour for strings), or absent and have a default (older schema
+    versions); a part labelled as another table is refused. Exact types keep
+    the readers' CASTs infallible, so one foreign file cannot break a query.
+    """
+    labelled = kv.get(b"chrono.table")
+    if labelled is not None and labelled != table.encode():
+        return f"part of table {labelled.decode(errors='replace')!r}, not {table!r}"
+    defaults = COLUMN_DEFAULTS.get(table, {})
+    for f in table_schema(table):
+        idx = schema.get_field_index(f.name)
+        if idx < 0:
+            if f.name not in defaults:
+                return f"column {f.name!r} missing"
+            continue
+        t = schema.field(idx).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        ok = t in _STRINGS if f.type in _STRINGS else t == f.type
+        if not ok:
+            return f"column {f.name!r} is {t}, expected {f.type}"
+    return None
 
 
 def list_runs(root) -> list[str]:
@@ -552,7 +631,7 @@ def part_files(root, table: str, run: str | None = None) -> list[str]:
             continue
         good, superseded = [], set()
         for name in names:
-            ok, replaces = _part_info(str(d / name))
+            ok, replaces = _part_info(str(d / name), table)
             if ok:
                 good.append(name)
                 superseded.update(replaces)
