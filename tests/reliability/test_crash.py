@@ -2,18 +2,11 @@
 no temporary file is read as data, and the next writer of the same run works."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import chrono
 from chrono.cli import main as cli_main
-
-_spec = importlib.util.spec_from_file_location("reliability_harness", Path(__file__).with_name("harness.py"))
-harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(harness)
 
 EVERY, LAYERS, EXPERTS = 5, 4, 64
 
@@ -30,7 +23,7 @@ def _check(records):
         assert rec["decoy_rows_seen"] == 0, rec  # a complete but unrenamed temp part stays invisible
 
 
-def _next_writer_works(root, run):
+def _next_writer_works(harness, root, run):
     before = harness.present_steps(root, run, "routing", 0, 10**9)
     with chrono.open_run(root, run) as w:  # the kernel released the dead writer's lock
         w.log_routing(10**8, np.arange(LAYERS), np.ones((LAYERS, EXPERTS)))
@@ -42,14 +35,14 @@ def _next_writer_works(root, run):
     assert cli_main(["--root", str(root), "runs"]) == 0
 
 
-def test_sigkill_writer_few_times(store_root):
+def test_sigkill_writer_few_times(store_root, harness):
     records = harness.crash_loop(store_root, kills=3, seed=1, every=EVERY, layers=LAYERS, experts=EXPERTS)
     _check(records)
-    _next_writer_works(store_root, "crash")
+    _next_writer_works(harness, store_root, "crash")
 
 
 @pytest.mark.slow
-def test_sigkill_writer_many_times(store_root):
+def test_sigkill_writer_many_times(store_root, harness):
     records = harness.crash_loop(store_root, kills=20, seed=2, every=EVERY, layers=LAYERS, experts=EXPERTS)
     _check(records)
-    _next_writer_works(store_root, "crash")
+    _next_writer_works(harness, store_root, "crash")
