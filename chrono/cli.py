@@ -19,7 +19,10 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ("chrono.commands.replay",)
+EXTENSIONS: tuple[str, ...] = (
+    "chrono.commands.replay",
+    "chrono.commands.astarte",
+)
 
 
 class UserError(Exception):
