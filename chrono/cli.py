@@ -19,7 +19,7 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("chrono.commands.dashboard",)
 
 
 class UserError(Exception):
@@ -294,4 +294,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main so UserError raised by extensions (which import
+    # chrono.cli) is the class main() catches, also under `python -m chrono.cli`
+    from chrono.cli import main as _main
+
+    sys.exit(_main())
