@@ -22,6 +22,7 @@ EXIT_USER_ERROR = 2
 EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.replay",
     "chrono.commands.astarte",
+    "chrono.commands.dashboard",
 )
 
 
@@ -318,4 +319,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main so UserError raised by extensions (which import
+    # chrono.cli) is the class main() catches, also under `python -m chrono.cli`
+    from chrono.cli import main as _main
+
+    sys.exit(_main())
