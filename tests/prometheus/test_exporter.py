@@ -216,16 +216,25 @@ def test_live_exposition_equals_handle():
     assert "chrono_expert_share" not in {n for n, _ in got}  # off by default
 
 
-def test_live_snapshot_timestamp_moves_with_new_windows():
+def test_live_snapshot_timestamp_moves_with_new_windows(monkeypatch):
+    import types
+
+    import chrono.exporters.prometheus as P
+
+    clock = [1000.0]
+    monkeypatch.setattr(P, "time", types.SimpleNamespace(time=lambda: clock[0]))
     h = FakeHandle()
     exporter = Exporter(h)
-    t1 = series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds")
-    t1b = series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds")
-    assert t1 == t1b  # same window: same timestamp
-    h.step_ += 50
-    t2 = series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds")
-    assert t2[lab(run="live1")] >= t1[lab(run="live1")]
-    assert series(parse(exporter.exposition()), "chrono_snapshot_step") == {lab(run="live1"): 99.0}
+    assert series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds") == {
+        lab(run="live1"): 1000.0}
+    clock[0] = 1010.0  # same window seen again: the timestamp stays
+    assert series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds") == {
+        lab(run="live1"): 1000.0}
+    h.step_ += 50  # a new window: the timestamp moves to when it was first seen
+    clock[0] = 1020.0
+    got = parse(exporter.exposition())
+    assert series(got, "chrono_last_snapshot_timestamp_seconds") == {lab(run="live1"): 1020.0}
+    assert series(got, "chrono_snapshot_step") == {lab(run="live1"): 99.0}
 
 
 def test_expert_shares_only_when_asked_and_capped(caplog):
@@ -307,3 +316,15 @@ def test_close_frees_the_port():
     s.close()  # idempotent
     with serve(FakeHandle(), port=port) as again:
         assert fetch(again.url)[("chrono_exporter_source_up", frozenset())] == 1.0
+
+
+def test_store_source_does_not_trust_a_just_modified_directory(run_builder, monkeypatch):
+    import chrono.exporters.prometheus as P
+
+    # a part renamed in within the same mtime tick would not change the signature: while the newest
+    # directory is younger than _FRESH_SECONDS, every scrape re-lists the parts
+    monkeypatch.setattr(P, "_FRESH_SECONDS", 1e12)
+    src = StoreSource(run_builder.root, run_builder.run)
+    first = src.read()
+    assert src.read() is not first
+    assert src.read().snapshot == first.snapshot
