@@ -93,6 +93,10 @@ class Handle:
         self._active = True
         self._detached = False
         self._explicit_steps = False
+        # a top-level forward ran since the last advance; in automatic mode the step it
+        # belongs to is closed lazily (at the next forward, flush or detach), so a user who
+        # starts calling h.step() after the first forward does not get an extra empty step
+        self._dirty = False
         self._step = int(start_step)
         self._slot = 0
         self._slot_steps: list[int] = []
@@ -202,6 +206,8 @@ class Handle:
     def _root_pre_hook(self, module, args, kwargs):
         if not self._active:
             return None
+        if self._dirty and not self._explicit_steps:
+            self._advance()
         ids = kwargs.get("input_ids")
         if ids is None and args and torch.is_tensor(args[0]) and not torch.is_floating_point(args[0]):
             ids = args[0]
@@ -219,8 +225,8 @@ class Handle:
         return None
 
     def _root_post_hook(self, module, args, output):
-        if self._active and not self._explicit_steps:
-            self._advance()
+        if self._active:
+            self._dirty = True
         return None
 
     # ------------------------------------------------------------------ steps
@@ -233,6 +239,7 @@ class Handle:
     def _advance(self) -> None:
         if self._detached:
             return
+        self._dirty = False
         try:
             self._rec.end_step(self._slot)
             if self._sampler is not None:
@@ -341,6 +348,8 @@ class Handle:
         """Close the current window now (partial) and wait until everything queued is written."""
         if self._detached:
             return
+        if self._dirty and not self._explicit_steps:
+            self._advance()  # the last forward's step is complete in automatic mode
         self._close_window()
         self._bg.wait()
 
@@ -412,8 +421,8 @@ class Handle:
         if self._detached:
             return
         try:
-            if self._slot or (self._sampler is not None and self._sampler._pending):
-                pass
+            if self._dirty:
+                self._advance()  # counts of forwards after the last h.step() are kept too
             self._close_window()
         except Exception as e:
             self._fault("detach", e)
