@@ -93,6 +93,8 @@ class Handle:
         self._active = True
         self._detached = False
         self._explicit_steps = False
+        self._auto_pending = False
+        self._dirty = False
         self._step = int(start_step)
         self._slot = 0
         self._slot_steps: list[int] = []
@@ -185,6 +187,7 @@ class Handle:
                 if routed.indices.device != rec.device:
                     rec.to(routed.indices.device)
                 mode = mode_index(module)
+                h._dirty = True
                 rec.record(mode, slot, n, routed.indices, routed.weights, routed.dropped, routed.logits)
                 if sampler is not None:
                     ids = h._decoder_input_ids if decoder_site else h._input_ids
@@ -202,6 +205,8 @@ class Handle:
     def _root_pre_hook(self, module, args, kwargs):
         if not self._active:
             return None
+        if self._auto_pending and not self._explicit_steps:
+            self._advance()  # the previous top-level forward was a step of its own
         ids = kwargs.get("input_ids")
         if ids is None and args and torch.is_tensor(args[0]) and not torch.is_floating_point(args[0]):
             ids = args[0]
@@ -220,7 +225,7 @@ class Handle:
 
     def _root_post_hook(self, module, args, output):
         if self._active and not self._explicit_steps:
-            self._advance()
+            self._auto_pending = True
         return None
 
     # ------------------------------------------------------------------ steps
@@ -229,10 +234,16 @@ class Handle:
         self._explicit_steps = True
         self._advance()
 
+    def _finish_open_step(self) -> None:
+        if self._dirty or self._auto_pending:
+            self._advance()
+
     @torch._dynamo.disable
     def _advance(self) -> None:
         if self._detached:
             return
+        self._auto_pending = False
+        self._dirty = False
         try:
             self._rec.end_step(self._slot)
             if self._sampler is not None:
@@ -338,9 +349,13 @@ class Handle:
 
     # ------------------------------------------------------------ public API
     def flush(self) -> None:
-        """Close the current window now (partial) and wait until everything queued is written."""
+        """Close the current window now (partial) and wait until everything queued is written.
+
+        A step with routing recorded but not yet ended by ``step()`` is ended first.
+        """
         if self._detached:
             return
+        self._finish_open_step()
         self._close_window()
         self._bg.wait()
 
@@ -412,8 +427,7 @@ class Handle:
         if self._detached:
             return
         try:
-            if self._slot or (self._sampler is not None and self._sampler._pending):
-                pass
+            self._finish_open_step()
             self._close_window()
         except Exception as e:
             self._fault("detach", e)
