@@ -67,7 +67,7 @@ class Handle:
     def __init__(self, model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0,
                  flush_every: int = 50, lenses=None, distributed=None, metrics_port=None,
                  generic: bool = True, specs=None, max_tokens_per_step: int = 4096, seed: int = 0,
-                 start_step: int = 0, config: dict | None = None):
+                 start_step: int = 0, config: dict | None = None, auto_step: bool | None = None):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         if distributed:
@@ -92,7 +92,9 @@ class Handle:
         self._hooks: list = []
         self._active = True
         self._detached = False
-        self._explicit_steps = False
+        # auto_step None: each top-level forward is a step until h.step() is first called;
+        # False: only h.step() ends steps (use it with gradient accumulation)
+        self._explicit_steps = auto_step is False
         self._auto_pending = False
         self._dirty = False
         self._step = int(start_step)
@@ -507,7 +509,9 @@ def attach(model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0, 
     ``lenses``: ``{layer: nn.Module}`` applied to that router's input.
     ``generic``: allow guessing routers when no adapter matches. ``specs``:
     ``[probes.RouterSpec(...)]`` for routers no adapter knows. Other options:
-    ``max_tokens_per_step`` (4096), ``seed`` (0), ``start_step`` (0), ``config`` (dict for the manifest).
+    ``max_tokens_per_step`` (4096), ``seed`` (0), ``start_step`` (0), ``config`` (dict for the
+    manifest), ``auto_step`` (None: every top-level forward ends a step until ``h.step()`` is first
+    called; False: only ``h.step()`` does, e.g. with several forwards per step from the start).
     """
     return Handle(model, run, root=root, tokens=tokens, flush_every=flush_every, lenses=lenses,
                   distributed=distributed, metrics_port=metrics_port, generic=generic, specs=specs,

@@ -121,3 +121,50 @@ def batch(model, b=3, s=10, seed=0):
         dec = torch.randint(1, VOCAB, (b, s - 3), generator=g)
         return {"input_ids": ids, "decoder_input_ids": dec}
     return {"input_ids": ids}
+
+
+# ---------------------------------------------------------------- native protocol model
+class NativeRouter(torch.nn.Module):
+    """A router speaking the chrono native protocol (chrono_router = True)."""
+
+    chrono_router = True
+
+    def __init__(self, d, n_experts, top_k, layer_id=None, drop_every=0):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, 64)  # room to grow n_experts up to 64
+        self.n_experts, self.top_k, self.drop_every = n_experts, top_k, drop_every
+        if layer_id is not None:
+            self.layer_id = layer_id
+        self.poison = False
+
+    def forward(self, x):
+        logits = self.proj(x.reshape(-1, x.shape[-1]))[:, : self.n_experts]
+        if self.poison:
+            logits = logits + float("nan")
+        w, idx = torch.topk(logits.softmax(-1), self.top_k, dim=-1)
+        if self.drop_every:
+            pos = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+            return logits, w, idx, (pos % self.drop_every) == 0
+        return logits, w, idx
+
+
+class NativeMoE(torch.nn.Module):
+    """Embedding -> L x (router + per-expert bias "experts") -> head. Cheap enough for 10k steps."""
+
+    def __init__(self, layers=2, d=16, n_experts=4, top_k=2, vocab=VOCAB, drop_every=0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.routers = torch.nn.ModuleList(NativeRouter(d, n_experts, top_k, drop_every=drop_every)
+                                           for _ in range(layers))
+        self.expert_out = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(64, d) * 0.1)
+                                                 for _ in range(layers))
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        B, S, D = x.shape
+        for router, table in zip(self.routers, self.expert_out):
+            _, w, idx = router(x)[:3]
+            x = x + (w[..., None] * table[idx]).sum(1).reshape(B, S, D)
+        return self.head(x)
