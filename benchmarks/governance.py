@@ -184,16 +184,24 @@ def batch(data: torch.Tensor, bs: int, seq: int, gen: torch.Generator):
 
 
 # ----------------------------------------------------------------- arms
+# Loss-free balancing rate: Wang et al. use u = 1e-3 on sigmoid scores in [0, 1]; this model's
+# router logits span several units (shared offset), where 1e-3 per step measurably did nothing
+# within 200 steps (Neff 3.0 of 8, like no control), so the baseline and the chrono bias
+# actuator both use u = 0.02 per step (the chrono one scales it by pressure).
+BIAS_RATE = 0.02
 ARMS = {
     "none": {},
     "aux0.01": {"aux": 0.01},
     "aux0.1": {"aux": 0.1},
-    "lossfree": {"lossfree": 1e-3},
+    "lossfree": {"lossfree": BIAS_RATE},
     "lens": {"govern": ("lens",)},
     "chrono-informed-lens": {"govern": ("informed-lens",)},
-    "chrono-bias": {"govern": ("bias",)},
-    "chrono-aux": {"govern": ("aux",)},
-    "chrono-bias+aux": {"govern": ("bias", "aux")},
+    "chrono-bias": {"govern": ("bias",), "kw": {"bias": {"rate": BIAS_RATE}}},
+    "chrono-aux": {"govern": ("aux",), "kw": {"aux": {"alpha_min": 0.01, "alpha_max": 0.1}}},
+    "chrono-aux-strong": {"govern": ("aux",),
+                          "kw": {"aux": {"alpha_min": 0.01, "alpha_max": 0.3, "pressure_ref": 0.05}}},
+    "chrono-bias+aux": {"govern": ("bias", "aux"),
+                        "kw": {"bias": {"rate": BIAS_RATE}, "aux": {"alpha_min": 0.01, "alpha_max": 0.1}}},
 }
 
 
@@ -212,7 +220,8 @@ def run_arm(arm: str, seed: int, steps: int, every: int, bs: int, cfg: MoEConfig
     routers = {b.moe.router.layer_id: (b.moe.router, cfg.n_experts) for b in model.blocks}
     gov = None
     if "govern" in spec:
-        gov = Governor(routers, spec["govern"], ControlConfig(actuator="+".join(spec["govern"])))
+        gov = Governor(routers, spec["govern"], ControlConfig(actuator="+".join(spec["govern"])),
+                       actuator_kwargs=spec.get("kw"))
     balancers = [RouterBiasActuator(r, l, n, rate=spec["lossfree"], pressure_scaled=False)
                  for l, (r, n) in routers.items()] if "lossfree" in spec else []
     tracker = AlertTracker()
