@@ -332,7 +332,7 @@ def print_summary(summary: list[dict], n: int) -> None:
           f"'min' = lowest snapshot Neff seen)")
 
 
-def plot(results: list[dict], path: Path) -> str | None:
+def plot(results: list[dict], path: Path, n_experts: int = 8) -> str | None:
     try:
         import altair as alt
         import polars as pl
@@ -347,7 +347,12 @@ def plot(results: list[dict], path: Path) -> str | None:
         x=alt.X("step:Q", title="training step"),
         y=alt.Y("neff:Q", title="Neff (mean over layers and seeds)"),
         color=alt.Color("arm:N"),
-    ).properties(width=520, height=300, title="Routing health per arm (byte-level MoE LM, 8 experts, top-2)")
+    )
+    goal = alt.Chart(pl.DataFrame({"goal": [0.8 * n_experts]}).to_pandas()).mark_rule(
+        strokeDash=[4, 4], color="black").encode(y="goal:Q")
+    chart = (chart + goal).properties(
+        width=520, height=300,
+        title=f"Neff per arm (byte-level MoE LM, {n_experts} experts, top-2; dashed: goal 0.8·n)")
     path.write_bytes(vlc.vegalite_to_png(chart.to_json(), scale=2))
     return str(path)
 
@@ -365,7 +370,13 @@ def main(argv=None) -> int:
     p.add_argument("--init-std", type=float, default=None, help="router init std override")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/governance[_quick].json)")
+    p.add_argument("--plot-from", metavar="JSON", help="only redraw the PNG from a results JSON")
     args = p.parse_args(argv)
+    if args.plot_from:
+        d = json.loads(Path(args.plot_from).read_text())
+        png = Path(args.plot_from).with_suffix(".png")
+        print(plot([{"curve": d["curves"]}], png, d["model"]["n_experts"]))
+        return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -394,7 +405,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "governance_quick" if args.quick else "governance"
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
-    png = plot(results, RESULTS / f"{name}.png")
+    png = plot(results, RESULTS / f"{name}.png", cfg.n_experts)
     out.write_text(json.dumps({
         "benchmark": "governance", "quick": args.quick, "steps": steps, "batch": bs, "every": args.every,
         "lr": args.lr, "model": cfg.__dict__, "seeds": args.seeds,
