@@ -265,7 +265,7 @@ def run_arm(arm: str, seed: int, steps: int, every: int, bs: int, cfg: MoEConfig
                 for r in rows:
                     if r["layer"] >= 0:
                         curve.append({"arm": arm, "seed": seed, "step": step, "layer": r["layer"],
-                                      "neff": r["neff"], "top2": r["top2_share"], "loss": float(loss)})
+                                      "neff": r["neff"], "top2": r["top2_share"], "loss": float(loss.detach())})
             last_rows = rows
             window = {l: np.zeros(cfg.n_experts, np.int64) for l in routers}
     wall = time.perf_counter() - t0

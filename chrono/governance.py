@@ -21,10 +21,7 @@ from torch import nn
 
 from .actuators import (Actuator, ActuatorError, AuxLossActuator, InformedLensActuator,
                         LensActuator, RouterBiasActuator, TemperatureActuator)
-from .controller import ControlConfig, ControlDecision, Controller
-
-JSONL_NAME = "control_decisions.jsonl"
-CONFIG_NAME = "control_config.json"
+from .controller import CONFIG_NAME, JSONL_NAME, ControlConfig, ControlDecision, Controller
 
 ACTUATORS = ("lens", "informed-lens", "bias", "temperature", "aux")
 
