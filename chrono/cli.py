@@ -19,7 +19,7 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("chrono.commands.workload",)
 
 
 class UserError(Exception):

@@ -174,7 +174,7 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
 
     def on_snapshot(step, rows, h):
         nonlocal opt
-        counts = {r.layer_id: r.window_counts.cpu().numpy() for r in model.routers()}
+        counts = {r.layer_id: r.window_counts.to("cpu", copy=True).numpy() for r in model.routers()}
         for r in model.routers():
             r.last_window = counts[r.layer_id]
             r.window_counts.zero_()
@@ -258,7 +258,7 @@ def _local_snapshot(model, step, on_snapshot):
     """Without telemetry, build snapshot rows from the routers' own window counts."""
     from chrono.snapshots import layer_rows
 
-    counts = {r.layer_id: r.window_counts.cpu().numpy() for r in model.routers()}
+    counts = {r.layer_id: r.window_counts.to("cpu", copy=True).numpy() for r in model.routers()}
     rows = layer_rows("local", 0, step, counts)
     on_snapshot(step, rows, None)
 
