@@ -24,6 +24,7 @@ EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.astarte",
     "chrono.commands.dashboard",
     "chrono.commands.serve_metrics",
+    "chrono.commands.workload",
 )
 
 
