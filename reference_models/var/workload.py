@@ -5,7 +5,8 @@ Store layout of this workload (run ``run_id``):
 - ``signals``: ``loss`` (training), ``val_loss`` (own router), ``var.val_loss`` (routed by VAR),
   ``var.expensive_fraction``, ``var.cache_hit_rate``, ``var.fast_fraction``,
   ``var.cached_fraction``, ``var.fast_coverage`` per evaluation batch.
-- ``routing``: training steps (mode TRAIN, layers 0..L-1, the model's own router);
+- ``routing`` (+ snapshots, alerts): training steps (mode TRAIN, layers 0..L-1, the model's own
+  router, recorded by ``probes.attach``);
   evaluation batches (mode EVAL): layers 0..L-1 = what VAR decided, and one
   *virtual layer per tier* — ``100 + l`` fast, ``200 + l`` cached, ``300 + l``
   learned — so the dashboard shows how each tier spreads tokens over experts.
@@ -40,7 +41,7 @@ def _text():
 
 
 def prepare(steps: int, seed: int = 0, preset: str | None = None, batch_size: int | None = None,
-            stat_batches: int | None = None, on_step=None, progress: bool = False):
+            stat_batches: int | None = None, on_step=None, progress: bool = False, attach=None):
     """Train the MoE LM and precompute VAR statistics. Returns a dict of the pieces."""
     preset = preset or ("quick" if steps <= 60 else "default")
     cfg = MoEConfig(**PRESETS[preset])
@@ -50,7 +51,12 @@ def prepare(steps: int, seed: int = 0, preset: str | None = None, batch_size: in
     val = Chunks(val_text, cfg.seq_len, batch_size, stride=cfg.seq_len)
     torch.manual_seed(seed)
     model = MoELM(cfg)
-    train_moe(model, train, steps, on_step=on_step, progress=progress)
+    handle = attach(model) if attach is not None else None
+    try:
+        train_moe(model, train, steps, on_step=on_step, progress=progress)
+    finally:
+        if handle is not None:
+            handle.detach()
     model.eval()
     # statistics over a pass of the training text (positions independent of the training order)
     stat_batches = stat_batches or (20 if preset == "quick" else 200)
@@ -135,19 +141,31 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 400, seed: int =
         "layer_names": {str(b + l): f"VAR {t} tier of layer {l}" for t, b in TIER_LAYER_BASE.items()
                         for l in range(cfg.n_layers)},
     }
-    with chrono.open_run(root, run_id, model=model_desc,
-                         config={"workload": "var", "mode": mode, "steps": steps, "seed": seed,
-                                 "preset": preset, "moe": cfg.to_dict()}) as w:
-        def on_step(i, ce, m):
-            w.log_signal(i, "loss", ce)
-            counts = np.stack([torch.bincount(b.moe.last_indices[:, 0], minlength=cfg.n_experts).numpy()
-                               for b in m.blocks])
-            w.log_routing(i, np.arange(cfg.n_layers), counts, mode="TRAIN")
+    import probes
 
-        p = prepare(steps, seed, preset, on_step=on_step, progress=progress)
-        model, val, stats = p["model"], p["val"], p["stats"]
-        val_batches = val_batches or (4 if preset == "quick" else 16)
-        var = VAR(model, stats, VARConfig(mode=mode))
+    config = {"workload": "var", "mode": mode, "steps": steps, "seed": seed, "preset": preset,
+              "moe": cfg.to_dict()}
+    holder = {}
+
+    def on_step(i, ce, m):
+        if "h" not in holder:        # attach once the model exists (prepare builds it)
+            return
+        holder["h"].writer.log_signal(i, "loss", ce)
+        holder["h"].step()
+
+    # training: the MoE's own routers are recorded by probes (native router protocol)
+    torch.manual_seed(seed)
+    def attach(m):
+        holder["h"] = probes.attach(m, run=run_id, root=root, flush_every=min(50, max(1, steps)),
+                                    config=config)
+        return holder["h"]
+
+    p = prepare(steps, seed, preset, on_step=on_step, progress=progress, attach=attach)
+    model, val, stats = p["model"], p["val"], p["stats"]
+    val_batches = val_batches or (4 if preset == "quick" else 16)
+    var = VAR(model, stats, VARConfig(mode=mode))
+    # evaluation: VAR's tier decisions are logged here (probes would see the own router only)
+    with chrono.open_run(root, run_id, model=model_desc, config=config) as w:
         own_loss, _ = evaluate(model, val, val_batches)
         w.log_signal(steps, "val_loss", own_loss)
         step0 = steps

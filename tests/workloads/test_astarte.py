@@ -137,7 +137,7 @@ def test_quick_workload_lands_in_store_and_cli_generates(store_root):
     names = {r[0] for r in con.sql("SELECT DISTINCT name FROM signals WHERE run_id='ast'").fetchall()}
     assert {"loss", "val_loss", "astarte.null_norm", "astarte.register_norm", "astarte.drift"} <= names
     layers, tokens = con.sql("SELECT count(DISTINCT layer), sum(tokens) FROM routing "
-                             "WHERE run_id='ast'").fetchall()[0]
+                             "WHERE run_id='ast' AND mode='TRAIN'").fetchall()[0]
     assert layers == 2 and tokens == 12 * 8 * 32 * 2  # every token counted once per layer
     buf = io.StringIO()
     with redirect_stdout(buf):
