@@ -4,6 +4,7 @@ One process, one trained MoE LM (pydoc text), measured side by side:
 - expensive fraction: share of (token, layer) decisions that needed the learned router (goal < 15 %);
 - quality: validation cross-entropy routed by VAR vs by the model's own router (goal: within 5 %);
 - agreement: share of decisions where VAR picked the same expert as the own router;
+- control: validation loss with uniformly random experts (does routing matter for this model?);
 - router time and end-to-end forward time, VAR vs own router, alternating repeats (own, VAR, own,
   VAR, ...) so machine load hits both alike; ratios are own / VAR (> 1 means VAR is faster).
 Both VAR modes: faithful (per-token Python path, original's ``token_id < 10`` rule) and
@@ -52,6 +53,20 @@ class _Agreement:
         self.same += int((own[:, 0] == e[:, 0]).sum())
         self.total += e.shape[0]
         return w, e
+
+
+class _RandomRouting:
+    """Control arm: each token goes to a uniformly random expert, weighted by that expert's own
+    router probability. If this scores like the own router, routing barely matters for the model
+    and the quality goal says little."""
+
+    def __init__(self, model, seed: int = 0):
+        self.model, self.g = model, torch.Generator().manual_seed(seed)
+
+    def __call__(self, layer, h, idx):
+        logits, _, _ = self.model.routers()[layer](h)
+        e = torch.randint(0, logits.shape[-1], (h.shape[0], 1), generator=self.g)
+        return logits.float().softmax(-1).gather(1, e).to(h.dtype), e
 
 
 def main(argv=None) -> int:
@@ -104,6 +119,8 @@ def main(argv=None) -> int:
         res["goal_expensive_fraction_lt_0.15"] = res["expensive_fraction"] < 0.15
         res["goal_val_loss_within_5pct"] = abs(res["val_loss_ratio"] - 1) <= 0.05
     results["own"]["val_loss"] = own_loss
+    rnd_loss, _ = evaluate(model, val, val_batches, route=_RandomRouting(model, args.seed))
+    results["random_routing_control"] = {"val_loss": rnd_loss, "val_loss_ratio": rnd_loss / own_loss}
     out = {
         "benchmark": "var", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
@@ -126,6 +143,7 @@ def main(argv=None) -> int:
         print(f"{mode:<10}{r['val_loss']:>9.4f}{r['val_loss_ratio']:>7.3f}{r['expensive_fraction']:>8.3f}"
               f"{r['fast_fraction']:>6.2f}{r['cache_hit_rate']:>6.2f}{r['agreement']:>7.3f}"
               f"{r['router_speedup']:>9.2f}{r['end_to_end_speedup']:>7.2f}")
+    print(f"{'random':<10}{rnd_loss:>9.4f}{rnd_loss / own_loss:>7.3f}   (control: uniformly random experts)")
     print(f"load: {load_before} -> {out['uptime_after']}\nwrote {path}")
     return 0
 
