@@ -10,7 +10,7 @@ One process, one trained MoE LM (pydoc text), measured side by side:
 Both VAR modes: faithful (per-token Python path, original's ``token_id < 10`` rule) and
 intended (vectorised batch path).
 
-    python benchmarks/var.py            # full: 200 training steps, 16 val batches, 3 repeats
+    python benchmarks/var.py            # full: 600 training steps, 16 val batches, 3 repeats
     python benchmarks/var.py --quick    # a smoke run (seconds)
 
 Writes ``benchmarks/results/var.json`` (``var_quick.json`` with --quick).
@@ -72,14 +72,14 @@ class _RandomRouting:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--steps", type=int, help="MoE training steps (default 200, quick 30)")
+    ap.add_argument("--steps", type=int, help="MoE training steps (default 600, quick 30)")
     ap.add_argument("--val-batches", type=int, help="validation batches (default 16, quick 3)")
     ap.add_argument("--repeats", type=int, help="timed repeats per arm (default 3, quick 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     ap.add_argument("--out", help="JSON output path")
     args = ap.parse_args(argv)
-    steps = args.steps or (30 if args.quick else 200)
+    steps = args.steps or (30 if args.quick else 600)
     val_batches = args.val_batches or (3 if args.quick else 16)
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
