@@ -79,8 +79,9 @@ def test_health_page(app, dash_store):
     assert m["Top-2 share (mean)"] == f"{g['top2_share']:.1%}"
     assert m["Dead experts (all layers)"] == str(g["dead"])
     assert at.multiselect(key="health_layers").value == list(range(LAYERS))
-    assert chart_titles(at) == ["Effective experts (Neff = exp(entropy))", "Top-2 share", "Routing entropy",
-                                "Dead (share = 0) and nearly dead (< 1 %) experts"]
+    assert chart_titles(at) == ["Effective experts (Neff = exp(entropy))", "Top-2 share (tokens in the 2 largest experts)",
+                                "Routing entropy",
+                                "Dead and nearly dead experts"]
     at.multiselect(key="health_layers").set_value([-1]).run()
     assert not at.exception and len(at.get("vega_lite_chart")) == 4
 
@@ -119,7 +120,8 @@ def test_governance_page(app, dash_store):
     assert m["Decisions"] == str(facts["decisions"])
     assert m["Latest step"] == str(STEPS - 1)
     assert chart_titles(at) == ["Topology debt", "Pressure (EMA of debt)", "Heat (pressure clipped to 0-1)",
-                                "Lens scale s", "Harm-guard backoff", "Abstaining"]
+                                "Lens scale s", "Harm-guard backoff",
+                                "Abstaining (share of decisions)"]
     reasons = at.dataframe[0].value
     assert reasons["decisions"].sum() == facts["decisions"]
     latest = at.dataframe[1].value
