@@ -83,7 +83,7 @@ def _alert_rules(alerts: pd.DataFrame | None) -> alt.Chart | None:
         return None
     return alt.Chart(raised).mark_rule(strokeDash=[2, 2], opacity=0.7, strokeWidth=1.5).encode(
         x="step:Q",
-        color=alt.Color("alert:N", title="alert raised", scale=ALERT_COLORS),
+        color=alt.Color("alert:N", scale=ALERT_COLORS, legend=None),  # explained in the page caption
         tooltip=[alt.Tooltip("step:Q", title="raised at step"), "layer:O", "alert:N",
                  alt.Tooltip("neff:Q", format=".2f"), alt.Tooltip("top2_share:Q", format=".3f"), "dead:Q"],
     )
@@ -107,7 +107,7 @@ def _thresholds(values: list[tuple[float, str]]) -> alt.Chart | None:
 
 def health_chart(df: pd.DataFrame, field: str, title: str, y_title: str,
                  thresholds: list[tuple[float, str]] = (), alerts: pd.DataFrame | None = None,
-                 y_domain=None, height: int = 300, dash: str | None = None) -> alt.LayerChart | alt.Chart:
+                 y_domain=None, height: int = 340, dash: str | None = None) -> alt.LayerChart | alt.Chart:
     """One health metric per layer over steps, with rule thresholds and alert markers.
 
     ``dash``: a second nominal column drawn as the line's dash pattern (e.g. dead / nearly dead).
@@ -122,7 +122,9 @@ def health_chart(df: pd.DataFrame, field: str, title: str, y_title: str,
                  alt.Tooltip(f"{field}:Q", format=".3f"), alt.Tooltip("n_experts:Q", title="experts")],
     )
     if dash:
-        enc["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=None)
+        kinds = sorted(df[dash].unique())
+        enc["strokeDash"] = alt.StrokeDash(f"{dash}:N", legend=None,
+                                           scale=alt.Scale(domain=kinds, range=[[1, 0], [5, 3], [1, 3]][:len(kinds)]))
         enc["detail"] = f"{dash}:N"
         enc["tooltip"] = enc["tooltip"] + [alt.Tooltip(f"{dash}:N")]
     lines = alt.Chart(df).mark_line(point=len(df) <= 60).encode(**enc)
@@ -166,35 +168,37 @@ def alert_timeline(df: pd.DataFrame, spans: pd.DataFrame, height: int = 220) -> 
 
 
 def multi_line(df: pd.DataFrame, y: str, color: str, title: str, y_title: str, color_title: str,
-               y_format: str | None = None, height: int = 240, y_domain=None) -> alt.Chart:
-    axis = alt.Axis(format=y_format) if y_format else alt.Axis()
+               y_format: str | None = None, height: int = 300, y_domain=None) -> alt.Chart:
+    axis = alt.Axis(format=y_format or "~g")
     scale = alt.Scale(domain=y_domain) if y_domain is not None else alt.Scale(zero=False)
+    single = df[color].nunique() <= 1  # one series: its name is in the title, no legend needed
     return alt.Chart(df, title=title).mark_line(point=len(df) <= 60).encode(
         x=STEP,
         y=alt.Y(f"{y}:Q", title=y_title, axis=axis, scale=scale),
-        color=alt.Color(f"{color}:N", title=color_title),
+        color=alt.Color(f"{color}:N", title=color_title, legend=None if single else alt.Legend()),
         tooltip=["step:Q", f"{color}:N", alt.Tooltip(f"{y}:Q", format=".4g")],
     ).properties(height=height).configure_legend(**BOTTOM_LEGEND)
 
 
-def lifecycle_events(df: pd.DataFrame, height: int = 220) -> alt.Chart:
+def lifecycle_events(df: pd.DataFrame, height: int = 260) -> alt.Chart:
     return alt.Chart(df, title="Lifecycle events (filled: applied, hollow: proposed only)").mark_point(
-        size=90).encode(
-        x=alt.X("step:Q", title="training step"),
+        size=110, filled=True, strokeWidth=2).encode(
+        x=alt.X("step:Q", title="training step", scale=alt.Scale(padding=16)),
         y=alt.Y("layer:O", title="layer"),
         color=alt.Color("event:N", title="event"),
         shape=alt.Shape("event:N"),
-        fill=alt.condition("datum.applied", alt.Color("event:N", legend=None), alt.value("transparent")),
+        fillOpacity=alt.condition("datum.applied", alt.value(1.0), alt.value(0.0)),
         tooltip=["step:Q", "layer:O", "event:N", "expert:Q", "source_expert:Q", "n_experts_after:Q",
                  "applied:N", "reason:N"],
-    ).properties(height=height)
+    ).properties(height=height).configure_legend(**BOTTOM_LEGEND)
 
 
-def experts_over_time(df: pd.DataFrame, height: int = 220) -> alt.Chart:
+def experts_over_time(df: pd.DataFrame, height: int = 260) -> alt.Chart:
     return alt.Chart(df, title="Experts per layer after each event").mark_line(interpolate="step-after",
                                                                                  point=True).encode(
-        x=alt.X("step:Q", title="training step"),
-        y=alt.Y("n_experts_after:Q", title="experts", scale=alt.Scale(zero=False)),
+        x=alt.X("step:Q", title="training step", scale=alt.Scale(padding=16), axis=alt.Axis(format="~s")),
+        y=alt.Y("n_experts_after:Q", title="experts", scale=alt.Scale(zero=False, padding=12),
+                axis=alt.Axis(format="d", tickMinStep=1)),
         color=alt.Color("layer:N", title="layer"),
         tooltip=["step:Q", "layer:N", "n_experts_after:Q", "event:N"],
-    ).properties(height=height)
+    ).properties(height=height).configure_legend(**BOTTOM_LEGEND)

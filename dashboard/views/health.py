@@ -77,7 +77,7 @@ def body():
                   var_name="kind", value_name="experts")
     dead["kind"] = dead["kind"].map({"dead": "dead (share = 0)", "nearly_dead": "nearly dead (< 1 %)"})
     right.altair_chart(charts.health_chart(
-        dead, "experts", "Dead and nearly dead experts", "experts",
+        dead, "experts", "Dead (solid) and nearly dead (dashed, < 1 % share) experts", "experts",
         [(1, "COLLAPSE_CONFIRMED needs dead ≥ 1")], alerts, dash="kind"), width="stretch")
     binned = f" Each point averages up to {int(h['windows'].max())} snapshots (dead: max)." if w > 1 else ""
     st.caption(f"Snapshots from step {lo:,} to {hi:,}. Dashed lines: alert thresholds; dotted vertical "

@@ -31,7 +31,7 @@ PAGES = {
     "health": ("Health", ["Neff (mean over layers)", "Dead experts (all layers)"],
                ["Effective experts (Neff = exp(entropy))", "Top-2 share (tokens in the 2 largest experts)",
                                 "Routing entropy",
-                "Dead and nearly dead experts"]),
+                "Dead (solid) and nearly dead (dashed, < 1 % share) experts"]),
     "alerts": ("Alerts", ["Active now", "First raised at step"], ["Alert timeline"]),
     "governance": ("Governance", ["Decisions", "Reasons", "Latest decisions"],
                    ["Topology debt", "Pressure (EMA of debt)", "Lens scale s", "Harm-guard backoff"]),

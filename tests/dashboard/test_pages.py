@@ -81,7 +81,7 @@ def test_health_page(app, dash_store):
     assert at.multiselect(key="health_layers").value == list(range(LAYERS))
     assert chart_titles(at) == ["Effective experts (Neff = exp(entropy))", "Top-2 share (tokens in the 2 largest experts)",
                                 "Routing entropy",
-                                "Dead and nearly dead experts"]
+                                "Dead (solid) and nearly dead (dashed, < 1 % share) experts"]
     at.multiselect(key="health_layers").set_value([-1]).run()
     assert not at.exception and len(at.get("vega_lite_chart")) == 4
 
