@@ -11,6 +11,11 @@ import pandas as pd
 
 from chrono.snapshots import CONFIRMED_TOP2, PRE_NEFF_FRACTION, PRE_TOP2
 
+# Altair's debug mode validates every schema object as it is created (about half the time
+# spent on a chart here); the finished spec is still validated once when Streamlit calls
+# to_dict(), so mistakes are caught all the same.
+alt.utils.schemapi.disable_debug_mode()
+
 ALERT_COLORS = alt.Scale(domain=["PRE_COLLAPSE", "COLLAPSE_CONFIRMED"], range=["#f28e2b", "#d62728"])
 STEP = alt.X("step:Q", title="training step", axis=alt.Axis(format="~s"))
 # Legends under the plot: a right-hand legend taller than the plot gets clipped.
@@ -182,12 +187,12 @@ def multi_line(df: pd.DataFrame, y: str, color: str, title: str, y_title: str, c
 
 def lifecycle_events(df: pd.DataFrame, height: int = 260) -> alt.Chart:
     return alt.Chart(df, title="Lifecycle events (filled: applied, hollow: proposed only)").mark_point(
-        size=110, filled=True, strokeWidth=2).encode(
+        size=110, strokeWidth=2).encode(
         x=alt.X("step:Q", title="training step", scale=alt.Scale(padding=16)),
         y=alt.Y("layer:O", title="layer"),
         color=alt.Color("event:N", title="event"),
         shape=alt.Shape("event:N"),
-        fillOpacity=alt.condition("datum.applied", alt.value(1.0), alt.value(0.0)),
+        fill=alt.condition("datum.applied", alt.Color("event:N", title="event"), alt.value("transparent")),
         tooltip=["step:Q", "layer:O", "event:N", "expert:Q", "source_expert:Q", "n_experts_after:Q",
                  "applied:N", "reason:N"],
     ).properties(height=height).configure_legend(**BOTTOM_LEGEND)
