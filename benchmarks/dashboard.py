@@ -103,8 +103,9 @@ def child(root: str, page: str) -> None:
     con = chrono.connect(root)
     t = time.perf_counter()
     if page == "routing":
-        tot = con.execute(data.ROUTING_TOTALS_SQL, {"run": RUN}).df()
-        lo, hi = int(tot["first_step"].min()), int(tot["last_step"].max())
+        con.execute(data.ROUTING_TOTALS_SQL, {"run": RUN}).df()
+        rng = con.execute(data.ROUTING_RANGE_SQL, {"run": RUN}).df()
+        lo, hi = int(rng["lo"][0]), int(rng["hi"][0])
         con.execute(data.ROUTING_HEATMAP_SQL, {"run": RUN, "layer": 0, "lo": lo,
                                                "w": data.bin_width(lo, hi, data.STEP_BINS)}).df()
         con.execute(data.TOKEN_WEIGHTS_SQL, {"run": RUN, "layer": 0, "bins": 20}).df()

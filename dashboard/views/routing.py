@@ -17,7 +17,8 @@ def body():
                       "`probes.attach(...)` or `RunWriter.log_routing(...)`.")
         return
     layers = sorted(int(l) for l in totals["layer"].unique())
-    lo, hi = int(totals["first_step"].min()), int(totals["last_step"].max())
+    rng = data.query(data.ROUTING_RANGE_SQL, run=run)
+    lo, hi = int(rng["lo"].iloc[0]), int(rng["hi"].iloc[0])
     n_exp = int(totals["expert"].max()) + 1
     total_tokens = int(totals["tokens"].sum())
     dropped = int(totals["dropped"].sum())
