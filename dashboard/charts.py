@@ -155,12 +155,14 @@ def alert_timeline(df: pd.DataFrame, spans: pd.DataFrame, height: int = 220) -> 
     bars = alt.Chart(spans).mark_bar(opacity=0.35).encode(
         x=alt.X("start:Q", title="training step"), x2="end:Q",
         y=alt.Y("layer_name:N", title=None, sort=alt.SortField("layer"), scale=alt.Scale(paddingInner=0.3)),
+        yOffset=alt.YOffset("alert:N", scale=alt.Scale(domain=ALERT_COLORS.domain)),
         color=alt.Color("alert:N", title="alert", scale=ALERT_COLORS),
         tooltip=["layer_name:N", "alert:N", alt.Tooltip("start:Q", title="raised at"),
                  alt.Tooltip("end:Q", title="cleared at / last step"), "open:N"],
     )
     points = alt.Chart(df).mark_point(size=70, filled=True).encode(
         x="step:Q", y=alt.Y("layer_name:N", sort=alt.SortField("layer")),
+        yOffset=alt.YOffset("alert:N", scale=alt.Scale(domain=ALERT_COLORS.domain)),
         color=alt.Color("alert:N", scale=ALERT_COLORS),
         shape=alt.Shape("transition:N", title="transition",
                         scale=alt.Scale(domain=["raised", "cleared"], range=["triangle-up", "circle"])),
