@@ -19,7 +19,12 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ("chrono.commands.dashboard",)
+EXTENSIONS: tuple[str, ...] = (
+    "chrono.commands.replay",
+    "chrono.commands.astarte",
+    "chrono.commands.dashboard",
+    "chrono.commands.serve_metrics",
+)
 
 
 class UserError(Exception):
@@ -62,6 +67,15 @@ def print_table(table, out=None, max_rows: int | None = None) -> None:
         out.write(f"... {hidden} more rows (use --format csv/json/parquet --output F for all)\n")
     if not rows:
         out.write("(no rows)\n")
+
+
+def _json_value(v):
+    """JSON for values DuckDB returns beyond the JSON types (HUGEINT sums arrive as Decimal)."""
+    from decimal import Decimal
+
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return str(v)
 
 
 def _connect(args):
@@ -147,7 +161,7 @@ def cmd_query(args) -> int:
         pcsv.write_csv(result, sink)
         return 0
     # json: one object per line
-    lines = "".join(json.dumps(r, default=str) + "\n" for r in result.to_pylist())
+    lines = "".join(json.dumps(r, default=_json_value) + "\n" for r in result.to_pylist())
     if args.output:
         Path(args.output).write_text(lines)
     else:
@@ -288,6 +302,18 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     except BrokenPipeError:
         return 0
+    except OSError as e:  # unreadable root, output file not writable, ...
+        print(f"chrono: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        import duckdb
+
+        if not isinstance(e, duckdb.Error):
+            raise
+        # e.g. a part file whose pages are corrupt (its footer parsed, so it was listed)
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"chrono: error: reading the store failed: {msg}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("chrono: interrupted", file=sys.stderr)
         return 130

@@ -145,17 +145,38 @@ def run_readonly_sql(con: duckdb.DuckDBPyConnection, sql: str, limit: int | None
     """
     check_readonly(con, sql)
     try:
-        stmts = con.extract_statements(sql)
-        for st in stmts[:-1]:
-            con.execute(st.query)
-        rel = con.sql(stmts[-1].query)
-        if rel is None:
-            return pa.table({})
-        if limit is not None:
-            rel = rel.limit(limit)
-        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        return _run_statements(con, sql, limit)
+    except duckdb.IOException as e:
+        # A part listed when the views were built was removed since (compaction
+        # superseded it): rebuild the views from the current parts and retry once.
+        if not _is_vanished_file(e):
+            raise QueryError(_one_line(e)) from None
+        try:
+            refresh(con)
+            return _run_statements(con, sql, limit)
+        except duckdb.Error as e2:
+            raise QueryError(_one_line(e2)) from None
     except duckdb.Error as e:
         raise QueryError(_one_line(e)) from None
+
+
+def _run_statements(con, sql: str, limit: int | None):
+    stmts = con.extract_statements(sql)
+    for st in stmts[:-1]:
+        # fetch fully: DuckDB refuses the next statement while a result is pending,
+        # and an unfetched result would poison a long-lived (dashboard) connection
+        con.execute(st.query).fetchall()
+    rel = con.sql(stmts[-1].query)
+    if rel is None:
+        return pa.table({})
+    if limit is not None:
+        rel = rel.limit(limit)
+    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+
+
+def _is_vanished_file(e: Exception) -> bool:
+    msg = str(e)
+    return "No files found" in msg or "No such file" in msg or "does not exist" in msg
 
 
 def _one_line(e: Exception) -> str:
