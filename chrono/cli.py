@@ -19,7 +19,11 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = (
+    "chrono.commands.replay",
+    "chrono.commands.astarte",
+    "chrono.commands.dashboard",
+)
 
 
 class UserError(Exception):
@@ -62,6 +66,15 @@ def print_table(table, out=None, max_rows: int | None = None) -> None:
         out.write(f"... {hidden} more rows (use --format csv/json/parquet --output F for all)\n")
     if not rows:
         out.write("(no rows)\n")
+
+
+def _json_value(v):
+    """JSON for values DuckDB returns beyond the JSON types (HUGEINT sums arrive as Decimal)."""
+    from decimal import Decimal
+
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return str(v)
 
 
 def _connect(args):
@@ -155,7 +168,7 @@ def cmd_query(args) -> int:
         pcsv.write_csv(result, sink)
         return 0
     # json: one object per line
-    lines = "".join(json.dumps(r, default=str) + "\n" for r in result.to_pylist())
+    lines = "".join(json.dumps(r, default=_json_value) + "\n" for r in result.to_pylist())
     if args.output:
         Path(args.output).write_text(lines)
     else:
@@ -314,4 +327,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main so UserError raised by extensions (which import
+    # chrono.cli) is the class main() catches, also under `python -m chrono.cli`
+    from chrono.cli import main as _main
+
+    sys.exit(_main())

@@ -104,10 +104,17 @@ class WriterStats:
 
 
 class _Buffer:
-    """Columns appended as NumPy arrays / Python lists, concatenated on flush."""
+    """Chunks of one table in the writer's internal layout, finalised on ``take``.
 
-    def __init__(self, table: str):
+    Internally a chunk has no ``run_id`` column and stores ``mode`` as an
+    int8 code: both are constant or tiny-cardinality, and building string
+    columns per call would cost more than everything else. ``take`` adds
+    them back once per part, in C.
+    """
+
+    def __init__(self, table: str, run_id: str):
         self.table = table
+        self.run_id = run_id
         self.chunks: list[pa.Table] = []
         self.rows = 0
 
@@ -123,6 +130,36 @@ class _Buffer:
         self.chunks, self.rows = [], 0
         return t
 
+    def finalize(self, t: pa.Table) -> pa.Table:
+        """Internal chunk layout -> the table's public schema."""
+        schema = table_schema(self.table)
+        cols = []
+        for f in schema:
+            if f.name == "run_id":
+                cols.append(_const_str(self.run_id, t.num_rows))
+            elif f.name == "mode":
+                codes = t.column("mode").combine_chunks()
+                cols.append(pa.DictionaryArray.from_arrays(codes, _MODE_DICT).cast(pa.string()))
+            else:
+                cols.append(t.column(f.name))
+        return pa.Table.from_arrays(cols, schema=schema)
+
+
+_MODE_DICT = pa.array(list(MODES))
+_MODE_CODE = {m: i for i, m in enumerate(MODES)}
+
+
+def _internal_schema(table: str) -> pa.Schema:
+    out = []
+    for f in table_schema(table):
+        if f.name == "run_id":
+            continue
+        out.append(pa.field("mode", pa.int8(), nullable=False) if f.name == "mode" else f)
+    return pa.schema(out)
+
+
+_INTERNAL = {t: _internal_schema(t) for t in TABLES}
+
 
 class RunWriter:
     """Writes one run (one rank of it) into the store. Thread-safe; a context manager.
@@ -133,7 +170,7 @@ class RunWriter:
     def __init__(self, root, run_id: str, model: dict | None = None, config: dict | None = None,
                  rank: int = 0, world_size: int = 1, on_error: str = "raise",
                  max_pending_rows: int = 5_000_000, auto_flush_rows: int = 2_000_000,
-                 compression: str = "zstd", fsync: bool = False):
+                 compression: str = "snappy", fsync: bool = False):
         if on_error not in ("raise", "count"):
             raise ValueError("on_error must be 'raise' or 'count'")
         self.root = Path(root)
@@ -147,7 +184,7 @@ class RunWriter:
         self.fsync = fsync
         self.stats = WriterStats()
         self._lock = threading.RLock()
-        self._buffers = {t: _Buffer(t) for t in TABLES}
+        self._buffers = {t: _Buffer(t, self.run_id) for t in TABLES}
         self._logged_errors: set[str] = set()
         self._closed = False
         self.path = self.root / self.run_id
@@ -247,7 +284,7 @@ class RunWriter:
     def _append(self, table: str, columns: dict) -> None:
         if self._closed:
             raise StoreError(f"run {self.run_id!r}: writer is closed")
-        t = pa.Table.from_pydict(columns, schema=table_schema(table))
+        t = pa.Table.from_pydict(columns, schema=_INTERNAL[table])
         with self._lock:
             self._buffers[table].add(t)
             pending = sum(b.rows for b in self._buffers.values())
@@ -276,9 +313,8 @@ class RunWriter:
                              f"counts' leading shape {lead}") from None
         rows = int(np.prod(lead, dtype=np.int64)) * n
         cols = {
-            "run_id": _const_str(self.run_id, rows),
             "step": np.repeat(step_a.reshape(-1), n),
-            "mode": _const_str(mode, rows),
+            "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
             "layer": np.repeat(layer_a.reshape(-1), n),
             "expert": np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0),
             "tokens": c.reshape(-1).astype(np.int64),
@@ -306,9 +342,8 @@ class RunWriter:
                                    np.asarray(v, dtype=dtype), (rows,))
 
         cols = {
-            "run_id": _const_str(self.run_id, rows),
             "step": col(step, np.int64),
-            "mode": _const_str(mode, rows),
+            "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
             "layer": col(layer, np.int32),
             "batch_idx": col(batch_idx, np.int32),
             "position": col(position, np.int32),
@@ -326,7 +361,7 @@ class RunWriter:
         if not isinstance(name, str) or not name:
             raise ValueError("signal name must be a non-empty string")
         self._append("signals", {
-            "run_id": [self.run_id], "step": [int(step)], "name": [name],
+            "step": [int(step)], "name": [name],
             "layer": [None if layer is None else int(layer)],
             "value": [None if value is None else float(value)],
             "rank": [self.rank if rank is None else int(rank)],
@@ -336,9 +371,10 @@ class RunWriter:
         """Append whole rows (dicts) to ``table``; ``run_id`` is filled in."""
         if not rows:
             return
-        schema = table_schema(table)
+        schema = _INTERNAL[table]
         cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
-        cols["run_id"] = [self.run_id] * len(rows)
+        if "mode" in cols:
+            cols["mode"] = [_MODE_CODE[m or "TRAIN"] for m in cols["mode"]]
         if "rank" in cols:
             cols["rank"] = [self.rank if v is None else v for v in cols["rank"]]
         self._append(table, cols)
@@ -361,7 +397,7 @@ class RunWriter:
                 t = buf.take()
                 if t is None:
                     continue
-                ok = self._guarded(lambda: self._write_part(name, t))
+                ok = self._guarded(lambda: self._write_part(name, buf.finalize(t)))
                 if ok:
                     written += t.num_rows
                     self.stats.rows_written[name] += t.num_rows
