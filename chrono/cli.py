@@ -23,6 +23,7 @@ EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.replay",
     "chrono.commands.astarte",
     "chrono.commands.dashboard",
+    "chrono.commands.migrate",
 )
 
 

@@ -657,8 +657,10 @@ def compact(root, run: str, tables=None) -> dict[str, int]:
     merged: dict[str, int] = {}
     ranks = sorted({int(m.group(1)) for t in TABLES if (path / t).is_dir()
                     for n in os.listdir(path / t) if (m := PART_RE.match(n))})
+    # keep the run's world size in the manifest (RunWriter would write its default, 1)
+    world_size = (read_manifest(path) or {}).get("world_size") or 1
     for rank in ranks:
-        with RunWriter(root, run, rank=rank) as w:
+        with RunWriter(root, run, rank=rank, world_size=world_size) as w:
             for table in (tables or TABLES):
                 files = [f for f in part_files(root, table, run)
                          if int(PART_RE.match(os.path.basename(f)).group(1)) == rank]
