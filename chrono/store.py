@@ -539,7 +539,7 @@ def open_run(root, run_id: str, model: dict | None = None, config: dict | None =
 
 
 # ====================================================================== reading
-_part_cache: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
+_part_cache: dict[tuple, tuple[bool, tuple[str, ...], frozenset]] = {}
 _warned: set[str] = set()
 
 
