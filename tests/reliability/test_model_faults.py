@@ -153,3 +153,37 @@ def test_explicit_steps_are_recorded_at_their_own_step(tmp_path):
     con = chrono.connect(tmp_path)
     assert con.sql("SELECT step, sum(tokens) FROM routing WHERE layer = 0 GROUP BY step ORDER BY step"
                    ).fetchall() == [(s, BATCH * K) for s in range(6)]
+
+
+def test_storage_fault_under_probes_is_counted_and_recovers(tmp_path, monkeypatch, caplog):
+    """Disk full while training with probes: the training loop never sees it, the error is
+    counted in h.stats() (what the Prometheus exporter reads) and the rows are written
+    once the disk has room again."""
+    import errno
+
+    import chrono.store as store
+
+    caplog.set_level(logging.WARNING)
+    real = store.pq.write_table
+    state = {"full": True}
+
+    def write_table(*a, **k):
+        if state["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(store.pq, "write_table", write_table)
+    baseline, _ = _run(tmp_path / "a", None, with_probes=False)
+    torch.manual_seed(0)
+    model = moe_tiny.TinyMoE()
+    with probes.attach(model, run="r", root=tmp_path / "b", flush_every=EVERY) as h:
+        losses = moe_tiny.train_steps(model, STEPS, batch=BATCH)
+        h.flush()
+        st = h.stats()
+        assert st["write_errors"] > 0 and "No space left" in st["last_error"]
+        state["full"] = False  # the disk has room again
+        h.flush()
+    assert losses == baseline
+    assert _tokens_per_layer(tmp_path / "b") == {0: STEPS * BATCH * K, 1: STEPS * BATCH * K}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]  # logged once
