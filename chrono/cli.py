@@ -25,6 +25,7 @@ EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.dashboard",
     "chrono.commands.serve_metrics",
     "chrono.commands.workload",
+    "chrono.commands.migrate",
 )
 
 
@@ -133,9 +134,14 @@ def cmd_show(args) -> int:
 def cmd_query(args) -> int:
     from chrono.reader import run_readonly_sql
 
-    con = _connect(args)
-    result = run_readonly_sql(con, args.sql)
     fmt = args.format
+    if args.max_rows < 1:
+        raise UserError("--max-rows must be >= 1")
+    con = _connect(args)
+    to_screen = fmt == "table" and not args.output
+    # on screen only max_rows are shown: fetch one more (to say that more exist) instead of
+    # materialising a huge result such as SELECT * FROM range(1e10)
+    result = run_readonly_sql(con, args.sql, limit=args.max_rows + 1 if to_screen else None)
     if fmt == "parquet" and not args.output:
         raise UserError("--format parquet needs --output FILE")
     if args.output:
@@ -153,7 +159,10 @@ def cmd_query(args) -> int:
             with open(args.output, "w") as f:
                 print_table(result, f)
         else:
-            print_table(result, max_rows=args.max_rows)
+            print_table(result.slice(0, args.max_rows))
+            if result.num_rows > args.max_rows:
+                print(f"... more rows not shown (--max-rows {args.max_rows}; "
+                      f"use --format csv/json/parquet --output F for all)")
         return 0
     if fmt == "csv":
         import pyarrow.csv as pcsv
