@@ -114,7 +114,8 @@ def govern(model: nn.Module, handle, actuators=("informed-lens",), config: Contr
         layer, name = int(_site(site, "layer")), _site(site, "name")
         routers[layer] = (model.get_submodule(name), int(_site(site, "n_experts")))
     writer = getattr(handle, "writer", None)
-    run_dir = getattr(writer, "path", None)
+    # multi-rank: every rank decides identically, rank 0 alone mirrors the decisions to disk
+    run_dir = getattr(writer, "path", None) if getattr(writer, "rank", 0) == 0 else None
     gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir)
 
     def _on_snapshot(step, rows, h):
