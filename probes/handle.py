@@ -428,6 +428,9 @@ class Handle:
         try:
             if self._slot or (self._sampler is not None and self._sampler._pending):
                 pass
+            if self._dist is not None and not self._explicit_steps and self._hook_calls:
+                log.warning("probes: distributed mode ends steps only at h.step() (call it once per "
+                            "training step on every rank); routing of the unfinished step is dropped")
             self._close_window()
         except Exception as e:
             self._fault("detach", e)
