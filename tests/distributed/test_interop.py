@@ -87,6 +87,15 @@ def test_spark_counts_equal_duckdb(store, spark):
     assert exact.groupBy().sum("tokens").collect()[0][0] == sum(expected.values())
 
 
+def test_plain_duckdb_glob_recipe_equals_the_chrono_reader(store):
+    """The docs' object-storage recipe (read_parquet over a glob), here on a local path."""
+    import duckdb
+    glob = str(store / "*" / "routing" / "*.parquet")
+    rows = duckdb.sql(f"SELECT run_id, layer, expert, sum(tokens)::BIGINT AS n FROM "
+                      f"read_parquet('{glob}', union_by_name = true) GROUP BY ALL").fetchall()
+    assert {(r, l, e): n for r, l, e, n in rows} == duckdb_sums(store)
+
+
 def test_polars_counts_equal_duckdb(store):
     expected = duckdb_sums(store)
     raw = (pl.scan_parquet(str(store / "*" / "routing" / "*.parquet"))
