@@ -209,6 +209,15 @@ class DistributedSync:
             dropped[i, :n] = out[HEADER + total + starts[i]:HEADER + total + starts[i] + n]
         return counts, dropped, g_n
 
+    def on_exit(self, handle, failed: bool) -> None:
+        """Leaving ``with probes.attach(...)``: an exception means other ranks may be inside
+        their own collectives (DDP), so ours must not start."""
+        if failed:
+            self.stop("left the with block by an exception")
+        elif handle.stats()["steps"] == 0 and handle.stats()["hook_calls"]:
+            log.warning("probes: multi-rank mode ends steps only at h.step(); call it once per "
+                        "training step on every rank (nothing was reduced or snapshotted)")
+
     def stop(self, why: str) -> None:
         """No more collectives from this handle (a rank leaving early must not pair its
         all-reduce with another rank's unrelated collective)."""

@@ -112,6 +112,8 @@ class Handle:
         self._logged: set[str] = set()
         self._steps_done = 0
         self._windows = 0
+        if self._dist is not None:  # only h.step() ends steps: the flush collective never runs in a hook
+            self._explicit_steps = True
 
         model_desc = {
             "name": type(model).__name__,
@@ -221,8 +223,7 @@ class Handle:
         return None
 
     def _root_post_hook(self, module, args, output):
-        # distributed: only h.step() ends steps, so the flush collective never runs in a hook
-        if self._active and not self._explicit_steps and self._dist is None:
+        if self._active and not self._explicit_steps:
             self._advance()
         return None
 
@@ -428,9 +429,6 @@ class Handle:
         try:
             if self._slot or (self._sampler is not None and self._sampler._pending):
                 pass
-            if self._dist is not None and not self._explicit_steps and self._hook_calls:
-                log.warning("probes: distributed mode ends steps only at h.step() (call it once per "
-                            "training step on every rank); routing of the unfinished step is dropped")
             self._close_window()
         except Exception as e:
             self._fault("detach", e)
@@ -456,9 +454,8 @@ class Handle:
         return self
 
     def __exit__(self, *exc) -> None:
-        if exc[0] is not None and self._dist is not None:
-            # other ranks may be inside their own collectives (DDP): never start ours now
-            self._dist.stop("left the with block by an exception")
+        if self._dist is not None:
+            self._dist.on_exit(self, failed=exc[0] is not None)
         self.detach()
 
     def __repr__(self) -> str:
