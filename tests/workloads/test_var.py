@@ -184,9 +184,11 @@ def test_learned_tier_is_the_models_own_router():
 
 def test_quick_workload_lands_in_store(store_root):
     import chrono
-    from reference_models.var.workload import run
+    from reference_models import registry
 
-    s = run(store_root, "v", mode="intended", steps=20, seed=0, progress=False)
+    run = registry.resolve("var")                     # what `chrono workload var` calls
+    s = run(mode="intended", steps=20, run="v", seed=0, root=store_root, progress=False)
+    assert "expensive_fraction" in s.summary()
     for k in ("expensive_fraction", "val_loss_var", "val_loss_own", "cache_hit_rate", "fast_fraction"):
         assert math.isfinite(s[k])
     assert 0 <= s["expensive_fraction"] <= 1
