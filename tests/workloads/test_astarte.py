@@ -154,11 +154,3 @@ def test_quick_workload_lands_in_store_and_cli_generates(store_root):
     assert main(["astarte", "dream", "--run", "nope", "--root", str(store_root)]) == 2
     assert main(["astarte", "generate", "--run", "ast", "--root", str(store_root)]) == 2  # no prompt
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads oversubscribe and run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
