@@ -88,8 +88,6 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 300, seed: int =
         progress: bool = True, preset: str | None = None, batch_size: int | None = None,
         pause_every: int = 25, eval_every: int = 50, lr: float = 3e-3) -> dict:
     """Train Astarte for ``steps`` chunks and record everything in run ``run_id``."""
-    import chrono
-
     preset = preset or ("quick" if steps <= 40 else "default")
     cfg = AstarteConfig(mode=mode, **PRESETS[preset])
     batch_size = batch_size or (8 if preset == "quick" else 16)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from reference_models.var.moe_lm import MoEConfig, MoELM
-from reference_models.var.var import (CACHED, FAST, LEARNED, VAR, BatchContextCache, ContextCache,
-                                      TokenStats, VARConfig, context_key, context_keys,
-                                      precompute_statistics)
+from reference_models.var.var import (VAR, BatchContextCache, ContextCache, TokenStats, VARConfig,
+                                      context_key, context_keys, precompute_statistics)
 
 
 class FakeClock:
