@@ -106,6 +106,7 @@ def test_decisions_identical_on_both_ranks_and_stored_once(dp_run):
     assert len(lines) == len(d0)      # mirrored by rank 0 only
 
 
+@pytest.mark.slow   # a second torchrun launch
 def test_expert_parallel_slices_are_placed_in_the_global_expert_space(tmp_path):
     p, root, out = torchrun(tmp_path, "ep", "--ep")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -123,6 +124,7 @@ def test_expert_parallel_slices_are_placed_in_the_global_expert_space(tmp_path):
     assert rank_out(out, 0)["decisions"] == rank_out(out, 1)["decisions"]
 
 
+@pytest.mark.slow   # a second torchrun launch
 def test_rank_killed_mid_run_leaves_the_store_readable(tmp_path):
     kill_after = 2 * FLUSH          # right after a window closed on both ranks
     p, root, out = torchrun(tmp_path, "killed", "--kill-rank", "1", "--kill-after", str(kill_after))
