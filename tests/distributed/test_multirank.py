@@ -148,3 +148,12 @@ def test_rank_killed_mid_run_leaves_the_store_readable(tmp_path):
     # the kernel released the dead rank's writer lock: the rank can be reopened at once
     with chrono.open_run(root, "killed", rank=1, world_size=2) as w:
         assert w.rank == 1
+
+
+@pytest.mark.slow   # a second torchrun launch
+def test_ranks_with_different_routers_are_refused_at_attach(tmp_path):
+    p, root, out = torchrun(tmp_path, "mismatch", "--rank1-extra-layer")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for r in (0, 1):   # both ranks get the same clear error instead of a hang at the first flush
+        err = rank_out(out, r)["error"]
+        assert err and "ranks found different routers" in err

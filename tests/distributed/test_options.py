@@ -129,3 +129,4 @@ def test_log_routing_expert_offset_broadcasts_like_layer(tmp_path):
     rows = chrono.connect(tmp_path).sql("SELECT DISTINCT layer, expert, rank FROM routing ORDER BY ALL"
                                         ).to_arrow_table().to_pylist()
     assert [(r["layer"], r["expert"], r["rank"]) for r in rows] == [(0, 2, 0), (0, 3, 0), (1, 4, 0), (1, 5, 0)]
+
