@@ -544,12 +544,12 @@ def open_run(root, run_id: str, model: dict | None = None, config: dict | None =
 
 
 # ====================================================================== reading
-_part_cache: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
+_part_cache: dict[tuple, tuple[bool, tuple[str, ...], frozenset]] = {}
 _warned: set[str] = set()
 
 
-def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...]]:
-    """(readable, names of parts it supersedes) for one part file of ``table``.
+def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...], frozenset]:
+    """(readable, names of parts it supersedes, its column names) for one part file of ``table``.
 
     Readable means the Parquet footer parses and the file's columns fit the
     table (see ``_schema_problem``): a truncated, foreign or mis-filed file is
@@ -559,7 +559,7 @@ def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...]]:
     try:
         st = os.stat(path)
     except OSError:
-        return False, ()
+        return False, (), frozenset()
     key = (path, table, st.st_size, st.st_mtime_ns)
     info = _part_cache.get(key)
     if info is None:
@@ -572,9 +572,9 @@ def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...]]:
             replaces = tuple(json.loads(kv[REPLACES_KEY])) if REPLACES_KEY in kv else ()
             if not all(isinstance(n, str) for n in replaces):
                 raise ValueError("malformed chrono.replaces metadata")
-            info = (True, replaces)
+            info = (True, replaces, frozenset(md.schema.names))
         except Exception as e:
-            info = (False, ())
+            info = (False, (), frozenset())
             if path not in _warned:
                 _warned.add(path)
                 log.warning("chrono: skipping unreadable part file %s (%s: %s)", path,
@@ -636,12 +636,20 @@ def part_files(root, table: str, run: str | None = None) -> list[str]:
             continue
         good, superseded = [], set()
         for name in names:
-            ok, replaces = _part_info(str(d / name), table)
+            ok, replaces, _ = _part_info(str(d / name), table)
             if ok:
                 good.append(name)
                 superseded.update(replaces)
         out.extend(str(d / n) for n in good if n not in superseded)
     return out
+
+
+def part_columns(files: list[str], table: str) -> set[str]:
+    """Union of the column names of these (readable) part files of ``table``."""
+    cols: set[str] = set()
+    for f in files:
+        cols |= _part_info(f, table)[2]
+    return cols
 
 
 def compact(root, run: str, tables=None) -> dict[str, int]:
@@ -654,8 +662,10 @@ def compact(root, run: str, tables=None) -> dict[str, int]:
     merged: dict[str, int] = {}
     ranks = sorted({int(m.group(1)) for t in TABLES if (path / t).is_dir()
                     for n in os.listdir(path / t) if (m := PART_RE.match(n))})
+    # keep the run's world size in the manifest (RunWriter would write its default, 1)
+    world_size = (read_manifest(path) or {}).get("world_size") or 1
     for rank in ranks:
-        with RunWriter(root, run, rank=rank) as w:
+        with RunWriter(root, run, rank=rank, world_size=world_size) as w:
             for table in (tables or TABLES):
                 files = [f for f in part_files(root, table, run)
                          if int(PART_RE.match(os.path.basename(f)).group(1)) == rank]

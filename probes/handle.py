@@ -68,7 +68,7 @@ class Handle:
     def __init__(self, model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0,
                  flush_every: int = 50, lenses=None, distributed=None, metrics_port=None,
                  generic: bool = True, specs=None, max_tokens_per_step: int = 4096, seed: int = 0,
-                 start_step: int = 0, config: dict | None = None):
+                 start_step: int = 0, config: dict | None = None, auto_step: bool | None = None):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(flush_every, int) or flush_every < 1:
@@ -91,7 +91,11 @@ class Handle:
         self._hooks: list = []
         self._active = True
         self._detached = False
-        self._explicit_steps = False
+        # auto_step None: each top-level forward is a step until h.step() is first called;
+        # False: only h.step() ends steps (use it with gradient accumulation)
+        self._explicit_steps = auto_step is False
+        self._auto_pending = False
+        self._dirty = False
         self._step = int(start_step)
         self._slot = 0
         self._slot_steps: list[int] = []
@@ -189,6 +193,7 @@ class Handle:
                 if routed.indices.device != rec.device:
                     rec.to(routed.indices.device)
                 mode = mode_index(module)
+                h._dirty = True
                 rec.record(mode, slot, n, routed.indices, routed.weights, routed.dropped, routed.logits)
                 if sampler is not None:
                     ids = h._decoder_input_ids if decoder_site else h._input_ids
@@ -206,6 +211,8 @@ class Handle:
     def _root_pre_hook(self, module, args, kwargs):
         if not self._active:
             return None
+        if self._auto_pending and not self._explicit_steps:
+            self._advance()  # the previous top-level forward was a step of its own
         ids = kwargs.get("input_ids")
         if ids is None and args and torch.is_tensor(args[0]) and not torch.is_floating_point(args[0]):
             ids = args[0]
@@ -224,7 +231,7 @@ class Handle:
 
     def _root_post_hook(self, module, args, output):
         if self._active and not self._explicit_steps:
-            self._advance()
+            self._auto_pending = True
         return None
 
     # ------------------------------------------------------------------ steps
@@ -233,10 +240,16 @@ class Handle:
         self._explicit_steps = True
         self._advance()
 
+    def _finish_open_step(self) -> None:
+        if self._dirty or self._auto_pending:
+            self._advance()
+
     @torch._dynamo.disable
     def _advance(self) -> None:
         if self._detached:
             return
+        self._auto_pending = False
+        self._dirty = False
         try:
             self._rec.end_step(self._slot)
             if self._sampler is not None:
@@ -352,9 +365,13 @@ class Handle:
 
     # ------------------------------------------------------------ public API
     def flush(self) -> None:
-        """Close the current window now (partial) and wait until everything queued is written."""
+        """Close the current window now (partial) and wait until everything queued is written.
+
+        A step with routing recorded but not yet ended by ``step()`` is ended first.
+        """
         if self._detached:
             return
+        self._finish_open_step()
         self._close_window()
         self._bg.wait()
 
@@ -427,8 +444,7 @@ class Handle:
         if self._detached:
             return
         try:
-            if self._slot or (self._sampler is not None and self._sampler._pending):
-                pass
+            self._finish_open_step()
             self._close_window()
         except Exception as e:
             self._fault("detach", e)
@@ -510,7 +526,9 @@ def attach(model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0, 
     ``lenses``: ``{layer: nn.Module}`` applied to that router's input.
     ``generic``: allow guessing routers when no adapter matches. ``specs``:
     ``[probes.RouterSpec(...)]`` for routers no adapter knows. Other options:
-    ``max_tokens_per_step`` (4096), ``seed`` (0), ``start_step`` (0), ``config`` (dict for the manifest).
+    ``max_tokens_per_step`` (4096), ``seed`` (0), ``start_step`` (0), ``config`` (dict for the
+    manifest), ``auto_step`` (None: every top-level forward ends a step until ``h.step()`` is first
+    called; False: only ``h.step()`` does, e.g. with several forwards per step from the start).
     """
     return Handle(model, run, root=root, tokens=tokens, flush_every=flush_every, lenses=lenses,
                   distributed=distributed, metrics_port=metrics_port, generic=generic, specs=specs,

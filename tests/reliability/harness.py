@@ -134,3 +134,73 @@ def crash_loop(root, kills: int, seed: int, every: int = 5, layers: int = 4, exp
         if progress:
             progress(rec)
     return records
+
+
+TRAIN_CHILD = Path(__file__).with_name("train_child.py")
+TRAIN_LAYERS, TRAIN_EXPERTS, TRAIN_TOKENS_PER_STEP = 2, 4, 32 * 2  # moe_tiny: 2 layers, 4 experts, 32x top-2
+
+
+def kill_training_once(root, run: str, rng: random.Random, every: int) -> dict:
+    """Start a training process with probes, SIGKILL it after a random number of steps
+    (1 .. 4 flush intervals) plus 0-50 ms, and check what survived under ``run``."""
+    target = rng.randint(1, 4 * every)
+    jitter = rng.uniform(0.0, 0.05)
+    proc = subprocess.Popen([sys.executable, str(TRAIN_CHILD), str(root), run, str(every)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=str(REPO))
+    consumed = []
+    try:
+        line = proc.stdout.readline()
+        if line != b"ready\n":
+            raise RuntimeError(f"training did not start: {line!r} {proc.stderr.read()[-3000:]!r}")
+        seen = 0
+        while seen < target:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"training exited early: {proc.stderr.read()[-3000:]!r}")
+            consumed.append(line)
+            seen += line.startswith(b"step ")
+        time.sleep(jitter)  # a random kill instant, not a wait for a condition
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rest = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    lines = [ln.split() for ln in (b"".join(consumed) + rest).decode().splitlines() if ln]
+    started = [int(x[1]) for x in lines if x[0] == "step"]
+    durable = max([int(x[1]) for x in lines if x[0] == "durable"], default=0)
+    steps = present_steps(root, run, "routing", 0, 10**9)
+    rows = sum(steps.values())
+    n_present = len(steps)
+    con = chrono.connect(root)
+    tokens = dict(con.execute("SELECT step, sum(tokens) FROM routing WHERE run_id = ? GROUP BY step",
+                              [run]).fetchall())
+    return {
+        "returncode": proc.returncode,
+        "last_step_started": max(started),
+        "present_steps": n_present,
+        "gaps": sorted(set(range(n_present)) ^ set(steps))[:5],
+        "partial_steps": sorted(s for s, n in steps.items() if n != TRAIN_LAYERS * TRAIN_EXPERTS)[:5],
+        "wrong_token_steps": sorted(s for s, t in tokens.items()
+                                    if t != TRAIN_LAYERS * TRAIN_TOKENS_PER_STEP)[:5],
+        "durable_rows_reported": durable,
+        "durable_lost_rows": max(0, durable - rows),
+        # steps started (the last one possibly unfinished) that are not on disk
+        "lost_steps": max(started) + 1 - n_present,
+        "temp_files_left": len(temp_files(root)),
+    }
+
+
+def training_crash_loop(root, kills: int, seed: int, every: int = 5, progress=None) -> list[dict]:
+    """SIGKILL ``kills`` training processes, each on its own run under one root."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(kills):
+        rec = {"kill": i, **kill_training_once(root, f"train-{i}", rng, every)}
+        out.append(rec)
+        if progress:
+            progress(rec)
+    return out

@@ -81,6 +81,7 @@ def test_compaction_keeps_every_rank(store_root):
     before = chrono.connect(store_root).sql(q).fetchall()
     assert compact(store_root, "ranks") == {"routing": 6}
     assert chrono.connect(store_root).sql(q).fetchall() == before == [(0, 12, 12), (1, 12, 24)]
+    assert chrono.connect(store_root).sql("SELECT world_size FROM runs").fetchall() == [(2,)]
 
 
 def test_two_writers_different_runs_do_not_collide(store_root):
