@@ -373,8 +373,8 @@ def test_router_spec_generic_fallback_and_clear_error(store_root, caplog):
     assert chrono.read(store_root, "routing", run="spec").collect()["tokens"].sum() == 2 * 4
 
 
-def test_distributed_true_not_implemented(store_root):
-    with pytest.raises(NotImplementedError):
+def test_distributed_true_without_process_group_is_a_clear_error(store_root):
+    with pytest.raises(probes.ProbeError, match="init_process_group"):
         probes.attach(T.NativeMoE(), run="d", root=store_root, distributed=True)
 
 
