@@ -242,6 +242,10 @@ class Handle:
 
     def _finish_open_step(self) -> None:
         if self._dirty or self._auto_pending:
+            if self._dist is not None:  # rank-local condition: ending a step here would desync ranks
+                self._warn_once("dist-open-step", "probes: routing recorded after the last h.step() "
+                                "is not reduced in multi-rank mode (end steps with h.step() on every rank)")
+                return
             self._advance()
 
     @torch._dynamo.disable
