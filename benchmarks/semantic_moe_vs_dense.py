@@ -24,7 +24,11 @@ def main():
     ap.add_argument("--preset", default="small")
     ap.add_argument("--n-experts", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
     if a.quick:
         a.steps, a.preset, a.n_experts = 30, "quick", 4
     train_data, val_data = split_bytes(text_bytes())

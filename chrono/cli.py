@@ -23,6 +23,8 @@ EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.replay",
     "chrono.commands.astarte",
     "chrono.commands.dashboard",
+    "chrono.commands.serve_metrics",
+    "chrono.commands.workload",
     "chrono.commands.migrate",
 )
 
@@ -279,9 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.set_defaults(func=cmd_compact)
 
-    s = sub.add_parser("demo", help="record a demo run whose routing drifts into collapse")
+    s = sub.add_parser("demo", help="record demo runs (synthetic collapse + a governed tiny HF Mixtral), "
+                                    "then serve the dashboard and metrics",
+                       description="Records RUN (synthetic routing drifting into collapse) and RUN-mixtral "
+                                   "(a tiny Hugging Face Mixtral trained on Python's docs with probes and the "
+                                   "governance controller), prints a summary, then serves the dashboard and "
+                                   "the Prometheus endpoint on 127.0.0.1 until Ctrl-C.")
     s.add_argument("--run", default="demo", help="run id (default: demo)")
-    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--steps", type=int, default=300, help="steps of the synthetic run (default 300)")
+    s.add_argument("--model-steps", type=int, default=200,
+                   help="training steps of the Mixtral run (default 200; 0 skips it)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-serve", action="store_true", help="do not start the dashboard afterwards")
     s.set_defaults(func=cmd_demo)

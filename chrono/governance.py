@@ -21,10 +21,7 @@ from torch import nn
 
 from .actuators import (Actuator, ActuatorError, AuxLossActuator, InformedLensActuator,
                         LensActuator, RouterBiasActuator, TemperatureActuator)
-from .controller import ControlConfig, ControlDecision, Controller
-
-JSONL_NAME = "control_decisions.jsonl"
-CONFIG_NAME = "control_config.json"
+from .controller import CONFIG_NAME, JSONL_NAME, ControlConfig, ControlDecision, Controller
 
 ACTUATORS = ("lens", "informed-lens", "bias", "temperature", "aux")
 
@@ -114,7 +111,10 @@ def govern(model: nn.Module, handle, actuators=("informed-lens",), config: Contr
         layer, name = int(_site(site, "layer")), _site(site, "name")
         routers[layer] = (model.get_submodule(name), int(_site(site, "n_experts")))
     writer = getattr(handle, "writer", None)
-    run_dir = getattr(writer, "path", None)
+    # multi-rank: every rank decides identically, rank 0 alone mirrors the decisions to disk
+    run_dir = getattr(writer, "path", None) if getattr(writer, "rank", 0) == 0 else None
+    if not isinstance(run_dir, (str, Path)) or not Path(run_dir).is_dir():
+        run_dir = None   # telemetry is off (probes' null writer): decisions stay in memory only
     gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir)
 
     def _on_snapshot(step, rows, h):

@@ -292,13 +292,15 @@ class RunWriter:
             self.flush()
 
     def log_routing(self, step, layer, counts, mode: str = "TRAIN", weight_sum=None,
-                    rank: int | None = None, dropped=None) -> None:
+                    rank: int | None = None, dropped=None, expert_offset=0) -> None:
         """Append aggregated routing counts.
 
         ``counts``: ``[..., n_experts]`` tokens dispatched per expert; ``step`` and
         ``layer`` broadcast against ``counts.shape[:-1]`` (so a whole flush
         interval ``[steps, layers, experts]`` is one call). ``weight_sum`` and
-        ``dropped`` have the shape of ``counts``.
+        ``dropped`` have the shape of ``counts``. ``expert_offset`` (broadcast like
+        ``layer``) is added to the expert ids: a rank holding experts
+        ``[offset, offset + n)`` of an expert-parallel layer logs global ids.
         """
         c = np.asarray(counts)
         if c.ndim == 0:
@@ -308,15 +310,18 @@ class RunWriter:
         try:
             step_a = np.broadcast_to(np.asarray(step, dtype=np.int64), lead)
             layer_a = np.broadcast_to(np.asarray(layer, dtype=np.int32), lead)
+            offset_a = np.broadcast_to(np.asarray(expert_offset, dtype=np.int32), lead)
         except ValueError:
-            raise ValueError(f"step {np.shape(step)} and layer {np.shape(layer)} must broadcast to "
-                             f"counts' leading shape {lead}") from None
+            raise ValueError(f"step {np.shape(step)}, layer {np.shape(layer)} and expert_offset "
+                             f"{np.shape(expert_offset)} must broadcast to counts' leading shape "
+                             f"{lead}") from None
         rows = int(np.prod(lead, dtype=np.int64)) * n
         cols = {
             "step": np.repeat(step_a.reshape(-1), n),
             "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
             "layer": np.repeat(layer_a.reshape(-1), n),
-            "expert": np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0),
+            "expert": (np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0)
+                       + np.repeat(offset_a.reshape(-1), n)),
             "tokens": c.reshape(-1).astype(np.int64),
             "weight_sum": (None if weight_sum is None
                            else np.asarray(weight_sum, dtype=np.float32).reshape(-1)),

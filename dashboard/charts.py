@@ -11,8 +11,16 @@ import pandas as pd
 
 from chrono.snapshots import CONFIRMED_TOP2, PRE_NEFF_FRACTION, PRE_TOP2
 
+# Altair's debug mode validates every schema object as it is created (about half the time
+# spent on a chart here); the finished spec is still validated once when Streamlit calls
+# to_dict(), so mistakes are caught all the same.
+alt.utils.schemapi.disable_debug_mode()
+
 ALERT_COLORS = alt.Scale(domain=["PRE_COLLAPSE", "COLLAPSE_CONFIRMED"], range=["#f28e2b", "#d62728"])
 STEP = alt.X("step:Q", title="training step", axis=alt.Axis(format="~s"))
+# Legends under the plot: a right-hand legend taller than the plot gets clipped.
+BOTTOM_LEGEND = dict(orient="bottom", direction="horizontal", columns=4, titleOrient="left",
+                     labelLimit=220, symbolLimit=0)
 
 
 def layer_label(layer: int) -> str:
@@ -66,7 +74,7 @@ def expert_weight_bars(df: pd.DataFrame, layer: int, height: int = 240) -> alt.C
     """Mean gate weight per dispatched assignment, per expert (from routing.weight_sum)."""
     return alt.Chart(df, title=f"Mean top-k gate weight per assignment, {layer_label(layer)}").mark_bar().encode(
         x=alt.X("expert:O", title="expert", axis=alt.Axis(labelOverlap=True)),
-        y=alt.Y("mean_weight:Q", title="mean gate weight (0-1)"),
+        y=alt.Y("mean_weight:Q", title="mean gate weight"),
         tooltip=["expert:O", alt.Tooltip("mean_weight:Q", format=".3f"),
                  alt.Tooltip("tokens:Q", title="assignments", format=",")],
     ).properties(height=height)
@@ -80,7 +88,7 @@ def _alert_rules(alerts: pd.DataFrame | None) -> alt.Chart | None:
         return None
     return alt.Chart(raised).mark_rule(strokeDash=[2, 2], opacity=0.7, strokeWidth=1.5).encode(
         x="step:Q",
-        color=alt.Color("alert:N", title="alert raised", scale=ALERT_COLORS),
+        color=alt.Color("alert:N", scale=ALERT_COLORS, legend=None),  # explained in the page caption
         tooltip=[alt.Tooltip("step:Q", title="raised at step"), "layer:O", "alert:N",
                  alt.Tooltip("neff:Q", format=".2f"), alt.Tooltip("top2_share:Q", format=".3f"), "dead:Q"],
     )
@@ -89,34 +97,48 @@ def _alert_rules(alerts: pd.DataFrame | None) -> alt.Chart | None:
 def _thresholds(values: list[tuple[float, str]]) -> alt.Chart | None:
     if not values:
         return None
-    df = pd.DataFrame([{"y": v, "rule": label} for v, label in values])
+    df = pd.DataFrame([{"y": v, "rule": label, "above": i % 2 == 1}
+                       for i, (v, label) in enumerate(sorted(values))])
     base = alt.Chart(df)
-    rule = base.mark_rule(color="#666", strokeDash=[6, 3]).encode(
+    rule = base.mark_rule(color="#555", strokeDash=[6, 3]).encode(
         y="y:Q", tooltip=[alt.Tooltip("rule:N", title="threshold"), alt.Tooltip("y:Q", format=".3g")])
-    text = base.mark_text(align="left", dx=4, dy=-6, color="#444", fontSize=11).encode(
+    text_style = dict(align="left", dx=4, color="#333", fontSize=11)
+    below = base.transform_filter("!datum.above").mark_text(baseline="top", dy=3, **text_style).encode(
         y="y:Q", text="rule:N", x=alt.value(0))
-    return rule + text
+    above = base.transform_filter("datum.above").mark_text(baseline="bottom", dy=-3, **text_style).encode(
+        y="y:Q", text="rule:N", x=alt.value(0))
+    return rule + below + above
 
 
 def health_chart(df: pd.DataFrame, field: str, title: str, y_title: str,
                  thresholds: list[tuple[float, str]] = (), alerts: pd.DataFrame | None = None,
-                 y_domain=None, height: int = 260) -> alt.LayerChart | alt.Chart:
-    """One health metric per layer over steps, with rule thresholds and alert markers."""
+                 y_domain=None, height: int = 340, dash: str | None = None) -> alt.LayerChart | alt.Chart:
+    """One health metric per layer over steps, with rule thresholds and alert markers.
+
+    ``dash``: a second nominal column drawn as the line's dash pattern (e.g. dead / nearly dead).
+    """
     y = alt.Y(f"{field}:Q", title=y_title)
     if y_domain is not None:
         y = alt.Y(f"{field}:Q", title=y_title, scale=alt.Scale(domain=y_domain))
-    lines = alt.Chart(df).mark_line(point=len(df) <= 60).encode(
+    enc = dict(
         x=STEP, y=y,
         color=alt.Color("layer_name:N", title="layer", sort=alt.SortField("layer")),
         tooltip=[alt.Tooltip("step:Q"), alt.Tooltip("layer_name:N", title="layer"),
                  alt.Tooltip(f"{field}:Q", format=".3f"), alt.Tooltip("n_experts:Q", title="experts")],
     )
+    if dash:
+        kinds = sorted(df[dash].unique())
+        enc["strokeDash"] = alt.StrokeDash(f"{dash}:N", legend=None,
+                                           scale=alt.Scale(domain=kinds, range=[[1, 0], [5, 3], [1, 3]][:len(kinds)]))
+        enc["detail"] = f"{dash}:N"
+        enc["tooltip"] = enc["tooltip"] + [alt.Tooltip(f"{dash}:N")]
+    lines = alt.Chart(df).mark_line(point=len(df) <= 60).encode(**enc)
     layers = [lines]
     for extra in (_thresholds(list(thresholds)), _alert_rules(alerts)):
         if extra is not None:
             layers.append(extra)
     chart = alt.layer(*layers).resolve_scale(color="independent") if len(layers) > 1 else lines
-    return chart.properties(title=title, height=height)
+    return chart.properties(title=title, height=height).configure_legend(**BOTTOM_LEGEND)
 
 
 def neff_thresholds(n_experts: list[int]) -> list[tuple[float, str]]:
@@ -130,15 +152,17 @@ TOP2_THRESHOLDS = [(PRE_TOP2, f"PRE_COLLAPSE above {PRE_TOP2:g}"),
 
 def alert_timeline(df: pd.DataFrame, spans: pd.DataFrame, height: int = 220) -> alt.LayerChart:
     """Active periods (bars) and transitions (points) per layer over steps."""
-    bars = alt.Chart(spans).mark_bar(opacity=0.35, height={"band": 0.7}).encode(
+    bars = alt.Chart(spans).mark_bar(opacity=0.35).encode(
         x=alt.X("start:Q", title="training step"), x2="end:Q",
-        y=alt.Y("layer_name:N", title=None, sort=alt.SortField("layer")),
+        y=alt.Y("layer_name:N", title=None, sort=alt.SortField("layer"), scale=alt.Scale(paddingInner=0.3)),
+        yOffset=alt.YOffset("alert:N", scale=alt.Scale(domain=ALERT_COLORS.domain)),
         color=alt.Color("alert:N", title="alert", scale=ALERT_COLORS),
         tooltip=["layer_name:N", "alert:N", alt.Tooltip("start:Q", title="raised at"),
                  alt.Tooltip("end:Q", title="cleared at / last step"), "open:N"],
     )
     points = alt.Chart(df).mark_point(size=70, filled=True).encode(
         x="step:Q", y=alt.Y("layer_name:N", sort=alt.SortField("layer")),
+        yOffset=alt.YOffset("alert:N", scale=alt.Scale(domain=ALERT_COLORS.domain)),
         color=alt.Color("alert:N", scale=ALERT_COLORS),
         shape=alt.Shape("transition:N", title="transition",
                         scale=alt.Scale(domain=["raised", "cleared"], range=["triangle-up", "circle"])),
@@ -146,39 +170,42 @@ def alert_timeline(df: pd.DataFrame, spans: pd.DataFrame, height: int = 220) -> 
                  alt.Tooltip("neff:Q", format=".2f"), "n_experts:Q",
                  alt.Tooltip("top2_share:Q", format=".3f"), "dead:Q"],
     )
-    return (bars + points).properties(title="Alert timeline (bars: active, ▲ raised, ● cleared)", height=height)
+    return (bars + points).properties(title="Alert timeline (bars: active, ▲ raised, ● cleared)",
+                                      height=height).configure_legend(**BOTTOM_LEGEND)
 
 
 def multi_line(df: pd.DataFrame, y: str, color: str, title: str, y_title: str, color_title: str,
-               y_format: str | None = None, height: int = 240, y_domain=None) -> alt.Chart:
-    axis = alt.Axis(format=y_format) if y_format else alt.Axis()
+               y_format: str | None = None, height: int = 300, y_domain=None) -> alt.Chart:
+    axis = alt.Axis(format=y_format or "~g")
     scale = alt.Scale(domain=y_domain) if y_domain is not None else alt.Scale(zero=False)
+    single = df[color].nunique() <= 1  # one series: its name is in the title, no legend needed
     return alt.Chart(df, title=title).mark_line(point=len(df) <= 60).encode(
         x=STEP,
         y=alt.Y(f"{y}:Q", title=y_title, axis=axis, scale=scale),
-        color=alt.Color(f"{color}:N", title=color_title),
+        color=alt.Color(f"{color}:N", title=color_title, legend=None if single else alt.Legend()),
         tooltip=["step:Q", f"{color}:N", alt.Tooltip(f"{y}:Q", format=".4g")],
-    ).properties(height=height)
+    ).properties(height=height).configure_legend(**BOTTOM_LEGEND)
 
 
-def lifecycle_events(df: pd.DataFrame, height: int = 220) -> alt.Chart:
+def lifecycle_events(df: pd.DataFrame, height: int = 260) -> alt.Chart:
     return alt.Chart(df, title="Lifecycle events (filled: applied, hollow: proposed only)").mark_point(
-        size=90).encode(
-        x=alt.X("step:Q", title="training step"),
+        size=110, strokeWidth=2).encode(
+        x=alt.X("step:Q", title="training step", scale=alt.Scale(padding=16)),
         y=alt.Y("layer:O", title="layer"),
         color=alt.Color("event:N", title="event"),
         shape=alt.Shape("event:N"),
-        fill=alt.condition("datum.applied", alt.Color("event:N", legend=None), alt.value("transparent")),
+        fill=alt.condition("datum.applied", alt.Color("event:N", title="event"), alt.value("transparent")),
         tooltip=["step:Q", "layer:O", "event:N", "expert:Q", "source_expert:Q", "n_experts_after:Q",
                  "applied:N", "reason:N"],
-    ).properties(height=height)
+    ).properties(height=height).configure_legend(**BOTTOM_LEGEND)
 
 
-def experts_over_time(df: pd.DataFrame, height: int = 220) -> alt.Chart:
+def experts_over_time(df: pd.DataFrame, height: int = 260) -> alt.Chart:
     return alt.Chart(df, title="Experts per layer after each event").mark_line(interpolate="step-after",
                                                                                  point=True).encode(
-        x=alt.X("step:Q", title="training step"),
-        y=alt.Y("n_experts_after:Q", title="experts", scale=alt.Scale(zero=False)),
+        x=alt.X("step:Q", title="training step", scale=alt.Scale(padding=16), axis=alt.Axis(format="~s")),
+        y=alt.Y("n_experts_after:Q", title="experts", scale=alt.Scale(zero=False, padding=12),
+                axis=alt.Axis(format="d", tickMinStep=1)),
         color=alt.Color("layer:N", title="layer"),
         tooltip=["step:Q", "layer:N", "n_experts_after:Q", "event:N"],
-    ).properties(height=height)
+    ).properties(height=height).configure_legend(**BOTTOM_LEGEND)

@@ -190,12 +190,16 @@ FROM s JOIN r USING (run_id)
 GROUP BY s.run_id, (s.step - r.lo) // r.w ORDER BY s.run_id, step
 """
 
-# One scan of a run's routing: per (layer, expert) totals; also gives the step range.
+# One scan of a run's routing: per (layer, expert) totals. (min/max step are a separate,
+# cheaper query: as aggregates here they made this scan 1.4x slower at 20 M rows.)
 ROUTING_TOTALS_SQL = """
-SELECT layer, expert, sum(tokens) AS tokens, sum(weight_sum) AS weight_sum,
-       sum(dropped) AS dropped, min(step) AS first_step, max(step) AS last_step
+SELECT layer, expert, sum(tokens) AS tokens, sum(weight_sum) AS weight_sum, sum(dropped) AS dropped
 FROM routing WHERE run_id = $run
 GROUP BY layer, expert ORDER BY layer, expert
+"""
+
+ROUTING_RANGE_SQL = """
+SELECT min(step) AS lo, max(step) AS hi FROM routing WHERE run_id = $run
 """
 
 # Step x expert shares of one layer, steps binned to $w-wide columns starting at $lo.

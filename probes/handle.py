@@ -29,6 +29,7 @@ from chrono.snapshots import AlertTracker, layer_rows
 from chrono.store import StoreError, open_run
 
 from .discovery import RouterSite, find_sites
+from .distributed import resolve as resolve_distributed
 from .flusher import BackgroundWriter
 from .recorder import MODES, Recorder, mode_index
 from .routing import ProbeError
@@ -67,12 +68,9 @@ class Handle:
     def __init__(self, model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0,
                  flush_every: int = 50, lenses=None, distributed=None, metrics_port=None,
                  generic: bool = True, specs=None, max_tokens_per_step: int = 4096, seed: int = 0,
-                 start_step: int = 0, config: dict | None = None):
+                 start_step: int = 0, config: dict | None = None, auto_step: bool | None = None):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-        if distributed:
-            raise NotImplementedError("distributed=True (all-reduce of counts across ranks) is not "
-                                      "implemented yet; attach on each rank with a distinct run id")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ProbeError(f"flush_every must be an int >= 1, got {flush_every!r}")
         if tokens is None:
@@ -80,6 +78,7 @@ class Handle:
         if not (0.0 <= float(tokens) <= 1.0):
             raise ProbeError(f"tokens must be 0 (aggregate only) or a fraction in (0, 1], got {tokens!r}")
         self.routers: list[RouterSite] = find_sites(model, specs=specs, generic=generic)
+        self._dist = resolve_distributed(distributed, self.routers)  # None on a single process
         self.flush_every = flush_every
         self._model = weakref.ref(model)
         self._slots = {s.layer: i for i, s in enumerate(self.routers)}
@@ -92,7 +91,11 @@ class Handle:
         self._hooks: list = []
         self._active = True
         self._detached = False
-        self._explicit_steps = False
+        # auto_step None: each top-level forward is a step until h.step() is first called;
+        # False: only h.step() ends steps (use it with gradient accumulation)
+        self._explicit_steps = auto_step is False
+        self._auto_pending = False
+        self._dirty = False
         self._step = int(start_step)
         self._slot = 0
         self._slot_steps: list[int] = []
@@ -113,6 +116,8 @@ class Handle:
         self._logged: set[str] = set()
         self._steps_done = 0
         self._windows = 0
+        if self._dist is not None:  # only h.step() ends steps: the flush collective never runs in a hook
+            self._explicit_steps = True
 
         model_desc = {
             "name": type(model).__name__,
@@ -127,7 +132,10 @@ class Handle:
         if config:
             cfg.update(config)
         try:
-            self.writer = open_run(root, run, model=model_desc, config=cfg, on_error="count")
+            if self._dist is not None:
+                model_desc = self._dist.model_desc(model_desc)
+            self.writer = open_run(root, run, model=model_desc, config=cfg, on_error="count",
+                                   **(self._dist.writer_kwargs() if self._dist is not None else {}))
         except StoreError:
             raise
         except OSError as e:
@@ -185,6 +193,7 @@ class Handle:
                 if routed.indices.device != rec.device:
                     rec.to(routed.indices.device)
                 mode = mode_index(module)
+                h._dirty = True
                 rec.record(mode, slot, n, routed.indices, routed.weights, routed.dropped, routed.logits)
                 if sampler is not None:
                     ids = h._decoder_input_ids if decoder_site else h._input_ids
@@ -202,6 +211,8 @@ class Handle:
     def _root_pre_hook(self, module, args, kwargs):
         if not self._active:
             return None
+        if self._auto_pending and not self._explicit_steps:
+            self._advance()  # the previous top-level forward was a step of its own
         ids = kwargs.get("input_ids")
         if ids is None and args and torch.is_tensor(args[0]) and not torch.is_floating_point(args[0]):
             ids = args[0]
@@ -220,7 +231,7 @@ class Handle:
 
     def _root_post_hook(self, module, args, output):
         if self._active and not self._explicit_steps:
-            self._advance()
+            self._auto_pending = True
         return None
 
     # ------------------------------------------------------------------ steps
@@ -229,10 +240,16 @@ class Handle:
         self._explicit_steps = True
         self._advance()
 
+    def _finish_open_step(self) -> None:
+        if self._dirty or self._auto_pending:
+            self._advance()
+
     @torch._dynamo.disable
     def _advance(self) -> None:
         if self._detached:
             return
+        self._auto_pending = False
+        self._dirty = False
         try:
             self._rec.end_step(self._slot)
             if self._sampler is not None:
@@ -257,6 +274,8 @@ class Handle:
         self._slot, self._slot_steps = 0, []
         data = self._rec.take(n) if n else None
         tok = self._sampler.take() if self._sampler is not None else None
+        if self._dist is not None:
+            tok = self._dist.globalize_tokens(tok)
         if data is None and tok is None:
             return
         self._windows += 1
@@ -264,14 +283,16 @@ class Handle:
         if data is not None:
             routing_jobs, rows, transitions, signals = self._window_rows(steps, data)
         run_id = self.run_id
+        write_globals = self._dist is None or self._dist.is_writer_of_globals
 
         def write(w):
             for kw in routing_jobs:
                 w.log_routing(**kw)
             if tok is not None:
                 _log_token_rows(w, *tok)
-            w.log_rows("snapshots", rows)
-            w.log_rows("alerts", transitions)
+            if write_globals:
+                w.log_rows("snapshots", rows)
+                w.log_rows("alerts", transitions)
             for step, name, value, layer in signals:
                 w.log_signal(step, name, value, layer=layer)
 
@@ -306,12 +327,18 @@ class Handle:
                 jobs.append(dict(step=steps[active][:, None], layer=self._layer_ids[grp][None, :],
                                  counts=counts[sel][:, 0, :, :e], mode=mode,
                                  weight_sum=weight[sel][:, 0, :, :e], dropped=dropped[sel][:, 0, :, :e]))
+                if self._dist is not None and self._dist.expert_parallel:
+                    jobs[-1]["expert_offset"] = self._dist.expert_offsets(grp)[None, :]
         win_counts = counts.sum(axis=(0, 1))   # [slot, cap+1]
         win_drop = dropped.sum(axis=(0, 1))
+        snap_counts, snap_drop, snap_experts = win_counts[:, :cap], win_drop[:, :cap], experts
+        if self._dist is not None:  # the flush's one collective: identical rows on every rank
+            snap_counts, snap_drop, snap_experts = self._dist.reduce_window(
+                win_counts, win_drop, experts, len(steps), int(steps[-1]))
         rows, transitions, signals = [], [], []
-        if (win_counts[:, :cap].sum() + win_drop[:, :cap].sum()) > 0:
-            lc = {s.layer: win_counts[i, :experts[i]] for i, s in enumerate(self.routers)}
-            ld = {s.layer: win_drop[i, :experts[i]] for i, s in enumerate(self.routers)}
+        if (snap_counts.sum() + snap_drop.sum()) > 0:
+            lc = {s.layer: snap_counts[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
+            ld = {s.layer: snap_drop[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
             rows = layer_rows(self.run_id, int(steps[0]), int(steps[-1]), lc, ld)
             transitions = self._tracker.update(rows)
             for t in transitions:
@@ -338,9 +365,13 @@ class Handle:
 
     # ------------------------------------------------------------ public API
     def flush(self) -> None:
-        """Close the current window now (partial) and wait until everything queued is written."""
+        """Close the current window now (partial) and wait until everything queued is written.
+
+        A step with routing recorded but not yet ended by ``step()`` is ended first.
+        """
         if self._detached:
             return
+        self._finish_open_step()
         self._close_window()
         self._bg.wait()
 
@@ -360,7 +391,7 @@ class Handle:
         """Log controller decisions (DECISIONS rows) and keep them as ``latest_decisions()``."""
         rows = [dict(r) for r in rows]
         self._latest_decisions = rows
-        if rows:
+        if rows and (self._dist is None or self._dist.is_writer_of_globals):
             self._bg.submit(lambda w: w.log_rows("decisions", rows), rows=len(rows))
 
     def latest_snapshot(self) -> list[dict]:
@@ -396,6 +427,7 @@ class Handle:
             "windows": self._windows,
             "tokens_sampled": 0 if self._sampler is None else self._sampler.sampled,
             "last_error": ws.last_error or self._bg.last_error,
+            "distributed": None if self._dist is None else self._dist.stats(),
         }
 
     def serve_metrics(self, port: int, host: str = "127.0.0.1"):
@@ -412,8 +444,7 @@ class Handle:
         if self._detached:
             return
         try:
-            if self._slot or (self._sampler is not None and self._sampler._pending):
-                pass
+            self._finish_open_step()
             self._close_window()
         except Exception as e:
             self._fault("detach", e)
@@ -439,6 +470,8 @@ class Handle:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._dist is not None:
+            self._dist.on_exit(self, failed=exc[0] is not None)
         self.detach()
 
     def __repr__(self) -> str:
@@ -493,7 +526,9 @@ def attach(model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0, 
     ``lenses``: ``{layer: nn.Module}`` applied to that router's input.
     ``generic``: allow guessing routers when no adapter matches. ``specs``:
     ``[probes.RouterSpec(...)]`` for routers no adapter knows. Other options:
-    ``max_tokens_per_step`` (4096), ``seed`` (0), ``start_step`` (0), ``config`` (dict for the manifest).
+    ``max_tokens_per_step`` (4096), ``seed`` (0), ``start_step`` (0), ``config`` (dict for the
+    manifest), ``auto_step`` (None: every top-level forward ends a step until ``h.step()`` is first
+    called; False: only ``h.step()`` does, e.g. with several forwards per step from the start).
     """
     return Handle(model, run, root=root, tokens=tokens, flush_every=flush_every, lenses=lenses,
                   distributed=distributed, metrics_port=metrics_port, generic=generic, specs=specs,

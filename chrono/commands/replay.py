@@ -62,8 +62,7 @@ def compare(stored: list[dict], replayed: list[dict]) -> list[str]:
 def cmd_replay(args) -> int:
     import chrono
     from chrono.cli import UserError, print_table
-    from chrono.controller import ControlConfig
-    from chrono.governance import CONFIG_NAME
+    from chrono.controller import CONFIG_NAME, ControlConfig
     from chrono.store import require_run
 
     path = require_run(args.root, args.run)

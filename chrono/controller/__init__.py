@@ -14,7 +14,11 @@ from dataclasses import asdict, dataclass, field
 from . import policy
 from ..schema import GLOBAL_LAYER
 
-__all__ = ["ControlConfig", "ControlState", "LayerState", "ControlDecision", "Controller", "policy"]
+# Files a governed run keeps in its run directory (next to the Parquet tables).
+JSONL_NAME = "control_decisions.jsonl"   # decisions mirrored one JSON object per line (ChronoMoE format)
+CONFIG_NAME = "control_config.json"      # the ControlConfig, so `chrono replay` re-derives decisions
+
+__all__ = ["JSONL_NAME", "CONFIG_NAME", "ControlConfig", "ControlState", "LayerState", "ControlDecision", "Controller", "policy"]
 
 
 @dataclass(frozen=True)

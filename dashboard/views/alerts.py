@@ -55,7 +55,7 @@ def body():
     alerts = alerts.copy()
     alerts["layer_name"] = [charts.layer_label(l) for l in alerts["layer"]]
     n_rows = alerts["layer"].nunique()
-    st.altair_chart(charts.alert_timeline(alerts, spans, height=max(120, 34 * n_rows)), width="stretch")
+    st.altair_chart(charts.alert_timeline(alerts, spans, height=130 + 48 * n_rows), width="stretch")
 
     kinds = st.multiselect("Show", ["raised", "cleared"], default=["raised", "cleared"], key="alert_kinds")
     table = alerts[alerts["transition"].isin(kinds)].drop(columns=["layer_name"])

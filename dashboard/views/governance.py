@@ -49,12 +49,12 @@ def body():
         left.altair_chart(charts.multi_line(s, "heat", "layer_name", "Heat (pressure clipped to 0-1)",
                                             "heat (0-1)", "layer", y_domain=[0, 1]), width="stretch")
         right.altair_chart(charts.multi_line(s, "lens_scale", "layer_name", "Lens scale s",
-                                             "scale applied to the lens", "layer"), width="stretch")
+                                             "lens scale", "layer"), width="stretch")
         left, right = st.columns(2)
         left.altair_chart(charts.multi_line(s, "backoff", "layer_name", "Harm-guard backoff",
-                                            "backoff multiplier (0-1)", "layer", y_domain=[0, 1]), width="stretch")
-        right.altair_chart(charts.multi_line(s, "abstain_fraction", "layer_name", "Abstaining",
-                                             "fraction of decisions that abstained", "layer", y_format=".0%",
+                                            "backoff (0-1)", "layer", y_domain=[0, 1]), width="stretch")
+        right.altair_chart(charts.multi_line(s, "abstain_fraction", "layer_name", "Abstaining (share of decisions)",
+                                             "abstained", "layer", y_format=".0%",
                                              y_domain=[0, 1]), width="stretch")
         if w > 1:
             st.caption(f"Each point averages the decisions of {w:,} steps.")

@@ -68,18 +68,17 @@ def body():
         h, "neff", "Effective experts (Neff = exp(entropy))", "Neff (experts)",
         charts.neff_thresholds(n_values) if len(n_values) <= 3 else [], alerts), width="stretch")
     right.altair_chart(charts.health_chart(
-        h, "top2_share", "Top-2 share", "share of tokens in the 2 largest experts",
+        h, "top2_share", "Top-2 share (tokens in the 2 largest experts)", "Top-2 share",
         charts.TOP2_THRESHOLDS, alerts, y_domain=[0, 1]), width="stretch")
     left, right = st.columns(2)
     left.altair_chart(charts.health_chart(
         h, "entropy", "Routing entropy", "entropy (nats)", [], alerts), width="stretch")
     dead = h.melt(id_vars=["step", "layer", "layer_name", "n_experts"], value_vars=["dead", "nearly_dead"],
                   var_name="kind", value_name="experts")
-    dead["layer_name"] = dead["layer_name"] + (" · " + dead["kind"].map({"dead": "dead",
-                                                                         "nearly_dead": "nearly dead"}))
+    dead["kind"] = dead["kind"].map({"dead": "dead (share = 0)", "nearly_dead": "nearly dead (< 1 %)"})
     right.altair_chart(charts.health_chart(
-        dead, "experts", "Dead (share = 0) and nearly dead (< 1 %) experts", "experts",
-        [(1, "COLLAPSE_CONFIRMED needs dead ≥ 1")], alerts), width="stretch")
+        dead, "experts", "Dead (solid) and nearly dead (dashed, < 1 % share) experts", "experts",
+        [(1, "COLLAPSE_CONFIRMED needs dead ≥ 1")], alerts, dash="kind"), width="stretch")
     binned = f" Each point averages up to {int(h['windows'].max())} snapshots (dead: max)." if w > 1 else ""
     st.caption(f"Snapshots from step {lo:,} to {hi:,}. Dashed lines: alert thresholds; dotted vertical "
                f"lines: alerts raised (orange PRE_COLLAPSE, red COLLAPSE_CONFIRMED).{binned}")

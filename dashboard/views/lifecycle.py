@@ -12,10 +12,10 @@ run = ui.need_run()
 # Signals drawn together on one chart, with the unit of their axis (DESIGN §9 names).
 GROUPS = [
     ("Loss", ("loss", "val_loss"), "loss (nats)", None, None),
-    ("Accuracy", ("accuracy", "teacher_agreement"), "fraction correct / agreeing", ".0%", [0, 1]),
+    ("Accuracy", ("accuracy", "teacher_agreement"), "fraction", ".0%", [0, 1]),
     ("VAR tiers", ("var.expensive_fraction", "var.fast_fraction", "var.cache_hit_rate"),
      "fraction of tokens", ".0%", [0, 1]),
-    ("Astarte null channel", ("astarte.null_norm",), "null-channel norm (L2)", None, None),
+    ("Astarte null channel", ("astarte.null_norm",), "L2 norm", None, None),
 ]
 
 

@@ -17,7 +17,8 @@ def body():
                       "`probes.attach(...)` or `RunWriter.log_routing(...)`.")
         return
     layers = sorted(int(l) for l in totals["layer"].unique())
-    lo, hi = int(totals["first_step"].min()), int(totals["last_step"].max())
+    rng = data.query(data.ROUTING_RANGE_SQL, run=run)
+    lo, hi = int(rng["lo"].iloc[0]), int(rng["hi"].iloc[0])
     n_exp = int(totals["expert"].max()) + 1
     total_tokens = int(totals["tokens"].sum())
     dropped = int(totals["dropped"].sum())
@@ -38,7 +39,7 @@ def body():
     totals["share"] = totals["tokens"] / totals.groupby("layer")["tokens"].transform("sum").clip(lower=1)
     totals["mean_weight"] = totals["weight_sum"] / totals["tokens"].where(totals["tokens"] > 0)
     left, right = st.columns(2)
-    left.altair_chart(charts.layer_expert_heatmap(totals, height=max(160, min(520, 26 * len(layers)))),
+    left.altair_chart(charts.layer_expert_heatmap(totals, height=max(200, min(520, 26 * len(layers)))),
                       width="stretch")
     weights = data.query(data.TOKEN_WEIGHTS_SQL, run=run, layer=layer, bins=20)
     if not weights.empty:

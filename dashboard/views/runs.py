@@ -63,10 +63,10 @@ def body():
         health["neff_fraction"] = health["neff"] / (health["n_experts"].clip(lower=1))
         left, right = st.columns(2)
         left.altair_chart(charts.multi_line(health, "neff_fraction", "run_id", "Neff / experts (mean over layers)",
-                                            "effective experts ÷ experts", "run", y_format=".0%",
+                                            "Neff ÷ experts", "run", y_format=".0%",
                                             y_domain=[0, 1]), width="stretch")
         right.altair_chart(charts.multi_line(health, "top2_share", "run_id", "Top-2 share (mean over layers)",
-                                             "share of tokens in the top 2 experts", "run", y_format=".0%",
+                                             "Top-2 share", "run", y_format=".0%",
                                              y_domain=[0, 1]), width="stretch")
     loss = data.query(data.COMPARE_LOSS_SQL, runs=chosen, budget=data.LINE_POINTS)
     if not loss.empty:

@@ -100,7 +100,10 @@ class AstarteConfig:
     zeta: float = 0.2              # ζ (null write-out rate)
     null_mix_alpha: float = 0.1    # α (null injection)
     t_start: float = 0.0
-    dt: float = 0.1
+    # dt = π/(2ω): a token's cycles see the drive at quadrature phases (sin, cos, −sin, ...), so
+    # its forcing is never hidden by a zero of sin(ωt+φ). Measured (200 chunks, default preset,
+    # intended): val loss 2.85 nats/byte with dt = π/2 vs 3.20 with dt = 0.1 (unigram: 3.26).
+    dt: float = math.pi / 2
     dropout: float = 0.0
 
     def __post_init__(self):

@@ -2,8 +2,9 @@
 
 ``run(root, run_id, mode, steps, seed)`` is what ``chrono workload astarte`` calls.
 Per training chunk it logs ``loss``, ``astarte.null_norm``, ``astarte.register_norm``,
-``astarte.drift`` (L2 distance the registers moved during the chunk) and per-layer
-head routing counts; ``val_loss`` every ``eval_every`` chunks. Pause chunks (every
+``astarte.drift`` (L2 distance the registers moved during the chunk); head routing
+(each token's winning attention head per layer) is recorded by ``probes.attach``
+through the heads' native router protocol (routing rows, snapshots, alerts); ``val_loss`` every ``eval_every`` chunks. Pause chunks (every
 ``pause_every``) let the registers free-run without input and without a gradient
 step; their signals are logged too (``astarte.pause`` = 1).
 The final checkpoint goes to ``<root>/<run_id>/checkpoints/astarte.pt``.
@@ -27,15 +28,6 @@ def split_text(val_fraction: float = 0.1):
     return data[:cut], data[cut:]
 
 
-def head_counts(model: Astarte) -> np.ndarray:
-    """``[layers, heads]`` tokens won by each head in the last forward."""
-    rows = []
-    for r in model.routers():
-        idx = r.last_indices.reshape(-1)
-        rows.append(torch.bincount(idx, minlength=r.n_experts).cpu().numpy())
-    return np.stack(rows)
-
-
 @torch.no_grad()
 def evaluate(model: Astarte, val: RollingChunks, n_batches: int = 4) -> float:
     was = model.training
@@ -47,8 +39,12 @@ def evaluate(model: Astarte, val: RollingChunks, n_batches: int = 4) -> float:
 
 def train_chunks(model: Astarte, opt, data: RollingChunks, start: int, n: int, pause_every: int = 0,
                  pause_cycles: int = 8, writer=None, val: RollingChunks | None = None,
-                 eval_every: int = 0, progress: bool = False) -> list[float]:
-    """Train chunks ``start .. start+n-1``; returns their losses. Deterministic given the state."""
+                 eval_every: int = 0, progress: bool = False, handle=None) -> list[float]:
+    """Train chunks ``start .. start+n-1``; returns their losses. Deterministic given the state.
+
+    ``handle``: a ``probes.attach`` handle over the model (its head routers); one
+    probes step per chunk, so routing rows carry the chunk index as step.
+    """
     from tqdm import tqdm
 
     losses = []
@@ -70,14 +66,14 @@ def train_chunks(model: Astarte, opt, data: RollingChunks, start: int, n: int, p
         if writer is not None:
             if loss_v is not None:
                 writer.log_signal(c, "loss", loss_v)
-                counts = head_counts(model)
-                writer.log_routing(c, np.arange(len(counts)), counts, mode="TRAIN")
             writer.log_signal(c, "astarte.null_norm", model.null_norm())
             writer.log_signal(c, "astarte.register_norm", model.register_norm())
             writer.log_signal(c, "astarte.drift", float((model.abpe.registers - before).norm()))
             writer.log_signal(c, "astarte.pause", 1.0 if paused else 0.0)
             if val is not None and eval_every and ((c + 1) % eval_every == 0 or c == start + n - 1):
                 writer.log_signal(c, "val_loss", evaluate(model, val))
+        if handle is not None:
+            handle.step()
     return losses
 
 
@@ -109,9 +105,14 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 300, seed: int =
                   "top_k": 1, "adapter": "native (attention heads as experts)"}
     config = dict(cfg.to_dict(), steps=steps, seed=seed, batch_size=batch_size, lr=lr,
                   pause_every=pause_every, preset=preset, workload="astarte")
-    with chrono.open_run(root, run_id, model=model_desc, config=config) as w:
+    import probes
+
+    with probes.attach(model, run=run_id, root=root, flush_every=min(50, max(1, steps)),
+                       config=config) as h:
+        w = h.writer
+        w.update_manifest(model=dict(w.manifest.get("model") or {}, **model_desc))
         losses = train_chunks(model, opt, data, 0, steps, pause_every=pause_every, writer=w,
-                              val=val, eval_every=eval_every, progress=progress)
+                              val=val, eval_every=eval_every, progress=progress, handle=h)
         val_loss = evaluate(model, val)
         w.log_signal(steps - 1, "val_loss", val_loss)
         ckpt = Path(root) / run_id / CHECKPOINT

@@ -66,8 +66,10 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------- clustering (FAISS)
-def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
-    """FAISS spherical k-means, single-threaded so the result depends only on (x, k, seed)."""
+def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20,
+                     init: np.ndarray | None = None) -> np.ndarray:
+    """FAISS spherical k-means, single-threaded so the result depends only on (x, k, seed)
+    (and ``init``: warm-start centroids, used by periodic re-clustering)."""
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -76,7 +78,7 @@ def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> np.nd
     try:
         km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed), spherical=True, verbose=False,
                           min_points_per_centroid=1, max_points_per_centroid=100000)
-        km.train(x)
+        km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, np.float32))
         c = np.array(km.centroids, dtype=np.float32)
     finally:
         faiss.omp_set_num_threads(threads)
@@ -126,6 +128,7 @@ class SemanticRouter(nn.Module):
         self.register_buffer("window_counts", torch.zeros(cfg.n_experts, dtype=torch.long))
         self.alpha = 0.0           # weight of the student in the hybrid, set by the schedule
         self.teacher_ready = False
+        self.recluster_iters = 5   # warm-started re-fits move centroids gently
         self._reservoir: list[np.ndarray] = []
         self._reservoir_rows = 0
         self.last: dict = {}
@@ -142,7 +145,8 @@ class SemanticRouter(nn.Module):
         z = self.semantic(x)                                   # [T, dm]
         t_logits = self.teacher_logits(z)                      # [T, E]
         s_logits = self.student(x.detach())                    # [T, E]
-        p = (1 - self.alpha) * F.softmax(t_logits, -1) + self.alpha * F.softmax(s_logits, -1)
+        # the student learns only from the teacher (distillation), not from the LM loss
+        p = (1 - self.alpha) * F.softmax(t_logits, -1) + self.alpha * F.softmax(s_logits.detach(), -1)
         over = F.relu(self.load_ema * self.n_experts - 1.0)    # [E] overload above fair share
         scores = torch.log(p + 1e-9) - self.cfg.load_penalty * over
         top_w, idx = torch.topk(scores, self.top_k, dim=-1)    # [T, k]
@@ -159,7 +163,7 @@ class SemanticRouter(nn.Module):
                 m = self.cfg.load_momentum
                 self.load_ema.mul_(m).add_((1 - m) * share)
                 self._remember(z)
-        self.last = {"teacher": t_logits, "student": s_logits, "z": z}
+        self.last = {"teacher": t_logits, "student": s_logits, "z": z, "idx": idx}
         return scores, weights, idx
 
     # ---- reservoir + clustering
@@ -184,8 +188,10 @@ class SemanticRouter(nn.Module):
         x = self.reservoir()
         if x.shape[0] < self.n_experts:
             raise ValueError(f"need at least {self.n_experts} meaning vectors, have {x.shape[0]}")
-        old = self.centroids.cpu().numpy()
-        new = match_centroids(old, spherical_kmeans(x, self.n_experts, seed))
+        old = self.centroids.to("cpu", copy=True).numpy()
+        warm = old if self.teacher_ready and np.any(old) else None
+        new = match_centroids(old, spherical_kmeans(x, self.n_experts, seed, niter=self.recluster_iters
+                                                    if warm is not None else 20, init=warm))
         shift = float(1 - np.mean(np.sum(old * new, 1))) if np.any(old) else 1.0
         self.centroids.copy_(torch.from_numpy(new))
         self.teacher_ready = True
@@ -387,6 +393,8 @@ class SemanticMoELM(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok.weight  # weight tying, as nanoGPT
+        nn.init.normal_(self.tok.weight, std=0.02)  # small logits at init (nanoGPT's init)
+        nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape

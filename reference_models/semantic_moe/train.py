@@ -26,6 +26,7 @@ class TrainingConfig:
     preset: str = "small"
     top_k: int = 2
     learning_rate: float = 3e-3
+    student_lr: float = 1e-2          # the student router's own rate (no weight decay)
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     alpha_start: float = 0.0
@@ -34,7 +35,7 @@ class TrainingConfig:
     alpha_decay_steps: int = 0       # seed's name; >0 overrides alpha_ramp with absolute steps
     distill_weight: float = 1.0
     load_penalty: float = 1.0
-    recluster_every: int = 100       # 0: never re-fit the teacher
+    recluster_every: int = 100       # 0: never re-fit the teacher; no re-fit after the alpha ramp
     calib_batches: int = 8
     lifecycle: bool = True
     lifecycle_config: LifecycleConfig = field(default_factory=lambda: LifecycleConfig(
@@ -86,13 +87,21 @@ class TrainMetrics:
             for r in applied:
                 kinds[r["event"]] = kinds.get(r["event"], 0) + 1
             lines.append(f"lifecycle: {len(applied)} applied {kinds or ''}")
+        if self.evals:
+            lines.append("agreement over training: " + ", ".join(
+                f"{e['step'] + 1}:{e['agreement']:.2f}" for e in self.evals if "agreement" in e))
         lines.append(f"active params {f.get('active_params')}  total params {f.get('total_params')}")
         return "\n".join(lines)
 
 
 def _optimizer(model, cfg: TrainingConfig, old=None):
     """AdamW over current params, carrying Adam state of params that survived surgery."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    student = {id(p) for r in model.routers() for p in r.student.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in student]}]
+    if student:
+        groups.append({"params": [p for r in model.routers() for p in r.student.parameters()],
+                       "lr": cfg.student_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if old is not None:
         for p in model.parameters():
             if p in old.state:
@@ -105,7 +114,7 @@ def evaluate(model: SemanticMoELM, batches) -> dict:
     """Validation loss, student/teacher top-1 agreement and per-layer routing counts."""
     model.eval()
     losses, agree, total = [], {}, {}
-    counts = {}
+    counts: dict[int, np.ndarray] = {}
     for x, y in batches:
         _, loss = model(x, y)
         losses.append(float(loss))
@@ -114,8 +123,10 @@ def evaluate(model: SemanticMoELM, batches) -> dict:
             s = r.last["student"].argmax(-1)
             agree[r.layer_id] = agree.get(r.layer_id, 0) + int((t == s).sum())
             total[r.layer_id] = total.get(r.layer_id, 0) + int(t.numel())
+            c = torch.bincount(r.last["idx"].reshape(-1), minlength=r.n_experts)[: r.n_experts].cpu().numpy()
+            counts[r.layer_id] = counts.get(r.layer_id, 0) + c
     model.train()
-    out = {"val_loss": float(np.mean(losses))}
+    out = {"val_loss": float(np.mean(losses)), "counts": counts}
     if total:
         per = [agree[l] / total[l] for l in sorted(total)]
         out.update(agreement=float(np.mean(per)), agreement_per_layer=per)
@@ -174,7 +185,7 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
 
     def on_snapshot(step, rows, h):
         nonlocal opt
-        counts = {r.layer_id: r.window_counts.cpu().numpy() for r in model.routers()}
+        counts = {r.layer_id: r.window_counts.to("cpu", copy=True).numpy() for r in model.routers()}
         for r in model.routers():
             r.last_window = counts[r.layer_id]
             r.window_counts.zero_()
@@ -208,7 +219,7 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
                 loss = loss + config.distill_weight * distill
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], config.clip_grad)
             opt.step()
             metrics.log("step", step)
             metrics.log("loss", lm_loss.item())
@@ -221,8 +232,11 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
                 handle.step()
             elif config.lifecycle and not config.dense and (step + 1) % config.snapshot_every == 0:
                 _local_snapshot(model, step, on_snapshot)
+            # the teacher re-fits while the student is taking over; once alpha reaches its end
+            # value it is frozen, so the student's target stops moving
             if (not config.dense and not config.faithful and config.recluster_every > 0
-                    and (step + 1) % config.recluster_every == 0):
+                    and (step + 1) % config.recluster_every == 0
+                    and _alpha(config, step, steps) < config.alpha_end):
                 for r in model.routers():
                     shift = r.fit_teacher(config.seed + r.layer_id + step)
                     if writer is not None:
@@ -258,7 +272,7 @@ def _local_snapshot(model, step, on_snapshot):
     """Without telemetry, build snapshot rows from the routers' own window counts."""
     from chrono.snapshots import layer_rows
 
-    counts = {r.layer_id: r.window_counts.cpu().numpy() for r in model.routers()}
+    counts = {r.layer_id: r.window_counts.to("cpu", copy=True).numpy() for r in model.routers()}
     rows = layer_rows("local", 0, step, counts)
     on_snapshot(step, rows, None)
 
@@ -279,9 +293,9 @@ def _final(model: SemanticMoELM, metrics: TrainMetrics, steps: int) -> dict:
     if model.routers():
         f["layers"], f["n_experts"], f["neff"], f["top2"] = [], [], [], []
         for r in model.routers():
-            c = getattr(r, "last_window", None)
-            if c is None or len(c) != r.n_experts:
-                c = r.window_counts.cpu().numpy()
+            c = metrics.evals[-1]["counts"].get(r.layer_id) if metrics.evals else None
+            if c is None or len(c) != r.n_experts:  # no eval since the last lifecycle change
+                c = r.window_counts.to("cpu", copy=True).numpy()
             m = summarize(c)
             f["layers"].append(r.layer_id)
             f["n_experts"].append(r.n_experts)

@@ -61,17 +61,21 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.randn(E, Fd, D) * Fd ** -0.5)
         self.layer_id = layer_id
         self.last_aux = torch.zeros(())
+        self.last_indices: torch.Tensor | None = None     # [N, 1] experts of the last forward
 
     def forward(self, x, idx_tokens, route=None):        # x [B, T, D]
         B, T, D = x.shape
         h = x.reshape(-1, D)
-        logits, w, ind = self.router(h)
-        if route is not None:
-            w, ind = route(self.layer_id, h, idx_tokens)
         E = self.w1.shape[0]
-        # Switch aux loss: E · Σ_i f_i · P_i (f: fraction routed to i, P: mean router prob of i)
-        frac = torch.bincount(ind[:, 0], minlength=E).to(h.dtype) / h.shape[0]
-        self.last_aux = E * (frac * logits.float().softmax(-1).mean(0)).sum()
+        if route is None:
+            logits, w, ind = self.router(h)
+            # Switch aux loss: E · Σ_i f_i · P_i (f: fraction routed to i, P: mean router prob of i)
+            frac = torch.bincount(ind[:, 0], minlength=E).to(h.dtype) / h.shape[0]
+            self.last_aux = E * (frac * logits.float().softmax(-1).mean(0)).sum()
+        else:                                            # someone else (VAR) decides; own router not run
+            w, ind = route(self.layer_id, h, idx_tokens)
+            self.last_aux = torch.zeros((), device=h.device)
+        self.last_indices = ind.detach()
         out = torch.zeros_like(h)
         for e in range(E):                               # 8 experts: a short loop, no per-token loop
             sel = (ind[:, 0] == e).nonzero(as_tuple=True)[0]

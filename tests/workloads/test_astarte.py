@@ -137,7 +137,7 @@ def test_quick_workload_lands_in_store_and_cli_generates(store_root):
     names = {r[0] for r in con.sql("SELECT DISTINCT name FROM signals WHERE run_id='ast'").fetchall()}
     assert {"loss", "val_loss", "astarte.null_norm", "astarte.register_norm", "astarte.drift"} <= names
     layers, tokens = con.sql("SELECT count(DISTINCT layer), sum(tokens) FROM routing "
-                             "WHERE run_id='ast'").fetchall()[0]
+                             "WHERE run_id='ast' AND mode='TRAIN'").fetchall()[0]
     assert layers == 2 and tokens == 12 * 8 * 32 * 2  # every token counted once per layer
     buf = io.StringIO()
     with redirect_stdout(buf):
@@ -151,3 +151,12 @@ def test_quick_workload_lands_in_store_and_cli_generates(store_root):
     assert rc == 0 and buf.getvalue().startswith("class ")
     assert main(["astarte", "dream", "--run", "nope", "--root", str(store_root)]) == 2
     assert main(["astarte", "generate", "--run", "ast", "--root", str(store_root)]) == 2  # no prompt
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, 2 threads oversubscribe and run far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -200,3 +200,12 @@ def test_quick_workload_lands_in_store(store_root):
     n_tok, n_rows = con.sql("SELECT sum(tokens), (SELECT count(*) FROM tokens WHERE run_id='v') FROM routing "
                             "WHERE run_id='v' AND layer >= 100 AND mode='EVAL'").fetchall()[0]
     assert n_tok == n_rows > 0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, 2 threads oversubscribe and run far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
