@@ -19,7 +19,14 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ("chrono.commands.workload",)
+EXTENSIONS: tuple[str, ...] = (
+    "chrono.commands.replay",
+    "chrono.commands.astarte",
+    "chrono.commands.dashboard",
+    "chrono.commands.serve_metrics",
+    "chrono.commands.workload",
+    "chrono.commands.migrate",
+)
 
 
 class UserError(Exception):
@@ -62,6 +69,15 @@ def print_table(table, out=None, max_rows: int | None = None) -> None:
         out.write(f"... {hidden} more rows (use --format csv/json/parquet --output F for all)\n")
     if not rows:
         out.write("(no rows)\n")
+
+
+def _json_value(v):
+    """JSON for values DuckDB returns beyond the JSON types (HUGEINT sums arrive as Decimal)."""
+    from decimal import Decimal
+
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return str(v)
 
 
 def _connect(args):
@@ -118,9 +134,14 @@ def cmd_show(args) -> int:
 def cmd_query(args) -> int:
     from chrono.reader import run_readonly_sql
 
-    con = _connect(args)
-    result = run_readonly_sql(con, args.sql)
     fmt = args.format
+    if args.max_rows < 1:
+        raise UserError("--max-rows must be >= 1")
+    con = _connect(args)
+    to_screen = fmt == "table" and not args.output
+    # on screen only max_rows are shown: fetch one more (to say that more exist) instead of
+    # materialising a huge result such as SELECT * FROM range(1e10)
+    result = run_readonly_sql(con, args.sql, limit=args.max_rows + 1 if to_screen else None)
     if fmt == "parquet" and not args.output:
         raise UserError("--format parquet needs --output FILE")
     if args.output:
@@ -138,7 +159,10 @@ def cmd_query(args) -> int:
             with open(args.output, "w") as f:
                 print_table(result, f)
         else:
-            print_table(result, max_rows=args.max_rows)
+            print_table(result.slice(0, args.max_rows))
+            if result.num_rows > args.max_rows:
+                print(f"... more rows not shown (--max-rows {args.max_rows}; "
+                      f"use --format csv/json/parquet --output F for all)")
         return 0
     if fmt == "csv":
         import pyarrow.csv as pcsv
@@ -147,7 +171,7 @@ def cmd_query(args) -> int:
         pcsv.write_csv(result, sink)
         return 0
     # json: one object per line
-    lines = "".join(json.dumps(r, default=str) + "\n" for r in result.to_pylist())
+    lines = "".join(json.dumps(r, default=_json_value) + "\n" for r in result.to_pylist())
     if args.output:
         Path(args.output).write_text(lines)
     else:
@@ -257,9 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.set_defaults(func=cmd_compact)
 
-    s = sub.add_parser("demo", help="record a demo run whose routing drifts into collapse")
+    s = sub.add_parser("demo", help="record demo runs (synthetic collapse + a governed tiny HF Mixtral), "
+                                    "then serve the dashboard and metrics",
+                       description="Records RUN (synthetic routing drifting into collapse) and RUN-mixtral "
+                                   "(a tiny Hugging Face Mixtral trained on Python's docs with probes and the "
+                                   "governance controller), prints a summary, then serves the dashboard and "
+                                   "the Prometheus endpoint on 127.0.0.1 until Ctrl-C.")
     s.add_argument("--run", default="demo", help="run id (default: demo)")
-    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--steps", type=int, default=300, help="steps of the synthetic run (default 300)")
+    s.add_argument("--model-steps", type=int, default=200,
+                   help="training steps of the Mixtral run (default 200; 0 skips it)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-serve", action="store_true", help="do not start the dashboard afterwards")
     s.set_defaults(func=cmd_demo)
@@ -288,10 +319,26 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     except BrokenPipeError:
         return 0
+    except OSError as e:  # unreadable root, output file not writable, ...
+        print(f"chrono: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        import duckdb
+
+        if not isinstance(e, duckdb.Error):
+            raise
+        # e.g. a part file whose pages are corrupt (its footer parsed, so it was listed)
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"chrono: error: reading the store failed: {msg}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("chrono: interrupted", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main so UserError raised by extensions (which import
+    # chrono.cli) is the class main() catches, also under `python -m chrono.cli`
+    from chrono.cli import main as _main
+
+    sys.exit(_main())

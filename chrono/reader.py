@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
-from .store import StoreError, list_runs, part_files, read_manifest
+from .store import StoreError, list_runs, part_columns, part_files, read_manifest
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
@@ -50,11 +50,17 @@ def _view_sql(table: str, files: list[str]) -> str:
         return f"SELECT {cols} WHERE false"
     file_list = "[" + ", ".join(_sql_str(f) for f in files) + "]"
     defaults = COLUMN_DEFAULTS.get(table, {})
-    # union_by_name fills columns a part lacks (older schema) with NULL; coalesce to the default
+    present = part_columns(files, table)
+    # union_by_name fills columns a part lacks (older schema) with NULL; coalesce to the default.
+    # A column no part has at all (a store written only by an older version) is not in the
+    # union, so it is spelled as its default constant.
     cols = []
     for f in schema:
         d = defaults.get(f.name)
-        if d is not None:
+        if f.name not in present:
+            value = "NULL" if d is None else repr(d)
+            cols.append(f"CAST({value} AS {duckdb_type(f.type)}) AS {f.name}")
+        elif d is not None:
             cols.append(f"COALESCE(CAST({f.name} AS {duckdb_type(f.type)}), {d!r}) AS {f.name}")
         else:
             cols.append(f"CAST({f.name} AS {duckdb_type(f.type)}) AS {f.name}")
@@ -145,17 +151,38 @@ def run_readonly_sql(con: duckdb.DuckDBPyConnection, sql: str, limit: int | None
     """
     check_readonly(con, sql)
     try:
-        stmts = con.extract_statements(sql)
-        for st in stmts[:-1]:
-            con.execute(st.query)
-        rel = con.sql(stmts[-1].query)
-        if rel is None:
-            return pa.table({})
-        if limit is not None:
-            rel = rel.limit(limit)
-        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        return _run_statements(con, sql, limit)
+    except duckdb.IOException as e:
+        # A part listed when the views were built was removed since (compaction
+        # superseded it): rebuild the views from the current parts and retry once.
+        if not _is_vanished_file(e):
+            raise QueryError(_one_line(e)) from None
+        try:
+            refresh(con)
+            return _run_statements(con, sql, limit)
+        except duckdb.Error as e2:
+            raise QueryError(_one_line(e2)) from None
     except duckdb.Error as e:
         raise QueryError(_one_line(e)) from None
+
+
+def _run_statements(con, sql: str, limit: int | None):
+    stmts = con.extract_statements(sql)
+    for st in stmts[:-1]:
+        # fetch fully: DuckDB refuses the next statement while a result is pending,
+        # and an unfetched result would poison a long-lived (dashboard) connection
+        con.execute(st.query).fetchall()
+    rel = con.sql(stmts[-1].query)
+    if rel is None:
+        return pa.table({})
+    if limit is not None:
+        rel = rel.limit(limit)
+    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+
+
+def _is_vanished_file(e: Exception) -> bool:
+    msg = str(e)
+    return "No files found" in msg or "No such file" in msg or "does not exist" in msg
 
 
 def _one_line(e: Exception) -> str:

@@ -36,12 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import MODES, SCHEMA_VERSION, TABLES, conform, table_schema
+from .schema import COLUMN_DEFAULTS, MODES, SCHEMA_VERSION, TABLES, conform, table_schema
 
 log = logging.getLogger("chrono.store")
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-PART_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, which let "run\n" through.
+RUN_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
+PART_RE = re.compile(r"\Apart-(\d+)-(\d+)\.parquet\Z")
 MANIFEST = "manifest.json"
 REPLACES_KEY = b"chrono.replaces"
 DEFAULT_ROOT = "chrono_runs"
@@ -103,10 +104,17 @@ class WriterStats:
 
 
 class _Buffer:
-    """Columns appended as NumPy arrays / Python lists, concatenated on flush."""
+    """Chunks of one table in the writer's internal layout, finalised on ``take``.
 
-    def __init__(self, table: str):
+    Internally a chunk has no ``run_id`` column and stores ``mode`` as an
+    int8 code: both are constant or tiny-cardinality, and building string
+    columns per call would cost more than everything else. ``take`` adds
+    them back once per part, in C.
+    """
+
+    def __init__(self, table: str, run_id: str):
         self.table = table
+        self.run_id = run_id
         self.chunks: list[pa.Table] = []
         self.rows = 0
 
@@ -122,6 +130,36 @@ class _Buffer:
         self.chunks, self.rows = [], 0
         return t
 
+    def finalize(self, t: pa.Table) -> pa.Table:
+        """Internal chunk layout -> the table's public schema."""
+        schema = table_schema(self.table)
+        cols = []
+        for f in schema:
+            if f.name == "run_id":
+                cols.append(_const_str(self.run_id, t.num_rows))
+            elif f.name == "mode":
+                codes = t.column("mode").combine_chunks()
+                cols.append(pa.DictionaryArray.from_arrays(codes, _MODE_DICT).cast(pa.string()))
+            else:
+                cols.append(t.column(f.name))
+        return pa.Table.from_arrays(cols, schema=schema)
+
+
+_MODE_DICT = pa.array(list(MODES))
+_MODE_CODE = {m: i for i, m in enumerate(MODES)}
+
+
+def _internal_schema(table: str) -> pa.Schema:
+    out = []
+    for f in table_schema(table):
+        if f.name == "run_id":
+            continue
+        out.append(pa.field("mode", pa.int8(), nullable=False) if f.name == "mode" else f)
+    return pa.schema(out)
+
+
+_INTERNAL = {t: _internal_schema(t) for t in TABLES}
+
 
 class RunWriter:
     """Writes one run (one rank of it) into the store. Thread-safe; a context manager.
@@ -132,7 +170,7 @@ class RunWriter:
     def __init__(self, root, run_id: str, model: dict | None = None, config: dict | None = None,
                  rank: int = 0, world_size: int = 1, on_error: str = "raise",
                  max_pending_rows: int = 5_000_000, auto_flush_rows: int = 2_000_000,
-                 compression: str = "zstd", fsync: bool = False):
+                 compression: str = "snappy", fsync: bool = False):
         if on_error not in ("raise", "count"):
             raise ValueError("on_error must be 'raise' or 'count'")
         self.root = Path(root)
@@ -146,12 +184,13 @@ class RunWriter:
         self.fsync = fsync
         self.stats = WriterStats()
         self._lock = threading.RLock()
-        self._buffers = {t: _Buffer(t) for t in TABLES}
+        self._buffers = {t: _Buffer(t, self.run_id) for t in TABLES}
         self._logged_errors: set[str] = set()
         self._closed = False
         self.path = self.root / self.run_id
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire_lock()
+        self._remove_stale_temp_files()
         self._seq = self._next_seq()
         self.manifest = self._write_manifest(model, config)
 
@@ -173,6 +212,26 @@ class RunWriter:
         f.write(f"{os.getpid()}@{socket.gethostname()}\n")
         f.flush()
         return f
+
+    def _remove_stale_temp_files(self) -> None:
+        """Delete temporary part files this rank left behind when it was killed mid-write.
+
+        Safe: we hold this rank's lock, so no live writer owns them. Readers
+        never read them anyway (they do not match ``PART_RE``).
+        """
+        prefix = f".part-{self.rank:05d}-"
+        for t in TABLES:
+            d = self.path / t
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith(prefix) and name.endswith(".parquet.tmp"):
+                    try:
+                        os.unlink(d / name)
+                    except OSError:
+                        pass
 
     def _next_seq(self) -> int:
         seq = 0
@@ -204,6 +263,13 @@ class RunWriter:
                                 json.dumps(manifest, indent=2, default=_json_default).encode())
         return manifest
 
+    def _restore_manifest(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.path / MANIFEST,
+                            json.dumps(self.manifest, indent=2, default=_json_default).encode())
+        log.warning("chrono: manifest of run %r was missing (directory deleted?); rewrote it",
+                    self.run_id)
+
     def update_manifest(self, **fields) -> None:
         """Merge ``fields`` into the manifest (rank 0 only writes it)."""
         with self._lock:
@@ -218,7 +284,7 @@ class RunWriter:
     def _append(self, table: str, columns: dict) -> None:
         if self._closed:
             raise StoreError(f"run {self.run_id!r}: writer is closed")
-        t = pa.Table.from_pydict(columns, schema=table_schema(table))
+        t = pa.Table.from_pydict(columns, schema=_INTERNAL[table])
         with self._lock:
             self._buffers[table].add(t)
             pending = sum(b.rows for b in self._buffers.values())
@@ -226,13 +292,15 @@ class RunWriter:
             self.flush()
 
     def log_routing(self, step, layer, counts, mode: str = "TRAIN", weight_sum=None,
-                    rank: int | None = None, dropped=None) -> None:
+                    rank: int | None = None, dropped=None, expert_offset=0) -> None:
         """Append aggregated routing counts.
 
         ``counts``: ``[..., n_experts]`` tokens dispatched per expert; ``step`` and
         ``layer`` broadcast against ``counts.shape[:-1]`` (so a whole flush
         interval ``[steps, layers, experts]`` is one call). ``weight_sum`` and
-        ``dropped`` have the shape of ``counts``.
+        ``dropped`` have the shape of ``counts``. ``expert_offset`` (broadcast like
+        ``layer``) is added to the expert ids: a rank holding experts
+        ``[offset, offset + n)`` of an expert-parallel layer logs global ids.
         """
         c = np.asarray(counts)
         if c.ndim == 0:
@@ -242,16 +310,18 @@ class RunWriter:
         try:
             step_a = np.broadcast_to(np.asarray(step, dtype=np.int64), lead)
             layer_a = np.broadcast_to(np.asarray(layer, dtype=np.int32), lead)
+            offset_a = np.broadcast_to(np.asarray(expert_offset, dtype=np.int32), lead)
         except ValueError:
-            raise ValueError(f"step {np.shape(step)} and layer {np.shape(layer)} must broadcast to "
-                             f"counts' leading shape {lead}") from None
+            raise ValueError(f"step {np.shape(step)}, layer {np.shape(layer)} and expert_offset "
+                             f"{np.shape(expert_offset)} must broadcast to counts' leading shape "
+                             f"{lead}") from None
         rows = int(np.prod(lead, dtype=np.int64)) * n
         cols = {
-            "run_id": _const_str(self.run_id, rows),
             "step": np.repeat(step_a.reshape(-1), n),
-            "mode": _const_str(mode, rows),
+            "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
             "layer": np.repeat(layer_a.reshape(-1), n),
-            "expert": np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0),
+            "expert": (np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0)
+                       + np.repeat(offset_a.reshape(-1), n)),
             "tokens": c.reshape(-1).astype(np.int64),
             "weight_sum": (None if weight_sum is None
                            else np.asarray(weight_sum, dtype=np.float32).reshape(-1)),
@@ -277,9 +347,8 @@ class RunWriter:
                                    np.asarray(v, dtype=dtype), (rows,))
 
         cols = {
-            "run_id": _const_str(self.run_id, rows),
             "step": col(step, np.int64),
-            "mode": _const_str(mode, rows),
+            "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
             "layer": col(layer, np.int32),
             "batch_idx": col(batch_idx, np.int32),
             "position": col(position, np.int32),
@@ -297,7 +366,7 @@ class RunWriter:
         if not isinstance(name, str) or not name:
             raise ValueError("signal name must be a non-empty string")
         self._append("signals", {
-            "run_id": [self.run_id], "step": [int(step)], "name": [name],
+            "step": [int(step)], "name": [name],
             "layer": [None if layer is None else int(layer)],
             "value": [None if value is None else float(value)],
             "rank": [self.rank if rank is None else int(rank)],
@@ -307,9 +376,10 @@ class RunWriter:
         """Append whole rows (dicts) to ``table``; ``run_id`` is filled in."""
         if not rows:
             return
-        schema = table_schema(table)
+        schema = _INTERNAL[table]
         cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
-        cols["run_id"] = [self.run_id] * len(rows)
+        if "mode" in cols:
+            cols["mode"] = [_MODE_CODE[m or "TRAIN"] for m in cols["mode"]]
         if "rank" in cols:
             cols["rank"] = [self.rank if v is None else v for v in cols["rank"]]
         self._append(table, cols)
@@ -323,11 +393,16 @@ class RunWriter:
         """Write every buffered table as one part each. Returns rows written."""
         written = 0
         with self._lock:
+            if self.rank == 0 and any(b.rows for b in self._buffers.values()) \
+                    and not (self.path / MANIFEST).is_file():
+                # the run directory was deleted (or emptied) under us: without a manifest
+                # readers would not list the run, so the parts written next would be invisible
+                self._guarded(self._restore_manifest)
             for name, buf in self._buffers.items():
                 t = buf.take()
                 if t is None:
                     continue
-                ok = self._guarded(lambda: self._write_part(name, t))
+                ok = self._guarded(lambda: self._write_part(name, buf.finalize(t)))
                 if ok:
                     written += t.num_rows
                     self.stats.rows_written[name] += t.num_rows
@@ -377,6 +452,9 @@ class RunWriter:
                       parts: list[str] | None = None) -> int:
         """Atomically replace the visible contents of ``table`` in this run by ``new``.
 
+        Superseded: the part files named in ``parts`` when given, else every
+        part of ``only_rank`` (every part when ``only_rank`` is None).
+
         The new part names the parts it supersedes in its metadata; readers
         ignore superseded parts from the moment the new part appears, so a
         crash between writing it and deleting the old files shows no
@@ -384,8 +462,12 @@ class RunWriter:
         """
         with self._lock:
             d = self.path / table
-            old = [n for n in (sorted(os.listdir(d)) if d.is_dir() else [])
-                   if PART_RE.match(n) and (only_rank is None or int(PART_RE.match(n).group(1)) == only_rank)]
+            if parts is not None:
+                # only the named parts (compaction of one rank must not supersede other ranks' parts)
+                old = sorted(n for n in parts if PART_RE.match(n))
+            else:
+                old = [n for n in (sorted(os.listdir(d)) if d.is_dir() else [])
+                       if PART_RE.match(n) and (only_rank is None or int(PART_RE.match(n).group(1)) == only_rank)]
             new = conform(table, new)
             self._write_part(table, new, replaces=old)
             for n in old:
@@ -462,37 +544,75 @@ def open_run(root, run_id: str, model: dict | None = None, config: dict | None =
 
 
 # ====================================================================== reading
-_part_cache: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
+_part_cache: dict[tuple, tuple[bool, tuple[str, ...], frozenset]] = {}
 _warned: set[str] = set()
 
 
-def _part_info(path: str) -> tuple[bool, tuple[str, ...]]:
-    """(readable, names of parts it supersedes) for one part file.
+def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...], frozenset]:
+    """(readable, names of parts it supersedes, its column names) for one part file of ``table``.
 
-    Readable means the Parquet footer parses; cached by (path, size, mtime)
-    so repeated connects cost one ``stat`` per part.
+    Readable means the Parquet footer parses and the file's columns fit the
+    table (see ``_schema_problem``): a truncated, foreign or mis-filed file is
+    skipped with one warning instead of failing every query over the table.
+    Cached by (path, size, mtime) so repeated connects cost one ``stat`` per part.
     """
     try:
         st = os.stat(path)
     except OSError:
-        return False, ()
-    key = (path, st.st_size, st.st_mtime_ns)
+        return False, (), frozenset()
+    key = (path, table, st.st_size, st.st_mtime_ns)
     info = _part_cache.get(key)
     if info is None:
         try:
             md = pq.read_metadata(path)
             kv = md.metadata or {}
+            problem = _schema_problem(table, md.schema.to_arrow_schema(), kv)
+            if problem:
+                raise ValueError(problem)
             replaces = tuple(json.loads(kv[REPLACES_KEY])) if REPLACES_KEY in kv else ()
-            info = (True, replaces)
+            if not all(isinstance(n, str) for n in replaces):
+                raise ValueError("malformed chrono.replaces metadata")
+            info = (True, replaces, frozenset(md.schema.names))
         except Exception as e:
-            info = (False, ())
+            info = (False, (), frozenset())
             if path not in _warned:
                 _warned.add(path)
-                log.warning("chrono: skipping unreadable part file %s (%s)", path, type(e).__name__)
+                log.warning("chrono: skipping unreadable part file %s (%s: %s)", path,
+                            type(e).__name__, str(e)[:200])
         if len(_part_cache) > 200_000:
             _part_cache.clear()
         _part_cache[key] = info
     return info
+
+
+_STRINGS = (pa.string(), pa.large_string(), pa.string_view())
+
+
+def _schema_problem(table: str, schema: pa.Schema, kv: dict) -> str | None:
+    """Why a part file with this Arrow schema cannot be read as ``table`` (None if it can).
+
+    Every current column must be present with its exact type (any string
+    flavour for strings), or absent and have a default (older schema
+    versions); a part labelled as another table is refused. Exact types keep
+    the readers' CASTs infallible, so one foreign file cannot break a query.
+    """
+    labelled = kv.get(b"chrono.table")
+    if labelled is not None and labelled != table.encode():
+        return f"part of table {labelled.decode(errors='replace')!r}, not {table!r}"
+    defaults = COLUMN_DEFAULTS.get(table, {})
+    for f in table_schema(table):
+        idx = schema.get_field_index(f.name)
+        if idx < 0:
+            if f.name not in defaults:
+                return f"column {f.name!r} missing"
+            continue
+        t = schema.field(idx).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        ok = t in _STRINGS if f.type in _STRINGS else t == f.type
+        if not ok:
+            return f"column {f.name!r} is {t}, expected {f.type}"
+    return None
 
 
 def list_runs(root) -> list[str]:
@@ -516,12 +636,20 @@ def part_files(root, table: str, run: str | None = None) -> list[str]:
             continue
         good, superseded = [], set()
         for name in names:
-            ok, replaces = _part_info(str(d / name))
+            ok, replaces, _ = _part_info(str(d / name), table)
             if ok:
                 good.append(name)
                 superseded.update(replaces)
         out.extend(str(d / n) for n in good if n not in superseded)
     return out
+
+
+def part_columns(files: list[str], table: str) -> set[str]:
+    """Union of the column names of these (readable) part files of ``table``."""
+    cols: set[str] = set()
+    for f in files:
+        cols |= _part_info(f, table)[2]
+    return cols
 
 
 def compact(root, run: str, tables=None) -> dict[str, int]:
@@ -534,8 +662,10 @@ def compact(root, run: str, tables=None) -> dict[str, int]:
     merged: dict[str, int] = {}
     ranks = sorted({int(m.group(1)) for t in TABLES if (path / t).is_dir()
                     for n in os.listdir(path / t) if (m := PART_RE.match(n))})
+    # keep the run's world size in the manifest (RunWriter would write its default, 1)
+    world_size = (read_manifest(path) or {}).get("world_size") or 1
     for rank in ranks:
-        with RunWriter(root, run, rank=rank) as w:
+        with RunWriter(root, run, rank=rank, world_size=world_size) as w:
             for table in (tables or TABLES):
                 files = [f for f in part_files(root, table, run)
                          if int(PART_RE.match(os.path.basename(f)).group(1)) == rank]

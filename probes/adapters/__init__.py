@@ -1,0 +1,84 @@
+"""Adapter registry: how to read one kind of router module.
+
+String-keyed by module class name (so registering a family never imports
+transformers), one small module per model family. An adapter says how to
+parse the router's own output into a ``probes.routing.Routed`` and how to
+read its expert count and top-k from the module. ``install`` is only set for
+families whose router module does not return the decision itself (DBRX).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..routing import Routed  # noqa: F401  (re-exported for adapter modules)
+
+
+def _attr(module: nn.Module, names, default=None):
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return default
+
+
+def default_n_experts(module: nn.Module, parent: Optional[nn.Module] = None) -> int:
+    n = _attr(module, ("n_experts", "num_experts", "num_local_experts", "out_features"))
+    if n is None:
+        raise ValueError(f"cannot tell the expert count of {type(module).__name__}")
+    return n
+
+
+def default_top_k(module: nn.Module, parent: Optional[nn.Module] = None) -> int:
+    k = _attr(module, ("top_k", "num_experts_per_tok", "k"))
+    if k is None and parent is not None:
+        k = _attr(parent, ("top_k", "num_experts_per_tok", "k"))
+    return 1 if k is None else k
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str                       # shown in h.routers and the manifest, e.g. "hf.mixtral"
+    classes: tuple[str, ...]        # router module class names this adapter reads
+    parse: Callable                 # (module, args, output) -> Routed
+    n_experts: Callable = default_n_experts   # (module, parent) -> int, re-read at every flush
+    top_k: Callable = default_top_k           # (module, parent) -> int
+    accept: Optional[Callable] = None         # (dotted name) -> bool: skip some sites of the class
+    # (model, name, module, on_output) -> removable; None = a plain forward hook on the module
+    install: Optional[Callable] = None
+
+
+_REGISTRY: dict[str, Adapter] = {}
+
+FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers",
+    "phimoe", "granitemoe", "jetmoe", "dbrx", "llama4", "ernie4_5_moe", "qwen3_next",
+)
+
+
+def register(adapter: Adapter) -> Adapter:
+    """Register ``adapter`` for each class name it lists (a later registration wins)."""
+    for c in adapter.classes:
+        _REGISTRY[c] = adapter
+    return adapter
+
+
+def adapter_for(module: nn.Module) -> Optional[Adapter]:
+    """The registered adapter for ``module``'s class (or a base class), else None."""
+    for cls in type(module).__mro__:
+        a = _REGISTRY.get(cls.__name__)
+        if a is not None:
+            return a
+    return None
+
+
+def registered() -> dict[str, str]:
+    """{class name: adapter name} of everything registered."""
+    return {c: a.name for c, a in sorted(_REGISTRY.items())}
+
+
+for _family in FAMILIES:
+    importlib.import_module(f".{_family}", __name__)
