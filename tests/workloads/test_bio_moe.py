@@ -30,7 +30,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_lands_in_store_with_staged_growth(quick_run):
     root, res = quick_run
     con = chrono.connect(root)
-    per_step = con.execute("SELECT step, count(DISTINCT expert) FROM routing WHERE run_id='bio' "
+    per_step = con.execute("SELECT step, count(DISTINCT expert) FROM routing WHERE run_id='bio' AND mode='TRAIN' "
                            "AND layer = 0 GROUP BY step ORDER BY step").fetchall()
     assert len(per_step) == 6 * (1347 // 64)
     growth = con.execute("SELECT step, event, n_experts_after, source_expert FROM lifecycle "
