@@ -148,3 +148,18 @@ def test_faithful_freezes_router_and_routes_per_batch():
     assert m.router.cfg.bandit == "greedy" and m.router.n_experts == 3
     with pytest.raises(ValueError, match="mode"):
         train_bio(BioTrainConfig(mode="sideways"))
+
+
+def test_chrono_workload_cli(store_root, capsys):
+    from chrono.cli import main
+
+    assert main(["--root", str(store_root), "workload", "bio-moe", "--steps", "63", "--run", "cli-bio"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "chrono --root" in out
+    ((n,),) = chrono.connect(store_root).execute(
+        "SELECT count(DISTINCT step) FROM routing WHERE run_id='cli-bio' AND mode='TRAIN'").fetchall()
+    assert n == 63
+    assert main(["--root", str(store_root), "workload", "nope"]) == 2
+    assert "unknown workload 'nope'" in capsys.readouterr().err
+    assert main(["--root", str(store_root), "workload", "bio-moe", "--steps", "0"]) == 2
+    assert main(["--root", str(store_root), "workload", "bio-moe", "--run", "bad id!"]) == 2
