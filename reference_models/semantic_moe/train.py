@@ -256,7 +256,7 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
     finally:
         bar.close()
         if handle is not None:
-            handle.detach() if hasattr(handle, "detach") else handle.__exit__(None, None, None)
+            handle.detach()
 
     metrics.final = _final(model, metrics, step)
     metrics.model = model
