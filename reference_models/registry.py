@@ -1,9 +1,10 @@
 """Workload registry: ``chrono workload NAME`` looks NAME up here.
 
-Each entry maps a workload name to ``"module:function"``; the function is called as
-``fn(mode=..., steps=..., run=..., seed=..., root=..., progress=...)`` and returns a result
-with ``.summary()``. Other workload modules add themselves with ``register`` (or an entry
-below) without touching the CLI.
+Each entry maps a workload name to ``"module:function"``; the function is called with the
+keywords it accepts among ``mode, steps, run`` (or ``run_id``) ``, seed, root, progress``
+(``steps`` only when the user gave ``--steps``) and returns an object with ``.summary()``,
+or a dict (printed as ``key: value`` lines). Other workload modules add themselves with
+``register`` (or an entry below) without touching the CLI.
 """
 from __future__ import annotations
 

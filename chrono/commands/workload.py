@@ -23,12 +23,35 @@ def cmd_workload(args) -> int:
         raise UserError(str(e)) from None
     fn = registry.resolve(args.name)
     print(f"workload {args.name} ({args.mode}) -> run '{run}' under {args.root}", file=sys.stderr)
-    result = fn(mode=args.mode, steps=args.steps, run=run, seed=args.seed, root=args.root,
-                progress=sys.stderr.isatty())
-    print(result.summary())
+    result = fn(**_call_kwargs(fn, args, run))
+    _print_result(result)
     print(f"\nlook at it:\n  chrono --root {args.root} show {run}\n  chrono --root {args.root} alerts {run}\n"
           f"  chrono --root {args.root} query \"SELECT * FROM lifecycle WHERE run_id = '{run}'\"")
     return 0
+
+
+def _call_kwargs(fn, args, run: str) -> dict:
+    """Keyword arguments for a workload function: ``run`` or ``run_id`` as it names it; steps
+    only when given (the workload's own default otherwise)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    kw = {"mode": args.mode, "seed": args.seed, "root": args.root, "progress": sys.stderr.isatty()}
+    kw["run_id" if "run_id" in params and "run" not in params else "run"] = run
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    return {k: v for k, v in kw.items() if k in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())}
+
+
+def _print_result(result) -> None:
+    if hasattr(result, "summary"):
+        print(result.summary())
+    elif isinstance(result, dict):
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    elif result is not None:
+        print(result)
 
 
 def register(sub) -> None:

@@ -190,12 +190,12 @@ class MeritBoard:
         return s - s.mean()
 
     def reset_slot(self, slot: int, like: int | None = None) -> None:
-        src = like if like is not None else None
-        self.merit[slot] = self.merit[src] if src is not None else 0.5
+        """Fresh statistics for a (re)activated slot; a clone inherits merit and bias of ``like``."""
+        self.merit[slot] = self.merit[like] if like is not None else 0.5
         self.pulls[slot] = 0.0
         self.credit[slot] = 0.0
         self.exp3_w[slot] = 1.0
-        self.bias[slot] = self.bias[src] if src is not None else 0.0
+        self.bias[slot] = self.bias[like] if like is not None else 0.0
 
     def state(self) -> dict:
         return {k: getattr(self, k).copy() for k in ("merit", "pulls", "credit", "exp3_w", "bias")}

@@ -71,6 +71,7 @@ class BioResult:
         return (f"{f.get('mode')}: test accuracy {f.get('accuracy', float('nan')):.4f}, "
                 f"{f.get('n_experts')} active experts, Neff {f.get('neff', float('nan')):.2f}, "
                 f"Top2 {f.get('top2', float('nan')):.3f}, shares [{shares}]\n"
+                f"first-choice traffic of the busiest expert: {f.get('top1_max_share', float('nan')):.3f}\n"
                 f"lifecycle events applied: {sum(1 for r in self.lifecycle if r['applied'])}"
                 f" ({', '.join(sorted({r['event'] for r in self.lifecycle if r['applied']}))})"
                 + (f"\nalerts raised: {f['alerts']}" if f.get("alerts") else ""))
@@ -95,8 +96,10 @@ def evaluate(model: BioMoE, x, y) -> dict:
     n = model.router.n_experts
     counts = torch.bincount(model.router.last["idx"].reshape(-1), minlength=n)[:n].numpy()
     per = [float(correct[idx == j].mean()) if (idx == j).any() else float("nan") for j in range(n)]
+    first = torch.bincount(idx, minlength=n)[:n].numpy()
     model.train()
-    return {"accuracy": float(correct.mean()), "counts": counts, "routed_accuracy": per,
+    return {"accuracy": float(correct.mean()), "counts": counts, "first_choice": first,
+            "routed_accuracy": per,
             "gate_entropy": _gate_entropy(model.router.last["probs"])}
 
 
@@ -268,6 +271,7 @@ def train_bio(config: BioTrainConfig) -> BioResult:
     result.final = {"mode": config.mode, "accuracy": ev["accuracy"], "n_experts": model.router.n_experts,
                     "neff": float(m.neff), "top2": float(m.top2_share),
                     "shares": (ev["counts"] / max(1, ev["counts"].sum())).tolist(),
+                    "top1_max_share": float(ev["first_choice"].max() / max(1, ev["first_choice"].sum())),
                     "last_epoch_shares": result.epochs[-1]["shares"] if result.epochs else []}
     if config.run is not None:
         result.final["alerts"] = _alerts(config)

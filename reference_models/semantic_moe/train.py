@@ -87,7 +87,7 @@ class TrainMetrics:
             for r in applied:
                 kinds[r["event"]] = kinds.get(r["event"], 0) + 1
             lines.append(f"lifecycle: {len(applied)} applied {kinds or ''}")
-        if self.evals:
+        if any("agreement" in e for e in self.evals):
             lines.append("agreement over training: " + ", ".join(
                 f"{e['step'] + 1}:{e['agreement']:.2f}" for e in self.evals if "agreement" in e))
         lines.append(f"active params {f.get('active_params')}  total params {f.get('total_params')}")
@@ -256,7 +256,7 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
     finally:
         bar.close()
         if handle is not None:
-            handle.detach() if hasattr(handle, "detach") else handle.__exit__(None, None, None)
+            handle.detach()
 
     metrics.final = _final(model, metrics, step)
     metrics.model = model
