@@ -190,7 +190,7 @@ class Handle:
                     rec.to(routed.indices.device)
                 mode = mode_index(module)
                 h._dirty = True
-                rec.record(mode, slot, n, routed.indices, routed.weights, routed.dropped, routed.logits)
+                rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits)
                 if sampler is not None:
                     ids = h._decoder_input_ids if decoder_site else h._input_ids
                     sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped,
@@ -303,12 +303,14 @@ class Handle:
                                       "continues, later errors of it are only counted", fn, run_id)
 
     def _window_rows(self, steps, data):
-        counts, weight, dropped, nonfinite = data["counts"], data["weight"], data["dropped"], data["nonfinite"]
+        counts, weight, dropped = data["counts"], data["weight"], data["dropped"]
         experts = self._experts()
-        cap = self._rec.capacity
+        # experts at or beyond a layer's current n_experts are invalid indices too
+        invalid = data["invalid"].sum(axis=(0, 1)) + np.array(
+            [counts[:, :, i, n:].sum() + dropped[:, :, i, n:].sum() for i, n in enumerate(experts)])
         # one routing call per (mode, expert count): rows for steps with traffic in that mode
         jobs = []
-        traffic = counts[..., :cap].sum(axis=(2, 3)) + dropped[..., :cap].sum(axis=(2, 3))  # [n, mode]
+        traffic = counts.sum(axis=(2, 3)) + dropped.sum(axis=(2, 3))  # [n, mode]
         for m, mode in enumerate(MODES):
             active = np.flatnonzero(traffic[:, m] > 0)
             if not len(active):
@@ -322,7 +324,7 @@ class Handle:
         win_counts = counts.sum(axis=(0, 1))   # [slot, cap+1]
         win_drop = dropped.sum(axis=(0, 1))
         rows, transitions, signals = [], [], []
-        if (win_counts[:, :cap].sum() + win_drop[:, :cap].sum()) > 0:
+        if any(win_counts[i, :n].sum() + win_drop[i, :n].sum() > 0 for i, n in enumerate(experts)):
             lc = {s.layer: win_counts[i, :experts[i]] for i, s in enumerate(self.routers)}
             ld = {s.layer: win_drop[i, :experts[i]] for i, s in enumerate(self.routers)}
             rows = layer_rows(self.run_id, int(steps[0]), int(steps[-1]), lc, ld)
@@ -332,15 +334,15 @@ class Handle:
             self._latest_snapshot = rows
         for i, s in enumerate(self.routers):
             self._tokens_total[s.layer] += int(win_counts[i, :experts[i]].sum())
-        nf = nonfinite.sum(axis=(0, 1))
-        invalid = win_counts[:, cap] + win_drop[:, cap]
+        nf = data["nonfinite"].sum(axis=(0, 1))
         end = int(steps[-1])
         for i, s in enumerate(self.routers):
             if nf[i]:
                 self._nonfinite += int(nf[i])
                 signals.append((end, "probes.nonfinite", float(nf[i]), s.layer))
-                self._warn_once(f"nonfinite{s.layer}", "probes: %d non-finite router outputs on layer %d "
-                                "in steps %d-%d (signal probes.nonfinite)", int(nf[i]), s.layer,
+                self._warn_once(f"nonfinite{s.layer}", "probes: non-finite router outputs on layer %d "
+                                "(%d step/expert cells) in steps %d-%d (signal probes.nonfinite)",
+                                s.layer, int(nf[i]),
                                 int(steps[0]), end)
             if invalid[i]:
                 self._invalid += int(invalid[i])
