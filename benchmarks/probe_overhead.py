@@ -133,7 +133,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=30, help="timed steps per arm (default 30)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds of all arms first")
-    p.add_argument("--quick", action="store_true", help="4 reps, 1 warmup: checks the script works")
+    p.add_argument("--quick", action="store_true",
+                   help="3 reps, 1 warmup, batch 8x64: only checks the script works (not the target setup)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--ffn", type=int, default=1024)
@@ -144,7 +145,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe_overhead.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.warmup = 4, 1
+        args.reps, args.warmup, args.seq = 3, 1, 64
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build(args)

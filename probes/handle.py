@@ -477,6 +477,25 @@ class Handle:
             log.warning(msg, *args)
 
 
+def _guard_hooks_under_compile() -> None:
+    """Make torch.compile guard on module hooks (DESIGN §5).
+
+    With the default ``skip_nnmodule_hook_guards = True`` a model compiled
+    before ``attach`` keeps running code without our hooks (0 tokens counted),
+    and a second instance of a class can reuse code compiled for the first.
+    Guarding costs a recompile when hooks change, which is what we want. Done
+    at ``import probes`` so that code compiled before ``attach`` is guarded too.
+    """
+    try:
+        import torch._dynamo.config as dynamo_config
+    except Exception:  # pragma: no cover - torch without dynamo
+        return
+    if getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
+        dynamo_config.skip_nnmodule_hook_guards = False
+        log.info("probes: set torch._dynamo.config.skip_nnmodule_hook_guards = False so compiled "
+                 "code sees probes' hooks")
+
+
 def _lens_pre_hook(lens: nn.Module):
     def apply_lens(module, args):
         if not args:
@@ -518,3 +537,6 @@ def attach(model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0, 
     return Handle(model, run, root=root, tokens=tokens, flush_every=flush_every, lenses=lenses,
                   distributed=distributed, metrics_port=metrics_port, generic=generic, specs=specs,
                   **options)
+
+
+_guard_hooks_under_compile()
