@@ -26,7 +26,7 @@ from torch import nn
 
 from chrono import metrics as M
 from chrono.snapshots import AlertTracker, layer_rows
-from chrono.store import StoreError, open_run
+from chrono.store import open_run
 
 from .discovery import RouterSite, find_sites
 from .flusher import BackgroundWriter
@@ -130,10 +130,8 @@ class Handle:
                           "max_tokens_per_step": max_tokens_per_step, "seed": seed}}
         if config:
             cfg.update(config)
-        try:
+        try:  # StoreError (bad run id, run already being written) is the user's to fix: it propagates
             self.writer = open_run(root, run, model=model_desc, config=cfg, on_error="count")
-        except StoreError:
-            raise
         except OSError as e:
             log.error("probes: cannot open run %r under %s (%s); training continues without telemetry "
                       "on disk", run, root, e)
