@@ -300,6 +300,21 @@ def test_compiled_counts_equal_eager(store_root):
         np.testing.assert_array_equal(got[layer], 2 * eager[layer][: len(got[layer])])
 
 
+def test_attach_after_compile_still_counts(store_root):
+    """Hooks added to an already compiled model must fire (probes turns hook guards on)."""
+    m = T.NativeMoE()
+    x = _ids(4, 16)
+    eager = _captured_counts(m, lambda: m(x), 64)
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend="eager")
+    cm(x)  # compiled without hooks
+    with probes.attach(m, run="late", root=store_root) as h:
+        cm(x); h.step()
+    got = _store_counts(store_root, "late")
+    for layer in (0, 1):
+        np.testing.assert_array_equal(got[layer], eager[layer][: len(got[layer])])
+
+
 @pytest.mark.slow
 def test_compiled_hf_mixtral_counts_equal_eager(store_root):
     m = T.mixtral().eval()
