@@ -17,19 +17,11 @@ DECISION_FIELDS = ("step", "layer", "actuator", "debt", "pressure", "heat", "for
 def replay_decisions(snapshot_rows: list[dict], config) -> list[dict]:
     """Decisions (DECISIONS rows without run_id) the policy takes over these snapshot rows."""
     from chrono.controller import Controller
+    from chrono.snapshots import windows
 
-    rows = sorted(snapshot_rows, key=lambda r: (int(r["step"]), int(r["layer"])))
-    layers = sorted({int(r["layer"]) for r in rows if int(r["layer"]) >= 0})
+    layers = sorted({int(r["layer"]) for r in snapshot_rows if int(r["layer"]) >= 0})
     ctl = Controller(len(layers), {l: 0 for l in layers}, config)
-    out: list[dict] = []
-    i = 0
-    while i < len(rows):
-        j = i
-        while j < len(rows) and rows[j]["step"] == rows[i]["step"]:
-            j += 1
-        out.extend(d.as_row() for d in ctl.update(rows[i:j]))
-        i = j
-    return out
+    return [d.as_row() for window in windows(snapshot_rows) for d in ctl.update(window)]
 
 
 def _same(a, b) -> bool:
