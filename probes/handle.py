@@ -335,6 +335,7 @@ class Handle:
                     jobs[-1]["expert_offset"] = self._dist.expert_offsets(grp)[None, :]
         win_counts = counts.sum(axis=(0, 1))   # [slot, cap+1]
         win_drop = dropped.sum(axis=(0, 1))
+        cap = self._rec.capacity
         snap_counts, snap_drop, snap_experts = win_counts[:, :cap], win_drop[:, :cap], experts
         if self._dist is not None:  # the flush's one collective: identical rows on every rank
             snap_counts, snap_drop, snap_experts = self._dist.reduce_window(
