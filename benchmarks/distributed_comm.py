@@ -94,9 +94,9 @@ def _worker(rank: int, world: int, port: int, grid, reps: int, out: str) -> None
     dist.destroy_process_group()
 
 
-def ring_time(p: int, nbytes: float, alpha: float, beta: float) -> float:
+def ring_time(p: int, nbytes: float, alpha: float, beta: float | None) -> float:
     """Ring all-reduce time (Thakur, Rabenseifner & Gropp 2005)."""
-    return 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes / beta
+    return 2 * (p - 1) * alpha + (0.0 if beta is None else 2 * (p - 1) / p * nbytes / beta)
 
 
 def fit_alpha_beta(rows) -> tuple[float, float]:
@@ -106,7 +106,8 @@ def fit_alpha_beta(rows) -> tuple[float, float]:
     A = np.stack([np.full_like(S, 2.0), S], axis=1)
     (alpha, inv_beta), *_ = np.linalg.lstsq(A, T, rcond=None)
     alpha = max(float(alpha), 0.0)
-    beta = 1.0 / inv_beta if inv_beta > 0 else float("inf")
+    # a non-positive slope means the byte term drowned in noise: report no bandwidth (None)
+    beta = 1.0 / inv_beta if inv_beta > 0 else None
     return alpha, beta
 
 
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
         print(f"{r['layers']:>6} {r['experts']:>7} {r['bytes']:>9} {r['one_collective_s'] * 1e3:>12.3f} ms "
               f"{r['per_layer_collectives_s'] * 1e3:>9.3f} ms "
               f"{r['per_layer_collectives_s'] / r['one_collective_s']:>6.1f}")
-    print(f"fit (p=2 gloo loopback): alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.3f} GB/s")
+    bw = "not resolvable (time did not grow with bytes)" if beta is None else f"{beta / 1e9:.3f} GB/s"
+    print(f"fit (p=2 gloo loopback): alpha = {alpha * 1e6:.1f} us, beta = {bw}")
     print(f"projection {p} ranks x {BIG['layers']} layers x {BIG['experts']} experts: payload {S} B, "
           f"{projection['bytes_sent_per_rank']:.0f} B sent per rank per flush; "
           f"{projection['with_measured_gloo_loopback']['seconds_per_flush'] * 1e3:.2f} ms with the fitted "

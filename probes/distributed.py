@@ -46,7 +46,9 @@ HEADER = 2  # [window length in steps, last step of the window]
 class Distributed:
     """Options for ``probes.attach(..., distributed=Distributed(...))``.
 
-    ``group``: the process group to reduce over (default: the world).
+    ``group``: the process group to reduce over (default: the world). It must
+    hold every rank whose tokens go through these routers; its rank 0 writes
+    the snapshots, alerts and decisions.
     ``expert_slices``: ``{layer: (offset, n_global)}`` or one ``(offset,
     n_global)`` for every layer, for routers that only see this rank's experts.
     """
@@ -142,6 +144,30 @@ class DistributedSync:
                 raise ProbeError(f"expert_slices for layer(s) {sorted(unknown)} but routers are on "
                                  f"layers {sorted(s.layer for s in routers)}")
         self.expert_parallel = any(g is not None for g in self._global)
+        self._check_same_layout()
+
+    def _check_same_layout(self) -> None:
+        """One collective at attach: every rank must reduce the same layers x experts layout.
+
+        Ranks with different routers (pipeline stages, a rank that found other
+        routers) would otherwise pair flush buffers of different sizes: gloo
+        aborts the process, NCCL can hang. Max of (v, -v) gives max and min in one call.
+        """
+        layers = [int(s.layer) for s in self._routers]
+        n = self.global_experts([s.n_experts for s in self._routers])
+        sig = np.array([len(layers), sum(n), sum((i + 1) * (l + 7) * (e + 3) for i, (l, e)
+                                                 in enumerate(zip(layers, n)))], dtype=np.int64)
+        t = torch.from_numpy(np.concatenate([sig, -sig])).to(self.device)
+        _dist().all_reduce(t, op=_dist().ReduceOp.MAX, group=self.group)
+        both = t.cpu().numpy()
+        hi, lo = both[:3], -both[3:]
+        if (hi != lo).any():
+            raise ProbeError(
+                f"ranks found different routers (this rank {self.rank}: {len(layers)} router layers "
+                f"{layers}, {sum(n)} experts in all; over the group: {int(lo[0])}-{int(hi[0])} layers, "
+                f"{int(lo[1])}-{int(hi[1])} experts). Multi-rank probes need the same routers on every "
+                "rank of the group; pipeline-parallel stages holding different layers are not "
+                "supported yet")
 
     @property
     def is_writer_of_globals(self) -> bool:
@@ -149,7 +175,8 @@ class DistributedSync:
         return self.rank == 0
 
     def writer_kwargs(self) -> dict:
-        return {"rank": self.global_rank, "world_size": self.world_size}
+        # part files are named by the GLOBAL rank, so names never collide across groups
+        return {"rank": self.global_rank, "world_size": _dist().get_world_size()}
 
     def global_experts(self, local: list[int]) -> list[int]:
         return [n if g is None else g for n, g in zip(local, self._global)]

@@ -26,7 +26,7 @@ from torch import nn
 
 from chrono import metrics as M
 from chrono.snapshots import AlertTracker, layer_rows
-from chrono.store import StoreError, open_run
+from chrono.store import open_run
 
 from .discovery import RouterSite, find_sites
 from .distributed import resolve as resolve_distributed
@@ -131,13 +131,11 @@ class Handle:
                           "max_tokens_per_step": max_tokens_per_step, "seed": seed}}
         if config:
             cfg.update(config)
-        try:
+        try:  # StoreError (bad run id, run already being written) is the user's to fix: it propagates
             if self._dist is not None:
                 model_desc = self._dist.model_desc(model_desc)
             self.writer = open_run(root, run, model=model_desc, config=cfg, on_error="count",
                                    **(self._dist.writer_kwargs() if self._dist is not None else {}))
-        except StoreError:
-            raise
         except OSError as e:
             log.error("probes: cannot open run %r under %s (%s); training continues without telemetry "
                       "on disk", run, root, e)
@@ -194,7 +192,7 @@ class Handle:
                     rec.to(routed.indices.device)
                 mode = mode_index(module)
                 h._dirty = True
-                rec.record(mode, slot, n, routed.indices, routed.weights, routed.dropped, routed.logits)
+                rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits)
                 if sampler is not None:
                     ids = h._decoder_input_ids if decoder_site else h._input_ids
                     sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped,
@@ -242,6 +240,10 @@ class Handle:
 
     def _finish_open_step(self) -> None:
         if self._dirty or self._auto_pending:
+            if self._dist is not None:  # rank-local condition: ending a step here would desync ranks
+                self._warn_once("dist-open-step", "probes: routing recorded after the last h.step() "
+                                "is not reduced in multi-rank mode (end steps with h.step() on every rank)")
+                return
             self._advance()
 
     @torch._dynamo.disable
@@ -311,12 +313,14 @@ class Handle:
                                       "continues, later errors of it are only counted", fn, run_id)
 
     def _window_rows(self, steps, data):
-        counts, weight, dropped, nonfinite = data["counts"], data["weight"], data["dropped"], data["nonfinite"]
+        counts, weight, dropped = data["counts"], data["weight"], data["dropped"]
         experts = self._experts()
-        cap = self._rec.capacity
+        # experts at or beyond a layer's current n_experts are invalid indices too
+        invalid = data["invalid"].sum(axis=(0, 1)) + np.array(
+            [counts[:, :, i, n:].sum() + dropped[:, :, i, n:].sum() for i, n in enumerate(experts)])
         # one routing call per (mode, expert count): rows for steps with traffic in that mode
         jobs = []
-        traffic = counts[..., :cap].sum(axis=(2, 3)) + dropped[..., :cap].sum(axis=(2, 3))  # [n, mode]
+        traffic = counts.sum(axis=(2, 3)) + dropped.sum(axis=(2, 3))  # [n, mode]
         for m, mode in enumerate(MODES):
             active = np.flatnonzero(traffic[:, m] > 0)
             if not len(active):
@@ -336,7 +340,7 @@ class Handle:
             snap_counts, snap_drop, snap_experts = self._dist.reduce_window(
                 win_counts, win_drop, experts, len(steps), int(steps[-1]))
         rows, transitions, signals = [], [], []
-        if (snap_counts.sum() + snap_drop.sum()) > 0:
+        if any(snap_counts[i, :n].sum() + snap_drop[i, :n].sum() > 0 for i, n in enumerate(snap_experts)):
             lc = {s.layer: snap_counts[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
             ld = {s.layer: snap_drop[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
             rows = layer_rows(self.run_id, int(steps[0]), int(steps[-1]), lc, ld)
@@ -346,15 +350,15 @@ class Handle:
             self._latest_snapshot = rows
         for i, s in enumerate(self.routers):
             self._tokens_total[s.layer] += int(win_counts[i, :experts[i]].sum())
-        nf = nonfinite.sum(axis=(0, 1))
-        invalid = win_counts[:, cap] + win_drop[:, cap]
+        nf = data["nonfinite"].sum(axis=(0, 1))
         end = int(steps[-1])
         for i, s in enumerate(self.routers):
             if nf[i]:
                 self._nonfinite += int(nf[i])
                 signals.append((end, "probes.nonfinite", float(nf[i]), s.layer))
-                self._warn_once(f"nonfinite{s.layer}", "probes: %d non-finite router outputs on layer %d "
-                                "in steps %d-%d (signal probes.nonfinite)", int(nf[i]), s.layer,
+                self._warn_once(f"nonfinite{s.layer}", "probes: non-finite router outputs on layer %d "
+                                "(%d step/expert cells) in steps %d-%d (signal probes.nonfinite)",
+                                s.layer, int(nf[i]),
                                 int(steps[0]), end)
             if invalid[i]:
                 self._invalid += int(invalid[i])
@@ -492,6 +496,25 @@ class Handle:
             log.warning(msg, *args)
 
 
+def _guard_hooks_under_compile() -> None:
+    """Make torch.compile guard on module hooks (DESIGN §5).
+
+    With the default ``skip_nnmodule_hook_guards = True`` a model compiled
+    before ``attach`` keeps running code without our hooks (0 tokens counted),
+    and a second instance of a class can reuse code compiled for the first.
+    Guarding costs a recompile when hooks change, which is what we want. Done
+    at ``import probes`` so that code compiled before ``attach`` is guarded too.
+    """
+    try:
+        import torch._dynamo.config as dynamo_config
+    except Exception:  # pragma: no cover - torch without dynamo
+        return
+    if getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
+        dynamo_config.skip_nnmodule_hook_guards = False
+        log.info("probes: set torch._dynamo.config.skip_nnmodule_hook_guards = False so compiled "
+                 "code sees probes' hooks")
+
+
 def _lens_pre_hook(lens: nn.Module):
     def apply_lens(module, args):
         if not args:
@@ -533,3 +556,6 @@ def attach(model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0, 
     return Handle(model, run, root=root, tokens=tokens, flush_every=flush_every, lenses=lenses,
                   distributed=distributed, metrics_port=metrics_port, generic=generic, specs=specs,
                   **options)
+
+
+_guard_hooks_under_compile()

@@ -1,22 +1,28 @@
-"""On-device routing counters: fixed-shape ``scatter_add_`` into per-layer buffers.
+"""On-device routing counters: fixed-shape ``scatter_add_`` into one per-step buffer.
 
 Why ``scatter_add_`` and not ``bincount``: bincount reads min/max on the host
 (a CUDA sync per call, even with ``minlength``) and breaks a ``torch.compile``
 graph per call; a fixed-shape scatter into a preallocated buffer is sync-free
 and compiles into the graph (DESIGN §5).
 
-Layout: ``acc_*[mode, slot, expert]`` accumulate the current step; ``end_step``
-copies them into ``hist_*[i]`` (one row per step of the flush window) on the
-device; ``take(n)`` copies the first ``n`` history rows to the host once per
-window. The extra last expert column (index ``capacity``) collects indices
-outside ``[0, n_experts)`` so a broken router can never index out of bounds.
+One float64 buffer ``acc[kind, mode, slot, column]`` holds the current step
+(kinds: tokens, weight sum, dropped, logit sum; float64 counts are exact up
+to 2**53). Columns: 0 collects negative indices, ``1 + e`` is expert ``e``,
+``capacity + 1`` collects indices >= capacity, so a broken router can never
+index out of bounds and is reported instead. ``end_step`` copies ``acc`` into
+``hist[i]`` on the device (2 ops per step); ``take(n)`` copies the window to
+the host once. Non-finite router outputs are detected at flush from the
+per-step sums (NaN / Inf propagate), costing no extra op per call.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MODES = ("TRAIN", "EVAL", "INFER")
 TRAIN, EVAL, INFER = 0, 1, 2
+TOKENS, WEIGHT, DROPPED, LOGITS = 0, 1, 2, 3
+N_KINDS = 4
 
 
 def mode_index(module: torch.nn.Module) -> int:
@@ -29,100 +35,86 @@ def mode_index(module: torch.nn.Module) -> int:
 
 
 class Recorder:
-    """Counts, summed weights, drops and non-finite values per (mode, layer slot, expert)."""
+    """Per-(mode, layer slot, expert) tokens, weight sums and drops of each step of a window."""
 
     def __init__(self, n_slots: int, capacity: int, history: int, device=None):
         self.n_slots = n_slots
         self.capacity = max(1, int(capacity))
         self.history = max(1, int(history))
         self.device = torch.device(device or "cpu")
+        self._ones: dict = {}
         self._alloc()
 
-    def _shape(self, lead=()):
-        return (*lead, len(MODES), self.n_slots, self.capacity + 1)
-
     def _alloc(self) -> None:
-        d, H = self.device, self.history
-        self.acc_counts = torch.zeros(self._shape(), dtype=torch.int64, device=d)
-        self.acc_weight = torch.zeros(self._shape(), dtype=torch.float32, device=d)
-        self.acc_dropped = torch.zeros(self._shape(), dtype=torch.int64, device=d)
-        self.acc_nonfinite = torch.zeros((len(MODES), self.n_slots), dtype=torch.int64, device=d)
-        self.hist_counts = torch.zeros(self._shape((H,)), dtype=torch.int64, device=d)
-        self.hist_weight = torch.zeros(self._shape((H,)), dtype=torch.float32, device=d)
-        self.hist_dropped = torch.zeros(self._shape((H,)), dtype=torch.int64, device=d)
-        self.hist_nonfinite = torch.zeros((H, len(MODES), self.n_slots), dtype=torch.int64, device=d)
-
-    def _buffers(self):
-        return ("acc_counts", "acc_weight", "acc_dropped", "acc_nonfinite",
-                "hist_counts", "hist_weight", "hist_dropped", "hist_nonfinite")
+        shape = (N_KINDS, len(MODES), self.n_slots, self.capacity + 2)
+        self.acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self.hist = torch.zeros((self.history, *shape), dtype=torch.float64, device=self.device)
 
     def to(self, device) -> None:
         """Follow the model to another device (rare: ``model.to(...)`` after attach)."""
         self.device = torch.device(device)
-        for name in self._buffers():
-            setattr(self, name, getattr(self, name).to(self.device))
+        self.acc, self.hist = self.acc.to(self.device), self.hist.to(self.device)
+        self._ones = {}
 
     def grow(self, capacity: int) -> None:
         """Widen the expert dimension (lifecycle added experts); keeps what was counted."""
-        old = {n: getattr(self, n) for n in self._buffers()}
-        old_cap = self.capacity
+        old_acc, old_hist, old_cap = self.acc, self.hist, self.capacity
         self.capacity = int(capacity)
         self._alloc()
-        for n, t in old.items():
-            new = getattr(self, n)
-            if n.endswith("nonfinite"):
-                new.copy_(t)
-            else:
-                new[..., :old_cap].copy_(t[..., :old_cap])
-                new[..., self.capacity].copy_(t[..., old_cap])
+        for new, old in ((self.acc, old_acc), (self.hist, old_hist)):
+            new[..., : old_cap + 1].copy_(old[..., : old_cap + 1])
+            new[..., self.capacity + 1].copy_(old[..., old_cap + 1])
 
-    def record(self, mode: int, slot: int, n_experts: int, indices, weights=None, dropped=None,
-               logits=None) -> None:
+    def _ones_for(self, n: int):
+        t = self._ones.get(n)
+        if t is None:
+            t = self._ones[n] = torch.ones(n, dtype=torch.float64, device=self.device)
+        return t
+
+    def record(self, mode: int, slot: int, indices, weights=None, dropped=None, logits=None) -> None:
         """Add one router call. Sync-free: no ``.item()``, no host copy, fixed shapes."""
-        idx = indices.detach().reshape(-1).long()
-        valid = (idx >= 0) & (idx < n_experts)
-        idx = torch.where(valid, idx, self.capacity)
-        counts = self.acc_counts[mode, slot]
-        nonfinite = self.acc_nonfinite[mode, slot]
-        if dropped is not None:
-            drop = dropped.detach().reshape(-1).to(torch.int64)
-            keep = 1 - drop
-            counts.scatter_add_(0, idx, keep)
-            self.acc_dropped[mode, slot].scatter_add_(0, idx, drop)
-        else:
+        col = (indices.detach().reshape(-1) + 1).clamp_(0, self.capacity + 1)
+        if col.dtype != torch.int64:
+            col = col.long()
+        acc = self.acc
+        if dropped is None:
+            acc[TOKENS, mode, slot].scatter_add_(0, col, self._ones_for(col.shape[0]))
             keep = None
-            counts.scatter_add_(0, idx, torch.ones_like(idx))
+        else:
+            drop = dropped.detach().reshape(-1).to(torch.float64)
+            keep = 1.0 - drop
+            acc[TOKENS, mode, slot].scatter_add_(0, col, keep)
+            acc[DROPPED, mode, slot].scatter_add_(0, col, drop)
         if weights is not None:
-            w = weights.detach().reshape(-1).float()
-            finite = torch.isfinite(w)
-            nonfinite.add_((~finite).sum())
-            w = torch.where(finite, w, 0.0)
-            if keep is not None:
-                w = w * keep
-            self.acc_weight[mode, slot].scatter_add_(0, idx, w)
-        if logits is not None:
-            nonfinite.add_((~torch.isfinite(logits.detach())).sum())
+            w = weights.detach().reshape(-1).to(torch.float64)
+            acc[WEIGHT, mode, slot].scatter_add_(0, col, w if keep is None else w * keep)
+        elif logits is not None:
+            acc[LOGITS, mode, slot, 0].add_(logits.detach().sum())
 
     def end_step(self, i: int) -> None:
-        """Move the current step's counters into history row ``i`` and reset them (on device)."""
-        self.hist_counts[i].copy_(self.acc_counts)
-        self.hist_weight[i].copy_(self.acc_weight)
-        self.hist_dropped[i].copy_(self.acc_dropped)
-        self.hist_nonfinite[i].copy_(self.acc_nonfinite)
-        self.acc_counts.zero_()
-        self.acc_weight.zero_()
-        self.acc_dropped.zero_()
-        self.acc_nonfinite.zero_()
+        """Move the current step into history row ``i`` and reset it (on the device)."""
+        self.hist[i].copy_(self.acc)
+        self.acc.zero_()
 
     def take(self, n: int, include_current: bool = False) -> dict:
-        """Host copies (NumPy) of history rows ``[:n]`` (+ the unfinished step), one copy each.
+        """Host arrays for history rows ``[:n]`` (+ the unfinished step): one device->host copy.
 
         ``.to("cpu", copy=True)``: on CPU ``.cpu()`` would alias the buffer we reuse.
+        Returns ``counts / weight / dropped [n, mode, slot, capacity]`` (experts),
+        ``invalid [n, mode, slot]`` and ``nonfinite [n, mode, slot]``.
         """
-        parts = {"counts": self.hist_counts[:n], "weight": self.hist_weight[:n],
-                 "dropped": self.hist_dropped[:n], "nonfinite": self.hist_nonfinite[:n]}
+        x = self.hist[:n]
         if include_current:
-            cur = {"counts": self.acc_counts, "weight": self.acc_weight,
-                   "dropped": self.acc_dropped, "nonfinite": self.acc_nonfinite}
-            parts = {k: torch.cat([v, cur[k][None]]) for k, v in parts.items()}
-        return {k: v.to("cpu", copy=True).numpy() for k, v in parts.items()}
+            x = torch.cat([x, self.acc[None]])
+        x = x.to("cpu", copy=True).numpy()
+        cap = self.capacity
+        weight = x[:, WEIGHT, ..., 1: cap + 1]
+        nonfinite = (~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, LOGITS, ..., 0]))
+        return {
+            "counts": np.rint(x[:, TOKENS, ..., 1: cap + 1]).astype(np.int64),
+            "dropped": np.rint(x[:, DROPPED, ..., 1: cap + 1]).astype(np.int64),
+            "weight": weight,
+            "invalid": np.rint(x[:, TOKENS, ..., 0] + x[:, TOKENS, ..., cap + 1]
+                               + x[:, DROPPED, ..., 0] + x[:, DROPPED, ..., cap + 1]).astype(np.int64),
+            "nonfinite": nonfinite.astype(np.int64),
+        }

@@ -5,8 +5,8 @@ budget)`` tokens by systematic sampling: positions ``off + i*stride`` with
 ``stride = T // n`` and a random offset drawn on the device (no host sync;
 each token's inclusion probability is n / (n*stride), uniform over the first
 n*stride tokens). The budget is ``max_tokens_per_step`` per layer per step,
-counted on the host from shapes only. Sampled rows stay on the device until
-the window is flushed, then are copied to the host in one concatenated copy.
+counted on the host from shapes only. Sampled values stay on the device until
+the window is flushed, then are copied to the host in two concatenated copies.
 Under ``torch.compile`` sampling runs outside the graph (a graph break per
 router call when tokens > 0); aggregate counting stays inside it.
 """
@@ -57,47 +57,65 @@ class TokenSampler:
         self._used[layer] = self._used.get(layer, 0) + n
         stride = T // n
         dev = idx.device
-        off = torch.randint(0, stride, (1,), device=dev, generator=self._gen(dev))
-        pos = off + torch.arange(n, device=dev) * stride                       # [n]
-        ints = torch.empty((n, k, N_INT_COLS), dtype=torch.int64, device=dev)
-        ints[..., 0] = -1  # step, filled in when the step ends
-        ints[..., 1] = layer
-        ints[..., 2] = mode
-        if seq_len and T % seq_len == 0:
-            ints[..., 3] = (pos // seq_len)[:, None]
-            ints[..., 4] = (pos % seq_len)[:, None]
-        else:
-            ints[..., 3] = 0
-            ints[..., 4] = pos[:, None]
-        ints[..., 5] = torch.arange(k, device=dev)[None, :]
-        ints[..., 6] = idx[pos]
-        if token_ids is not None and token_ids.numel() == T:
-            ints[..., 7] = token_ids.reshape(-1).to(dev)[pos][:, None]
-        else:
-            ints[..., 7] = -1
+        pos = torch.arange(n, device=dev).mul_(stride).add_(
+            torch.randint(0, stride, (1,), device=dev, generator=self._gen(dev)))      # [n]
+        parts = [pos, idx[pos].reshape(-1)]
+        has_tid = token_ids is not None and token_ids.numel() == T
+        if has_tid:
+            parts.append(token_ids.reshape(-1).to(device=dev, dtype=torch.int64)[pos])
         if dropped is not None:
-            ints[..., 8] = dropped.detach().reshape(T, -1)[pos].to(torch.int64)
-        else:
-            ints[..., 8] = 0
-        if weights is not None:
-            w = weights.detach().reshape(T, -1)[pos].float()
-        else:
-            w = torch.full((n, k), float("nan"), device=dev)
-        self._pending.append((ints.reshape(-1, N_INT_COLS), w.reshape(-1)))
+            parts.append(dropped.detach().reshape(T, -1)[pos].reshape(-1).to(torch.int64))
+        ints = torch.cat(parts)  # one small device tensor per call; columns are built on the host
+        w = None if weights is None else weights.detach().reshape(T, -1)[pos].reshape(-1).float()
+        self._pending.append([None, layer, mode, n, k, seq_len if seq_len and T % seq_len == 0 else None,
+                              has_tid, dropped is not None, ints, w])
         self.sampled += n
 
     def end_step(self, step: int) -> None:
-        for ints, _ in self._pending:
-            ints[:, 0] = step
+        for entry in self._pending:
+            entry[0] = step
         self._ready.extend(self._pending)
         self._pending = []
         self._used = {}
 
     def take(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """All finished steps' rows as host arrays (one concatenated copy), or None."""
+        """All finished steps' rows as host arrays, or None.
+
+        Two device->host copies (all int parts, all weights), then the columns
+        (step, layer, mode, batch_idx, position, k, expert, token_id, dropped)
+        are built with NumPy from each call's metadata.
+        """
         if not self._ready:
             return None
-        ints = torch.cat([r[0] for r in self._ready]).to("cpu", copy=True).numpy()
-        w = torch.cat([r[1] for r in self._ready]).to("cpu", copy=True).numpy()
-        self._ready = []
-        return ints, w
+        ready, self._ready = self._ready, []
+        ints = torch.cat([e[8] for e in ready]).to("cpu", copy=True).numpy()
+        ws = [e[9] for e in ready if e[9] is not None]
+        wts = torch.cat(ws).to("cpu", copy=True).numpy() if ws else np.zeros(0, np.float32)
+        out, wout, io, wo = [], [], 0, 0
+        for step, layer, mode, n, k, seq_len, has_tid, has_drop, _, w in ready:
+            pos = ints[io: io + n]; io += n
+            expert = ints[io: io + n * k]; io += n * k
+            tid = None
+            if has_tid:
+                tid = ints[io: io + n]; io += n
+            drop = None
+            if has_drop:
+                drop = ints[io: io + n * k]; io += n * k
+            rows = np.empty((n * k, N_INT_COLS), dtype=np.int64)
+            p = np.repeat(pos, k)
+            rows[:, 0], rows[:, 1], rows[:, 2] = step, layer, mode
+            if seq_len:
+                rows[:, 3], rows[:, 4] = p // seq_len, p % seq_len
+            else:
+                rows[:, 3], rows[:, 4] = 0, p
+            rows[:, 5] = np.tile(np.arange(k), n)
+            rows[:, 6] = expert
+            rows[:, 7] = -1 if tid is None else np.repeat(tid, k)
+            rows[:, 8] = 0 if drop is None else drop
+            out.append(rows)
+            if w is None:
+                wout.append(np.full(n * k, np.nan, dtype=np.float32))
+            else:
+                wout.append(wts[wo: wo + n * k]); wo += n * k
+        return np.concatenate(out), np.concatenate(wout)
+

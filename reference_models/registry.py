@@ -13,11 +13,17 @@ import importlib
 WORKLOADS: dict[str, str] = {
     "semantic-moe": "reference_models.semantic_moe.workload:run_workload",
     "bio-moe": "reference_models.bio_moe.workload:run_workload",
+    "astarte": "reference_models.astarte.workload:run_workload",
+    "var": "reference_models.var.workload:run_workload",
 }
 
 DESCRIPTIONS: dict[str, str] = {
     "semantic-moe": "byte-level LM on pydoc_data text, FAISS teacher + distilled student router (ASTRA-X)",
     "bio-moe": "load_digits classifier, phasor bank + k-WTA + liquid MoE with staged growth 1->3->6",
+    "astarte": "stateful byte LM on pydoc_data text: Autonomic Base Pair Encoder with a null channel, "
+               "attention heads as experts; checkpoint for 'chrono astarte dream|generate'",
+    "var": "VAR tiered routing (fast table / 4-token context cache / learned) of a trained byte-level "
+           "MoE LM on pydoc_data text, evaluated against the model's own router",
 }
 
 

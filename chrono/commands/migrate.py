@@ -132,8 +132,10 @@ def register(sub) -> None:
     import argparse
 
     s = sub.add_parser("migrate", help="upgrade runs written by an older schema version",
-                       description=__doc__.split("\n\n")[0] + " Readers accept old versions "
-                       "anyway; this makes the Parquet files current for other tools.")
+                       description="Rewrite parts written by an older schema version into the "
+                       "current one and bump the run manifests (see docs/reliability.md). Readers "
+                       "accept old versions anyway; this makes the Parquet files current for other "
+                       "tools. Refuses runs that are being written; safe to interrupt.")
     s.add_argument("--root", default=argparse.SUPPRESS,
                    help="store root (same as the global --root)")
     s.add_argument("--dry-run", action="store_true", help="only print what would be rewritten")

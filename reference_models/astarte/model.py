@@ -42,7 +42,7 @@ head that did most of the work for that token.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -229,8 +229,10 @@ class ABPE(nn.Module):
 
     @torch.no_grad()
     def idle(self, n_cycles: int) -> None:
-        """A pause: the registers free-run with no input (zero forcing); the null channel keeps writing."""
-        for _ in range(max(0, n_cycles) // self.cfg.n_cycles or 0):
+        """A pause: the registers free-run with no input (zero forcing); the null channel keeps writing.
+
+        Runs ``n_cycles`` rounded down to whole encodes of ``cfg.n_cycles`` cycles (at least one)."""
+        for _ in range(max(1, n_cycles // self.cfg.n_cycles)):
             ends, outs = self.encode(torch.zeros(1, 2 * self.cfg.d_state, device=self.registers.device))
             self.advance(ends, outs)
 

@@ -88,8 +88,6 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 300, seed: int =
         progress: bool = True, preset: str | None = None, batch_size: int | None = None,
         pause_every: int = 25, eval_every: int = 50, lr: float = 3e-3) -> dict:
     """Train Astarte for ``steps`` chunks and record everything in run ``run_id``."""
-    import chrono
-
     preset = preset or ("quick" if steps <= 40 else "default")
     cfg = AstarteConfig(mode=mode, **PRESETS[preset])
     batch_size = batch_size or (8 if preset == "quick" else 16)
@@ -127,3 +125,21 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 300, seed: int =
         "null_history_rows": int(model.abpe.null_history.shape[0]),
         "checkpoint": str(ckpt), "sample": sample.decode("utf-8", "replace"),
     }
+
+
+class Summary(dict):
+    """The run's summary (a dict) that ``chrono workload`` prints with ``.summary()``."""
+
+    KEYS = ("mode", "steps", "train_chunks", "first_loss", "final_loss", "val_loss", "null_norm", "register_norm", "null_history_rows", "checkpoint", "sample")
+
+    def summary(self) -> str:
+        def fmt(v):
+            return f"{v:.4f}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
+        return "\n".join(f"{k:>20}: {fmt(self[k])}" for k in self.KEYS if k in self)
+
+
+def run_workload(mode: str = "intended", steps: int | None = None, run: str | None = "astarte", seed: int = 0,
+                 root="chrono_runs", progress: bool = False, **kw) -> Summary:
+    """Entry point of ``chrono workload astarte`` (see ``reference_models.registry``)."""
+    return Summary(globals()["run"](root, run or "astarte", mode=mode, steps=steps or 300, seed=seed,
+                                    progress=progress, **kw))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -225,15 +225,18 @@ class BatchContextCache:
         prev[order[1:]] = torch.where(same_prev[1:], order[:-1], torch.full_like(order[1:], -1))
         nxt = torch.full((m,), m, dtype=torch.long)
         nxt[order[:-1]] = torch.where(same_next[:-1], order[1:], torch.full_like(order[:-1], m))
-        # stack distance of each batch access: distinct keys touched strictly between prev and it
+        # stack distance of each batch access: distinct keys touched strictly between prev and it.
+        # It is at most the gap i − prev − 1, so only accesses with a gap >= C need counting.
         i = torch.arange(S, m)
         p = prev[S:]
-        present = torch.zeros(n, dtype=torch.bool)
-        for lo in range(0, n, 512):                               # bounded memory: 512 × m masks
-            ii, pp = i[lo:lo + 512, None], p[lo:lo + 512, None]
+        present = p >= 0
+        need = (present & (i - p - 1 >= C)).nonzero(as_tuple=True)[0]
+        for lo in range(0, need.numel(), 256):                    # bounded memory: 256 × m masks
+            rows = need[lo:lo + 256]
+            ii, pp = i[rows, None], p[rows, None]
             j = torch.arange(m)[None, :]
             dist = ((j > pp) & (j < ii) & (nxt[None, :] >= ii)).sum(1)
-            present[lo:lo + 512] = (p[lo:lo + 512] >= 0) & (dist < C)
+            present[rows] = dist < C
         fresh = p >= S                                            # touched earlier in this batch
         if S:
             old = (p >= 0) & (p < S)

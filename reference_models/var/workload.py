@@ -186,3 +186,21 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 400, seed: int =
         "fast_coverage": coverage, "eligible_tokens": int(var.eligible.sum()),
         "evaluated_tokens": fr["tokens"],
     }
+
+
+class Summary(dict):
+    """The run's summary (a dict) that ``chrono workload`` prints with ``.summary()``."""
+
+    KEYS = ("mode", "steps", "val_loss_own", "val_loss_var", "val_loss_ratio", "expensive_fraction", "fast_fraction", "cached_fraction", "cache_hit_rate", "fast_coverage", "eligible_tokens", "evaluated_tokens")
+
+    def summary(self) -> str:
+        def fmt(v):
+            return f"{v:.4f}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
+        return "\n".join(f"{k:>20}: {fmt(self[k])}" for k in self.KEYS if k in self)
+
+
+def run_workload(mode: str = "intended", steps: int | None = None, run: str | None = "var", seed: int = 0,
+                 root="chrono_runs", progress: bool = False, **kw) -> Summary:
+    """Entry point of ``chrono workload var`` (see ``reference_models.registry``)."""
+    return Summary(globals()["run"](root, run or "var", mode=mode, steps=steps or 400, seed=seed,
+                                    progress=progress, **kw))

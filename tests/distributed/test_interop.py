@@ -73,6 +73,7 @@ def test_duckdb_sees_both_ranks(store):
     assert ranks == [{"run_id": r, "rank": k} for r in ("alpha", "beta") for k in (0, 1)]
 
 
+@pytest.mark.slow   # starts a JVM
 def test_spark_counts_equal_duckdb(store, spark):
     expected = duckdb_sums(store)
     df = spark.read.parquet(str(store / "*" / "routing" / "*.parquet"))

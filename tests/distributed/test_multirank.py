@@ -106,6 +106,7 @@ def test_decisions_identical_on_both_ranks_and_stored_once(dp_run):
     assert len(lines) == len(d0)      # mirrored by rank 0 only
 
 
+@pytest.mark.slow   # a second torchrun launch
 def test_expert_parallel_slices_are_placed_in_the_global_expert_space(tmp_path):
     p, root, out = torchrun(tmp_path, "ep", "--ep")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -123,6 +124,7 @@ def test_expert_parallel_slices_are_placed_in_the_global_expert_space(tmp_path):
     assert rank_out(out, 0)["decisions"] == rank_out(out, 1)["decisions"]
 
 
+@pytest.mark.slow   # a second torchrun launch
 def test_rank_killed_mid_run_leaves_the_store_readable(tmp_path):
     kill_after = 2 * FLUSH          # right after a window closed on both ranks
     p, root, out = torchrun(tmp_path, "killed", "--kill-rank", "1", "--kill-after", str(kill_after))
@@ -146,3 +148,12 @@ def test_rank_killed_mid_run_leaves_the_store_readable(tmp_path):
     # the kernel released the dead rank's writer lock: the rank can be reopened at once
     with chrono.open_run(root, "killed", rank=1, world_size=2) as w:
         assert w.rank == 1
+
+
+@pytest.mark.slow   # a second torchrun launch
+def test_ranks_with_different_routers_are_refused_at_attach(tmp_path):
+    p, root, out = torchrun(tmp_path, "mismatch", "--rank1-extra-layer")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for r in (0, 1):   # both ranks get the same clear error instead of a hang at the first flush
+        err = rank_out(out, r)["error"]
+        assert err and "ranks found different routers" in err

@@ -119,3 +119,14 @@ def test_stopped_sync_does_not_communicate(world_of_one):
     sync.stop("test")
     counts, _, _ = sync.reduce_window(np.array([[3, 4, 0]]), np.zeros((1, 3), int), [2], 1, 0)
     assert counts.sum() == 0 and sync.reduces == 0
+
+
+def test_log_routing_expert_offset_broadcasts_like_layer(tmp_path):
+    """An expert-parallel rank logs global expert ids: offset per layer, broadcast over steps."""
+    with chrono.open_run(tmp_path, "ep", rank=0, world_size=2) as w:   # rank 0 writes the manifest
+        w.log_routing(np.array([[3], [4]]), np.array([[0, 1]]), np.ones((2, 2, 2), dtype=np.int64),
+                      expert_offset=np.array([[2, 4]]))
+    rows = chrono.connect(tmp_path).sql("SELECT DISTINCT layer, expert, rank FROM routing ORDER BY ALL"
+                                        ).to_arrow_table().to_pylist()
+    assert [(r["layer"], r["expert"], r["rank"]) for r in rows] == [(0, 2, 0), (0, 3, 0), (1, 4, 0), (1, 5, 0)]
+

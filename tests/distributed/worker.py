@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("steps", type=int)
     ap.add_argument("flush_every", type=int)
     ap.add_argument("--ep", action="store_true")
+    ap.add_argument("--rank1-extra-layer", action="store_true",
+                    help="rank 1 builds one more MoE layer: attach must refuse on every rank")
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--kill-after", type=int, default=-1)
     a = ap.parse_args()
@@ -104,6 +106,17 @@ def main() -> None:
         torch.manual_seed(1 + rank)
         for layer in model.layers:
             layer.router.weight.data.normal_(0, 0.5)
+    if a.rank1_extra_layer:
+        if rank == 1:
+            model.layers.append(MoELayer(LAYERS, n_local))
+        try:
+            probes.attach(model, run=a.run, root=a.root)
+            msg = None
+        except probes.ProbeError as e:
+            msg = str(e)
+        Path(a.out, f"rank{rank}.json").write_text(json.dumps({"error": msg}))
+        dist.destroy_process_group()
+        return
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(1000 + rank)   # different data on every rank
 

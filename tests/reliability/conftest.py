@@ -8,18 +8,24 @@ from pathlib import Path
 import pytest
 
 
-def load_harness():
-    """harness.py, imported once (pytest runs with --import-mode=importlib, so no sibling imports)."""
-    mod = sys.modules.get("chrono_reliability_harness")
+def load_sibling(name: str):
+    """tests/reliability/<name>.py, imported once (pytest runs with --import-mode=importlib,
+    so test modules cannot import their siblings)."""
+    key = f"chrono_reliability_{name}"
+    mod = sys.modules.get(key)
     if mod is None:
-        spec = importlib.util.spec_from_file_location("chrono_reliability_harness",
-                                                      Path(__file__).with_name("harness.py"))
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
         mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
+        sys.modules[key] = mod
         spec.loader.exec_module(mod)
     return mod
 
 
 @pytest.fixture(scope="session")
 def harness():
-    return load_harness()
+    return load_sibling("harness")
+
+
+@pytest.fixture(scope="session")
+def moe_tiny():
+    return load_sibling("moe_tiny")

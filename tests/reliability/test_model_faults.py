@@ -141,10 +141,9 @@ def test_expert_count_shrinks_mid_run_keeps_every_token(tmp_path):
     assert _tokens_per_layer(tmp_path) == {0: STEPS * BATCH * K, 1: STEPS * BATCH * K}
 
 
-@pytest.mark.xfail(strict=True, reason="probes bug (reported): before the first h.step() the model's "
-                   "forward auto-advances the step, and h.step() then advances again, so step 1 is "
-                   "empty and every later step is recorded one step late")
 def test_explicit_steps_are_recorded_at_their_own_step(tmp_path):
+    """Regression: the first h.step() used to follow an automatic advance, leaving step 1
+    empty and recording every later step one step late."""
     torch.manual_seed(0)
     model = moe_tiny.TinyMoE()
     with probes.attach(model, run="s", root=tmp_path, flush_every=EVERY) as h:

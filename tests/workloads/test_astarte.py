@@ -129,9 +129,11 @@ def test_dreaming_and_prompted_generation_leave_state_alone():
 def test_quick_workload_lands_in_store_and_cli_generates(store_root):
     import chrono
     from chrono.cli import main
-    from reference_models.astarte.workload import run
+    from reference_models import registry
 
-    summary = run(store_root, "ast", mode="intended", steps=12, seed=0, progress=False)
+    run = registry.resolve("astarte")                 # what `chrono workload astarte` calls
+    summary = run(mode="intended", steps=12, run="ast", seed=0, root=store_root, progress=False)
+    assert "val_loss" in summary.summary() and "null_norm" in summary.summary()
     assert summary["train_chunks"] == 12 - 12 // 25 and math.isfinite(summary["val_loss"])
     con = chrono.connect(store_root)
     names = {r[0] for r in con.sql("SELECT DISTINCT name FROM signals WHERE run_id='ast'").fetchall()}
@@ -152,11 +154,3 @@ def test_quick_workload_lands_in_store_and_cli_generates(store_root):
     assert main(["astarte", "dream", "--run", "nope", "--root", str(store_root)]) == 2
     assert main(["astarte", "generate", "--run", "ast", "--root", str(store_root)]) == 2  # no prompt
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads oversubscribe and run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from reference_models.var.moe_lm import MoEConfig, MoELM
-from reference_models.var.var import (CACHED, FAST, LEARNED, VAR, BatchContextCache, ContextCache,
-                                      TokenStats, VARConfig, context_key, context_keys,
-                                      precompute_statistics)
+from reference_models.var.var import (VAR, BatchContextCache, ContextCache, TokenStats, VARConfig,
+                                      context_key, context_keys, precompute_statistics)
 
 
 class FakeClock:
@@ -184,9 +183,11 @@ def test_learned_tier_is_the_models_own_router():
 
 def test_quick_workload_lands_in_store(store_root):
     import chrono
-    from reference_models.var.workload import run
+    from reference_models import registry
 
-    s = run(store_root, "v", mode="intended", steps=20, seed=0, progress=False)
+    run = registry.resolve("var")                     # what `chrono workload var` calls
+    s = run(mode="intended", steps=20, run="v", seed=0, root=store_root, progress=False)
+    assert "expensive_fraction" in s.summary()
     for k in ("expensive_fraction", "val_loss_var", "val_loss_own", "cache_hit_rate", "fast_fraction"):
         assert math.isfinite(s[k])
     assert 0 <= s["expensive_fraction"] <= 1
@@ -201,11 +202,3 @@ def test_quick_workload_lands_in_store(store_root):
                             "WHERE run_id='v' AND layer >= 100 AND mode='EVAL'").fetchall()[0]
     assert n_tok == n_rows > 0
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads oversubscribe and run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
