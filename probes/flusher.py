@@ -1,21 +1,24 @@
 """Background writer thread: turns host arrays into Arrow batches and Parquet parts.
 
-The training thread only enqueues closures (never waits on disk). The queue
-is bounded; when it is full (disk far slower than training) the job is
-dropped and its rows counted in ``rows_dropped``. Every failure is counted
-and logged once per kind; nothing raises into the caller.
+The training thread enqueues closures and goes on. Backpressure: before it
+queues window N it waits until window N-1 has been written, so a killed
+process loses at most the window being written plus the window still open
+(two flush intervals), never a backlog of queued windows. Training therefore
+waits on disk only when disk is a whole window behind. Every failure is
+counted and logged once per kind; nothing raises into the caller.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 
 log = logging.getLogger("probes")
 
 
 class BackgroundWriter:
-    def __init__(self, writer, max_jobs: int = 256):
+    def __init__(self, writer, max_jobs: int = 256, max_in_flight: int = 1):
         self.writer = writer
         self.errors = 0
         self.rows_dropped = 0
@@ -24,6 +27,8 @@ class BackgroundWriter:
         self._q: queue.Queue = queue.Queue(maxsize=max_jobs)
         self._thread = threading.Thread(target=self._run, name="probes-writer", daemon=True)
         self._closed = False
+        self.max_in_flight = max_in_flight
+        self.waited_s = 0.0  # time the training thread spent waiting for the writer
         self._thread.start()
 
     def submit(self, job, rows: int = 0) -> bool:
@@ -31,6 +36,7 @@ class BackgroundWriter:
         if self._closed:
             self.rows_dropped += rows
             return False
+        self._wait_for_room()
         try:
             self._q.put_nowait(job)
             return True
@@ -38,6 +44,13 @@ class BackgroundWriter:
             self.rows_dropped += rows
             self._fault(RuntimeError("telemetry queue full; dropping a batch (disk slower than training)"))
             return False
+
+    def _wait_for_room(self) -> None:
+        t0 = time.perf_counter()
+        with self._q.all_tasks_done:
+            while self._q.unfinished_tasks >= self.max_in_flight and self._thread.is_alive():
+                self._q.all_tasks_done.wait(timeout=1.0)
+        self.waited_s += time.perf_counter() - t0
 
     def _fault(self, e: BaseException) -> None:
         self.errors += 1

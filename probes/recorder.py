@@ -88,7 +88,7 @@ class Recorder:
         if weights is not None:
             w = weights.detach().reshape(-1).to(torch.float64)
             acc[WEIGHT, mode, slot].scatter_add_(0, col, w if keep is None else w * keep)
-        elif logits is not None:
+        if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
             acc[LOGITS, mode, slot, 0].add_(logits.detach().sum())
 
     def end_step(self, i: int) -> None:
