@@ -19,7 +19,14 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 # Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = (
+    "chrono.commands.replay",
+    "chrono.commands.astarte",
+    "chrono.commands.dashboard",
+    "chrono.commands.serve_metrics",
+    "chrono.commands.workload",
+    "chrono.commands.migrate",
+)
 
 
 class UserError(Exception):
@@ -127,9 +134,14 @@ def cmd_show(args) -> int:
 def cmd_query(args) -> int:
     from chrono.reader import run_readonly_sql
 
-    con = _connect(args)
-    result = run_readonly_sql(con, args.sql)
     fmt = args.format
+    if args.max_rows < 1:
+        raise UserError("--max-rows must be >= 1")
+    con = _connect(args)
+    to_screen = fmt == "table" and not args.output
+    # on screen only max_rows are shown: fetch one more (to say that more exist) instead of
+    # materialising a huge result such as SELECT * FROM range(1e10)
+    result = run_readonly_sql(con, args.sql, limit=args.max_rows + 1 if to_screen else None)
     if fmt == "parquet" and not args.output:
         raise UserError("--format parquet needs --output FILE")
     if args.output:
@@ -147,7 +159,10 @@ def cmd_query(args) -> int:
             with open(args.output, "w") as f:
                 print_table(result, f)
         else:
-            print_table(result, max_rows=args.max_rows)
+            print_table(result.slice(0, args.max_rows))
+            if result.num_rows > args.max_rows:
+                print(f"... more rows not shown (--max-rows {args.max_rows}; "
+                      f"use --format csv/json/parquet --output F for all)")
         return 0
     if fmt == "csv":
         import pyarrow.csv as pcsv
@@ -266,9 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.set_defaults(func=cmd_compact)
 
-    s = sub.add_parser("demo", help="record a demo run whose routing drifts into collapse")
+    s = sub.add_parser("demo", help="record demo runs (synthetic collapse + a governed tiny HF Mixtral), "
+                                    "then serve the dashboard and metrics",
+                       description="Records RUN (synthetic routing drifting into collapse) and RUN-mixtral "
+                                   "(a tiny Hugging Face Mixtral trained on Python's docs with probes and the "
+                                   "governance controller), prints a summary, then serves the dashboard and "
+                                   "the Prometheus endpoint on 127.0.0.1 until Ctrl-C.")
     s.add_argument("--run", default="demo", help="run id (default: demo)")
-    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--steps", type=int, default=300, help="steps of the synthetic run (default 300)")
+    s.add_argument("--model-steps", type=int, default=200,
+                   help="training steps of the Mixtral run (default 200; 0 skips it)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-serve", action="store_true", help="do not start the dashboard afterwards")
     s.set_defaults(func=cmd_demo)
@@ -315,4 +337,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main so UserError raised by extensions (which import
+    # chrono.cli) is the class main() catches, also under `python -m chrono.cli`
+    from chrono.cli import main as _main
+
+    sys.exit(_main())

@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
-from .store import StoreError, list_runs, part_files, read_manifest
+from .store import StoreError, list_runs, part_columns, part_files, read_manifest
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
@@ -50,11 +50,17 @@ def _view_sql(table: str, files: list[str]) -> str:
         return f"SELECT {cols} WHERE false"
     file_list = "[" + ", ".join(_sql_str(f) for f in files) + "]"
     defaults = COLUMN_DEFAULTS.get(table, {})
-    # union_by_name fills columns a part lacks (older schema) with NULL; coalesce to the default
+    present = part_columns(files, table)
+    # union_by_name fills columns a part lacks (older schema) with NULL; coalesce to the default.
+    # A column no part has at all (a store written only by an older version) is not in the
+    # union, so it is spelled as its default constant.
     cols = []
     for f in schema:
         d = defaults.get(f.name)
-        if d is not None:
+        if f.name not in present:
+            value = "NULL" if d is None else repr(d)
+            cols.append(f"CAST({value} AS {duckdb_type(f.type)}) AS {f.name}")
+        elif d is not None:
             cols.append(f"COALESCE(CAST({f.name} AS {duckdb_type(f.type)}), {d!r}) AS {f.name}")
         else:
             cols.append(f"CAST({f.name} AS {duckdb_type(f.type)}) AS {f.name}")

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# What changed in each version (readers accept all of them; `chrono migrate` rewrites
+# older parts into the current version).
+SCHEMA_HISTORY: dict[int, str] = {
+    1: "first layout: routing has no `dropped` column (capacity drops were not recorded)",
+    2: "routing.dropped (int64, default 0): (token, k) assignments routed to an expert but "
+       "dropped by its capacity limit, not counted in `tokens`",
+}
 
 MODES = ("TRAIN", "EVAL", "INFER")
 ALERT_TYPES = ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED")
@@ -142,6 +150,25 @@ TABLES: dict[str, pa.Schema] = {
     "signals": SIGNALS,
     "lifecycle": LIFECYCLE,
 }
+
+# Columns each version added, per table: the schema of version v is the current schema
+# minus the columns added after v (see ``schema_for``).
+ADDED_IN: dict[int, dict[str, tuple[str, ...]]] = {
+    2: {"routing": ("dropped",)},
+}
+
+
+def schema_for(table: str, version: int = SCHEMA_VERSION) -> pa.Schema:
+    """The schema ``table`` had in ``version`` (used to read, test and migrate old stores)."""
+    if version not in SCHEMA_HISTORY:
+        raise ValueError(f"unknown schema version {version}; known: {sorted(SCHEMA_HISTORY)}")
+    schema = table_schema(table)
+    for v, added in ADDED_IN.items():
+        if v > version:
+            for name in added.get(table, ()):
+                schema = schema.remove(schema.get_field_index(name))
+    return schema
+
 
 # Filled in for a column a part file lacks (written by an older schema version).
 COLUMN_DEFAULTS: dict[str, dict[str, object]] = {

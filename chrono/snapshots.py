@@ -216,18 +216,22 @@ def _transition(row: dict, rule: AlertRule, kind: str, consecutive: int) -> dict
     }
 
 
-def alerts_for(snapshots: pa.Table) -> pa.Table:
-    """Replay the alert tracker over stored snapshots (ordered by step)."""
-    if snapshots.num_rows == 0:
-        return ALERTS.empty_table()
-    rows = snapshots.sort_by([("step", "ascending"), ("layer", "ascending")]).to_pylist()
-    tracker = AlertTracker()
-    out: list[dict] = []
+def windows(rows: list[dict]):
+    """Yield the snapshot rows of each window (same ``step``), in step order, layers sorted."""
+    rows = sorted(rows, key=lambda r: (int(r["step"]), int(r["layer"])))
     i = 0
     while i < len(rows):
         j = i
         while j < len(rows) and rows[j]["step"] == rows[i]["step"]:
             j += 1
-        out.extend(tracker.update(rows[i:j]))
+        yield rows[i:j]
         i = j
+
+
+def alerts_for(snapshots: pa.Table) -> pa.Table:
+    """Replay the alert tracker over stored snapshots (ordered by step)."""
+    if snapshots.num_rows == 0:
+        return ALERTS.empty_table()
+    tracker = AlertTracker()
+    out = [t for window in windows(snapshots.to_pylist()) for t in tracker.update(window)]
     return pa.Table.from_pylist(out, schema=ALERTS)

@@ -292,13 +292,15 @@ class RunWriter:
             self.flush()
 
     def log_routing(self, step, layer, counts, mode: str = "TRAIN", weight_sum=None,
-                    rank: int | None = None, dropped=None) -> None:
+                    rank: int | None = None, dropped=None, expert_offset=0) -> None:
         """Append aggregated routing counts.
 
         ``counts``: ``[..., n_experts]`` tokens dispatched per expert; ``step`` and
         ``layer`` broadcast against ``counts.shape[:-1]`` (so a whole flush
         interval ``[steps, layers, experts]`` is one call). ``weight_sum`` and
-        ``dropped`` have the shape of ``counts``.
+        ``dropped`` have the shape of ``counts``. ``expert_offset`` (broadcast like
+        ``layer``) is added to the expert ids: a rank holding experts
+        ``[offset, offset + n)`` of an expert-parallel layer logs global ids.
         """
         c = np.asarray(counts)
         if c.ndim == 0:
@@ -308,15 +310,18 @@ class RunWriter:
         try:
             step_a = np.broadcast_to(np.asarray(step, dtype=np.int64), lead)
             layer_a = np.broadcast_to(np.asarray(layer, dtype=np.int32), lead)
+            offset_a = np.broadcast_to(np.asarray(expert_offset, dtype=np.int32), lead)
         except ValueError:
-            raise ValueError(f"step {np.shape(step)} and layer {np.shape(layer)} must broadcast to "
-                             f"counts' leading shape {lead}") from None
+            raise ValueError(f"step {np.shape(step)}, layer {np.shape(layer)} and expert_offset "
+                             f"{np.shape(expert_offset)} must broadcast to counts' leading shape "
+                             f"{lead}") from None
         rows = int(np.prod(lead, dtype=np.int64)) * n
         cols = {
             "step": np.repeat(step_a.reshape(-1), n),
             "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
             "layer": np.repeat(layer_a.reshape(-1), n),
-            "expert": np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0),
+            "expert": (np.tile(np.arange(n, dtype=np.int32), rows // n if n else 0)
+                       + np.repeat(offset_a.reshape(-1), n)),
             "tokens": c.reshape(-1).astype(np.int64),
             "weight_sum": (None if weight_sum is None
                            else np.asarray(weight_sum, dtype=np.float32).reshape(-1)),
@@ -539,12 +544,12 @@ def open_run(root, run_id: str, model: dict | None = None, config: dict | None =
 
 
 # ====================================================================== reading
-_part_cache: dict[tuple, tuple[bool, tuple[str, ...]]] = {}
+_part_cache: dict[tuple, tuple[bool, tuple[str, ...], frozenset]] = {}
 _warned: set[str] = set()
 
 
-def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...]]:
-    """(readable, names of parts it supersedes) for one part file of ``table``.
+def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...], frozenset]:
+    """(readable, names of parts it supersedes, its column names) for one part file of ``table``.
 
     Readable means the Parquet footer parses and the file's columns fit the
     table (see ``_schema_problem``): a truncated, foreign or mis-filed file is
@@ -554,7 +559,7 @@ def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...]]:
     try:
         st = os.stat(path)
     except OSError:
-        return False, ()
+        return False, (), frozenset()
     key = (path, table, st.st_size, st.st_mtime_ns)
     info = _part_cache.get(key)
     if info is None:
@@ -567,9 +572,9 @@ def _part_info(path: str, table: str) -> tuple[bool, tuple[str, ...]]:
             replaces = tuple(json.loads(kv[REPLACES_KEY])) if REPLACES_KEY in kv else ()
             if not all(isinstance(n, str) for n in replaces):
                 raise ValueError("malformed chrono.replaces metadata")
-            info = (True, replaces)
+            info = (True, replaces, frozenset(md.schema.names))
         except Exception as e:
-            info = (False, ())
+            info = (False, (), frozenset())
             if path not in _warned:
                 _warned.add(path)
                 log.warning("chrono: skipping unreadable part file %s (%s: %s)", path,
@@ -631,12 +636,20 @@ def part_files(root, table: str, run: str | None = None) -> list[str]:
             continue
         good, superseded = [], set()
         for name in names:
-            ok, replaces = _part_info(str(d / name), table)
+            ok, replaces, _ = _part_info(str(d / name), table)
             if ok:
                 good.append(name)
                 superseded.update(replaces)
         out.extend(str(d / n) for n in good if n not in superseded)
     return out
+
+
+def part_columns(files: list[str], table: str) -> set[str]:
+    """Union of the column names of these (readable) part files of ``table``."""
+    cols: set[str] = set()
+    for f in files:
+        cols |= _part_info(f, table)[2]
+    return cols
 
 
 def compact(root, run: str, tables=None) -> dict[str, int]:
@@ -649,8 +662,10 @@ def compact(root, run: str, tables=None) -> dict[str, int]:
     merged: dict[str, int] = {}
     ranks = sorted({int(m.group(1)) for t in TABLES if (path / t).is_dir()
                     for n in os.listdir(path / t) if (m := PART_RE.match(n))})
+    # keep the run's world size in the manifest (RunWriter would write its default, 1)
+    world_size = (read_manifest(path) or {}).get("world_size") or 1
     for rank in ranks:
-        with RunWriter(root, run, rank=rank) as w:
+        with RunWriter(root, run, rank=rank, world_size=world_size) as w:
             for table in (tables or TABLES):
                 files = [f for f in part_files(root, table, run)
                          if int(PART_RE.match(os.path.basename(f)).group(1)) == rank]

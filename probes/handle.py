@@ -29,6 +29,7 @@ from chrono.snapshots import AlertTracker, layer_rows
 from chrono.store import open_run
 
 from .discovery import RouterSite, find_sites
+from .distributed import resolve as resolve_distributed
 from .flusher import BackgroundWriter
 from .recorder import MODES, Recorder, mode_index
 from .routing import ProbeError
@@ -70,9 +71,6 @@ class Handle:
                  start_step: int = 0, config: dict | None = None, auto_step: bool | None = None):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-        if distributed:
-            raise NotImplementedError("distributed=True (all-reduce of counts across ranks) is not "
-                                      "implemented yet; attach on each rank with a distinct run id")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ProbeError(f"flush_every must be an int >= 1, got {flush_every!r}")
         if tokens is None:
@@ -80,6 +78,7 @@ class Handle:
         if not (0.0 <= float(tokens) <= 1.0):
             raise ProbeError(f"tokens must be 0 (aggregate only) or a fraction in (0, 1], got {tokens!r}")
         self.routers: list[RouterSite] = find_sites(model, specs=specs, generic=generic)
+        self._dist = resolve_distributed(distributed, self.routers)  # None on a single process
         self.flush_every = flush_every
         self._model = weakref.ref(model)
         self._slots = {s.layer: i for i, s in enumerate(self.routers)}
@@ -117,6 +116,8 @@ class Handle:
         self._logged: set[str] = set()
         self._steps_done = 0
         self._windows = 0
+        if self._dist is not None:  # only h.step() ends steps: the flush collective never runs in a hook
+            self._explicit_steps = True
 
         model_desc = {
             "name": type(model).__name__,
@@ -131,7 +132,10 @@ class Handle:
         if config:
             cfg.update(config)
         try:  # StoreError (bad run id, run already being written) is the user's to fix: it propagates
-            self.writer = open_run(root, run, model=model_desc, config=cfg, on_error="count")
+            if self._dist is not None:
+                model_desc = self._dist.model_desc(model_desc)
+            self.writer = open_run(root, run, model=model_desc, config=cfg, on_error="count",
+                                   **(self._dist.writer_kwargs() if self._dist is not None else {}))
         except OSError as e:
             log.error("probes: cannot open run %r under %s (%s); training continues without telemetry "
                       "on disk", run, root, e)
@@ -236,6 +240,10 @@ class Handle:
 
     def _finish_open_step(self) -> None:
         if self._dirty or self._auto_pending:
+            if self._dist is not None:  # rank-local condition: ending a step here would desync ranks
+                self._warn_once("dist-open-step", "probes: routing recorded after the last h.step() "
+                                "is not reduced in multi-rank mode (end steps with h.step() on every rank)")
+                return
             self._advance()
 
     @torch._dynamo.disable
@@ -268,6 +276,8 @@ class Handle:
         self._slot, self._slot_steps = 0, []
         data = self._rec.take(n) if n else None
         tok = self._sampler.take() if self._sampler is not None else None
+        if self._dist is not None:
+            tok = self._dist.globalize_tokens(tok)
         if data is None and tok is None:
             return
         self._windows += 1
@@ -275,14 +285,16 @@ class Handle:
         if data is not None:
             routing_jobs, rows, transitions, signals = self._window_rows(steps, data)
         run_id = self.run_id
+        write_globals = self._dist is None or self._dist.is_writer_of_globals
 
         def write(w):
             for kw in routing_jobs:
                 w.log_routing(**kw)
             if tok is not None:
                 _log_token_rows(w, *tok)
-            w.log_rows("snapshots", rows)
-            w.log_rows("alerts", transitions)
+            if write_globals:
+                w.log_rows("snapshots", rows)
+                w.log_rows("alerts", transitions)
             for step, name, value, layer in signals:
                 w.log_signal(step, name, value, layer=layer)
 
@@ -319,12 +331,19 @@ class Handle:
                 jobs.append(dict(step=steps[active][:, None], layer=self._layer_ids[grp][None, :],
                                  counts=counts[sel][:, 0, :, :e], mode=mode,
                                  weight_sum=weight[sel][:, 0, :, :e], dropped=dropped[sel][:, 0, :, :e]))
+                if self._dist is not None and self._dist.expert_parallel:
+                    jobs[-1]["expert_offset"] = self._dist.expert_offsets(grp)[None, :]
         win_counts = counts.sum(axis=(0, 1))   # [slot, cap+1]
         win_drop = dropped.sum(axis=(0, 1))
+        cap = self._rec.capacity
+        snap_counts, snap_drop, snap_experts = win_counts[:, :cap], win_drop[:, :cap], experts
+        if self._dist is not None:  # the flush's one collective: identical rows on every rank
+            snap_counts, snap_drop, snap_experts = self._dist.reduce_window(
+                win_counts, win_drop, experts, len(steps), int(steps[-1]))
         rows, transitions, signals = [], [], []
-        if any(win_counts[i, :n].sum() + win_drop[i, :n].sum() > 0 for i, n in enumerate(experts)):
-            lc = {s.layer: win_counts[i, :experts[i]] for i, s in enumerate(self.routers)}
-            ld = {s.layer: win_drop[i, :experts[i]] for i, s in enumerate(self.routers)}
+        if any(snap_counts[i, :n].sum() + snap_drop[i, :n].sum() > 0 for i, n in enumerate(snap_experts)):
+            lc = {s.layer: snap_counts[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
+            ld = {s.layer: snap_drop[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
             rows = layer_rows(self.run_id, int(steps[0]), int(steps[-1]), lc, ld)
             transitions = self._tracker.update(rows)
             for t in transitions:
@@ -377,7 +396,7 @@ class Handle:
         """Log controller decisions (DECISIONS rows) and keep them as ``latest_decisions()``."""
         rows = [dict(r) for r in rows]
         self._latest_decisions = rows
-        if rows:
+        if rows and (self._dist is None or self._dist.is_writer_of_globals):
             self._bg.submit(lambda w: w.log_rows("decisions", rows), rows=len(rows))
 
     def latest_snapshot(self) -> list[dict]:
@@ -413,6 +432,7 @@ class Handle:
             "windows": self._windows,
             "tokens_sampled": 0 if self._sampler is None else self._sampler.sampled,
             "last_error": ws.last_error or self._bg.last_error,
+            "distributed": None if self._dist is None else self._dist.stats(),
         }
 
     def serve_metrics(self, port: int, host: str = "127.0.0.1"):
@@ -455,6 +475,8 @@ class Handle:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._dist is not None:
+            self._dist.on_exit(self, failed=exc[0] is not None)
         self.detach()
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ def run_cli(*args, root=None):
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    assert main(["--root", str(root), "demo", "--steps", "200", "--no-serve"]) == 0
+    assert main(["--root", str(root), "demo", "--steps", "200", "--model-steps", "0", "--no-serve"]) == 0
     return root
 
 
@@ -117,3 +117,21 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for cmd in ("runs", "show", "query", "snapshot", "alerts", "compact", "demo"):
         assert cmd in proc.stdout
+
+
+def test_demo_trains_a_governed_hf_mixtral(tmp_path, capsys):
+    """The demo's real-model run: probes find both routers, counts land, the controller decides."""
+    assert main(["--root", str(tmp_path), "demo", "--steps", "20", "--model-steps", "20", "--no-serve"]) == 0
+    out = capsys.readouterr().out
+    assert "2 routers found by probes" in out
+    import chrono
+
+    con = chrono.connect(tmp_path)
+    ((layers, tokens),) = con.execute(
+        "SELECT count(DISTINCT layer), sum(tokens) FROM routing WHERE run_id = 'demo-mixtral'").fetchall()
+    assert layers == 2
+    assert tokens == 20 * 8 * 64 * 2 * 2  # steps x batch x seq x top-2 x layers
+    ((decisions,),) = con.execute("SELECT count(*) FROM decisions WHERE run_id = 'demo-mixtral'").fetchall()
+    assert decisions == 2 * 2  # 2 snapshot windows x 2 layers
+    assert con.execute("SELECT count(*) FROM signals WHERE run_id = 'demo-mixtral' AND name = 'loss'"
+                       ).fetchall() == [(20,)]

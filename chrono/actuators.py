@@ -1,0 +1,293 @@
+"""Actuators: what turns a controller decision into a change of routing (DESIGN §6).
+
+One small interface, ``Actuator``: ``act(decision)`` applies one layer's
+``ControlDecision`` (called once per snapshot window, in the training thread),
+``on_step()`` does optional per-training-step work, ``remove()`` takes every
+hook it added away. Each actuator reads one signal the policy computes
+(``lens_scale``, ``pressure`` or ``heat``) so no signal is computed and thrown
+away; ``forgetting`` is informational (logged only) in this version.
+
+Actuators that need the router's load count it themselves with a forward
+hook on the router (sync-free ``scatter_add_`` into a device buffer; read on
+the host only in ``act``/``on_step``). Routers follow the native protocol
+(``forward`` returns ``(logits, weights, indices[, dropped])``); HF-style
+routers work where the attribute an actuator needs exists (documented per class).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .controller import ControlDecision
+from .controller import policy
+from .lens import ChronoLens
+
+__all__ = ["Actuator", "LensActuator", "InformedLensActuator", "RouterBiasActuator",
+           "TemperatureActuator", "AuxLossActuator", "router_weight", "ActuatorError"]
+
+
+class ActuatorError(ValueError):
+    """The router lacks what an actuator needs (clear message, no traceback in the CLI)."""
+
+
+def _indices(output):
+    if isinstance(output, (tuple, list)) and len(output) >= 3:
+        return output[2]
+    raise ActuatorError("router output is not (logits, weights, indices[, dropped])")
+
+
+def router_weight(router: nn.Module, n_experts: int) -> torch.Tensor:
+    """The router's projection weight ``[n_experts, d_model]`` (its own or its first matching Linear)."""
+    w = getattr(router, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n_experts:
+        return w
+    for m in router.modules():
+        if isinstance(m, nn.Linear) and m.out_features == n_experts:
+            return m.weight
+    raise ActuatorError(f"router {type(router).__name__} has no [n_experts={n_experts}, d] weight")
+
+
+class _LoadCounter:
+    """Counts (token, k) assignments per expert with a forward hook, on the router's device."""
+
+    def __init__(self, router: nn.Module, n_experts: int):
+        self.n_experts = int(n_experts)
+        self.counts: torch.Tensor | None = None
+        self._handle = router.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        idx = _indices(output).detach().reshape(-1)
+        if self.counts is None or self.counts.device != idx.device:
+            self.counts = torch.zeros(self.n_experts, dtype=torch.int64, device=idx.device)
+        self.counts.scatter_add_(0, idx.long(), torch.ones_like(idx, dtype=torch.int64))
+        return None  # a hook that returns a value would replace the router's output
+
+    def take(self) -> torch.Tensor:
+        """Counts since the last take (float on the counter's device), then reset."""
+        if self.counts is None:
+            return torch.zeros(self.n_experts)
+        c = self.counts.to(torch.float32)
+        self.counts.zero_()
+        return c
+
+    def remove(self):
+        self._handle.remove()
+
+
+class Actuator:
+    """Base class: one actuator steers one layer's router."""
+
+    name = "actuator"
+    signal = "lens_scale"  # which decision field it consumes
+
+    def __init__(self, layer: int):
+        self.layer = int(layer)
+        self.last_value = 0.0
+
+    def act(self, decision: ControlDecision) -> None:
+        raise NotImplementedError
+
+    def on_step(self) -> None:
+        """Per-training-step work (default: none)."""
+
+    def remove(self) -> None:
+        """Remove hooks; the model behaves as before the actuator existed."""
+
+
+class LensActuator(Actuator):
+    """The faithful ChronoLens (DESIGN §4): sets the lens scale to the policy's ``lens_scale``.
+
+    Source: ChronoMoE's controller README (x' = x + s·(x@V)@U, random U, V ~ 1e-3).
+    Reasoning: kept as the faithful baseline; with 1e-3 random directions the
+    warp is ~s·1e-5 of x, which cannot move a top-k decision (measured in
+    benchmarks/governance.py). ``hook=True`` installs the lens as a forward
+    pre-hook on the router; pass ``hook=False`` when probes already applies it.
+    """
+
+    name = "lens"
+
+    def __init__(self, router: nn.Module, layer: int, lens: nn.Module | None = None,
+                 d_model: int | None = None, hook: bool = True):
+        super().__init__(layer)
+        if lens is None:
+            if d_model is None:
+                d_model = router_weight(router, int(getattr(router, "n_experts"))).shape[1]
+            lens = ChronoLens(d_model, layer_id=layer)
+            p = next(router.parameters(), None)
+            if p is not None:
+                lens.to(p.device)
+        self.lens = lens
+        self._handle = router.register_forward_pre_hook(self._pre) if hook else None
+
+    def _pre(self, module, args):
+        if not args:
+            return None
+        return (self.lens(args[0]),) + tuple(args[1:])
+
+    def act(self, decision: ControlDecision) -> None:
+        self.last_value = decision.lens_scale
+        self.lens.set_scale(decision.lens_scale)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+class InformedLensActuator(Actuator):
+    """A lens whose direction comes from the router's own weight rows of under-used experts.
+
+    Reasoning: logits are ``x @ W.T``; adding ``δ·u`` to the router input adds
+    ``δ·(W u)`` to the logits, so the direction that raises the logits of
+    starved experts relative to the rest is ``u ∝ Σ_e deficit_e·(W_e − mean(W))``
+    where ``deficit_e = max(0, 1/n − share_e)`` over the last window. The shift
+    is scaled by each token's norm (``x' = x + s·‖x‖·u``, s = the policy's lens
+    scale × ``gain``), so it is scale-free. This is the ChronoLens form
+    ``x + s·(x@V)@U`` with the random V, U replaced by informed directions
+    (a rank-1, norm-gated version); it only touches the router input, never
+    the experts' input. Source of the geometry: the router is a linear map, see
+    e.g. Fedus et al. 2021 (Switch Transformer) §2.1.
+    """
+
+    name = "informed-lens"
+
+    def __init__(self, router: nn.Module, layer: int, n_experts: int, gain: float = 1.0):
+        super().__init__(layer)
+        self.router, self.n_experts, self.gain = router, int(n_experts), float(gain)
+        self.counter = _LoadCounter(router, n_experts)
+        w = router_weight(router, self.n_experts)
+        self.direction = torch.zeros(w.shape[1], device=w.device, dtype=torch.float32)
+        self.scale = 0.0
+        self._handle = router.register_forward_pre_hook(self._pre)
+
+    def _pre(self, module, args):
+        if self.scale == 0.0 or not args:
+            return None
+        x = args[0]
+        u = self.direction.to(dtype=x.dtype, device=x.device)
+        shifted = x + self.scale * x.norm(dim=-1, keepdim=True) * u
+        return (shifted,) + tuple(args[1:])
+
+    @torch.no_grad()
+    def act(self, decision: ControlDecision) -> None:
+        counts = self.counter.take()
+        total = float(counts.sum())
+        self.scale = 0.0 if decision.abstain else decision.lens_scale * self.gain
+        self.last_value = self.scale
+        if total <= 0 or self.scale == 0.0:
+            return
+        shares = counts / total
+        deficit = (1.0 / self.n_experts - shares).clamp(min=0).to(self.direction.device)
+        w = router_weight(self.router, self.n_experts).detach().float()
+        u = (deficit[:, None] * (w - w.mean(0, keepdim=True))).sum(0)
+        norm = float(u.norm())
+        if norm == 0.0:
+            self.scale = 0.0
+            return
+        self.direction.copy_(u / norm)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.counter.remove()
+
+
+class RouterBiasActuator(Actuator):
+    """Loss-free balancing: a per-expert bias added to the logits for top-k *selection* only.
+
+    Source: Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
+    Mixture-of-Experts" (arXiv:2408.15664), used in DeepSeek-V3 (arXiv:2412.19437,
+    §2.1.2): after each step, ``b_i += u·sign(mean_load − load_i)``; the gate
+    weights still come from the unbiased scores, so no gradient is distorted.
+    The router must own the bias tensor: attribute ``selection_bias`` (this
+    repo's reference models) or ``e_score_correction_bias`` (HF DeepSeek-V3).
+
+    ``pressure_scaled=False`` is the paper's constant-rate rule (a baseline);
+    ``True`` makes the rate ``u·clip(pressure / pressure_ref)``, i.e. the
+    controller turns balancing up when topology debt accumulates and down when
+    routing is healthy (so balancing costs less loss where none is needed).
+    """
+
+    name = "bias"
+    signal = "pressure"
+
+    def __init__(self, router: nn.Module, layer: int, n_experts: int, rate: float = 1e-3,
+                 pressure_scaled: bool = True, pressure_ref: float = 0.1):
+        super().__init__(layer)
+        bias = getattr(router, "selection_bias", None)
+        if bias is None:
+            bias = getattr(router, "e_score_correction_bias", None)
+        if not isinstance(bias, torch.Tensor):
+            raise ActuatorError(f"router {type(router).__name__} has no selection_bias / "
+                                "e_score_correction_bias tensor for loss-free balancing")
+        self.bias, self.n_experts = bias, int(n_experts)
+        self.rate, self.pressure_scaled, self.pressure_ref = float(rate), pressure_scaled, pressure_ref
+        self.counter = _LoadCounter(router, n_experts)
+        self.current_rate = 0.0 if pressure_scaled else self.rate
+
+    def act(self, decision: ControlDecision) -> None:
+        if self.pressure_scaled:
+            self.current_rate = self.rate * policy.clip(decision.pressure / self.pressure_ref)
+        self.last_value = self.current_rate
+
+    @torch.no_grad()
+    def on_step(self) -> None:
+        load = self.counter.take().to(self.bias.device)
+        if self.current_rate == 0.0 or float(load.sum()) == 0.0:
+            return
+        self.bias.add_(self.current_rate * torch.sign(load.mean() - load).to(self.bias.dtype))
+
+    def remove(self) -> None:
+        self.counter.remove()
+
+
+class TemperatureActuator(Actuator):
+    """Router softmax temperature from ``heat``: T = 1 + (t_max − 1)·heat.
+
+    Reasoning (ChronoMoE computes heat but feeds it with coefficient 0, DESIGN §4):
+    a hotter softmax spreads gate probability, so the gradient reaches more
+    experts' logits (the softmax normalisation couples them) and aux losses on
+    probabilities see flatter P. It does not reorder top-k by itself, so it is
+    a slow actuator; measured in benchmarks/governance.py. Needs a float
+    ``temperature`` attribute on the router (logits / temperature).
+    """
+
+    name = "temperature"
+    signal = "heat"
+
+    def __init__(self, router: nn.Module, layer: int, t_max: float = 2.0):
+        super().__init__(layer)
+        if not hasattr(router, "temperature"):
+            raise ActuatorError(f"router {type(router).__name__} has no 'temperature' attribute")
+        self.router, self.t_max = router, float(t_max)
+
+    def act(self, decision: ControlDecision) -> None:
+        t = 1.0 + (self.t_max - 1.0) * decision.heat
+        self.router.temperature = t
+        self.last_value = t
+
+    def remove(self) -> None:
+        self.router.temperature = 1.0
+
+
+class AuxLossActuator(Actuator):
+    """A Switch load-balancing loss whose coefficient follows pressure.
+
+    Source: Fedus et al. 2021 (Switch Transformer, arXiv:2101.03961) aux loss
+    α·E·Σ f_i·P_i; DESIGN §6 measured α = 0.01 (good loss, Neff ~4.9/8) versus
+    α = 0.1 (Neff ~7.5, worse loss). Reasoning: pay for the strong coefficient
+    only while the layer is in debt: α = α_min + (α_max − α_min)·clip(pressure / pressure_ref).
+    The training loop reads ``alpha`` and adds ``alpha · aux_loss`` for the layer.
+    """
+
+    name = "aux"
+    signal = "pressure"
+
+    def __init__(self, layer: int, alpha_min: float = 0.01, alpha_max: float = 0.1,
+                 pressure_ref: float = 0.1):
+        super().__init__(layer)
+        self.alpha_min, self.alpha_max, self.pressure_ref = alpha_min, alpha_max, pressure_ref
+        self.alpha = alpha_min
+
+    def act(self, decision: ControlDecision) -> None:
+        frac = policy.clip(decision.pressure / self.pressure_ref)
+        self.alpha = self.alpha_min + (self.alpha_max - self.alpha_min) * frac
+        self.last_value = self.alpha

@@ -1,0 +1,49 @@
+"""``chrono dashboard``: serve the Streamlit dashboard over a store (127.0.0.1 by default)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "dashboard", help="serve the live dashboard (runs, routing, health, alerts, governance, SQL)",
+        description="Start the Streamlit dashboard over the store and print its URL. It reads the "
+                    "store read-only and refreshes by itself while runs are written. Ctrl-C stops it.")
+    p.add_argument("--root", default=argparse.SUPPRESS,
+                   help="store root directory (same as the global --root; default $CHRONO_ROOT, else ./chrono_runs)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; anything else exposes the store to the network)")
+    p.set_defaults(func=cmd_dashboard)
+
+
+def cmd_dashboard(args) -> int:
+    from chrono.cli import UserError
+
+    if not 0 < args.port < 65536:
+        raise UserError("--port must be between 1 and 65535")
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        raise UserError("the dashboard needs streamlit: pip install 'streamlit>=1.40'") from None
+    from dashboard.server import ServeError, serve, stop, url
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"chrono: warning: binding {args.host} makes the store readable from the network", file=sys.stderr)
+    try:
+        proc = serve(args.root, port=args.port, host=args.host)
+    except ServeError as e:
+        raise UserError(str(e)) from None
+    print(f"chrono dashboard: {url(args.host, args.port)}  (store {args.root}; Ctrl-C to stop)", flush=True)
+
+    def _terminated(signum, frame):  # `kill PID` stops the server too, not only Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop(proc)
+        return 0

@@ -1,0 +1,142 @@
+"""``chrono migrate``: rewrite parts written by an older schema version into the current one.
+
+Readers already accept every older version (missing columns read as their
+default, ``chrono.schema.COLUMN_DEFAULTS``), so migrating is never required to
+read a store; it makes the files themselves current, for tools that read the
+Parquet directly (Spark, Trino, pandas) and do not know chrono's defaults.
+
+Safe to interrupt: each rewrite is ``RunWriter.replace_table`` (a new part that
+names the parts it supersedes, then the old files are deleted), under the
+run's writer lock, so a run being written is refused, not corrupted. Imports no torch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PART_VERSION_KEY = b"chrono.schema_version"
+
+
+@dataclass
+class RunPlan:
+    run: str
+    manifest_version: int | None
+    # (table, rank) -> [(part name, its schema version)]
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def n_parts(self) -> int:
+        return sum(len(v) for v in self.parts.values())
+
+
+def _part_version(path: str, table: str) -> int | None:
+    """Schema version of a part: None when it is current, else its (older) version."""
+    import pyarrow.parquet as pq
+
+    from chrono.schema import SCHEMA_VERSION, table_schema
+
+    md = pq.read_metadata(path)
+    kv = md.metadata or {}
+    try:
+        v = int(kv.get(PART_VERSION_KEY, b"0"))
+    except ValueError:
+        v = 0
+    missing = set(table_schema(table).names) - set(md.schema.names)
+    if v >= SCHEMA_VERSION and not missing:
+        return None
+    return v
+
+
+def plan(root) -> list[RunPlan]:
+    """What ``migrate`` would rewrite: per run, the live parts older than the current version."""
+    from chrono.schema import SCHEMA_VERSION, TABLES
+    from chrono.store import PART_RE, list_runs, part_files, read_manifest
+
+    out = []
+    for run in list_runs(root):
+        m = read_manifest(Path(root) / run) or {}
+        p = RunPlan(run, m.get("schema_version"))
+        for table in TABLES:
+            for f in part_files(root, table, run):  # readable, not superseded
+                v = _part_version(f, table)
+                if v is not None:
+                    rank = int(PART_RE.match(os.path.basename(f)).group(1))
+                    p.parts.setdefault((table, rank), []).append((os.path.basename(f), v))
+        if p.n_parts or (p.manifest_version or 0) < SCHEMA_VERSION:
+            out.append(p)
+    return out
+
+
+def apply(root, plans: list[RunPlan], progress=None) -> int:
+    """Rewrite every planned part into the current schema. Returns parts rewritten."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chrono.schema import conform
+    from chrono.store import RunWriter, read_manifest
+
+    done = 0
+    for p in plans:
+        old = read_manifest(Path(root) / p.run) or {}
+        ranks = sorted({rank for (_, rank) in p.parts} | {0})  # rank 0 also bumps the manifest
+        for rank in ranks:
+            with RunWriter(root, p.run, rank=rank, world_size=old.get("world_size") or 1) as w:
+                if rank == 0 and old.get("host"):
+                    w.update_manifest(host=old["host"])  # the run's host, not the migrating one
+                for (table, r), parts in sorted(p.parts.items()):
+                    if r != rank:
+                        continue
+                    names = [n for n, _ in parts]
+                    data = pa.concat_tables([conform(table, pq.read_table(w.path / table / n))
+                                             for n in names])
+                    w.replace_table(table, data, parts=names)
+                    done += len(names)
+                    if progress:
+                        progress(len(names))
+    return done
+
+
+def cmd_migrate(args) -> int:
+    from tqdm import tqdm
+
+    from chrono.cli import UserError
+    from chrono.schema import SCHEMA_HISTORY, SCHEMA_VERSION
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UserError(f"store root {root} does not exist")
+    plans = plan(root)
+    if not plans:
+        print(f"{root}: every run is at schema version {SCHEMA_VERSION}; nothing to do")
+        return 0
+    for p in plans:
+        tables = ", ".join(f"{t} rank {r}: {len(v)} parts (v{min(x for _, x in v)})"
+                           for (t, r), v in sorted(p.parts.items())) or "no parts"
+        print(f"run {p.run}: manifest v{p.manifest_version} -> v{SCHEMA_VERSION}; {tables}")
+    changes = "; ".join(f"v{v}: {SCHEMA_HISTORY[v]}" for v in sorted(SCHEMA_HISTORY)
+                        if v > min((p.manifest_version or 1) for p in plans))
+    print(f"changes: {changes}")
+    total = sum(p.n_parts for p in plans)
+    if args.dry_run:
+        print(f"dry run: {len(plans)} runs, {total} parts would be rewritten; nothing changed")
+        return 0
+    with tqdm(total=total, unit="part", desc="migrating", file=sys.stderr, disable=None) as bar:
+        n = apply(root, plans, progress=bar.update)
+    print(f"migrated {len(plans)} runs, {n} parts rewritten to schema version {SCHEMA_VERSION}")
+    return 0
+
+
+def register(sub) -> None:
+    import argparse
+
+    s = sub.add_parser("migrate", help="upgrade runs written by an older schema version",
+                       description="Rewrite parts written by an older schema version into the "
+                       "current one and bump the run manifests (see docs/reliability.md). Readers "
+                       "accept old versions anyway; this makes the Parquet files current for other "
+                       "tools. Refuses runs that are being written; safe to interrupt.")
+    s.add_argument("--root", default=argparse.SUPPRESS,
+                   help="store root (same as the global --root)")
+    s.add_argument("--dry-run", action="store_true", help="only print what would be rewritten")
+    s.set_defaults(func=cmd_migrate)

@@ -1,0 +1,106 @@
+"""``chrono replay RUN``: re-run the controller policy over a run's stored snapshots.
+
+The controller is a pure function of the snapshot sequence and its config
+(``control_config.json`` in the run directory), so replaying must reproduce the
+stored ``decisions`` exactly, float for float. Exit code 0 when every decision
+matches, 1 when any differs (the differences are printed). Imports no torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+DECISION_FIELDS = ("step", "layer", "actuator", "debt", "pressure", "heat", "forgetting",
+                   "lens_scale", "backoff", "abstain", "reason", "neff", "top2_share")
+
+
+def replay_decisions(snapshot_rows: list[dict], config) -> list[dict]:
+    """Decisions (DECISIONS rows without run_id) the policy takes over these snapshot rows."""
+    from chrono.controller import Controller
+    from chrono.snapshots import windows
+
+    layers = sorted({int(r["layer"]) for r in snapshot_rows if int(r["layer"]) >= 0})
+    ctl = Controller(len(layers), {l: 0 for l in layers}, config)
+    return [d.as_row() for window in windows(snapshot_rows) for d in ctl.update(window)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def compare(stored: list[dict], replayed: list[dict]) -> list[str]:
+    """Human-readable differences between stored and replayed decisions (empty = identical)."""
+    key = lambda r: (int(r["step"]), int(r["layer"]))  # noqa: E731
+    s = {key(r): r for r in stored}
+    p = {key(r): r for r in replayed}
+    diffs = []
+    for k in sorted(set(s) | set(p)):
+        if k not in s:
+            diffs.append(f"step {k[0]} layer {k[1]}: replay decided, nothing stored")
+        elif k not in p:
+            diffs.append(f"step {k[0]} layer {k[1]}: stored decision, no snapshot to replay it")
+        else:
+            for f in DECISION_FIELDS:
+                if not _same(s[k].get(f), p[k].get(f)):
+                    diffs.append(f"step {k[0]} layer {k[1]}: {f} stored {s[k].get(f)!r} "
+                                 f"replayed {p[k].get(f)!r}")
+    if len(stored) != len(s):
+        diffs.append(f"{len(stored) - len(s)} duplicate stored decisions")
+    return diffs
+
+
+def cmd_replay(args) -> int:
+    import chrono
+    from chrono.cli import UserError, print_table
+    from chrono.controller import CONFIG_NAME, ControlConfig
+    from chrono.store import require_run
+
+    path = require_run(args.root, args.run)
+    cfg_path = path / CONFIG_NAME
+    try:
+        config = ControlConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.exists() \
+            else ControlConfig()
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{cfg_path}: {e}") from None
+    con = chrono.connect(args.root)
+    snaps = con.sql("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, layer",
+                    params=[args.run]).to_arrow_table().to_pylist()
+    stored = con.sql("SELECT * FROM decisions WHERE run_id = ? ORDER BY step, layer",
+                     params=[args.run]).to_arrow_table().to_pylist()
+    if not snaps:
+        raise UserError(f"run {args.run!r} has no snapshots to replay")
+    if not stored:
+        raise UserError(f"run {args.run!r} has no stored decisions to compare with")
+    replayed = replay_decisions(snaps, config)
+    diffs = compare(stored, replayed)
+    if diffs:
+        for line in diffs[: args.max_diffs]:
+            print(line)
+        if len(diffs) > args.max_diffs:
+            print(f"... {len(diffs) - args.max_diffs} more differences")
+        print(f"{args.run}: replay DIFFERS: {len(diffs)} differences over {len(stored)} stored decisions")
+        return 1
+    acted = sum(1 for r in replayed if not r["abstain"])
+    print(f"{args.run}: replay reproduces all {len(stored)} decisions exactly "
+          f"({acted} acted, {len(replayed) - acted} abstained)")
+    if args.show:
+        import pyarrow as pa
+
+        print_table(pa.Table.from_pylist([{k: r[k] for k in ("step", "layer", "debt", "pressure",
+                                                                "lens_scale", "backoff", "abstain")}
+                                          for r in replayed]), max_rows=args.show)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("replay", help="re-run the governance policy over stored snapshots and "
+                                      "check it reproduces the stored decisions",
+                       description="Re-derives every controller decision of RUN from its snapshots "
+                                   "and control_config.json; exit 0 if identical, 1 if not.")
+    s.add_argument("run")
+    s.add_argument("--max-diffs", type=int, default=20, help="differences printed (default 20)")
+    s.add_argument("--show", type=int, default=0, metavar="N",
+                   help="also print the first N replayed decisions")
+    s.set_defaults(func=cmd_replay)

@@ -1,0 +1,1 @@
+"""Exporters: push chrono's live routing health into monitoring systems (Prometheus)."""

@@ -1,0 +1,1 @@
+"""Dashboard pages; Streamlit runs each file as a script (see streamlit_app.PAGES)."""

@@ -1,0 +1,1 @@
+"""Astarte reference workload (stateful null-channel model)."""

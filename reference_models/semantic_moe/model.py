@@ -1,0 +1,445 @@
+"""Semantic MoE language model (the ASTRA-X design), nanoGPT style in one file.
+
+A tiny causal transformer over bytes whose feed-forward layers are mixtures of MLP
+experts. Each MoE layer routes with a ``SemanticRouter``:
+
+* a MeaningSpace encoder turns the (contextual) router input of each token into a unit
+  semantic vector z (frozen random orthogonal projection, so the space does not drift
+  under the clustering that reads it);
+* a teacher scores experts by the squared distance between z and the expert's cluster
+  centroid; centroids come from FAISS spherical k-means over a reservoir of recent z,
+  deterministic under a seed, re-fit periodically and matched to the previous centroids
+  (Hungarian) so expert identities stay put, and saved / loaded as .npz;
+* a student (linear) router is trained with cross-entropy to the teacher's top-1;
+* the hybrid mixes teacher and student probabilities, ``(1-alpha)*p_teacher +
+  alpha*p_student``, alpha following a schedule, minus a load penalty against experts
+  whose running load share exceeds 1/E; top-k of the result, any k <= n_experts.
+
+Experts can be split, cloned, merged, pruned and spawned at run time (the model
+implements ``chrono.lifecycle.LifecycleModel``); the router's ``n_experts`` follows.
+
+Routers follow chrono's native router protocol: ``chrono_router = True``, ``n_experts``,
+``top_k``, ``layer_id``; ``forward(x [T, d]) -> (logits [T, E], weights [T, k], indices [T, k])``.
+
+``faithful=True`` reproduces the seed as written: centroids start at zero and are never
+fitted, the semantic vector is the hidden state itself, the student gets no distillation
+signal, selection is a greedy top-1 argmax whose expert output is not weighted by the gate.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class SemanticMoEConfig:
+    vocab_size: int = 256
+    block_size: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    d_ff: int = 128          # hidden width of one expert
+    n_experts: int = 8
+    top_k: int = 2
+    d_meaning: int = 32      # MeaningSpace dimension
+    teacher_tau: float = 0.1  # temperature of teacher scores (distances of unit vectors are in [0, 4])
+    load_penalty: float = 1.0  # weight of the overload penalty on log-probabilities
+    load_momentum: float = 0.9
+    reservoir: int = 8192    # meaning vectors kept per layer for re-clustering
+    dense: bool = False      # dense FFN of width top_k * d_ff (equal active parameters)
+    faithful: bool = False
+    seed: int = 0
+
+
+PRESETS = {
+    # runs in seconds on a laptop CPU; used by the test suite
+    "quick": dict(block_size=32, n_layer=1, n_head=2, d_model=32, d_ff=64, n_experts=4, top_k=2,
+                  d_meaning=16),
+    "small": dict(),
+}
+
+
+# ---------------------------------------------------------------- clustering (FAISS)
+def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20,
+                     init: np.ndarray | None = None) -> np.ndarray:
+    """FAISS spherical k-means, single-threaded so the result depends only on (x, k, seed)
+    (and ``init``: warm-start centroids, used by periodic re-clustering)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed), spherical=True, verbose=False,
+                          min_points_per_centroid=1, max_points_per_centroid=100000)
+        km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, np.float32))
+        c = np.array(km.centroids, dtype=np.float32)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-8)
+
+
+def match_centroids(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Reorder ``new`` so row i is the new centroid closest to old row i (Hungarian on cosine)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not np.any(old):
+        return new
+    rows, cols = linear_sum_assignment(-(old @ new.T))
+    out = np.empty_like(new)
+    out[rows] = new[cols]
+    return out
+
+
+# ---------------------------------------------------------------- router
+class MeaningSpace(nn.Module):
+    """x [T, d_model] -> unit semantic vectors z [T, d_meaning] (frozen projection)."""
+
+    def __init__(self, d_model: int, d_meaning: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(d_model, max(d_model, d_meaning), generator=g))
+        self.register_buffer("proj", q[:, :d_meaning].contiguous())
+
+    def forward(self, x):
+        return F.normalize(x.detach() @ self.proj, dim=-1)
+
+
+class SemanticRouter(nn.Module):
+    chrono_router = True
+
+    def __init__(self, cfg: SemanticMoEConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        self.n_experts = cfg.n_experts
+        self.top_k = 1 if cfg.faithful else cfg.top_k
+        dm = cfg.d_model if cfg.faithful else cfg.d_meaning  # seed: semantic vector = hidden state
+        self.meaning = None if cfg.faithful else MeaningSpace(cfg.d_model, cfg.d_meaning, cfg.seed + 101 * layer_id)
+        self.student = nn.Linear(cfg.d_model, cfg.n_experts)
+        self.register_buffer("centroids", torch.zeros(cfg.n_experts, dm))
+        self.register_buffer("load_ema", torch.full((cfg.n_experts,), 1.0 / cfg.n_experts))
+        self.register_buffer("window_counts", torch.zeros(cfg.n_experts, dtype=torch.long))
+        self.alpha = 0.0           # weight of the student in the hybrid, set by the schedule
+        self.teacher_ready = False
+        self.recluster_iters = 5   # warm-started re-fits move centroids gently
+        self._reservoir: list[np.ndarray] = []
+        self._reservoir_rows = 0
+        self.last: dict = {}
+
+    def semantic(self, x):
+        return x.detach() if self.meaning is None else self.meaning(x)
+
+    def teacher_logits(self, z):
+        # -||z - c||^2 / tau : nearest centroid has the largest score
+        return -torch.cdist(z, self.centroids).pow(2) / self.cfg.teacher_tau
+
+    def forward(self, x):
+        # x: [T, d_model]
+        z = self.semantic(x)                                   # [T, dm]
+        t_logits = self.teacher_logits(z)                      # [T, E]
+        s_logits = self.student(x.detach())                    # [T, E]
+        # the student learns only from the teacher (distillation), not from the LM loss
+        p = (1 - self.alpha) * F.softmax(t_logits, -1) + self.alpha * F.softmax(s_logits.detach(), -1)
+        over = F.relu(self.load_ema * self.n_experts - 1.0)    # [E] overload above fair share
+        scores = torch.log(p + 1e-9) - self.cfg.load_penalty * over
+        top_w, idx = torch.topk(scores, self.top_k, dim=-1)    # [T, k]
+        if self.cfg.faithful:
+            weights = torch.ones_like(top_w)                    # seed: output not weighted
+        else:
+            weights = torch.gather(p, -1, idx)
+            weights = weights / weights.sum(-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)[: self.n_experts]
+                self.window_counts += counts
+                share = counts.float() / max(1, idx.numel())
+                m = self.cfg.load_momentum
+                self.load_ema.mul_(m).add_((1 - m) * share)
+                self._remember(z)
+        self.last = {"teacher": t_logits, "student": s_logits, "z": z, "idx": idx}
+        return scores, weights, idx
+
+    # ---- reservoir + clustering
+    def _remember(self, z, per_step: int = 256):
+        zz = z.detach()
+        if zz.shape[0] > per_step:
+            sel = torch.randperm(zz.shape[0], generator=torch.Generator().manual_seed(
+                self._reservoir_rows))[:per_step]
+            zz = zz[sel.to(zz.device)]
+        self._reservoir.append(zz.float().cpu().numpy())
+        self._reservoir_rows += zz.shape[0]
+        while self._reservoir_rows - self._reservoir[0].shape[0] >= self.cfg.reservoir:
+            self._reservoir_rows -= self._reservoir.pop(0).shape[0]
+
+    def reservoir(self) -> np.ndarray:
+        if not self._reservoir:
+            return np.zeros((0, self.centroids.shape[1]), np.float32)
+        return np.concatenate(self._reservoir)[-self.cfg.reservoir:]
+
+    def fit_teacher(self, seed: int) -> float:
+        """(Re)fit the teacher's centroids on the reservoir; returns mean cosine shift."""
+        x = self.reservoir()
+        if x.shape[0] < self.n_experts:
+            raise ValueError(f"need at least {self.n_experts} meaning vectors, have {x.shape[0]}")
+        old = self.centroids.to("cpu", copy=True).numpy()
+        warm = old if self.teacher_ready and np.any(old) else None
+        new = match_centroids(old, spherical_kmeans(x, self.n_experts, seed, niter=self.recluster_iters
+                                                    if warm is not None else 20, init=warm))
+        shift = float(1 - np.mean(np.sum(old * new, 1))) if np.any(old) else 1.0
+        self.centroids.copy_(torch.from_numpy(new))
+        self.teacher_ready = True
+        return shift
+
+    def save_centroids(self, path) -> None:
+        np.savez(path, centroids=self.centroids.cpu().numpy(), layer=self.layer_id)
+
+    def load_centroids(self, path) -> None:
+        c = np.load(path)["centroids"]
+        if c.shape != tuple(self.centroids.shape):
+            raise ValueError(f"centroids {c.shape} do not fit this router {tuple(self.centroids.shape)}")
+        self.centroids.copy_(torch.from_numpy(c))
+        self.teacher_ready = True
+
+    # ---- expert-set surgery (rows of student / centroids / loads)
+    def _resize(self, keep: list[int], extra_centroids: list[torch.Tensor], extra_student: list[tuple]):
+        dev = self.centroids.device
+        cents = [self.centroids[i] for i in keep] + [c.to(dev) for c in extra_centroids]
+        w = self.student.weight.data
+        b = self.student.bias.data
+        rows = [(w[i], b[i]) for i in keep] + list(extra_student)
+        n = len(cents)
+        self.centroids = torch.stack(cents)
+        lin = nn.Linear(w.shape[1], n).to(device=dev, dtype=w.dtype)
+        lin.weight.data.copy_(torch.stack([r[0] for r in rows]))
+        lin.bias.data.copy_(torch.stack([r[1] for r in rows]))
+        self.student = lin
+        loads = [self.load_ema[i] for i in keep] + [torch.tensor(1.0 / n, device=dev)] * len(extra_centroids)
+        self.load_ema = torch.stack(loads).float()
+        self.window_counts = torch.zeros(n, dtype=torch.long, device=dev)
+        self.n_experts = n
+        self.top_k = min(self.top_k, n)
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+
+    def forward(self, x):  # [N, d] -> [N, d]
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class MoEFFN(nn.Module):
+    def __init__(self, cfg: SemanticMoEConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.router = SemanticRouter(cfg, layer_id)
+        self.experts = nn.ModuleList(ExpertMLP(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)                         # [N, D]
+        _, w, idx = self.router(flat)                      # [N, k], [N, k]
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.nonzero(idx == e, as_tuple=True)
+            if tok.numel():
+                out.index_add_(0, tok, w[tok, slot, None] * expert(flat[tok]))
+        return out.reshape(B, T, D)
+
+    # ---- lifecycle surgery; each returns the index holding the result
+    def split(self, e: int, seed: int) -> int:
+        r = self.router
+        z = r.reservoir()
+        c = r.centroids[e]
+        if z.shape[0]:
+            zt = torch.from_numpy(z).to(c.device)
+            mine = z[(torch.cdist(zt, r.centroids).argmin(1) == e).cpu().numpy()]
+        else:
+            mine = z
+        if mine.shape[0] >= 8:   # divide the expert's region with 2-means of its own vectors
+            two = torch.from_numpy(spherical_kmeans(mine, 2, seed)).to(c.device)
+            c_keep, c_new = two[0], two[1]
+        else:
+            g = torch.Generator().manual_seed(seed)
+            d = F.normalize(torch.randn(c.shape, generator=g).to(c.device), dim=0) * 0.1
+            c_keep, c_new = F.normalize(c + d, dim=0), F.normalize(c - d, dim=0)
+        r.centroids[e] = c_keep
+        new = self._copy_expert(e, seed)
+        r._resize(list(range(r.n_experts)), [c_new],
+                  [(r.student.weight.data[e].clone(), r.student.bias.data[e].clone())])
+        r.load_ema[e] *= 0.5
+        r.load_ema[-1] = r.load_ema[e]
+        self.experts.append(new)
+        return r.n_experts - 1
+
+    def clone(self, e: int, seed: int) -> int:
+        r = self.router
+        g = torch.Generator().manual_seed(seed)
+        c = r.centroids[e]
+        c_new = F.normalize(c + 0.05 * torch.randn(c.shape, generator=g).to(c.device), dim=0) \
+            if c.abs().sum() > 0 else c.clone()
+        self.experts.append(self._copy_expert(e, seed))
+        r._resize(list(range(r.n_experts)), [c_new],
+                  [(r.student.weight.data[e].clone(), r.student.bias.data[e].clone())])
+        return r.n_experts - 1
+
+    def spawn(self, seed: int) -> int:
+        r = self.router
+        z = r.reservoir()
+        if z.shape[0]:   # the meaning vector worst served by the current centroids
+            zt = torch.from_numpy(z).to(r.centroids.device)
+            far = int(torch.cdist(zt, r.centroids).min(1).values.argmax())
+            c_new = zt[far]
+        else:
+            c_new = torch.zeros_like(r.centroids[0])
+        torch.manual_seed(seed)
+        ex = ExpertMLP(self.cfg.d_model, self.cfg.d_ff).to(r.centroids.device)
+        self.experts.append(ex)
+        r._resize(list(range(r.n_experts)), [c_new],
+                  [(r.student.weight.data.mean(0), r.student.bias.data.mean(0))])
+        return r.n_experts - 1
+
+    def merge(self, a: int, b: int) -> int:
+        """Fold expert b into a (load-weighted average of weights, centroid, student row)."""
+        r = self.router
+        la, lb = float(r.load_ema[a]) + 1e-6, float(r.load_ema[b]) + 1e-6
+        wa, wb = la / (la + lb), lb / (la + lb)
+        with torch.no_grad():
+            for pa, pb in zip(self.experts[a].parameters(), self.experts[b].parameters()):
+                pa.mul_(wa).add_(wb * pb)
+            r.centroids[a] = F.normalize(wa * r.centroids[a] + wb * r.centroids[b], dim=0) \
+                if r.centroids.abs().sum() > 0 else r.centroids[a]
+            r.student.weight.data[a] = wa * r.student.weight.data[a] + wb * r.student.weight.data[b]
+            r.student.bias.data[a] = wa * r.student.bias.data[a] + wb * r.student.bias.data[b]
+            r.load_ema[a] += r.load_ema[b]
+        self._remove(b)
+        return a if a < b else a - 1
+
+    def prune(self, e: int) -> int:
+        self._remove(e)
+        return e
+
+    def _remove(self, e: int):
+        keep = [i for i in range(self.router.n_experts) if i != e]
+        self.experts = nn.ModuleList(self.experts[i] for i in keep)
+        self.router._resize(keep, [], [])
+
+    def _copy_expert(self, e: int, seed: int) -> ExpertMLP:
+        new = copy.deepcopy(self.experts[e])
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # break symmetry so the two copies can diverge
+            for p in new.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=g).to(p.device))
+        return new
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, cfg: SemanticMoEConfig):
+        super().__init__()
+        self.mlp = ExpertMLP(cfg.d_model, cfg.top_k * cfg.d_ff)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+# ---------------------------------------------------------------- transformer
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: SemanticMoEConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D/H]
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SemanticMoEConfig, layer_id: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = DenseFFN(cfg) if cfg.dense else MoEFFN(cfg, layer_id)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+
+class SemanticMoELM(nn.Module):
+    """Byte-level LM: tokens [B, T] -> logits [B, T, vocab]."""
+
+    def __init__(self, cfg: SemanticMoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # weight tying, as nanoGPT
+        nn.init.normal_(self.tok.weight, std=0.02)  # small logits at init (nanoGPT's init)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))   # [B, T, D]
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln_f(x))                                    # [B, T, V]
+        loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                            targets.reshape(-1))
+        return logits, loss
+
+    # ---- helpers
+    def moe_layers(self) -> list[MoEFFN]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFFN)]
+
+    def routers(self) -> list[SemanticRouter]:
+        return [m.router for m in self.moe_layers()]
+
+    def active_params(self) -> int:
+        """Parameters one token uses (top_k experts of each MoE layer; all of a dense FFN)."""
+        total = sum(p.numel() for p in self.parameters())
+        for m in self.moe_layers():
+            per = sum(p.numel() for p in m.experts[0].parameters())
+            total -= per * (len(m.experts) - m.router.top_k)
+        return total
+
+    # ---- chrono.lifecycle.LifecycleModel
+    def lifecycle_experts(self) -> dict[int, int]:
+        return {m.router.layer_id: m.router.n_experts for m in self.moe_layers()}
+
+    def apply_lifecycle(self, p) -> int | None:
+        layer = {m.router.layer_id: m for m in self.moe_layers()}.get(p.layer)
+        if layer is None or self.cfg.faithful:
+            return None
+        seed = self.cfg.seed * 7919 + layer.router.n_experts * 31 + p.layer
+        n = layer.router.n_experts
+        if p.event == "split" and 0 <= p.expert < n:
+            return layer.split(p.expert, seed)
+        if p.event == "clone" and 0 <= p.expert < n:
+            return layer.clone(p.expert, seed)
+        if p.event == "spawn":
+            return layer.spawn(seed)
+        if p.event == "merge" and p.source_expert is not None and n > 1 \
+                and 0 <= p.expert < n and 0 <= p.source_expert < n and p.expert != p.source_expert:
+            return layer.merge(p.expert, p.source_expert)
+        if p.event == "prune" and n > 1 and 0 <= p.expert < n:
+            return layer.prune(p.expert)
+        return None

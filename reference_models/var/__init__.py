@@ -1,0 +1,1 @@
+"""VAR reference workload (verifiable adaptive routing)."""

@@ -1,0 +1,55 @@
+"""Loaders: pixel-budget binning keeps totals, versions follow the store."""
+from __future__ import annotations
+
+import numpy as np
+
+import chrono
+from dashboard import data
+
+
+def test_heatmap_is_binned_to_the_budget_and_keeps_every_token(store_root, monkeypatch):
+    steps, experts = 1000, 64
+    counts = np.random.default_rng(0).integers(0, 50, size=(steps, 1, experts))
+    with chrono.open_run(store_root, "wide") as w:
+        w.log_routing(np.arange(steps)[:, None], np.zeros((steps, 1)), counts)
+    width = data.bin_width(0, steps - 1, 40)
+    assert width == 25
+    heat = data.query(data.ROUTING_HEATMAP_SQL, run="wide", root=store_root, layer=0, lo=0, w=width)
+    assert heat["step_start"].nunique() == 40 and len(heat) == 40 * experts
+    assert heat["tokens"].sum() == counts.sum()
+    first = counts[:25, 0, :].sum(axis=0)
+    got = heat[heat["step_start"] == 0].sort_values("expert")
+    np.testing.assert_array_equal(got["tokens"].to_numpy(), first)
+    np.testing.assert_allclose(got["share"].to_numpy(), first / first.sum())
+    np.testing.assert_allclose(heat.groupby("step_start")["share"].sum(), 1.0)
+
+
+def test_bin_width():
+    assert data.bin_width(0, 99, 300) == 1
+    assert data.bin_width(0, 9_999, 300) == 34
+    assert data.bin_width(None, None, 300) == 1
+
+
+def test_version_changes_only_for_the_written_run(store_root, monkeypatch):
+    monkeypatch.setattr(data, "CHECK_EVERY_S", 0.0)
+    for run in ("a", "b"):
+        with chrono.open_run(store_root, run) as w:
+            w.log_routing(0, 0, np.array([1, 1]))
+    store = data.get_store(store_root)
+    va, vb = store.version("a"), store.version("b")
+    with chrono.open_run(store_root, "a") as w:
+        w.log_signal(1, "loss", 1.0)
+    store = data.get_store(store_root)
+    assert store.version("a") != va and store.version("b") == vb
+    names = data.query(data.SIGNAL_NAMES_SQL, run="a", root=store_root)
+    assert names["name"].tolist() == ["loss"]
+
+
+def test_dashboard_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, dashboard, dashboard.data, dashboard.charts, dashboard.ui; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,330 @@
+"""Exporter unit tests: exposition parsed back equals the store / the live handle."""
+from __future__ import annotations
+
+import logging
+import urllib.request
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from chrono.exporters.prometheus import (
+    DECISION_GAUGES, SNAPSHOT_GAUGES, Exporter, ExporterError, LiveSource, StoreSource, serve)
+
+
+def parse(text) -> dict:
+    """{(sample name, frozenset(labels)): value} of one exposition."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = s.value
+    return out
+
+
+def series(parsed, name) -> dict:
+    """{labels dict as frozenset: value} of one sample name."""
+    return {labels: v for (n, labels), v in parsed.items() if n == name}
+
+
+def lab(**kw):
+    return frozenset((k, str(v)) for k, v in kw.items())
+
+
+# ------------------------------------------------------------------ store source
+def test_exposition_equals_latest_snapshot_in_store(run_builder, store_truth):
+    root, run = run_builder.root, run_builder.run
+    got = parse(Exporter(StoreSource(root, run)).exposition())
+    truth = store_truth(root, run)
+    snap = truth["snapshot"]
+    assert len(snap) == run_builder.n_layers
+    for name, col, _ in SNAPSHOT_GAUGES:
+        expected = {lab(run=run, layer=l): float(r[col]) for l, r in snap.items()}
+        assert series(got, name) == expected, name
+    step = next(iter(snap.values()))["step"]
+    assert series(got, "chrono_snapshot_step") == {lab(run=run): float(step)}
+    assert series(got, "chrono_tokens_routed_total") == {
+        lab(run=run, layer=l): float(n) for l, n in truth["tokens"].items()}
+
+
+def test_alert_series_equal_the_store(run_builder, store_truth):
+    root, run = run_builder.root, run_builder.run
+    got = parse(Exporter(StoreSource(root, run)).exposition())
+    truth = store_truth(root, run)
+    assert truth["active"], "fixture should leave some alert active"
+    expected_active = {lab(run=run, layer=l, alert=a): float((l, a) in truth["active"])
+                       for l in range(run_builder.n_layers)
+                       for a in ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED")}
+    assert series(got, "chrono_alert_active") == expected_active
+    assert series(got, "chrono_alert_transitions_total") == {
+        lab(run=run, layer=l, alert=a, transition=t): float(n)
+        for (l, a, t), n in truth["transitions"].items()}
+
+
+def test_controller_series_equal_latest_decisions(run_builder, store_truth):
+    root, run = run_builder.root, run_builder.run
+    got = parse(Exporter(StoreSource(root, run)).exposition())
+    decisions = store_truth(root, run)["decisions"]
+    assert set(decisions) == {0, 1}
+    for name, col, _ in DECISION_GAUGES:
+        assert series(got, name) == {lab(run=run, layer=l, actuator="lens"): float(d[col])
+                                     for l, d in decisions.items()}, name
+
+
+def test_store_source_follows_new_windows(run_builder, store_truth):
+    exporter = Exporter(StoreSource(run_builder.root, run_builder.run))
+    before = parse(exporter.exposition())
+    run_builder.add_windows(2)
+    after = parse(exporter.exposition())
+    truth = store_truth(run_builder.root, run_builder.run)
+    step = next(iter(truth["snapshot"].values()))["step"]
+    assert series(before, "chrono_snapshot_step") != series(after, "chrono_snapshot_step")
+    assert series(after, "chrono_snapshot_step") == {lab(run=run_builder.run): float(step)}
+    assert series(after, "chrono_neff") == {
+        lab(run=run_builder.run, layer=l): r["neff"] for l, r in truth["snapshot"].items()}
+    tok_before = series(before, "chrono_tokens_routed_total")
+    tok_after = series(after, "chrono_tokens_routed_total")
+    assert all(tok_after[k] > tok_before[k] for k in tok_before)
+
+
+def test_store_source_rereads_only_after_a_change(run_builder, monkeypatch):
+    import chrono.exporters.prometheus as P
+
+    monkeypatch.setattr(P, "_FRESH_SECONDS", 0.0)  # trust directory mtimes at once
+    src = StoreSource(run_builder.root, run_builder.run)
+    first = src.read()
+    assert src.read() is first  # nothing changed: the cached state is reused
+    run_builder.add_windows(1)
+    assert src.read() is not first
+
+
+def test_compaction_keeps_counters(run_builder):
+    from chrono.store import compact
+
+    exporter = Exporter(StoreSource(run_builder.root, run_builder.run))
+    before = series(parse(exporter.exposition()), "chrono_tokens_routed_total")
+    assert compact(run_builder.root, run_builder.run)
+    after = series(parse(exporter.exposition()), "chrono_tokens_routed_total")
+    assert after == before
+
+
+def test_without_run_follows_the_newest_run(run_builder, monkeypatch):
+    import os
+
+    import chrono.exporters.prometheus as P
+    from tests.prometheus.conftest import RunBuilder
+
+    other = RunBuilder(run_builder.root, run="exp2", n_layers=2, seed=1)
+    other.add_windows(3)
+    src = StoreSource(run_builder.root)  # no run: follow the most recently written one
+
+    def age(run, seconds):
+        for d in os.scandir(run_builder.root / run):
+            os.utime(d.path, (0, os.stat(d.path).st_mtime - seconds))
+    age("exp1", 100)
+    assert src.current_run() == "exp2"
+    assert {dict(k)["run"] for k in series(parse(Exporter(src).exposition()), "chrono_neff")} == {"exp2"}
+    age("exp2", 1000)
+    assert src.current_run() == "exp1"
+
+
+def test_unknown_run_and_root_are_clear_errors(store_root, tmp_path):
+    from chrono.store import StoreError
+
+    with pytest.raises(StoreError, match="unknown run 'nope'"):
+        StoreSource(store_root, "nope")
+    with pytest.raises(ExporterError, match="does not exist"):
+        StoreSource(tmp_path / "missing")
+
+
+def test_empty_root_exports_only_exporter_health(store_root):
+    got = parse(Exporter(StoreSource(store_root)).exposition())
+    assert {n for n, _ in got} == {"chrono_exporter_source_up", "chrono_exporter_read_errors_total"}
+    assert got[("chrono_exporter_source_up", frozenset())] == 1.0
+
+
+# ------------------------------------------------------------------ live source
+class FakeHandle:
+    """The probes Handle methods the exporter reads (COMMON.md interface)."""
+
+    def __init__(self, run_id="live1", n_layers=3, step=49):
+        self.run_id = run_id
+        self.n_layers, self.step_ = n_layers, step
+        self.counts = {l: [100 * (l + 1), 50, 0, 10 * l] for l in range(n_layers)}
+
+    def latest_snapshot(self):
+        import numpy as np
+
+        from chrono.snapshots import layer_rows
+
+        return layer_rows(self.run_id, self.step_ - 49, self.step_,
+                          {l: np.array(c) for l, c in self.counts.items()})
+
+    def active_alerts(self):
+        return {1: {"PRE_COLLAPSE"}, 2: {"PRE_COLLAPSE", "COLLAPSE_CONFIRMED"}}
+
+    def alert_transitions(self):
+        return {(1, "PRE_COLLAPSE", "raised"): 2, (1, "PRE_COLLAPSE", "cleared"): 1,
+                (2, "COLLAPSE_CONFIRMED", "raised"): 1}
+
+    def latest_decisions(self):
+        return [{"step": self.step_ - 50, "layer": 0, "actuator": "lens", "debt": 0.1, "pressure": 0.1,
+                 "heat": 0.1, "forgetting": 0.03, "lens_scale": 0.0, "backoff": 1.0, "abstain": True,
+                 "reason": "old"},
+                {"step": self.step_, "layer": 0, "actuator": "lens", "debt": 0.6, "pressure": 0.12,
+                 "heat": 0.12, "forgetting": 0.032, "lens_scale": 0.02, "backoff": 0.5,
+                 "abstain": False, "reason": ""}]
+
+    def stats(self):
+        return {"steps": self.step_ + 1, "tokens_total": {l: 1000 * (l + 1) for l in range(self.n_layers)},
+                "hook_seconds": 0.125, "rows_written": {"routing": 640, "snapshots": 4},
+                "write_errors": 2, "rows_dropped": 7, "nonfinite": 0}
+
+    def latest_expert_counts(self):
+        return self.counts
+
+
+def test_live_exposition_equals_handle():
+    h = FakeHandle()
+    got = parse(Exporter(h).exposition())
+    rows = {r["layer"]: r for r in h.latest_snapshot() if r["layer"] >= 0}
+    for name, col, _ in SNAPSHOT_GAUGES:
+        assert series(got, name) == {lab(run="live1", layer=l): float(r[col]) for l, r in rows.items()}
+    assert "global" not in {dict(k).get("layer") for (n, k) in got}
+    assert series(got, "chrono_tokens_routed_total") == {
+        lab(run="live1", layer=l): 1000.0 * (l + 1) for l in range(3)}
+    assert series(got, "chrono_alert_active") == {
+        lab(run="live1", layer=l, alert=a): float(l == 2 or (l == 1 and a == "PRE_COLLAPSE"))
+        for l in range(3) for a in ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED")}
+    assert series(got, "chrono_alert_transitions_total") == {
+        lab(run="live1", layer=1, alert="PRE_COLLAPSE", transition="raised"): 2.0,
+        lab(run="live1", layer=1, alert="PRE_COLLAPSE", transition="cleared"): 1.0,
+        lab(run="live1", layer=2, alert="COLLAPSE_CONFIRMED", transition="raised"): 1.0}
+    # only the newest decision of (layer 0, lens) is exported
+    assert series(got, "chrono_controller_pressure") == {lab(run="live1", layer=0, actuator="lens"): 0.12}
+    assert series(got, "chrono_lens_scale") == {lab(run="live1", layer=0, actuator="lens"): 0.02}
+    assert series(got, "chrono_controller_abstaining") == {lab(run="live1", layer=0, actuator="lens"): 0.0}
+    assert series(got, "chrono_probe_hook_seconds_total") == {lab(run="live1"): 0.125}
+    assert series(got, "chrono_probe_steps_total") == {lab(run="live1"): 50.0}
+    assert series(got, "chrono_store_write_errors_total") == {lab(run="live1"): 2.0}
+    assert series(got, "chrono_store_rows_dropped_total") == {lab(run="live1"): 7.0}
+    assert series(got, "chrono_store_rows_written_total") == {
+        lab(run="live1", table="routing"): 640.0, lab(run="live1", table="snapshots"): 4.0}
+    assert "chrono_expert_share" not in {n for n, _ in got}  # off by default
+
+
+def test_live_snapshot_timestamp_moves_with_new_windows(monkeypatch):
+    import types
+
+    import chrono.exporters.prometheus as P
+
+    clock = [1000.0]
+    monkeypatch.setattr(P, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    h = FakeHandle()
+    exporter = Exporter(h)
+    assert series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds") == {
+        lab(run="live1"): 1000.0}
+    clock[0] = 1010.0  # same window seen again: the timestamp stays
+    assert series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds") == {
+        lab(run="live1"): 1000.0}
+    h.step_ += 50  # a new window: the timestamp moves to when it was first seen
+    clock[0] = 1020.0
+    got = parse(exporter.exposition())
+    assert series(got, "chrono_last_snapshot_timestamp_seconds") == {lab(run="live1"): 1020.0}
+    assert series(got, "chrono_snapshot_step") == {lab(run="live1"): 99.0}
+
+
+def test_expert_shares_only_when_asked_and_capped(caplog):
+    h = FakeHandle(n_layers=3)  # 3 layers x 4 experts = 12 series
+    got = parse(Exporter(h, expert_labels=True).exposition())
+    shares = series(got, "chrono_expert_share")
+    assert len(shares) == 12
+    assert shares[lab(run="live1", layer=0, expert=0)] == 100 / 150
+    assert shares[lab(run="live1", layer=1, expert=2)] == 0.0
+    assert series(got, "chrono_expert_share_series_dropped") == {lab(run="live1"): 0.0}
+    with caplog.at_level(logging.WARNING, logger="chrono.exporters.prometheus"):
+        capped = parse(Exporter(h, expert_labels=True, max_expert_series=5).exposition())
+    assert len(series(capped, "chrono_expert_share")) == 5
+    assert series(capped, "chrono_expert_share_series_dropped") == {lab(run="live1"): 7.0}
+    assert any("exceed the cap of 5" in r.message for r in caplog.records)
+
+
+def test_expert_shares_from_store_are_latest_window(run_builder, store_truth):
+    got = parse(Exporter(StoreSource(run_builder.root, run_builder.run), expert_labels=True).exposition())
+    shares = series(got, "chrono_expert_share")
+    assert len(shares) == run_builder.n_layers * run_builder.n_experts
+    snap = store_truth(run_builder.root, run_builder.run)["snapshot"]
+    for l, r in snap.items():
+        layer_shares = [shares[lab(run=run_builder.run, layer=l, expert=e)]
+                        for e in range(run_builder.n_experts)]
+        assert sum(layer_shares) == pytest.approx(1.0)
+        assert sum(1 for s in layer_shares if s == 0) == r["dead"]
+        top2 = sum(sorted(layer_shares)[-2:])
+        assert top2 == pytest.approx(r["top2_share"], rel=1e-12)
+
+
+def test_broken_source_keeps_the_endpoint_up(caplog):
+    class Broken(FakeHandle):
+        def latest_snapshot(self):
+            raise OSError("disk gone")
+
+    exporter = Exporter(Broken())
+    with caplog.at_level(logging.WARNING, logger="chrono.exporters.prometheus"):
+        got = parse(exporter.exposition())
+        got = parse(exporter.exposition())
+    assert got[("chrono_exporter_source_up", frozenset())] == 0.0
+    assert got[("chrono_exporter_read_errors_total", frozenset())] == 2.0
+    assert sum("disk gone" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_not_a_handle_is_a_clear_error():
+    with pytest.raises(ExporterError, match="not a probes handle"):
+        LiveSource(object())
+
+
+# ------------------------------------------------------------------ HTTP serving
+def fetch(url) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return parse(r.read())
+
+
+def test_two_exporters_in_one_process_do_not_collide():
+    with serve(FakeHandle("a", n_layers=2), port=0) as s1, serve(FakeHandle("b", n_layers=3), port=0) as s2:
+        assert s1.port != s2.port and s1.host == s2.host == "127.0.0.1"
+        assert s1.registry is not s2.registry
+        a, b = fetch(s1.url), fetch(s2.url)
+    assert {dict(k)["run"] for k in series(a, "chrono_neff")} == {"a"}
+    assert {dict(k)["run"] for k in series(b, "chrono_neff")} == {"b"}
+    assert len(series(a, "chrono_neff")) == 2 and len(series(b, "chrono_neff")) == 3
+    # nothing leaked into the process-global registry
+    assert not [m for m in REGISTRY.collect() if m.name.startswith("chrono_")]
+
+
+def test_port_in_use_is_a_clear_error():
+    with serve(FakeHandle(), port=0) as s:
+        with pytest.raises(ExporterError, match="address already in use"):
+            serve(FakeHandle(), port=s.port)
+
+
+def test_close_frees_the_port():
+    s = serve(FakeHandle(), port=0)
+    port = s.port
+    s.close()
+    s.close()  # idempotent
+    with serve(FakeHandle(), port=port) as again:
+        assert fetch(again.url)[("chrono_exporter_source_up", frozenset())] == 1.0
+
+
+def test_store_source_does_not_trust_a_just_modified_directory(run_builder, monkeypatch):
+    import chrono.exporters.prometheus as P
+
+    # a part renamed in within the same mtime tick would not change the signature: while the newest
+    # directory is younger than _FRESH_SECONDS, every scrape re-lists the parts
+    monkeypatch.setattr(P, "_FRESH_SECONDS", 1e12)
+    src = StoreSource(run_builder.root, run_builder.run)
+    first = src.read()
+    assert src.read() is not first
+    assert src.read().snapshot == first.snapshot
