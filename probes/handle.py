@@ -85,6 +85,7 @@ class Handle:
         self._layer_ids = np.array([s.layer for s in self.routers], dtype=np.int32)
         cap = max(s.n_experts for s in self.routers)
         self._rec = Recorder(len(self.routers), cap, flush_every, _first_device(model))
+        self._window_experts = [0] * len(self.routers)  # largest n_experts seen per router this window
         self._sampler = TokenSampler(float(tokens), max_tokens_per_step, seed) if tokens else None
         self._tracker = AlertTracker()
         self._callbacks: list = []
@@ -188,6 +189,8 @@ class Handle:
                 n = site.n_experts
                 if n > rec.capacity:
                     rec.grow(max(n, 2 * rec.capacity))
+                if n > h._window_experts[slot]:  # a lifecycle shrink must not cut this window's counts
+                    h._window_experts[slot] = n
                 if routed.indices.device != rec.device:
                     rec.to(routed.indices.device)
                 mode = mode_index(module)
@@ -268,7 +271,12 @@ class Handle:
 
     # ----------------------------------------------------------------- window
     def _experts(self) -> list[int]:
-        return [s.n_experts for s in self.routers]
+        """Expert count per router for the window being closed: the largest seen in it.
+
+        An expert removed mid-window (pruning) still received tokens in the
+        window's earlier steps; cutting to the new, smaller count would lose them.
+        """
+        return [max(s.n_experts, w) for s, w in zip(self.routers, self._window_experts)]
 
     def _close_window(self) -> None:
         n = self._slot
@@ -279,11 +287,13 @@ class Handle:
         if self._dist is not None:
             tok = self._dist.globalize_tokens(tok)
         if data is None and tok is None:
+            self._window_experts = [0] * len(self.routers)
             return
         self._windows += 1
         signals, rows, transitions, routing_jobs = [], [], [], []
         if data is not None:
             routing_jobs, rows, transitions, signals = self._window_rows(steps, data)
+        self._window_experts = [0] * len(self.routers)
         run_id = self.run_id
         write_globals = self._dist is None or self._dist.is_writer_of_globals
 
