@@ -18,9 +18,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# core benchmarks (the others: benchmarks/{governance,dashboard,distributed_comm,var,semantic_moe_vs_dense,reliability_report}.py)
 bench: $(STAMP)
 	$(PY) benchmarks/store_ingest.py
 	$(PY) benchmarks/query.py
+	$(PY) benchmarks/probe_overhead.py
+	$(PY) benchmarks/prometheus_scrape.py
 
 clean:
 	rm -rf $(VENV) chrono_runs .pytest_cache
