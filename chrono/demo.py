@@ -52,7 +52,7 @@ def record(root, run: str, steps: int, seed: int, progress: bool = True) -> None
     window: dict[int, np.ndarray] = {}
     from tqdm import tqdm
 
-    with chrono.open_run(root, run, model=model, config={"steps": steps, "seed": seed}) as w:
+    with chrono.open_run(root, run, model=model, config={"steps": steps, "seed": seed, "demo": True}) as w:
         for step in tqdm(range(steps), desc=f"recording {run}", disable=not progress, unit="step"):
             counts = synthetic_counts(rng, step, steps)
             w.log_routing(step, np.arange(N_LAYERS), counts, mode="TRAIN")
@@ -86,7 +86,8 @@ def record_mixtral(root, run: str, steps: int, seed: int, progress: bool = True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     train, _ = split_bytes(text_bytes())
     loss = float("nan")
-    with probes.attach(model, run=run, root=root, flush_every=SNAPSHOT_EVERY) as h:
+    with probes.attach(model, run=run, root=root, flush_every=SNAPSHOT_EVERY,
+                       config={"demo": True, "steps": steps, "seed": seed}) as h:
         gov = chrono.govern(model, h, actuators=("informed-lens",))
         batches = byte_batches(train, 64, 8, seed, steps)
         for step, (x, _) in enumerate(tqdm(batches, total=steps, desc=f"training {run}",
@@ -145,6 +146,28 @@ def _serve(root) -> int:
     return 0
 
 
+def _clear_previous(root, runs: list[str]) -> None:
+    """Remove earlier demo runs of these names, so ``make demo`` is idempotent.
+
+    Only runs that ``chrono demo`` itself wrote (``config.demo`` in the
+    manifest) are removed; a user's run of the same name is an error.
+    """
+    import shutil
+
+    from chrono.cli import UserError
+    from chrono.store import read_manifest, run_dir
+
+    for run in runs:
+        path = run_dir(root, run)
+        if not path.exists():
+            continue
+        manifest = read_manifest(path) or {}
+        if not (manifest.get("config") or {}).get("demo"):
+            raise UserError(f"run {run!r} already exists under {root} and was not written by "
+                            f"'chrono demo'; pick another name with --run")
+        shutil.rmtree(path)
+
+
 def run_demo(args) -> int:
     from chrono.store import validate_run_id
 
@@ -159,8 +182,9 @@ def run_demo(args) -> int:
         raise UserError(f"--model-steps must be 0 or >= {SNAPSHOT_EVERY}")
     root = args.root
     progress = sys.stderr.isatty()
-    record(root, args.run, args.steps, args.seed, progress=progress)
     model_run = f"{args.run}-mixtral"
+    _clear_previous(root, [args.run, model_run])
+    record(root, args.run, args.steps, args.seed, progress=progress)
     trained = None
     if args.model_steps:
         trained = record_mixtral(root, model_run, args.model_steps, args.seed, progress=progress)

@@ -135,3 +135,19 @@ def test_demo_trains_a_governed_hf_mixtral(tmp_path, capsys):
     assert decisions == 2 * 2  # 2 snapshot windows x 2 layers
     assert con.execute("SELECT count(*) FROM signals WHERE run_id = 'demo-mixtral' AND name = 'loss'"
                        ).fetchall() == [(20,)]
+
+
+def test_demo_twice_is_idempotent_and_spares_user_runs(tmp_path, capsys):
+    for _ in range(2):
+        assert main(["--root", str(tmp_path), "demo", "--steps", "20", "--model-steps", "0", "--no-serve"]) == 0
+    import chrono
+
+    con = chrono.connect(tmp_path)
+    assert con.execute("SELECT count(*) FROM routing WHERE run_id = 'demo'").fetchall() == [(20 * 4 * 8,)]
+    with chrono.open_run(tmp_path, "mine") as w:  # a user's run is never removed by the demo
+        w.log_signal(0, "loss", 1.0)
+    capsys.readouterr()
+    assert main(["--root", str(tmp_path), "demo", "--run", "mine", "--steps", "20", "--model-steps", "0",
+                 "--no-serve"]) == 2
+    assert "was not written by 'chrono demo'" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "manifest.json").exists()
