@@ -1,11 +1,10 @@
 """Background writer thread: turns host arrays into Arrow batches and Parquet parts.
 
-The training thread enqueues closures and goes on. Backpressure: before it
-queues window N it waits until window N-1 has been written, so a killed
-process loses at most the window being written plus the window still open
-(two flush intervals), never a backlog of queued windows. Training therefore
-waits on disk only when disk is a whole window behind. Every failure is
-counted and logged once per kind; nothing raises into the caller.
+The training thread enqueues closures; the Handle then waits for a window's
+write at window close (durability: a crash loses at most one flush interval),
+while ``h.flush()`` and detach wait for everything queued. Backpressure keeps
+at most one job in flight. Every failure is counted and logged once per
+kind; nothing raises into the caller.
 """
 from __future__ import annotations
 

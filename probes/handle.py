@@ -266,6 +266,10 @@ class Handle:
             self._input_ids = self._decoder_input_ids = None
             if self._slot >= self.flush_every:
                 self._close_window()
+                # durability over latency (issue #11): the window is on disk before training goes
+                # on, so a crash loses at most one flush interval. Costs one Parquet write of the
+                # window's aggregate rows (milliseconds) per flush_every steps.
+                self._bg.wait()
         except Exception as e:
             self._fault("step", e)
 
