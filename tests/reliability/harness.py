@@ -43,6 +43,35 @@ def temp_files(root) -> list[Path]:
     return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp")]
 
 
+def kill_after(proc: subprocess.Popen, what: str, marker: bytes, target: int, jitter: float) -> list:
+    """Wait for ``ready``, then for ``target`` stdout lines starting with ``marker``, sleep
+    ``jitter`` (a random kill instant, not a wait for a condition), SIGKILL the child and
+    return every stdout line it wrote, split into words."""
+    consumed, rest = [], b""
+    try:
+        first_line = proc.stdout.readline()
+        if first_line != b"ready\n":
+            raise RuntimeError(f"{what} did not start: {first_line!r} {proc.stderr.read()[-3000:]!r}")
+        seen = 0
+        while seen < target:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{what} exited early: {proc.stderr.read()[-3000:]!r}")
+            consumed.append(line)
+            seen += line.startswith(marker)
+        time.sleep(jitter)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rest = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    return [ln.split() for ln in (b"".join(consumed) + rest).decode().splitlines() if ln]
+
+
 def kill_writer_once(root, run: str, first: int, rng: random.Random, every: int = 5,
                      layers: int = 4, experts: int = 64, max_logged: int | None = None) -> dict:
     """Start a writer, SIGKILL it at a random point, and check what survived.
@@ -57,28 +86,7 @@ def kill_writer_once(root, run: str, first: int, rng: random.Random, every: int 
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), str(root), run, str(first), str(every), str(layers), str(experts)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=str(REPO))
-    try:
-        first_line = proc.stdout.readline()
-        if first_line != b"ready\n":
-            raise RuntimeError(f"writer did not start: {first_line!r} {proc.stderr.read()[-2000:]!r}")
-        consumed, seen = [], 0
-        while seen < target:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"writer exited early: {proc.stderr.read()[-2000:]!r}")
-            consumed.append(line)
-            seen += line.startswith(b"logged ")
-        time.sleep(jitter)  # a random kill instant, not a wait for a condition
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        rest = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    lines = [ln.split() for ln in (b"".join(consumed) + rest).decode().splitlines() if ln]
+    lines = kill_after(proc, "writer", b"logged ", target, jitter)
     logged = [int(x[1]) for x in lines if x[0] == "logged"]
     flushed = [int(x[1]) for x in lines if x[0] == "flushed"]
     return {"target_lines": target, "last_logged": max(logged),
@@ -147,29 +155,7 @@ def kill_training_once(root, run: str, rng: random.Random, every: int) -> dict:
     jitter = rng.uniform(0.0, 0.05)
     proc = subprocess.Popen([sys.executable, str(TRAIN_CHILD), str(root), run, str(every)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=str(REPO))
-    consumed = []
-    try:
-        line = proc.stdout.readline()
-        if line != b"ready\n":
-            raise RuntimeError(f"training did not start: {line!r} {proc.stderr.read()[-3000:]!r}")
-        seen = 0
-        while seen < target:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"training exited early: {proc.stderr.read()[-3000:]!r}")
-            consumed.append(line)
-            seen += line.startswith(b"step ")
-        time.sleep(jitter)  # a random kill instant, not a wait for a condition
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        rest = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    lines = [ln.split() for ln in (b"".join(consumed) + rest).decode().splitlines() if ln]
+    lines = kill_after(proc, "training", b"step ", target, jitter)
     started = [int(x[1]) for x in lines if x[0] == "step"]
     durable = max([int(x[1]) for x in lines if x[0] == "durable"], default=0)
     steps = present_steps(root, run, "routing", 0, 10**9)
