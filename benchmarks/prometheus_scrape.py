@@ -150,6 +150,23 @@ def count_series(url: str) -> int:
         return sum(1 for line in r.read().decode().splitlines() if line and not line.startswith("#"))
 
 
+
+def time_scrapes(url: str, reps: int, before_each=None) -> dict:
+    """One untimed scrape (imports, connection set-up), then ``reps`` timed ones.
+
+    ``before_each`` (untimed) runs before every timed scrape, e.g. to write a new window.
+    """
+    scrape_ms(url)
+    series = count_series(url)
+    times, nbytes = [], 0
+    CPU_MS.clear()
+    for _ in range(reps):
+        if before_each is not None:
+            before_each()
+        ms, nbytes = scrape_ms(url)
+        times.append(ms)
+    return summarise(times, list(CPU_MS), nbytes, series)
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and windows (checks it works)")
@@ -171,14 +188,7 @@ def main() -> int:
     for name, kw in [("live", {}), ("live + expert labels", {"expert_labels": True,
                                                              "max_expert_series": full_cap})]:
         with P.serve(live, port=0, **kw) as s:
-            scrape_ms(s.url)  # first scrape: imports, connection set-up
-            series = count_series(s.url)
-            times, nbytes = [], 0
-            CPU_MS.clear()
-            for _ in range(reps):
-                ms, nbytes = scrape_ms(s.url)
-                times.append(ms)
-        results[name] = summarise(times, list(CPU_MS), nbytes, series)
+            results[name] = time_scrapes(s.url, reps)
 
     with tempfile.TemporaryDirectory() as tmp:
         run = StoreRun(Path(tmp), args.experts, every)
@@ -189,28 +199,13 @@ def main() -> int:
                          ("store, new window + expert labels", {"expert_labels": True,
                                                                 "max_expert_series": full_cap})]:
             with P.serve(str(run.root), port=0, run=run.run, **kw) as s:
-                scrape_ms(s.url)
-                series = count_series(s.url)
-                times, nbytes = [], 0
-                CPU_MS.clear()
-                for _ in range(reps):
-                    run.add_window()  # not timed
-                    ms, nbytes = scrape_ms(s.url)
-                    times.append(ms)
-            results[name] = summarise(times, list(CPU_MS), nbytes, series)
+                results[name] = time_scrapes(s.url, reps, before_each=run.add_window)
         with P.serve(str(run.root), port=0, run=run.run) as s:
             # the cache is trusted once the newest file is older than _FRESH_SECONDS: wait for that
             wait = run.newest_mtime() + P._FRESH_SECONDS + 0.05 - time.time()
             if wait > 0:
                 time.sleep(wait)
-            scrape_ms(s.url)
-            series = count_series(s.url)
-            times, nbytes = [], 0
-            CPU_MS.clear()
-            for _ in range(reps):
-                ms, nbytes = scrape_ms(s.url)
-                times.append(ms)
-            results["store, unchanged"] = summarise(times, list(CPU_MS), nbytes, series)
+            results["store, unchanged"] = time_scrapes(s.url, reps)
         history = {"windows": run.window, "routing_rows": run.window * every * N_LAYERS * args.experts}
 
     load = os.getloadavg()
