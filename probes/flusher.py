@@ -2,22 +2,22 @@
 
 The training thread enqueues closures; the Handle then waits for a window's
 write at window close (durability: a crash loses at most one flush interval),
-while ``h.flush()`` and detach wait for everything queued. Backpressure keeps
-at most one job in flight. Every failure is counted and logged once per
-kind; nothing raises into the caller.
+and ``h.flush()`` and detach wait for everything queued. The queue is bounded
+(jobs submitted outside a window close, e.g. ``record_decisions``); a job that
+does not fit is dropped and its rows counted in ``rows_dropped``. Every
+failure is counted and logged once per kind; nothing raises into the caller.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-import time
 
 log = logging.getLogger("probes")
 
 
 class BackgroundWriter:
-    def __init__(self, writer, max_jobs: int = 256, max_in_flight: int = 1):
+    def __init__(self, writer, max_jobs: int = 256):
         self.writer = writer
         self.errors = 0
         self.rows_dropped = 0
@@ -26,8 +26,6 @@ class BackgroundWriter:
         self._q: queue.Queue = queue.Queue(maxsize=max_jobs)
         self._thread = threading.Thread(target=self._run, name="probes-writer", daemon=True)
         self._closed = False
-        self.max_in_flight = max_in_flight
-        self.waited_s = 0.0  # time the training thread spent waiting for the writer
         self._thread.start()
 
     def submit(self, job, rows: int = 0) -> bool:
@@ -35,7 +33,6 @@ class BackgroundWriter:
         if self._closed:
             self.rows_dropped += rows
             return False
-        self._wait_for_room()
         try:
             self._q.put_nowait(job)
             return True
@@ -43,13 +40,6 @@ class BackgroundWriter:
             self.rows_dropped += rows
             self._fault(RuntimeError("telemetry queue full; dropping a batch (disk slower than training)"))
             return False
-
-    def _wait_for_room(self) -> None:
-        t0 = time.perf_counter()
-        with self._q.all_tasks_done:
-            while self._q.unfinished_tasks >= self.max_in_flight and self._thread.is_alive():
-                self._q.all_tasks_done.wait(timeout=1.0)
-        self.waited_s += time.perf_counter() - t0
 
     def _fault(self, e: BaseException) -> None:
         self.errors += 1
