@@ -152,20 +152,20 @@ def _clear_previous(root, runs: list[str]) -> None:
     Only runs that ``chrono demo`` itself wrote (``config.demo`` in the
     manifest) are removed; a user's run of the same name is an error.
     """
-    import shutil
-
     from chrono.cli import UserError
-    from chrono.store import read_manifest, run_dir
+    from chrono.schema import TABLES
+    from chrono.store import delete_run, read_manifest, run_meta_dir, table_dirs
 
     for run in runs:
-        path = run_dir(root, run)
-        if not path.exists():
+        path = run_meta_dir(root, run)
+        if path is None and not any(d.exists() for t in TABLES for d in table_dirs(root, t, run)):
             continue
-        manifest = read_manifest(path) or {}
+        manifest = read_manifest(path) if path is not None else {}
+        manifest = manifest or {}
         if not (manifest.get("config") or {}).get("demo"):
             raise UserError(f"run {run!r} already exists under {root} and was not written by "
                             f"'chrono demo'; pick another name with --run")
-        shutil.rmtree(path)
+        delete_run(root, run)
 
 
 def run_demo(args) -> int:

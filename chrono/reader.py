@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
-from .store import StoreError, list_runs, part_columns, part_files, read_manifest
+from .store import StoreError, list_runs, part_columns, part_files, read_manifest, run_meta_dir
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
@@ -51,6 +51,8 @@ def _view_sql(table: str, files: list[str]) -> str:
     file_list = "[" + ", ".join(_sql_str(f) for f in files) + "]"
     defaults = COLUMN_DEFAULTS.get(table, {})
     present = part_columns(files, table)
+    # hive_partitioning=false: run_id comes from the column inside each file, never from the
+    # run_id=<id> directory (DuckDB would auto-detect it and infer "2024" as a number).
     # union_by_name fills columns a part lacks (older schema) with NULL; coalesce to the default.
     # A column no part has at all (a store written only by an older version) is not in the
     # union, so it is spelled as its default constant.
@@ -64,13 +66,13 @@ def _view_sql(table: str, files: list[str]) -> str:
             cols.append(f"COALESCE(CAST({f.name} AS {duckdb_type(f.type)}), {d!r}) AS {f.name}")
         else:
             cols.append(f"CAST({f.name} AS {duckdb_type(f.type)}) AS {f.name}")
-    return f"SELECT {', '.join(cols)} FROM read_parquet({file_list}, union_by_name=true)"
+    return f"SELECT {', '.join(cols)} FROM read_parquet({file_list}, union_by_name=true, hive_partitioning=false)"
 
 
 def runs_table(root) -> pa.Table:
     rows = []
     for r in list_runs(root):
-        m = read_manifest(Path(root) / r) or {}
+        m = read_manifest(run_meta_dir(root, r) or Path(root) / r) or {}
         model = m.get("model") or {}
         epl = model.get("experts_per_layer") or {}
         n_exp = max((int(v) for v in epl.values()), default=None) if isinstance(epl, dict) else None
@@ -201,6 +203,7 @@ def read(root, table: str, run: str | None = None):
     files = part_files(root, table, run)
     if not files:
         return pl.LazyFrame(schema=pl_schema)
-    lf = pl.scan_parquet(files, schema=pl_schema, missing_columns="insert", extra_columns="ignore")
+    lf = pl.scan_parquet(files, schema=pl_schema, missing_columns="insert", extra_columns="ignore",
+                         hive_partitioning=False)
     fills = [pl.col(c).fill_null(v) for c, v in COLUMN_DEFAULTS.get(table, {}).items() if v is not None]
     return lf.with_columns(fills) if fills else lf

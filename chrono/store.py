@@ -1,9 +1,15 @@
-"""The Parquet store: one directory per run, one directory of immutable parts per table.
+"""The Parquet store: hive-style tables partitioned by run, plus one metadata directory per run.
 
-Layout (DESIGN §3)::
+Layout (DESIGN §3, §8)::
 
-    <root>/<run_id>/manifest.json
-    <root>/<run_id>/<table>/part-<rank>-<seq>.parquet
+    <root>/runs/run_id=<run_id>/manifest.json                  # + locks, control_decisions.jsonl
+    <root>/<table>/run_id=<run_id>/part-<rank>-<seq>.parquet
+
+Each table is a plain hive-partitioned Parquet dataset (``<root>/routing`` is
+what Spark, Trino, DuckDB or Polars are pointed at; ``run_id`` is the
+partition key and also a column inside every file). Stores written before
+this layout (``<root>/<run_id>/<table>/...``, "legacy") stay readable;
+``chrono migrate`` moves them, writers refuse them.
 
 Writers buffer columns in memory and on ``flush()`` write each table's buffer
 as one part: first to a hidden temporary name in the same directory, then
@@ -64,8 +70,88 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
+RUNS_DIR = "runs"
+PARTITION_KEY = "run_id"
+
+
 def run_dir(root, run_id: str) -> Path:
+    """The run's metadata directory: manifest, writer locks, ``control_decisions.jsonl``."""
+    return Path(root) / RUNS_DIR / f"{PARTITION_KEY}={validate_run_id(run_id)}"
+
+
+def table_dir(root, table: str, run_id: str) -> Path:
+    """The run's partition of ``table``: where its part files live."""
+    return Path(root) / table / f"{PARTITION_KEY}={validate_run_id(run_id)}"
+
+
+def legacy_run_dir(root, run_id: str) -> Path:
+    """Where the pre-hive layout kept a run (``<root>/<run_id>/``, tables inside)."""
     return Path(root) / validate_run_id(run_id)
+
+
+def is_legacy_run(root, run_id: str) -> bool:
+    """True when ``run_id`` still lives (wholly or partly) in the pre-hive layout."""
+    legacy = legacy_run_dir(root, run_id)
+    if (legacy / MANIFEST).is_file():
+        return True
+    return any(_has_parts(legacy / t) for t in TABLES)
+
+
+def _has_parts(d: Path) -> bool:
+    try:
+        return any(PART_RE.match(n) for n in os.listdir(d))
+    except OSError:
+        return False
+
+
+def run_meta_dir(root, run_id: str) -> Path | None:
+    """The directory holding the run's manifest (current layout first), or None if unknown."""
+    for d in (run_dir(root, run_id), legacy_run_dir(root, run_id)):
+        if (d / MANIFEST).is_file():
+            return d
+    return None
+
+
+def table_dirs(root, table: str, run_id: str) -> list[Path]:
+    """Directories that may hold the run's parts of ``table``: its partition, then the legacy one."""
+    return [table_dir(root, table, run_id), legacy_run_dir(root, run_id) / table]
+
+
+def run_stamps(root, run_id: str, tables=TABLES) -> tuple:
+    """Modification times of the run's manifest and table directories (None where missing).
+
+    A new part is a rename into its table directory, which moves that
+    directory's mtime: live readers (dashboard, exporter) compare stamps to
+    notice new data with a few ``stat`` calls and no listing.
+    """
+    paths = [run_dir(root, run_id) / MANIFEST, legacy_run_dir(root, run_id) / MANIFEST]
+    paths += [d for t in tables for d in table_dirs(root, t, run_id)]
+    out = []
+    for p in paths:
+        try:
+            out.append(os.stat(p).st_mtime_ns)
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def delete_run(root, run_id: str) -> None:
+    """Remove a run everywhere (manifest first, so it disappears from listings at once)."""
+    import shutil
+
+    for d in [run_dir(root, run_id)] + [p for t in TABLES for p in table_dirs(root, t, run_id)]:
+        shutil.rmtree(d, ignore_errors=True)
+    legacy = legacy_run_dir(root, run_id)
+    if (legacy / MANIFEST).is_file():
+        # a legacy run may be named like a table ("routing") or "runs": keep other runs' partitions
+        for entry in os.scandir(legacy):
+            if not entry.name.startswith(f"{PARTITION_KEY}="):
+                shutil.rmtree(entry.path, ignore_errors=True) if entry.is_dir(follow_symlinks=False) \
+                    else os.unlink(entry.path)
+        try:
+            legacy.rmdir()
+        except OSError:
+            pass
 
 
 def _atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
@@ -187,7 +273,11 @@ class RunWriter:
         self._buffers = {t: _Buffer(t, self.run_id) for t in TABLES}
         self._logged_errors: set[str] = set()
         self._closed = False
-        self.path = self.root / self.run_id
+        if is_legacy_run(self.root, self.run_id):
+            raise StoreError(f"run {self.run_id!r} is stored in the pre-hive layout "
+                             f"({legacy_run_dir(self.root, self.run_id)}); move it first with "
+                             f"'chrono migrate --root {self.root}'")
+        self.path = run_dir(self.root, self.run_id)   # metadata; parts go to table_dir()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire_lock()
         self._remove_stale_temp_files()
@@ -221,7 +311,7 @@ class RunWriter:
         """
         prefix = f".part-{self.rank:05d}-"
         for t in TABLES:
-            d = self.path / t
+            d = self.table_dir(t)
             try:
                 names = os.listdir(d)
             except OSError:
@@ -236,7 +326,7 @@ class RunWriter:
     def _next_seq(self) -> int:
         seq = 0
         for t in TABLES:
-            d = self.path / t
+            d = self.table_dir(t)
             if not d.is_dir():
                 continue
             for name in os.listdir(d):
@@ -420,8 +510,12 @@ class RunWriter:
             self.stats.rows_dropped += excess
             buf.add(whole.slice(excess))
 
+    def table_dir(self, table: str) -> Path:
+        """This run's partition of ``table``."""
+        return table_dir(self.root, table, self.run_id)
+
     def _write_part(self, table: str, t: pa.Table, replaces: list[str] | None = None) -> str:
-        d = self.path / table
+        d = self.table_dir(table)
         d.mkdir(parents=True, exist_ok=True)
         name = f"part-{self.rank:05d}-{self._seq:08d}.parquet"
         final = d / name
@@ -461,7 +555,7 @@ class RunWriter:
         duplicates. Returns the number of parts superseded.
         """
         with self._lock:
-            d = self.path / table
+            d = self.table_dir(table)
             if parts is not None:
                 # only the named parts (compaction of one rank must not supersede other ranks' parts)
                 old = sorted(n for n in parts if PART_RE.match(n))
@@ -616,31 +710,48 @@ def _schema_problem(table: str, schema: pa.Schema, kv: dict) -> str | None:
 
 
 def list_runs(root) -> list[str]:
+    """Run ids with a manifest under ``root`` (current layout and legacy)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and RUN_ID_RE.match(p.name) and (p / MANIFEST).is_file())
+    runs = set()
+    prefix = f"{PARTITION_KEY}="
+    try:
+        for p in (root / RUNS_DIR).iterdir():
+            rid = p.name[len(prefix):]
+            if p.name.startswith(prefix) and RUN_ID_RE.match(rid) and (p / MANIFEST).is_file():
+                runs.add(rid)
+    except OSError:
+        pass
+    runs.update(p.name for p in root.iterdir()
+                if p.is_dir() and RUN_ID_RE.match(p.name) and (p / MANIFEST).is_file())
+    return sorted(runs)
 
 
 def part_files(root, table: str, run: str | None = None) -> list[str]:
-    """Readable part files of ``table`` (one run or all), temporary files excluded."""
+    """Readable part files of ``table`` (one run or all), temporary and superseded parts excluded.
+
+    A run's parts are read from its partition and, if any are left there, from
+    the legacy location (a store written before the hive layout, or one whose
+    ``chrono migrate`` was interrupted): a part is in exactly one place, since
+    migration moves files with ``os.replace``.
+    """
     table_schema(table)
     runs = [validate_run_id(run)] if run is not None else list_runs(root)
     out = []
     for r in runs:
-        d = Path(root) / r / table
-        try:
-            names = sorted(n for n in os.listdir(d) if PART_RE.match(n))
-        except OSError:
-            continue
         good, superseded = [], set()
-        for name in names:
-            ok, replaces, _ = _part_info(str(d / name), table)
-            if ok:
-                good.append(name)
-                superseded.update(replaces)
-        out.extend(str(d / n) for n in good if n not in superseded)
+        for d in table_dirs(root, table, r):
+            try:
+                names = sorted(n for n in os.listdir(d) if PART_RE.match(n))
+            except OSError:
+                continue
+            for name in names:
+                ok, replaces, _ = _part_info(str(d / name), table)
+                if ok:
+                    good.append((name, d))
+                    superseded.update(replaces)
+        out.extend(str(d / n) for n, d in good if n not in superseded)
     return out
 
 
@@ -660,8 +771,8 @@ def compact(root, run: str, tables=None) -> dict[str, int]:
     """
     path = require_run(root, run)
     merged: dict[str, int] = {}
-    ranks = sorted({int(m.group(1)) for t in TABLES if (path / t).is_dir()
-                    for n in os.listdir(path / t) if (m := PART_RE.match(n))})
+    ranks = sorted({int(PART_RE.match(os.path.basename(f)).group(1))
+                    for t in TABLES for f in part_files(root, t, run)})
     # keep the run's world size in the manifest (RunWriter would write its default, 1)
     world_size = (read_manifest(path) or {}).get("world_size") or 1
     for rank in ranks:
@@ -678,9 +789,9 @@ def compact(root, run: str, tables=None) -> dict[str, int]:
 
 
 def require_run(root, run: str) -> Path:
-    validate_run_id(run)
-    p = Path(root) / run
-    if not (p / MANIFEST).is_file():
+    """The run's metadata directory (see ``run_meta_dir``); a StoreError naming known runs if none."""
+    p = run_meta_dir(root, validate_run_id(run))
+    if p is None:
         known = list_runs(root)
         hint = f"; runs under {root}: {', '.join(known[:10])}" if known else f"; no runs under {root}"
         raise StoreError(f"unknown run {run!r}{hint}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -32,8 +31,7 @@ import pandas as pd
 import streamlit as st
 
 import chrono
-from chrono.schema import TABLES
-from chrono.store import MANIFEST, default_root
+from chrono.store import default_root, list_runs, run_stamps
 
 ROOT_ENV = "CHRONO_ROOT"
 STEP_BINS = 300  # heatmap columns: about one per 3 px of a wide chart
@@ -50,23 +48,7 @@ def store_root() -> Path:
 # --------------------------------------------------------------- connection
 def _fingerprint(root: Path) -> dict[str, tuple]:
     """{run_id: (manifest mtime, mtime of each table directory)}; cheap stats only."""
-    out: dict[str, tuple] = {}
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return out
-    for e in entries:
-        if not e.is_dir() or e.name.startswith("."):
-            continue
-        stamps = []
-        for name in (MANIFEST, *TABLES):
-            try:
-                stamps.append(os.stat(os.path.join(e.path, name)).st_mtime_ns)
-            except OSError:
-                stamps.append(None)
-        if stamps[0] is not None:  # a run is a directory with a manifest
-            out[e.name] = tuple(stamps)
-    return out
+    return {run: run_stamps(root, run) for run in list_runs(root)}
 
 
 def _digest(obj) -> str:

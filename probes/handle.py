@@ -16,6 +16,7 @@ What happens where:
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections import Counter
@@ -143,15 +144,16 @@ class Handle:
             self.writer = _NullWriter(run, e)
         self.run_id = self.writer.run_id
         self._bg = BackgroundWriter(self.writer)
+        self.metrics_server = None
         try:
             self._install(model, lenses or {})
+            if metrics_port is not None:
+                self.metrics_server = self.serve_metrics(self._rank_port(metrics_port))
         except BaseException:
             self._remove_hooks()
             self._bg.close()
             self.writer.close()
             raise
-        if metrics_port is not None:
-            self.serve_metrics(metrics_port)
 
     # ------------------------------------------------------------- installing
     def _install(self, model: nn.Module, lenses: dict) -> None:
@@ -449,6 +451,19 @@ class Handle:
             "distributed": None if self._dist is None else self._dist.stats(),
         }
 
+    def _rank_port(self, port: int) -> int:
+        """``metrics_port`` for this process: several ranks on one node must not share a port.
+
+        Multi-rank: ``port + LOCAL_RANK`` (torchrun sets it; without it, ``port +
+        rank``), so a node with 8 ranks serves ``port .. port+7``. ``0`` (any free
+        port) stays 0.
+        """
+        if self._dist is None or int(port) == 0:
+            return int(port)
+        local = os.environ.get("LOCAL_RANK")
+        offset = int(local) if local is not None and local.isdigit() else self._dist.global_rank
+        return int(port) + offset
+
     def serve_metrics(self, port: int, host: str = "127.0.0.1"):
         """Serve this handle's live metrics for Prometheus (``chrono.exporters.prometheus``)."""
         try:
@@ -476,6 +491,8 @@ class Handle:
                 self.writer.close()
             except Exception as e:
                 self._fault("close", e)
+            if self.metrics_server is not None:   # the port is free again once detached
+                self.metrics_server.close()
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:

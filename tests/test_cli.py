@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from chrono.cli import main
+from chrono.store import run_dir
 
 
 def run_cli(*args, root=None):
@@ -150,4 +151,5 @@ def test_demo_twice_is_idempotent_and_spares_user_runs(tmp_path, capsys):
     assert main(["--root", str(tmp_path), "demo", "--run", "mine", "--steps", "20", "--model-steps", "0",
                  "--no-serve"]) == 2
     assert "was not written by 'chrono demo'" in capsys.readouterr().err
-    assert (tmp_path / "mine" / "manifest.json").exists()
+    assert (run_dir(tmp_path, "mine") / "manifest.json").exists()
+    assert chrono.connect(tmp_path).execute("SELECT count(*) FROM signals WHERE run_id = 'mine'").fetchall() == [(1,)]

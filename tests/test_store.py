@@ -13,7 +13,7 @@ import pytest
 
 import chrono
 from chrono.schema import TABLES
-from chrono.store import StoreError, compact, part_files
+from chrono.store import StoreError, compact, part_files, run_dir, table_dir
 
 MODEL = {"layers": [0, 1], "experts_per_layer": {"0": 4, "1": 4}, "top_k": 2, "adapter": "test"}
 
@@ -79,7 +79,7 @@ def test_empty_store_views_have_columns(tmp_path):
 
 def test_manifest_and_runs_view(store_root):
     write_run(store_root)
-    m = json.loads((store_root / "r1" / "manifest.json").read_text())
+    m = json.loads((run_dir(store_root, "r1") / "manifest.json").read_text())
     assert m["schema_version"] == chrono.SCHEMA_VERSION and m["model"] == MODEL
     con = chrono.connect(store_root)
     assert con.execute("SELECT run_id, n_layers, n_experts, top_k FROM runs").fetchall() == [("r1", 2, 4, 2)]
@@ -87,10 +87,10 @@ def test_manifest_and_runs_view(store_root):
 
 def test_corrupt_part_is_skipped_with_one_warning(store_root, caplog):
     total = write_run(store_root)
-    bad = store_root / "r1" / "routing" / "part-00000-00000099.parquet"
+    bad = table_dir(store_root, "routing", "r1") / "part-00000-00000099.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
-    trunc_src = sorted((store_root / "r1" / "routing").glob("part-*"))[0]
-    trunc = store_root / "r1" / "routing" / "part-00001-00000000.parquet"
+    trunc_src = sorted((table_dir(store_root, "routing", "r1")).glob("part-*"))[0]
+    trunc = table_dir(store_root, "routing", "r1") / "part-00001-00000000.parquet"
     trunc.write_bytes(trunc_src.read_bytes()[:-20])
     with caplog.at_level("WARNING", logger="chrono.store"):
         np.testing.assert_array_equal(counts_from_store(store_root), total)
@@ -101,8 +101,8 @@ def test_corrupt_part_is_skipped_with_one_warning(store_root, caplog):
 
 def test_temp_files_are_not_data(store_root):
     total = write_run(store_root)
-    tmp = store_root / "r1" / "routing" / ".part-00000-00000050.parquet.tmp"
-    tmp.write_bytes((sorted((store_root / "r1" / "routing").glob("part-*"))[0]).read_bytes())
+    tmp = table_dir(store_root, "routing", "r1") / ".part-00000-00000050.parquet.tmp"
+    tmp.write_bytes((sorted((table_dir(store_root, "routing", "r1")).glob("part-*"))[0]).read_bytes())
     np.testing.assert_array_equal(counts_from_store(store_root), total)
 
 
@@ -145,7 +145,7 @@ def test_compaction_keeps_rows(store_root):
 def test_superseded_parts_hidden_if_delete_never_happened(store_root):
     """A compaction killed after writing the merged part but before deleting old ones shows no duplicates."""
     total = write_run(store_root, steps=10, flush_every=2)
-    d = store_root / "r1" / "routing"
+    d = table_dir(store_root, "routing", "r1")
     saved = {p.name: p.read_bytes() for p in d.glob("part-*")}
     compact(store_root, "r1")
     for name, data in saved.items():  # resurrect the superseded parts

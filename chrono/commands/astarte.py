@@ -14,12 +14,13 @@ from pathlib import Path
 
 def _checkpoint(args) -> Path:
     from chrono.cli import UserError
-    from chrono.store import validate_run_id
+    from chrono.store import run_dir, run_meta_dir, validate_run_id
 
     if args.checkpoint:
         p = Path(args.checkpoint)
     elif args.run:
-        p = Path(args.root) / validate_run_id(args.run) / "checkpoints" / "astarte.pt"
+        p = (run_meta_dir(args.root, validate_run_id(args.run)) or run_dir(args.root, args.run)) \
+            / "checkpoints" / "astarte.pt"
     else:
         raise UserError("give --run RUN (a run recorded by 'chrono workload astarte') or --checkpoint PATH")
     if not p.is_file():

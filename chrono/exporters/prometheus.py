@@ -191,13 +191,9 @@ class StoreSource:
 
     # -------------------------------------------------------------- change detection
     def _dir_mtimes(self, run: str) -> tuple:
-        out = []
-        for name in ("manifest.json",) + self._WATCHED:
-            try:
-                out.append(os.stat(self.root / run / name).st_mtime_ns)
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        from ..store import run_stamps
+
+        return run_stamps(self.root, run, self._WATCHED)
 
     def current_run(self) -> str | None:
         if self.run is not None:

@@ -113,7 +113,7 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 300, seed: int =
                               val=val, eval_every=eval_every, progress=progress, handle=h)
         val_loss = evaluate(model, val)
         w.log_signal(steps - 1, "val_loss", val_loss)
-        ckpt = Path(root) / run_id / CHECKPOINT
+        ckpt = Path(w.path) / CHECKPOINT    # the run's metadata directory
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(ckpt, model, opt, chunk=steps)
         sample = generate(model, b"def ", length=40, temperature=0.8, seed=seed)

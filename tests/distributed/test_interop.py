@@ -2,7 +2,11 @@
 
 The store is written the way a 2-rank job writes it (one ``RunWriter`` per
 rank, ``part-<rank>-<seq>`` files, a ``rank`` column), one run compacted, and
-the per-(run, layer, expert) sums every engine computes must agree.
+the per-(run, layer, expert) sums every engine computes must agree. Each
+engine is pointed at a table directory (``<root>/routing``) and discovers the
+``run_id=<run>`` partitions itself, the way it reads any hive-partitioned
+dataset; a filter on ``run_id`` prunes whole partitions. One run id looks
+like a number ("2024") and must stay a string.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ pytestmark = [pytest.mark.distributed,
               pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")]
 
 LAYERS, E, STEPS = 3, 6, 4
+RUNS = {"alpha": 0, "beta": 10, "2024": 20}   # run id -> seed base
 
 
 def _write_rank(root, run, rank, seed):
@@ -34,15 +39,16 @@ def _write_rank(root, run, rank, seed):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("interop") / "store"
-    for run, base in (("alpha", 0), ("beta", 10)):
+    for run, base in RUNS.items():
         for rank in (0, 1):
             _write_rank(root, run, rank, base + rank)
     before = len(part_files(root, "routing", "beta"))
     merged = compact(root, "beta")
     assert merged["routing"] == before
     after = part_files(root, "routing", "beta")
-    # compaction keeps the layout: one part per rank, still part-<rank>-<seq> under <run>/routing/
+    # compaction keeps the layout: one part per rank, still part-<rank>-<seq> in routing/run_id=beta/
     assert sorted(os.path.basename(f)[:11] for f in after) == ["part-00000-", "part-00001-"]
+    assert {os.path.dirname(f) for f in after} == {str(root / "routing" / "run_id=beta")}
     return root
 
 
@@ -70,18 +76,24 @@ def spark():
 def test_duckdb_sees_both_ranks(store):
     con = chrono.connect(store)
     ranks = con.sql("SELECT DISTINCT run_id, rank FROM routing ORDER BY ALL").to_arrow_table().to_pylist()
-    assert ranks == [{"run_id": r, "rank": k} for r in ("alpha", "beta") for k in (0, 1)]
+    assert ranks == [{"run_id": r, "rank": k} for r in sorted(RUNS) for k in (0, 1)]
 
 
 @pytest.mark.slow   # starts a JVM
 def test_spark_counts_equal_duckdb(store, spark):
     expected = duckdb_sums(store)
-    df = spark.read.parquet(str(store / "*" / "routing" / "*.parquet"))
+    df = spark.read.parquet(str(store / "routing"))     # partition discovery finds run_id=<run>
     assert {"run_id", "layer", "expert", "tokens", "rank"} <= set(df.columns)
+    assert dict(df.dtypes)["run_id"] == "string"        # "2024" is not inferred as a number
     rows = df.groupBy("run_id", "layer", "expert").sum("tokens").collect()
     got = {(r["run_id"], r["layer"], r["expert"]): r["sum(tokens)"] for r in rows}
     assert got == expected
-    assert len(got) == 2 * LAYERS * E
+    assert len(got) == len(RUNS) * LAYERS * E
+    one = df.where(df.run_id == "2024")
+    plan = one._jdf.queryExecution().executedPlan().toString()
+    assert "PartitionFilters: [isnotnull(run_id" in plan and "(run_id#" in plan   # pruned by directory
+    assert one.groupBy().sum("tokens").collect()[0][0] == \
+        sum(n for (run, _, _), n in expected.items() if run == "2024")
     # the exact file list chrono's reader uses (excludes parts superseded by a compaction
     # that crashed before deleting them) gives the same answer
     exact = spark.read.parquet(*part_files(store, "routing"))
@@ -89,17 +101,23 @@ def test_spark_counts_equal_duckdb(store, spark):
 
 
 def test_plain_duckdb_glob_recipe_equals_the_chrono_reader(store):
-    """The docs' object-storage recipe (read_parquet over a glob), here on a local path."""
+    """The docs' object-storage recipe (read_parquet over a hive glob), here on a local path."""
     import duckdb
-    glob = str(store / "*" / "routing" / "*.parquet")
-    rows = duckdb.sql(f"SELECT run_id, layer, expert, sum(tokens)::BIGINT AS n FROM "
-                      f"read_parquet('{glob}', union_by_name = true) GROUP BY ALL").fetchall()
+    src = (f"read_parquet('{store}/routing/*/*.parquet', hive_partitioning = true, "
+           f"union_by_name = true)")
+    rows = duckdb.sql(f"SELECT run_id, layer, expert, sum(tokens)::BIGINT AS n FROM {src} GROUP BY ALL"
+                      ).fetchall()
     assert {(r, l, e): n for r, l, e, n in rows} == duckdb_sums(store)
+    assert {type(r) for r, *_ in rows} == {str}
+    plan = duckdb.sql(f"EXPLAIN ANALYZE SELECT sum(tokens) FROM {src} WHERE run_id = 'beta'").fetchall()
+    text = "\n".join(str(c) for row in plan for c in row)
+    n_files = len(part_files(store, "routing"))
+    assert f"Scanning Files: 2/{n_files}" in text     # only beta's two compacted parts are opened
 
 
 def test_polars_counts_equal_duckdb(store):
     expected = duckdb_sums(store)
-    raw = (pl.scan_parquet(str(store / "*" / "routing" / "*.parquet"))
+    raw = (pl.scan_parquet(store / "routing", hive_partitioning=True)
            .group_by("run_id", "layer", "expert").agg(pl.col("tokens").sum()).collect())
     got = {(r["run_id"], r["layer"], r["expert"]): r["tokens"] for r in raw.iter_rows(named=True)}
     assert got == expected

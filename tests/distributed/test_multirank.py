@@ -12,12 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import socket
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 import chrono
-from chrono.store import PART_RE, part_files
+from chrono.store import PART_RE, part_files, run_dir, table_dir
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -54,12 +58,40 @@ def store_counts(root: Path, run: str, rank: int | None = None) -> np.ndarray:
     return a
 
 
+def two_free_ports() -> int:
+    """A port P with P and P + 1 both free (one /metrics endpoint per local rank)."""
+    for _ in range(50):
+        p = free_port()
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
-    p, root, out = torchrun(tmp, "dp")
+    port = two_free_ports()
+    p, root, out = torchrun(tmp, "dp", "--metrics-port", str(port))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (out / "port").write_text(str(port))
     return root, out
+
+
+def test_each_rank_serves_metrics_on_its_own_port(dp_run):
+    """metrics_port=P on two ranks of one node: rank r serves P + LOCAL_RANK, no clash."""
+    _, out = dp_run
+    port = int((out / "port").read_text())
+    for r in (0, 1):
+        scrape = rank_out(out, r)["scrape"]
+        assert scrape["port"] == port + r
+        # the global snapshot (identical on both ranks) is exported by each rank's endpoint
+        assert 'chrono_neff{layer="0",run="dp"}' in scrape["body"]
+        assert rank_out(out, r)["metrics_server_closed"]   # detach frees the port
 
 
 def test_global_counts_are_the_sum_of_what_each_rank_routed(dp_run):
@@ -102,7 +134,7 @@ def test_decisions_identical_on_both_ranks_and_stored_once(dp_run):
                      "WHERE run_id = 'dp' ORDER BY step, layer").to_arrow_table().to_pylist()
     assert [(s["step"], s["layer"]) for s in stored] == [(d["step"], d["layer"]) for d in d0]
     assert [s["pressure"] for s in stored] == pytest.approx([d["pressure"] for d in d0])
-    lines = (root / "dp" / "control_decisions.jsonl").read_text().splitlines()
+    lines = (run_dir(root, "dp") / "control_decisions.jsonl").read_text().splitlines()
     assert len(lines) == len(d0)      # mirrored by rank 0 only
 
 
@@ -119,7 +151,7 @@ def test_expert_parallel_slices_are_placed_in_the_global_expert_space(tmp_path):
     n = con.sql("SELECT DISTINCT n_experts FROM snapshots WHERE run_id = 'ep' AND layer >= 0"
                 ).to_arrow_table().column(0).to_pylist()
     assert n == [E]
-    manifest = json.loads((root / "ep" / "manifest.json").read_text())
+    manifest = json.loads((run_dir(root, "ep") / "manifest.json").read_text())
     assert manifest["model"]["experts_per_layer"] == {str(l): E for l in range(LAYERS)}
     assert rank_out(out, 0)["decisions"] == rank_out(out, 1)["decisions"]
 
@@ -132,7 +164,7 @@ def test_rank_killed_mid_run_leaves_the_store_readable(tmp_path):
     killed = np.array(rank_out(out, 1)["counts"])      # what rank 1 routed before SIGKILL
     # every part file on disk parses, none is skipped, no temporary file is visible to readers
     for table in ("routing", "snapshots", "decisions"):
-        d = root / "killed" / table
+        d = table_dir(root, table, "killed")
         names = sorted(n for n in os.listdir(d) if PART_RE.match(n)) if d.is_dir() else []
         assert len(part_files(root, table, "killed")) == len(names)
         for n in names:

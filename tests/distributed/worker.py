@@ -10,7 +10,10 @@ decisions and the lens scales.
 ``[r * E/world, (r+1) * E/world)`` (local indices), declared with
 ``probes.distributed.Distributed(expert_slices=...)``.
 
-usage: worker.py ROOT RUN OUT STEPS FLUSH_EVERY [--ep] [--kill-rank R --kill-after S]
+``--metrics-port P``: every rank serves /metrics (``P + LOCAL_RANK``) and
+scrapes its own endpoint once during training.
+
+usage: worker.py ROOT RUN OUT STEPS FLUSH_EVERY [--ep] [--kill-rank R --kill-after S] [--metrics-port P]
 """
 from __future__ import annotations
 
@@ -94,6 +97,7 @@ def main() -> None:
                     help="rank 1 builds one more MoE layer: attach must refuse on every rank")
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--kill-after", type=int, default=-1)
+    ap.add_argument("--metrics-port", type=int, default=None)
     a = ap.parse_args()
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -132,7 +136,9 @@ def main() -> None:
         layer.router.register_forward_hook(count(i))
 
     dopt = Distributed(expert_slices=(offset, E)) if a.ep else None   # None: on by default
-    with probes.attach(model, run=a.run, root=a.root, flush_every=a.flush_every, distributed=dopt) as h:
+    scrape = None
+    with probes.attach(model, run=a.run, root=a.root, flush_every=a.flush_every, distributed=dopt,
+                       metrics_port=a.metrics_port) as h:
         assert h.stats()["distributed"]["world_size"] == world
         gov = chrono.govern(model, h, actuators=("lens",))
         for step in range(a.steps):
@@ -149,6 +155,10 @@ def main() -> None:
             opt.step()
             h.step()
             gov.step()
+            if a.metrics_port is not None and step == a.flush_every:   # a window has closed
+                import urllib.request
+                with urllib.request.urlopen(h.metrics_server.url, timeout=10) as resp:
+                    scrape = {"port": h.metrics_server.port, "body": resp.read().decode()}
             if rank == a.kill_rank and step + 1 == a.kill_after:
                 h.flush()   # what this rank routed so far is on disk
                 Path(a.out, f"rank{rank}.json").write_text(json.dumps({"counts": mine.tolist()}))
@@ -160,7 +170,8 @@ def main() -> None:
     Path(a.out, f"rank{rank}.json").write_text(json.dumps({
         "counts": mine.tolist(), "decisions": decisions, "stats": stats["distributed"],
         "tokens_total": {str(k): v for k, v in stats["tokens_total"].items()},
-        "scales": scales, "latest_snapshot": h.latest_snapshot(),
+        "scales": scales, "latest_snapshot": h.latest_snapshot(), "scrape": scrape,
+        "metrics_server_closed": h.metrics_server is None or h.metrics_server._closed,
     }, default=float))
     dist.barrier()
     dist.destroy_process_group()

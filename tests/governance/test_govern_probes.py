@@ -7,6 +7,7 @@ import torch
 import chrono
 from chrono.cli import main
 from chrono.governance import JSONL_NAME
+from chrono.store import run_dir
 
 probes = pytest.importorskip("probes")
 
@@ -31,7 +32,7 @@ def test_govern_with_probes_end_to_end(store_root, tiny_model, capsys):
     assert windows >= 24 and len(rows) == 2 * windows   # one decision per layer per snapshot window
     assert {r["actuator"] for r in rows} == {"informed-lens+bias"}
     assert any(not r["abstain"] for r in rows)
-    jsonl = [json.loads(l) for l in (store_root / "govp" / JSONL_NAME).read_text().splitlines()]
+    jsonl = [json.loads(l) for l in (run_dir(store_root, "govp") / JSONL_NAME).read_text().splitlines()]
     assert [(r["step"], r["layer"], r["pressure"]) for r in jsonl] == \
         [(r["step"], r["layer"], r["pressure"]) for r in rows]
     assert main(["--root", str(store_root), "replay", "govp"]) == 0

@@ -6,6 +6,7 @@ import torch
 import chrono
 from chrono.cli import main
 from chrono.governance import CONFIG_NAME, JSONL_NAME, govern
+from chrono.store import run_dir
 
 
 def _governed_run(store_root, tiny_model, fake_handle, run="gov1", steps=150):
@@ -26,9 +27,9 @@ def _governed_run(store_root, tiny_model, fake_handle, run="gov1", steps=150):
 def test_replay_reproduces_stored_decisions(store_root, tiny_model, fake_handle, capsys):
     h = _governed_run(store_root, tiny_model, fake_handle)
     assert len(h.decisions) == 60 and any(not d["abstain"] for d in h.decisions)
-    run_dir = store_root / "gov1"
-    assert json.loads((run_dir / CONFIG_NAME).read_text())["actuator"] == "lens+bias"
-    jsonl = [json.loads(l) for l in (run_dir / JSONL_NAME).read_text().splitlines()]
+    meta = run_dir(store_root, "gov1")
+    assert json.loads((meta / CONFIG_NAME).read_text())["actuator"] == "lens+bias"
+    jsonl = [json.loads(l) for l in (meta / JSONL_NAME).read_text().splitlines()]
     assert jsonl == h.decisions                       # JSONL mirrors the decisions table
     rc = main(["--root", str(store_root), "replay", "gov1"])
     out = capsys.readouterr().out

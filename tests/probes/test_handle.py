@@ -16,6 +16,7 @@ import torch
 import chrono
 import probes
 import probe_models as T
+from chrono.store import table_dir
 
 
 def _ids(b=2, s=8, seed=0):
@@ -184,7 +185,7 @@ def test_write_failure_is_counted_and_training_goes_on(store_root, caplog):
     with caplog.at_level(logging.ERROR):
         with probes.attach(m, run="wf", root=store_root, flush_every=1) as h:
             m(_ids()); h.step(); h.flush()
-            routing_dir = store_root / "wf" / "routing"
+            routing_dir = table_dir(store_root, "routing", "wf")
             import shutil
             shutil.rmtree(routing_dir)
             routing_dir.write_text("not a directory")  # every later routing part write fails

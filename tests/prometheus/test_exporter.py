@@ -122,8 +122,12 @@ def test_without_run_follows_the_newest_run(run_builder, monkeypatch):
     src = StoreSource(run_builder.root)  # no run: follow the most recently written one
 
     def age(run, seconds):
-        for d in os.scandir(run_builder.root / run):
-            os.utime(d.path, (0, os.stat(d.path).st_mtime - seconds))
+        from chrono.schema import TABLES
+        from chrono.store import run_dir, table_dirs
+        paths = [run_dir(run_builder.root, run) / "manifest.json"]
+        paths += [d for t in TABLES for d in table_dirs(run_builder.root, t, run) if d.exists()]
+        for p in paths:
+            os.utime(p, (0, os.stat(p).st_mtime - seconds))
     age("exp1", 100)
     assert src.current_run() == "exp2"
     assert {dict(k)["run"] for k in series(parse(Exporter(src).exposition()), "chrono_neff")} == {"exp2"}

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import chrono
+from chrono.store import table_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -28,7 +29,7 @@ def child_env() -> dict:
 def plant_decoy_temp_part(root, run: str, table: str = "routing") -> Path:
     """A complete, valid Parquet file under a temporary part name (as if a writer died
     between writing and renaming it). Its rows have step -7; readers must never show them."""
-    d = Path(root) / run / table
+    d = table_dir(root, table, run)
     d.mkdir(parents=True, exist_ok=True)
     t = pa.table({"run_id": [run], "step": pa.array([-7], pa.int64()), "mode": ["TRAIN"],
                   "layer": pa.array([0], pa.int32()), "expert": pa.array([0], pa.int32()),

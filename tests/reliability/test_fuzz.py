@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import chrono
 from chrono.cli import main as cli_main
 from chrono.schema import TABLES
+from chrono.store import table_dir
 
 _SETTINGS = dict(deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -92,8 +93,8 @@ def _check_readers_survive(tmp_path, intruders):
     _base_store(root)
     extra = 0
     for i, (data, rows) in enumerate(intruders):
-        (root / "r" / "routing" / f"part-00007-{i:08d}.parquet").write_bytes(data)
-        (root / "r" / "signals" / f"part-00007-{i:08d}.parquet").write_bytes(data)
+        (table_dir(root, "routing", "r") / f"part-00007-{i:08d}.parquet").write_bytes(data)
+        (table_dir(root, "signals", "r") / f"part-00007-{i:08d}.parquet").write_bytes(data)
         extra += rows
     con = chrono.connect(root)
     for table in TABLES:  # every view answers
@@ -128,7 +129,7 @@ def test_corrupt_data_pages_give_one_line_cli_error(store_root, capsys):
     one line, exit 1, instead of a traceback."""
     with chrono.open_run(store_root, "r") as w:
         w.log_routing(0, np.arange(4), np.arange(256).reshape(4, 64))
-    (part,) = (store_root / "r" / "routing").glob("part-*.parquet")
+    (part,) = table_dir(store_root, "routing", "r").glob("part-*.parquet")
     b = bytearray(part.read_bytes())
     for i in range(8, 1200, 13):
         b[i] ^= 0xFF

@@ -14,6 +14,7 @@ import pytest
 
 import chrono
 import chrono.store as store
+from chrono.store import delete_run, run_dir, table_dir
 
 ROWS = 8  # routing rows per logged step below
 
@@ -115,7 +116,7 @@ def test_run_directory_deleted_under_running_writer(store_root, caplog):
     with chrono.open_run(store_root, "r", on_error="count") as w:
         _log(w, 0)
         w.flush()
-        shutil.rmtree(store_root / "r")
+        delete_run(store_root, "r")   # metadata directory and every table partition
         _log(w, 1)
         assert w.flush() == ROWS + 1
         # visible to readers at once, before close(): the manifest was rewritten
@@ -140,14 +141,17 @@ def test_run_directory_replaced_by_a_file_then_restored(store_root, caplog):
     with chrono.open_run(store_root, "r", on_error="count") as w:
         _log(w, 0)
         w.flush()
-        shutil.rmtree(store_root / "r")
-        (store_root / "r").write_text("not a directory")
+        delete_run(store_root, "r")
+        run_paths = [run_dir(store_root, "r")] + [table_dir(store_root, t, "r") for t in ("routing", "signals")]
+        for p in run_paths:
+            p.write_text("not a directory")
         for step in (1, 2):
             _log(w, step)
             assert w.flush() == 0  # no raise
         assert w.stats.write_errors >= 2
         assert len(_errors_logged(caplog)) <= 2  # one per kind of error, not per flush
-        os.unlink(store_root / "r")  # the fault clears
+        for p in run_paths:
+            os.unlink(p)  # the fault clears
         _log(w, 3)
         assert w.flush() == 3 * (ROWS + 1)
     assert _steps(store_root) == {s: ROWS for s in (1, 2, 3)}
@@ -159,12 +163,12 @@ def test_real_read_only_directory(store_root, caplog):
     with chrono.open_run(store_root, "r", on_error="count") as w:
         _log(w, 0)
         w.flush()
-        os.chmod(store_root / "r" / "routing", 0o500)
+        os.chmod(table_dir(store_root, "routing", "r"), 0o500)
         try:
             _log(w, 1)
             w.flush()
             assert w.stats.write_errors >= 1
         finally:
-            os.chmod(store_root / "r" / "routing", 0o700)
+            os.chmod(table_dir(store_root, "routing", "r"), 0o700)
         assert w.flush() >= ROWS
     assert _steps(store_root) == {0: ROWS, 1: ROWS}

@@ -106,7 +106,7 @@ def test_sql_that_writes_attaches_or_reads_outside_root_is_refused(world, capsys
         assert err.startswith("chrono: error:") and err.count("\n") == 1, (sql, err)
     # the connection still works after all of that, and so does reading inside the root
     assert run_readonly_sql(con, "SELECT count(*) AS n FROM routing").to_pylist() == [{"n": 4}]
-    assert run_readonly_sql(con, f"SELECT count(*) AS n FROM '{root}/r/routing/*.parquet'").to_pylist() \
+    assert run_readonly_sql(con, f"SELECT count(*) AS n FROM '{root}/routing/run_id=r/*.parquet'").to_pylist() \
         == [{"n": 4}]
     assert tree_state(root.parent) == before
 
