@@ -16,7 +16,6 @@ import errno
 import importlib.util
 import logging
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -91,13 +90,16 @@ def _storage_fault(kind, root):
                             w.flush()
                     elif kind == "run directory deleted":
                         if step == 2:
-                            shutil.rmtree(Path(root) / "r")
+                            store.delete_run(root, "r")   # metadata directory and every partition
                         w.flush()
                     elif kind == "run directory replaced by a file":
-                        shutil.rmtree(Path(root) / "r", ignore_errors=True)
-                        (Path(root) / "r").write_text("x")
+                        store.delete_run(root, "r")
+                        paths = [store.run_dir(root, "r"), store.table_dir(root, "routing", "r")]
+                        for p in paths:
+                            p.write_text("x")
                         w.flush()
-                        (Path(root) / "r").unlink()
+                        for p in paths:
+                            p.unlink()
                 else:
                     w.flush()
             except Exception:

@@ -1,7 +1,7 @@
 """``chrono astarte dream|generate``: sample text from a trained Astarte checkpoint.
 
 The checkpoint is the one ``chrono workload astarte`` saved in the run directory
-(``<root>/<run>/checkpoints/astarte.pt``) unless ``--checkpoint`` names another.
+(``<root>/runs/run_id=<run>/checkpoints/astarte.pt``) unless ``--checkpoint`` names another.
 Dreaming starts from the model's saved registers with Gaussian noise as input;
 generating continues a prompt. Neither changes the checkpoint.
 """

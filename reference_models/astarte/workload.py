@@ -7,7 +7,7 @@ Per training chunk it logs ``loss``, ``astarte.null_norm``, ``astarte.register_n
 through the heads' native router protocol (routing rows, snapshots, alerts); ``val_loss`` every ``eval_every`` chunks. Pause chunks (every
 ``pause_every``) let the registers free-run without input and without a gradient
 step; their signals are logged too (``astarte.pause`` = 1).
-The final checkpoint goes to ``<root>/<run_id>/checkpoints/astarte.pt``.
+The final checkpoint goes to ``<root>/runs/run_id=<run_id>/checkpoints/astarte.pt`` (the run's metadata directory).
 """
 from __future__ import annotations
 
