@@ -40,13 +40,12 @@ def generate(root: Path, steps: int) -> dict:
     from chrono.snapshots import AlertTracker, layer_rows
     from tqdm import tqdm
 
-    marker = root / RUN / f".bench-complete-{steps}"
+    from chrono.store import delete_run, run_dir
+
+    marker = run_dir(root, RUN) / f".bench-complete-{steps}"
     if marker.exists():
         return json.loads(marker.read_text())
-    if (root / RUN).exists():
-        import shutil
-
-        shutil.rmtree(root / RUN)
+    delete_run(root, RUN)
     rng = np.random.default_rng(0)
     model = {"name": "bench-moe", "layers": list(range(LAYERS)),
              "experts_per_layer": {str(l): EXPERTS for l in range(LAYERS)}, "top_k": 2}

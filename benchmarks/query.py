@@ -42,7 +42,9 @@ SELECT step, layer, -sum(p * ln(p)) AS entropy FROM s GROUP BY ALL
 def generate(root: Path, rows: int, seed: int = 0) -> None:
     import chrono
 
-    if (root / "bench" / "manifest.json").exists():
+    from chrono.store import run_meta_dir
+
+    if run_meta_dir(root, "bench") is not None:
         return
     rng = np.random.default_rng(seed)
     per_layer = ROWS_PER_STEP // LAYERS
