@@ -29,6 +29,7 @@ snapshots, alerts and decisions are written by rank 0 only.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -91,13 +92,30 @@ def resolve(distributed, routers) -> "DistributedSync | None":
 
 
 def _collective_device(group) -> torch.device:
-    """CPU for gloo (and mixed ``cpu:gloo,cuda:nccl``), the current CUDA device for NCCL."""
+    """Where the flush buffer lives for the all-reduce: CPU for gloo (and mixed
+    ``cpu:gloo,cuda:nccl``), this rank's GPU for NCCL.
+
+    This rank's GPU: the device the process group was bound to
+    (``init_process_group(device_id=...)``), else the current CUDA device. A
+    script that never called ``torch.cuda.set_device`` has current device 0 on
+    every rank, and NCCL refuses (or hangs on) two ranks of one node on one
+    GPU; then ``LOCAL_RANK`` (set by torchrun) picks the GPU, as it would with
+    ``set_device(LOCAL_RANK)``.
+    """
     backend = str(_dist().get_backend(group)).lower()
     if "gloo" in backend or "cpu" in backend or not torch.cuda.is_available():
         return torch.device("cpu")
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    pg = group if group is not None else _dist().group.WORLD
+    bound = getattr(pg, "bound_device_id", None)
+    if bound is not None:
+        return torch.device(bound)
+    current = torch.cuda.current_device()
+    local = os.environ.get("LOCAL_RANK", "")
+    if current == 0 and local.isdigit() and 0 < int(local) < torch.cuda.device_count():
+        return torch.device("cuda", int(local))
+    return torch.device("cuda", current)
 
 
 class DistributedSync:

@@ -1,6 +1,7 @@
 """The store's hive layout: where files go, compaction keeps it, legacy runs read and migrate."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -118,3 +119,16 @@ def test_legacy_runs_are_read_beside_new_ones_and_migrate_moves_them(store_root,
         w.log_signal(99, "loss", 0.0)
     assert cli_main(["--root", str(store_root), "migrate"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_demo_replaces_its_own_legacy_run(tmp_path, capsys):
+    """`make demo` on a store left by an older chrono: the old demo run is replaced, not refused."""
+    root = tmp_path / "store"
+    _make_legacy(root, "demo", tmp_path)
+    manifest = root / "demo" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(dict(m, config={"demo": True})))
+    assert cli_main(["--root", str(root), "demo", "--steps", "20", "--model-steps", "0", "--no-serve"]) == 0
+    assert not (root / "demo").exists() and not is_legacy_run(root, "demo")
+    con = chrono.connect(root)
+    assert con.execute("SELECT count(*) FROM routing WHERE run_id = 'demo'").fetchall() == [(20 * 4 * 8,)]

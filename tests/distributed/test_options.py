@@ -130,3 +130,37 @@ def test_log_routing_expert_offset_broadcasts_like_layer(tmp_path):
                                         ).to_arrow_table().to_pylist()
     assert [(r["layer"], r["expert"], r["rank"]) for r in rows] == [(0, 2, 0), (0, 3, 0), (1, 4, 0), (1, 5, 0)]
 
+
+
+# ------------------------------------------------- NCCL device choice (no GPU needed)
+@pytest.mark.parametrize("backend, bound, current, local_rank, n_gpus, expected", [
+    ("gloo", None, 0, "1", 2, "cpu"),                       # gloo: always the CPU
+    ("cpu:gloo,cuda:nccl", None, 0, "1", 2, "cpu"),         # mixed: gloo takes CPU tensors
+    ("nccl", None, 3, "3", 4, "cuda:3"),                    # set_device(LOCAL_RANK) was called
+    ("nccl", None, 0, "2", 4, "cuda:2"),                    # it was not: LOCAL_RANK picks the GPU
+    ("nccl", None, 0, "1", 1, "cuda:0"),                    # one visible GPU per process (CUDA_VISIBLE_DEVICES)
+    ("nccl", None, 0, "", 4, "cuda:0"),                     # no launcher env: the current device
+    ("nccl", "cuda:5", 0, "2", 8, "cuda:5"),                # init_process_group(device_id=...) wins
+])
+def test_collective_device_for_nccl_and_gloo(monkeypatch, backend, bound, current, local_rank, n_gpus,
+                                             expected):
+    """The NCCL path cannot run here (no GPU); its device choice is checked with the backend and
+    the CUDA queries faked, so a wrong choice (every rank on cuda:0) fails on CPU."""
+    import probes.distributed as D
+
+    world = SimpleNamespace(bound_device_id=None if bound is None else torch.device(bound))
+    fake = SimpleNamespace(get_backend=lambda group: backend, group=SimpleNamespace(WORLD=world))
+    monkeypatch.setattr(D, "_dist", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert D._collective_device(None) == torch.device(expected)
+
+
+def test_collective_device_is_cpu_without_cuda(monkeypatch):
+    import probes.distributed as D
+
+    monkeypatch.setattr(D, "_dist", lambda: SimpleNamespace(get_backend=lambda group: "nccl"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D._collective_device(None) == torch.device("cpu")
