@@ -66,3 +66,30 @@ def test_real_handle_served_metrics_equal_its_snapshot(store_root):
     hook = [s.value for s in fams["chrono_probe_hook_seconds"].samples]
     assert len(hook) == 1 and hook[0] > 0
     assert rows[1]["dead"] >= 1  # the biased layer starved experts 2 and 3
+
+
+def test_metrics_port_serves_until_detach_and_a_taken_port_leaves_no_hooks(store_root):
+    """``attach(metrics_port=...)``: the endpoint lives as long as the handle; a port that
+    cannot be bound is a clear error that leaves the model unhooked and the run closed."""
+    import socket
+
+    from chrono.exporters.prometheus import ExporterError
+
+    model = TinyMoE()
+    with probes.attach(model, run="port", root=store_root, flush_every=2, metrics_port=0) as h:
+        url = h.metrics_server.url
+        for _ in range(4):
+            model(torch.randn(16, 8))
+            h.step()
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert 'chrono_neff{layer="1",run="port"}' in r.read().decode()
+    with pytest.raises(OSError):                      # detach closed it: the port is free again
+        urllib.request.urlopen(url, timeout=5)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(ExporterError, match="address already in use"):
+            probes.attach(model, run="port2", root=store_root, metrics_port=taken.getsockname()[1])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with probes.attach(model, run="port2", root=store_root):   # the writer lock was released
+        pass
