@@ -154,14 +154,13 @@ def _clear_previous(root, runs: list[str]) -> None:
     """
     from chrono.cli import UserError
     from chrono.schema import TABLES
-    from chrono.store import delete_run, read_manifest, run_meta_dir, table_dirs
+    from chrono.store import delete_run, run_manifest, run_meta_dir, table_dirs
 
     for run in runs:
-        path = run_meta_dir(root, run)
-        if path is None and not any(d.exists() for t in TABLES for d in table_dirs(root, t, run)):
+        if run_meta_dir(root, run) is None \
+                and not any(d.exists() for t in TABLES for d in table_dirs(root, t, run)):
             continue
-        manifest = read_manifest(path) if path is not None else {}
-        manifest = manifest or {}
+        manifest = run_manifest(root, run)
         if not (manifest.get("config") or {}).get("demo"):
             raise UserError(f"run {run!r} already exists under {root} and was not written by "
                             f"'chrono demo'; pick another name with --run")

@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
-from .store import StoreError, list_runs, part_columns, part_files, read_manifest, run_meta_dir
+from .store import StoreError, list_runs, part_columns, part_files, run_manifest
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
@@ -72,7 +72,7 @@ def _view_sql(table: str, files: list[str]) -> str:
 def runs_table(root) -> pa.Table:
     rows = []
     for r in list_runs(root):
-        m = read_manifest(run_meta_dir(root, r) or Path(root) / r) or {}
+        m = run_manifest(root, r)
         model = m.get("model") or {}
         epl = model.get("experts_per_layer") or {}
         n_exp = max((int(v) for v in epl.values()), default=None) if isinstance(epl, dict) else None

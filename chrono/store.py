@@ -112,6 +112,12 @@ def run_meta_dir(root, run_id: str) -> Path | None:
     return None
 
 
+def run_manifest(root, run_id: str) -> dict:
+    """The run's manifest (current layout or legacy); ``{}`` when it has none (or it vanished)."""
+    d = run_meta_dir(root, run_id)
+    return (read_manifest(d) or {}) if d is not None else {}
+
+
 def table_dirs(root, table: str, run_id: str) -> list[Path]:
     """Directories that may hold the run's parts of ``table``: its partition, then the legacy one."""
     return [table_dir(root, table, run_id), legacy_run_dir(root, run_id) / table]
@@ -124,8 +130,10 @@ def run_stamps(root, run_id: str, tables=TABLES) -> tuple:
     directory's mtime: live readers (dashboard, exporter) compare stamps to
     notice new data with a few ``stat`` calls and no listing.
     """
-    paths = [run_dir(root, run_id) / MANIFEST, legacy_run_dir(root, run_id) / MANIFEST]
-    paths += [d for t in tables for d in table_dirs(root, t, run_id)]
+    paths = [run_dir(root, run_id) / MANIFEST] + [table_dir(root, t, run_id) for t in tables]
+    legacy = legacy_run_dir(root, run_id)
+    if legacy.is_dir():   # a store from before the hive layout (or a half-finished migrate)
+        paths += [legacy / MANIFEST] + [legacy / t for t in tables]
     out = []
     for p in paths:
         try:

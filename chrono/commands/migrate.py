@@ -60,11 +60,11 @@ def _part_version(path: str, table: str) -> int | None:
 def plan(root) -> list[RunPlan]:
     """What ``migrate`` would rewrite: per run, the live parts older than the current version."""
     from chrono.schema import SCHEMA_VERSION, TABLES
-    from chrono.store import PART_RE, is_legacy_run, list_runs, part_files, read_manifest, run_meta_dir
+    from chrono.store import PART_RE, is_legacy_run, list_runs, part_files, run_manifest
 
     out = []
     for run in list_runs(root):
-        m = read_manifest(run_meta_dir(root, run)) or {}
+        m = run_manifest(root, run)
         p = RunPlan(run, m.get("schema_version"), is_legacy_run(root, run))
         for table in TABLES:
             for f in part_files(root, table, run):  # readable, not superseded
@@ -91,10 +91,14 @@ def move_layout(root, run: str) -> int:
                               legacy_run_dir, run_dir, table_dir)
 
     legacy, meta = legacy_run_dir(root, run), run_dir(root, run)
+
+    def is_lock(name: str) -> bool:   # RunWriter's ".writer-<rank>.lock"
+        return name.startswith(".writer-") and name.endswith(".lock")
+
     locks = []
     try:
         for entry in (os.scandir(legacy) if legacy.is_dir() else []):
-            if entry.name.startswith(".writer-") and entry.name.endswith(".lock"):
+            if is_lock(entry.name):
                 f = open(entry.path, "a+")
                 locks.append(f)
                 try:
@@ -125,8 +129,7 @@ def move_layout(root, run: str) -> int:
         # everything else the run kept (control_decisions.jsonl, checkpoints, ...) joins the manifest
         for entry in (list(os.scandir(legacy)) if legacy.is_dir() else []):
             name = entry.name
-            if name in TABLES or name == MANIFEST or name.startswith(f"{PARTITION_KEY}=") \
-                    or (name.startswith(".writer-") and name.endswith(".lock")):
+            if name in TABLES or name == MANIFEST or name.startswith(f"{PARTITION_KEY}=") or is_lock(name):
                 continue
             if not (meta / name).exists():
                 shutil.move(entry.path, meta / name)
@@ -149,15 +152,13 @@ def apply(root, plans: list[RunPlan], progress=None) -> int:
     import pyarrow.parquet as pq
 
     from chrono.schema import conform
-    from chrono.store import RunWriter, read_manifest
-
-    from chrono.store import run_meta_dir
+    from chrono.store import RunWriter, run_manifest
 
     done = 0
     for p in plans:
         if p.legacy_layout:
             move_layout(root, p.run)
-        old = read_manifest(run_meta_dir(root, p.run)) or {}
+        old = run_manifest(root, p.run)
         ranks = sorted({rank for (_, rank) in p.parts} | {0})  # rank 0 also bumps the manifest
         for rank in ranks:
             with RunWriter(root, p.run, rank=rank, world_size=old.get("world_size") or 1) as w:
