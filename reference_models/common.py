@@ -70,3 +70,15 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class WorkloadSummary(dict):
+    """A run's summary (a dict) that ``chrono workload`` prints with ``.summary()``:
+    one aligned line per key of ``KEYS`` present, in that order."""
+
+    KEYS: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        def fmt(v):
+            return f"{v:.4f}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
+        return "\n".join(f"{k:>20}: {fmt(self[k])}" for k in self.KEYS if k in self)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common import WorkloadSummary
 from .model import (Astarte, AstarteConfig, RollingChunks, generate, pydoc_bytes,
                     save_checkpoint)
 
@@ -127,15 +128,10 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 300, seed: int =
     }
 
 
-class Summary(dict):
-    """The run's summary (a dict) that ``chrono workload`` prints with ``.summary()``."""
+class Summary(WorkloadSummary):
+    """The run's summary that ``chrono workload`` prints with ``.summary()``."""
 
     KEYS = ("mode", "steps", "train_chunks", "first_loss", "final_loss", "val_loss", "null_norm", "register_norm", "null_history_rows", "checkpoint", "sample")
-
-    def summary(self) -> str:
-        def fmt(v):
-            return f"{v:.4f}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
-        return "\n".join(f"{k:>20}: {fmt(self[k])}" for k in self.KEYS if k in self)
 
 
 def run_workload(mode: str = "intended", steps: int | None = None, run: str | None = "astarte", seed: int = 0,

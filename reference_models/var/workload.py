@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..common import WorkloadSummary
 from .moe_lm import MoEConfig, MoELM, train_moe
 from .var import TIERS, VAR, VARConfig, precompute_statistics
 
@@ -188,15 +189,10 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 400, seed: int =
     }
 
 
-class Summary(dict):
-    """The run's summary (a dict) that ``chrono workload`` prints with ``.summary()``."""
+class Summary(WorkloadSummary):
+    """The run's summary that ``chrono workload`` prints with ``.summary()``."""
 
     KEYS = ("mode", "steps", "val_loss_own", "val_loss_var", "val_loss_ratio", "expensive_fraction", "fast_fraction", "cached_fraction", "cache_hit_rate", "fast_coverage", "eligible_tokens", "evaluated_tokens")
-
-    def summary(self) -> str:
-        def fmt(v):
-            return f"{v:.4f}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
-        return "\n".join(f"{k:>20}: {fmt(self[k])}" for k in self.KEYS if k in self)
 
 
 def run_workload(mode: str = "intended", steps: int | None = None, run: str | None = "var", seed: int = 0,
