@@ -155,6 +155,34 @@ def context_key(layer: int, last_ids, vocab_size: int, n_layers: int, context: i
     return key * n_layers + layer
 
 
+def prefix_count_leq(values: torch.Tensor, ends: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``out[q] = #{j <= ends[q] : values[j] <= bounds[q]}``, all queries at once.
+
+    ``values`` ``[m]`` int64 in ``[-1, m)``; ``ends``, ``bounds`` ``[Q]`` int64 (``ends`` in
+    ``[-1, m)``). A merge-sort tree walked level by level: the prefix ``[0, ends]`` splits into
+    aligned blocks of 2^k, one for each set bit k of its length (as in a Fenwick tree); each
+    level sorts ``values`` within its blocks once and answers every query with one
+    ``searchsorted``. O((m + Q) log² m) tensor work; the only Python loop is over the
+    log2(m) levels.
+    """
+    m = values.numel()
+    out = torch.zeros(ends.numel(), dtype=torch.long)
+    if m == 0 or ends.numel() == 0:
+        return out
+    big = m + 2                                   # shifted values and bounds lie in [-1, m + 1]
+    v = values.long() + 1
+    pos = torch.arange(m)
+    n = ends.long() + 1                           # prefix lengths
+    y = bounds.long().clamp(-2, m) + 1                # -2: nothing qualifies
+    for k in range(max(1, m.bit_length())):
+        keyed = torch.sort((pos >> k) * big + v).values   # sorted within aligned blocks of 2^k
+        start = (n >> (k + 1)) << (k + 1)          # this level's block of each prefix
+        has = ((n >> k) & 1).bool()
+        idx = torch.searchsorted(keyed, (start >> k) * big + y, right=True)
+        out += torch.where(has, idx - start, 0)
+    return out
+
+
 # --------------------------------------------------------------------- caches
 class ContextCache:
     """Per-token LRU cache with a TTL: key → (expert, weight, written_at)."""
@@ -231,12 +259,11 @@ class BatchContextCache:
         p = prev[S:]
         present = p >= 0
         need = (present & (i - p - 1 >= C)).nonzero(as_tuple=True)[0]
-        for lo in range(0, need.numel(), 256):                    # bounded memory: 256 × m masks
-            rows = need[lo:lo + 256]
-            ii, pp = i[rows, None], p[rows, None]
-            j = torch.arange(m)[None, :]
-            dist = ((j > pp) & (j < ii) & (nxt[None, :] >= ii)).sum(1)
-            present[rows] = dist < C
+        if need.numel():
+            # distinct keys in (p, i) = accesses j in (p, i) that are their key's first there,
+            # i.e. prev[j] <= p; the j <= p all qualify, so it is #{j < i: prev[j] <= p} − (p + 1)
+            pn, in_ = p[need], i[need]
+            present[need] = prefix_count_leq(prev, in_ - 1, pn) - (pn + 1) < C
         fresh = p >= S                                            # touched earlier in this batch
         if S:
             old = (p >= 0) & (p < S)

@@ -202,3 +202,34 @@ def test_quick_workload_lands_in_store(store_root):
                             "WHERE run_id='v' AND layer >= 100 AND mode='EVAL'").fetchall()[0]
     assert n_tok == n_rows > 0
 
+
+
+def test_prefix_count_leq_equals_brute_force():
+    from reference_models.var.var import prefix_count_leq
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        m = int(torch.randint(1, 300, (1,), generator=g))
+        vals = torch.randint(-1, m, (m,), generator=g)
+        ends = torch.randint(-1, m, (40,), generator=g)
+        bounds = torch.randint(-3, m + 3, (40,), generator=g)
+        want = [int((vals[:e + 1] <= b).sum()) for e, b in zip(ends.tolist(), bounds.tolist())]
+        assert prefix_count_leq(vals, ends, bounds).tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batch_cache_equals_sequential_cache_large(seed):
+    """Bigger caches and batches than the capacity: many accesses need their stack distance."""
+    rnd = random.Random(100 + seed)
+    size = rnd.choice([16, 50, 120])
+    seq = ContextCache(ttl=60, max_size=size, clock=FakeClock())
+    bat = BatchContextCache(ttl=60, max_size=size, clock=FakeClock())
+    for b in range(6):
+        n = rnd.randint(size, 5 * size)
+        keys = [rnd.randint(0, 3 * size) for _ in range(n)]
+        values = [rnd.randint(0, 7) for _ in range(n)]
+        want = _sequential(keys, float(b), seq, values)
+        e, _, hit = bat.access(torch.tensor(keys),
+                               lambda pos: (torch.tensor(values)[pos], torch.full((len(pos),), 0.5)), float(b))
+        assert [(int(a), bool(h)) for a, h in zip(e, hit)] == want
+        assert [(k, ex) for k, ex, _, _ in bat.items()] == [(k, ex) for k, ex, _, _ in seq.items()]
