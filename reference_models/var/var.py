@@ -155,20 +155,27 @@ def context_key(layer: int, last_ids, vocab_size: int, n_layers: int, context: i
     return key * n_layers + layer
 
 
-def prefix_count_leq(values: torch.Tensor, ends: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+DENSE_LIMIT = 1 << 22     # prefix_count_leq: up to this many (query, position) pairs, one dense mask
+
+
+def prefix_count_leq(values: torch.Tensor, ends: torch.Tensor, bounds: torch.Tensor,
+                     dense_limit: int = DENSE_LIMIT) -> torch.Tensor:
     """``out[q] = #{j <= ends[q] : values[j] <= bounds[q]}``, all queries at once.
 
     ``values`` ``[m]`` int64 in ``[-1, m)``; ``ends``, ``bounds`` ``[Q]`` int64 (``ends`` in
-    ``[-1, m)``). A merge-sort tree walked level by level: the prefix ``[0, ends]`` splits into
-    aligned blocks of 2^k, one for each set bit k of its length (as in a Fenwick tree); each
-    level sorts ``values`` within its blocks once and answers every query with one
-    ``searchsorted``. O((m + Q) log² m) tensor work; the only Python loop is over the
-    log2(m) levels.
+    ``[-1, m)``). Up to ``dense_limit`` pairs Q·m: one ``[Q, m]`` mask. Beyond: a merge-sort
+    tree walked level by level: the prefix ``[0, ends]`` splits into aligned blocks of 2^k, one
+    for each set bit k of its length (as in a Fenwick tree); each level sorts ``values`` within
+    its blocks once and answers every query with one ``searchsorted``, O((m + Q) log² m)
+    tensor work. No Python loop over queries either way (the tree loops over log2(m) levels).
     """
     m = values.numel()
     out = torch.zeros(ends.numel(), dtype=torch.long)
     if m == 0 or ends.numel() == 0:
         return out
+    if ends.numel() * m <= dense_limit:
+        j = torch.arange(m)
+        return ((j[None, :] <= ends[:, None]) & (values[None, :] <= bounds[:, None])).sum(1)
     big = m + 2                                   # shifted values and bounds lie in [-1, m + 1]
     v = values.long() + 1
     pos = torch.arange(m)
@@ -263,7 +270,7 @@ class BatchContextCache:
             # distinct keys in (p, i) = accesses j in (p, i) that are their key's first there,
             # i.e. prev[j] <= p; the j <= p all qualify, so it is #{j < i: prev[j] <= p} − (p + 1)
             pn, in_ = p[need], i[need]
-            present[need] = prefix_count_leq(prev, in_ - 1, pn) - (pn + 1) < C
+            present[need] = prefix_count_leq(prev, in_ - 1, pn, DENSE_LIMIT) - (pn + 1) < C
         fresh = p >= S                                            # touched earlier in this batch
         if S:
             old = (p >= 0) & (p < S)

@@ -214,12 +214,18 @@ def test_prefix_count_leq_equals_brute_force():
         ends = torch.randint(-1, m, (40,), generator=g)
         bounds = torch.randint(-3, m + 3, (40,), generator=g)
         want = [int((vals[:e + 1] <= b).sum()) for e, b in zip(ends.tolist(), bounds.tolist())]
-        assert prefix_count_leq(vals, ends, bounds).tolist() == want
+        assert prefix_count_leq(vals, ends, bounds).tolist() == want                  # dense mask
+        assert prefix_count_leq(vals, ends, bounds, dense_limit=0).tolist() == want   # merge-sort tree
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_batch_cache_equals_sequential_cache_large(seed):
-    """Bigger caches and batches than the capacity: many accesses need their stack distance."""
+@pytest.mark.parametrize("dense_limit", [0, 1 << 22])
+def test_batch_cache_equals_sequential_cache_large(seed, dense_limit, monkeypatch):
+    """Bigger caches and batches than the capacity: many accesses need their stack distance
+    (counted by the merge-sort tree, dense_limit 0, and by the dense mask)."""
+    import reference_models.var.var as var_mod
+
+    monkeypatch.setattr(var_mod, "DENSE_LIMIT", dense_limit)
     rnd = random.Random(100 + seed)
     size = rnd.choice([16, 50, 120])
     seq = ContextCache(ttl=60, max_size=size, clock=FakeClock())
