@@ -105,8 +105,11 @@ def analyse(root: Path, run: str) -> dict:
             for e, t in c.items():
                 whole[e] += t
         m = summarize(whole)
+        bins = [(0, 5), (5, 25), (25, 100), (100, 240), (240, 10 ** 9)]   # alpha ramps to 1 at 60 % of 400
         out["layers"][str(layer)] = {
             "steps": len(mine),
+            "per_step_neff_by_steps": {f"{a}-{min(b, len(mine)) - 1}": float(np.mean(
+                [r["neff"] for r in mine if a <= r["step"] < b])) for a, b in bins if a < len(mine)},
             "per_step_neff_mean": float(np.mean([r["neff"] for r in mine])),
             "per_step_top2_mean": float(np.mean([r["top2_share"] for r in mine])),
             "steps_all_tokens_on_one_expert": single,
@@ -119,6 +122,8 @@ def analyse(root: Path, run: str) -> dict:
         }
     out["alerts_live_25_step_windows"] = alert_summary(live_alerts)
     out["alerts_per_step_windows"] = alert_summary(step_alerts)
+    out["alerts_per_step_windows_raised"] = [(a["alert"], a["layer"], a["step"]) for a in step_alerts
+                                             if a["transition"] == "raised"]
     return out
 
 
@@ -143,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reanalyse", action="store_true", help="recompute the analysis of cached arms from the store")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = CACHE / "store"
@@ -153,6 +159,9 @@ def main(argv=None) -> int:
         f = CACHE / f"{name}_steps{args.steps}_seed{args.seed}.json"
         if f.exists():
             results[name] = json.loads(f.read_text())
+            if args.reanalyse:
+                results[name].update(analyse(root, results[name]["run"]))
+                f.write_text(json.dumps(results[name]))
         else:
             results[name] = run_arm(name, args.steps, args.seed, root)
             f.write_text(json.dumps(results[name]))

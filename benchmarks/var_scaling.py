@@ -15,7 +15,7 @@ N(0, 1) ``[1024, d]`` per batch and layer, the routers random ``Linear(d, E)`` (
 
 Timing: per size, ``--rounds`` passes; each pass runs the three arms over all batches in a
 rotated order: own router (A), VAR (B), a second identical own router (A', the A/A control).
-Each call is timed with ``perf_counter`` around the routing decision only. Ratios are of
+One untimed warm-up pass first. Each call is timed with ``perf_counter`` around the routing decision only. Ratios are of
 per-arm medians over passes; A'/A shows what noise alone does. Load is recorded.
 
     nice -n 10 python benchmarks/var_scaling.py
@@ -91,7 +91,7 @@ def measure_size(d: int, E: int, batches, stats, rounds: int, seed: int) -> dict
     times = {a: [] for a in arms}
     fractions = None
     with torch.no_grad():
-        for r in range(rounds):
+        for r in range(-1, rounds):                                   # round -1: untimed warm-up
             order = list(arms)[r % 3:] + list(arms)[:r % 3]            # rotate who goes first
             for arm in order:
                 var = VAR(model, st, VARConfig(mode="intended"), clock=lambda: 0.0) if arm == "var" else None
@@ -106,7 +106,8 @@ def measure_size(d: int, E: int, batches, stats, rounds: int, seed: int) -> dict
                         else:
                             var.route(layer, h, b)
                         total += time.perf_counter() - t0
-                times[arm].append(total)
+                if r >= 0:
+                    times[arm].append(total)
                 if var is not None:
                     fractions = var.fractions()
     med = {a: statistics.median(v) for a, v in times.items()}
