@@ -40,6 +40,7 @@ class StepClock:
         self.forward_pending = False    # a top-level forward ran in the open step
         self.first_train_step = None    # auto, before training is known: step of the first TRAIN forward
         self.optimizer_steps = 0
+        self.split = False              # provisional steps of the first optimizer step were written
         self._on_first_update = on_first_update
         self._param_ids = frozenset(id(p) for p in model.parameters())
         self._owned: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -68,7 +69,7 @@ class StepClock:
         if not self.training:
             self.training = True
             if self._on_first_update is not None:
-                self._on_first_update(self.first_train_step)
+                self._on_first_update(self.first_train_step, self.split)
             self.first_train_step = None
 
     def forward_starts(self, mode: int, open_step: int) -> bool:
@@ -90,9 +91,11 @@ class StepClock:
         self.rule = "manual"
         self.remove()
 
-    def window_closed(self) -> None:
-        """Provisional steps written to disk can no longer be merged."""
-        self.first_train_step = None
+    def window_closed(self, open_step: int) -> None:
+        """Provisional steps written to disk can no longer be merged: merge from ``open_step``."""
+        if self.first_train_step is not None and not self.training:
+            self.split = True
+            self.first_train_step = open_step
 
     def remove(self) -> None:
         if self._hook is not None:

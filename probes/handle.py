@@ -73,7 +73,8 @@ class Handle:
                  flush_every: int = 50, lenses=None, distributed=None, metrics_port=None,
                  generic: bool = True, specs=None, max_tokens_per_step: int = 4096, seed: int = 0,
                  start_step: int | None = None, overwrite: bool = False, steps: str = "auto",
-                 padding: str = "exclude", config: dict | None = None, auto_step: bool | None = None):
+                 padding: str = "exclude", config: dict | None = None, auto_step: bool | None = None,
+                 metrics_expert_labels: bool = False):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(flush_every, int) or flush_every < 1:
@@ -118,6 +119,7 @@ class Handle:
         self._slot_steps: list[int] = []
         self._latest_snapshot: list[dict] = []
         self._latest_decisions: list[dict] = []
+        self._latest_counts: dict = {}
         self._transitions: Counter = Counter()
         self._tokens_total = {s.layer: 0 for s in self.routers}
         self._counters = Counter()   # nonfinite, invalid, padding_excluded, faults, callback_errors
@@ -160,7 +162,8 @@ class Handle:
         try:
             self._install(model, lenses or {})
             if metrics_port is not None:
-                self.metrics_server = self.serve_metrics(self._rank_port(metrics_port))
+                self.metrics_server = self.serve_metrics(self._rank_port(metrics_port),
+                                                         expert_labels=metrics_expert_labels)
         except BaseException:
             self._clock.remove()
             self._remove_hooks()
@@ -326,19 +329,16 @@ class Handle:
                              f"{'' if not torch.is_tensor(mask) else tuple(mask.shape)}")
         self._user_mask = mask
 
-    def _merge_provisional(self, first_step) -> None:
+    def _merge_provisional(self, first_step, split: bool = False) -> None:
         """The first optimizer step arrived ("auto" rule): the forwards since ``first_step`` were
         one training step, not one step each. Fold them into the open step."""
         try:
-            if first_step is None or first_step == self._step:
-                return
-            if first_step not in self._slot_steps:
+            if split:
                 self._warn_once("split", "probes: the first optimizer step's forwards span a window "
-                                "boundary (flush_every=%d); its steps before the window stay separate. "
-                                "Use steps='optimizer' for exact steps from the start", self.flush_every)
-                if not self._slot_steps:
-                    return
-                first_step = self._slot_steps[0]
+                                "boundary (flush_every=%d), so the steps already written stay separate; "
+                                "use steps='optimizer' for exact steps from the start", self.flush_every)
+            if first_step is None or first_step == self._step or first_step not in self._slot_steps:
+                return
             j = self._slot_steps.index(first_step)
             self._rec.merge(j, len(self._slot_steps))
             if self._sampler is not None:
@@ -396,7 +396,7 @@ class Handle:
         n = len(self._slot_steps)
         steps = np.array(self._slot_steps, dtype=np.int64)
         self._slot_steps = []
-        self._clock.window_closed()
+        self._clock.window_closed(self._step)
         data = self._rec.take(n) if n else None
         tok = self._sampler.take() if self._sampler is not None else None
         if self._dist is not None:
@@ -465,6 +465,7 @@ class Handle:
             for t in transitions:
                 self._transitions[(t["layer"], t["alert"], t["transition"])] += 1
             self._latest_snapshot = rows
+            self._latest_counts = {layer: [int(x) for x in c] for layer, c in lc.items()}
         for i, s in enumerate(self.routers):
             self._tokens_total[s.layer] += int(win_counts[i, :experts[i]].sum())
         nf = data["nonfinite"].sum(axis=(0, 1))
@@ -517,6 +518,10 @@ class Handle:
     def latest_snapshot(self) -> list[dict]:
         return list(self._latest_snapshot)
 
+    def latest_expert_counts(self) -> dict:
+        """``{layer: [tokens per expert]}`` of the latest closed window (``chrono.exporters.live``)."""
+        return {k: list(v) for k, v in self._latest_counts.items()}
+
     def latest_decisions(self) -> list[dict]:
         return list(self._latest_decisions)
 
@@ -565,13 +570,16 @@ class Handle:
         offset = int(local) if local is not None and local.isdigit() else self._dist.global_rank
         return int(port) + offset
 
-    def serve_metrics(self, port: int, host: str = "127.0.0.1"):
-        """Serve this handle's live metrics for Prometheus (``chrono.exporters.prometheus``)."""
+    def serve_metrics(self, port: int, host: str = "127.0.0.1", expert_labels: bool = False):
+        """Serve this handle's live metrics for Prometheus (``chrono.exporters.prometheus``).
+
+        ``expert_labels``: also export per-expert token shares of the latest window (capped).
+        """
         try:
             from chrono.exporters import prometheus
         except ImportError as e:
             raise ProbeError(f"the Prometheus exporter is not available ({e})") from None
-        return prometheus.serve(self, port, host)
+        return prometheus.serve(self, port, host, expert_labels=expert_labels)
 
     # --------------------------------------------------------------- teardown
     def detach(self) -> None:
@@ -688,6 +696,7 @@ def attach(model: nn.Module, run: str, root=None, tokens: float = 0.0, flush_eve
     * ``padding``: ``"exclude"`` (default: tokens masked out by a 2-D ``attention_mask`` of the
       forward are not counted; their number is kept as the ``probes.padding_excluded`` signal)
       or ``"count"``. ``h.set_mask(mask)`` supplies a mask for models without that argument.
+    * ``metrics_expert_labels``: with ``metrics_port``, also serve per-expert shares.
     * ``max_tokens_per_step`` (4096), ``seed`` (0), ``config`` (dict for the manifest),
       ``auto_step=False`` (old spelling of ``steps="manual"``).
 
