@@ -10,8 +10,9 @@ stack captures, per call, a ``ForwardContext``:
   decoder that is the shifted ``labels`` when only ``labels=`` was given);
   None when the stack got ``inputs_embeds`` (token ids unknown -> NULL).
 * ``positions``: ``[S]`` absolute positions of these tokens: ``cache_position``
-  when given (generation with a KV cache), else ``past + arange(S)`` from a 2-D
-  attention mask longer than ``S`` or from the cache's length.
+  when given, else ``past + arange(S)`` with ``past`` the length of the KV cache
+  the forward got (``cache=`` in transformers 5, ``past_key_values=`` before),
+  else the part of a 2-D attention mask longer than ``S``.
 * ``keep``: ``[B*S]`` float64, 1 for tokens that count and 0 for padding,
   from a 2-D ``attention_mask`` (its last ``S`` columns, the current tokens);
   ``pad`` is the number of padding tokens (0-d tensor). None: count all.
@@ -145,16 +146,9 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
     if torch.is_tensor(cache_pos) and cache_pos.dim() == 1 and cache_pos.shape[0] == ctx.seq:
         ctx.positions = cache_pos
     else:
-        past = 0
-        if mask is not None:
-            past = int(mask.shape[1]) - ctx.seq
-        else:
-            cache = kwargs.get("past_key_values")
-            if cache is not None and hasattr(cache, "get_seq_length"):
-                try:
-                    past = int(cache.get_seq_length())
-                except Exception:
-                    past = 0
+        past = _cache_length(kwargs)
+        if past is None:
+            past = int(mask.shape[1]) - ctx.seq if mask is not None else 0
         if past:
             ctx.positions = torch.arange(past, past + ctx.seq, device=_device(ids, emb, mask))
     if exclude_padding and mask is not None:
@@ -162,6 +156,21 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
         ctx.keep = keep
         ctx.pad = keep.numel() - keep.sum()
     return ctx
+
+
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")   # transformers 5.x / 4.x names
+
+
+def _cache_length(kwargs: dict):
+    """Tokens already in the KV cache the forward got (host-side int), or None without a cache."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            try:
+                return int(cache.get_seq_length())
+            except Exception:
+                return None
+    return None
 
 
 def _device(*ts):
