@@ -354,7 +354,8 @@ class Handle:
         if self._dirty or self._clock.forward_pending:
             if self._dist is not None:  # rank-local condition: ending a step here would desync ranks
                 self._warn_once("dist-open-step", "probes: routing recorded after the last h.step() "
-                                "is not reduced in multi-rank mode (end steps with h.step() on every rank)")
+                                "is not reduced in multi-rank mode; it is written as this rank's rows "
+                                "at detach (end steps with h.step() on every rank)")
                 return
             self._advance()
 
