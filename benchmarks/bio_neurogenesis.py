@@ -33,6 +33,17 @@ from benchmarks._common import RESULTS, machine  # noqa: E402
 CACHE = Path(__file__).resolve().parent / ".cache" / "bio_neurogenesis"
 
 
+def fresh_root(root: Path, run: str) -> Path:
+    """One store per run; a store left by a killed run is removed (workloads refuse an existing run)."""
+    import shutil
+
+    path = root / run
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
@@ -45,6 +56,7 @@ def run_one(setting: str, seed: int, root: Path) -> dict:
     from reference_models.bio_moe import BioTrainConfig, neurogenesis_config, train_bio
 
     run = f"bio-{setting}-s{seed}"
+    root = fresh_root(root, run)
     cfg = (neurogenesis_config if setting == "neurogenesis" else BioTrainConfig)(seed=seed, run=run, root=str(root))
     t0 = time.perf_counter()
     res = train_bio(cfg)

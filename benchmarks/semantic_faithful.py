@@ -53,6 +53,17 @@ ARMS = {
 CACHE = Path(__file__).resolve().parent / ".cache" / "semantic_faithful"
 
 
+def fresh_root(root: Path, run: str) -> Path:
+    """One store per run; a store left by a killed run is removed (workloads refuse an existing run)."""
+    import shutil
+
+    path = root / run
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
@@ -132,6 +143,7 @@ def run_arm(name: str, steps: int, seed: int, root: Path) -> dict:
 
     mode, kw = ARMS[name]
     run = f"sf-{name}-s{seed}"
+    root = fresh_root(root, run)
     t0 = time.perf_counter()
     metrics = run_workload(mode, steps=steps, run=run, seed=seed, root=root, **kw)
     res = {"arm": name, "mode": mode, "overrides": kw, "run": run, "steps": steps, "seed": seed,
@@ -160,7 +172,7 @@ def main(argv=None) -> int:
         if f.exists():
             results[name] = json.loads(f.read_text())
             if args.reanalyse:
-                results[name].update(analyse(root, results[name]["run"]))
+                results[name].update(analyse(root / results[name]["run"], results[name]["run"]))
                 f.write_text(json.dumps(results[name]))
         else:
             results[name] = run_arm(name, args.steps, args.seed, root)
