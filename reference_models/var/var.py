@@ -140,9 +140,8 @@ def context_keys(layer: int, idx: torch.Tensor, vocab_size: int, n_layers: int, 
         raise ValueError("vocabulary too large to pack the context exactly")
     padded = torch.cat([torch.full((B, context - 1), vocab_size, dtype=torch.long, device=idx.device),
                         idx.long()], 1)
-    key = torch.zeros(B, T, dtype=torch.long, device=idx.device)
-    for j in range(context):                     # `context` vectorised passes, not a token loop
-        key = key * base + padded[:, j:j + T]
+    powers = base ** torch.arange(context - 1, -1, -1, dtype=torch.long, device=idx.device)
+    key = (padded.unfold(1, context, 1) * powers).sum(-1)      # [B, T, context] windows -> [B, T]
     return (key * n_layers + layer).reshape(-1)
 
 

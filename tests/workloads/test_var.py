@@ -117,13 +117,15 @@ def _tiny_model(seed=0):
     return MoELM(MoEConfig(d_model=16, n_layers=2, n_heads=2, n_experts=4, d_ff=16, seq_len=16)).eval()
 
 
-def test_context_keys_match_per_token_keys():
-    idx = torch.randint(0, 256, (3, 9))
-    keys = context_keys(1, idx, 256, 2)
+@pytest.mark.parametrize("context", [1, 2, 4, 7])
+def test_context_keys_match_per_token_keys(context):
+    idx = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(context))
+    keys = context_keys(1, idx, 256, 2, context)
     rows = idx.tolist()
-    want = [context_key(1, row[max(0, t - 3):t + 1], 256, 2) for row in rows for t in range(9)]
+    c = context - 1
+    want = [context_key(1, row[max(0, t - c):t + 1], 256, 2, context) for row in rows for t in range(9)]
     assert keys.tolist() == want
-    assert len(set(want)) == len({(tuple(row[max(0, t - 3):t + 1]), t < 3) for row in rows for t in range(9)})
+    assert len(set(want)) == len({(tuple(row[max(0, t - c):t + 1]), t < c) for row in rows for t in range(9)})
 
 
 def test_batch_path_equals_per_token_path():
