@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,27 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import RESULTS, machine  # noqa: E402
+from benchmarks._common import fresh_root, uptime, write_result  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "bio_neurogenesis"
-
-
-def fresh_root(root: Path, run: str) -> Path:
-    """One store per run; a store left by a killed run is removed (workloads refuse an existing run)."""
-    import shutil
-
-    path = root / run
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"loadavg {os.getloadavg()}"
 
 
 def run_one(setting: str, seed: int, root: Path) -> dict:
@@ -104,12 +85,10 @@ def main(argv=None) -> int:
                            f"{s['steps_new_expert_used']}/{s['steps_after']} steps)" for s in r["spawns"]) or "no spawn"
             print(f"seed {seed} {setting:<13} accuracy {r['accuracy']:.4f}, {r['n_experts']} experts, "
                   f"Neff {r['neff']:.2f}; {sp}", flush=True)
-    payload = {"benchmark": "bio_neurogenesis", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": machine(), "uptime_before": load_before, "uptime_after": uptime(),
-               "config": {"seeds": args.seeds, "threads": torch.get_num_threads()}, "runs": runs}
-    path = RESULTS / "bio_neurogenesis.json"
-    path.write_text(json.dumps(payload, indent=2))
-    print(f"load: {load_before} -> {payload['uptime_after']}\nwrote {path}")
+    after = uptime()
+    path = write_result("bio_neurogenesis", {"uptime_before": load_before, "uptime_after": after, "runs": runs,
+                                             "config": {"seeds": args.seeds, "threads": torch.get_num_threads()}})
+    print(f"load: {load_before} -> {after}\nwrote {path}")
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._common import RESULTS, machine  # noqa: E402
+from benchmarks._common import fresh_root, uptime, write_result  # noqa: E402
 
 ARMS = {
     "faithful": ("faithful", {}),
@@ -51,24 +50,6 @@ ARMS = {
     "intended": ("intended", {}),
 }
 CACHE = Path(__file__).resolve().parent / ".cache" / "semantic_faithful"
-
-
-def fresh_root(root: Path, run: str) -> Path:
-    """One store per run; a store left by a killed run is removed (workloads refuse an existing run)."""
-    import shutil
-
-    path = root / run
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"loadavg {os.getloadavg()}"
 
 
 def alert_summary(alerts) -> dict:
@@ -183,14 +164,12 @@ def main(argv=None) -> int:
             f"/{d['steps']}, window Neff min {d['window_neff_min']}" for l, d in r["layers"].items())
             + f"  alerts@25 {sorted(r['alerts_live_25_step_windows'])} alerts@1 {sorted(r['alerts_per_step_windows'])}",
             flush=True)
-    payload = {"benchmark": "semantic_faithful", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": machine(), "uptime_before": load_before, "uptime_after": uptime(),
-               "config": {"steps": args.steps, "seed": args.seed, "arms": {k: ARMS[k] for k in args.arms},
-                          "threads": torch.get_num_threads()},
-               "arms": results}
-    path = RESULTS / "semantic_faithful.json"
-    path.write_text(json.dumps(payload, indent=2))
-    print(f"load: {load_before} -> {payload['uptime_after']}\nwrote {path}")
+    after = uptime()
+    path = write_result("semantic_faithful", {
+        "uptime_before": load_before, "uptime_after": after, "arms": results,
+        "config": {"steps": args.steps, "seed": args.seed, "arms": {k: ARMS[k] for k in args.arms},
+                   "threads": torch.get_num_threads()}})
+    print(f"load: {load_before} -> {after}\nwrote {path}")
     return 0
 
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,20 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import RESULTS, machine  # noqa: E402
+from benchmarks._common import RESULTS, machine, uptime  # noqa: E402
 from reference_models.var.moe_lm import Router  # noqa: E402
 from reference_models.var.var import VAR, TokenStats, VARConfig  # noqa: E402
 
 D_MODELS = (64, 256, 1024, 4096)
 EXPERTS = (8, 32, 128, 256)
 CACHE = Path(__file__).resolve().parent / ".cache" / "var_scaling"
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"loadavg {os.getloadavg()}"
 
 
 class RouterOnly:
