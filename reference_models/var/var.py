@@ -68,7 +68,7 @@ class TokenStats:
     def update(self, layer: int, token_ids, indices, weights) -> None:
         ids = token_ids.reshape(-1).cpu()
         e = indices.reshape(-1).cpu()
-        V, E = self.freq.shape[1], self.expert_counts.shape[2]
+        E = self.expert_counts.shape[2]
         self.freq[layer].index_add_(0, ids, torch.ones_like(ids))
         self.expert_counts[layer].view(-1).index_add_(0, ids * E + e, torch.ones_like(ids))
         self.conf_sum[layer].index_add_(0, ids, weights.reshape(-1).detach().cpu().double())
@@ -257,8 +257,6 @@ class BatchContextCache:
         same_next[:-1] = same_prev[1:]
         prev = torch.full((m,), -1, dtype=torch.long)
         prev[order[1:]] = torch.where(same_prev[1:], order[:-1], torch.full_like(order[1:], -1))
-        nxt = torch.full((m,), m, dtype=torch.long)
-        nxt[order[:-1]] = torch.where(same_next[:-1], order[1:], torch.full_like(order[:-1], m))
         # stack distance of each batch access: distinct keys touched strictly between prev and it.
         # It is at most the gap i − prev − 1, so only accesses with a gap >= C need counting.
         i = torch.arange(S, m)
