@@ -19,12 +19,17 @@ def grown(n=6, **kw) -> BioMoE:
     return m
 
 
+def trained(tmp_path_factory, name: str, run) -> tuple:
+    """(store root, result of ``run(root)``) for a module-scoped training run, one torch thread."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp(name)
+    return root, run(root)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("bio")
-    res = run_workload("intended", run="bio", root=root, epochs=6, growth_epochs=(1, 2), bootstrap_steps=5)
-    return root, res
+    return trained(tmp_path_factory, "bio", lambda root: run_workload(
+        "intended", run="bio", root=root, epochs=6, growth_epochs=(1, 2), bootstrap_steps=5))
 
 
 def test_quick_run_lands_in_store_with_staged_growth(quick_run):
@@ -170,10 +175,8 @@ def test_chrono_workload_cli(store_root, capsys):
 def neuro_run(tmp_path_factory):
     from reference_models.bio_moe import neurogenesis_config
 
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("neuro")
-    res = train_bio(neurogenesis_config(epochs=8, run="neuro", root=str(root)))
-    return root, res
+    return trained(tmp_path_factory, "neuro",
+                   lambda root: train_bio(neurogenesis_config(epochs=8, run="neuro", root=str(root))))
 
 
 def test_neurogenesis_setting_fires_teaches_and_new_expert_gets_traffic(neuro_run):
