@@ -30,6 +30,8 @@ import os
 import time
 from pathlib import Path
 
+from chrono.integrations.health import layer_tag, metric_name
+
 EVENT_SUFFIX = ".chrono"   # our event files end with it: --overwrite removes only those
 SNAPSHOT_SKIP = ("run_id", "step", "window_start", "window_end", "layer")
 
@@ -58,15 +60,9 @@ def register(sub) -> None:
     t.set_defaults(func=cmd_export_tensorboard)
 
 
-def layer_tag(layer) -> str:
-    """``layer_<L>``, or ``all`` for the global snapshot row (layer -1)."""
-    return "all" if int(layer) < 0 else f"layer_{int(layer)}"
-
-
 def snapshot_tags(row: dict) -> dict[str, float]:
     """``{tag: value}`` of one snapshot row: every numeric column but the keys."""
-    lt = layer_tag(row["layer"])
-    return {f"chrono/{k}/{lt}": float(v) for k, v in row.items()
+    return {metric_name(k, row["layer"]): float(v) for k, v in row.items()
             if k not in SNAPSHOT_SKIP and isinstance(v, (int, float)) and v is not None}
 
 

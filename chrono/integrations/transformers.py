@@ -1,0 +1,248 @@
+"""chrono for ``transformers.Trainer``: one callback records routing and logs its health.
+
+    from chrono.integrations.transformers import ChronoCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ChronoCallback()])
+
+What the callback does (docs/integrations.md has the long form):
+
+* ``on_train_begin``: ``probes.attach`` to the model the Trainer runs (wrappers
+  such as DDP or ``torch.compile`` removed with accelerate's
+  ``extract_model_from_parallel``), in ``steps="manual"`` mode.
+* one chrono step per **optimizer step**: the micro-batches that lead to the
+  update that makes ``state.global_step == N`` are step N, whatever
+  ``gradient_accumulation_steps`` is; the step is ended when the next update's
+  first micro-batch begins (``on_step_begin``), so an evaluation run after
+  update N is stored as mode ``EVAL`` at step N, where the Trainer logs it.
+* resume (``trainer.train(resume_from_checkpoint=...)``): the run id is read back
+  from the checkpoint (``trainer_state.json``, ``stateful_callbacks``), steps
+  continue at ``global_step + 1`` and rows of steps after the checkpoint (logged
+  before the crash, about to be redone) are replaced, so no
+  (run, rank, step, mode, layer, expert) key is stored twice.
+* ``on_log`` at ``logging_steps``: routing health (names in
+  ``chrono.integrations.health``) is added to the log dict before the reporters
+  (TensorBoard, W&B, MLflow, ...) see it; the callback moves itself ahead of them
+  (but after the console progress bar) in the Trainer's callback list the first
+  time it is called.
+* ``on_train_end``: flush and detach. The Trainer calls no callback when
+  training raises: the attachment is then closed at the next ``train()``, by
+  ``close()`` / ``with callback:``, or at interpreter exit (``atexit``), whichever
+  comes first; rows of completed windows are on disk already.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import sys
+import weakref
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback, ExportableState,
+                                          PrinterCallback, ProgressCallback)
+
+from chrono.integrations.health import handle_health
+
+log = logging.getLogger("chrono.integrations")
+
+DEFAULT_FLUSH_EVERY = 50
+CONSOLE_CALLBACKS = (DefaultFlowCallback, PrinterCallback, ProgressCallback)
+
+
+def run_id_from(name: str) -> str:
+    """A valid chrono run id from a Trainer ``run_name`` or output directory.
+
+    Keeps ``[A-Za-z0-9._-]``, maps every other character run to ``-``, uses the
+    last path component of a directory, cuts to 128 characters; ``trainer`` if
+    nothing is left.
+    """
+    base = str(name).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    rid = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")[:128]
+    return rid or "trainer"
+
+
+def unwrap(model):
+    """The module whose routers run: DDP / DataParallel / DeepSpeed / torch.compile wrappers removed."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False, recursive=True)
+
+
+def flush_every_for(logging_steps, logging_strategy) -> int:
+    """Default window: the Trainer's logging interval in steps (50 when it is not a step count)."""
+    strategy = getattr(logging_strategy, "value", logging_strategy)
+    if strategy == "steps" and float(logging_steps) >= 1 and float(logging_steps).is_integer():
+        return int(logging_steps)
+    return DEFAULT_FLUSH_EVERY
+
+
+class ChronoCallback(TrainerCallback, ExportableState):
+    """Record MoE routing of a ``transformers.Trainer`` run with chrono's probes.
+
+    Args:
+        run: run id (``[A-Za-z0-9._-]{1,128}``). Default: from ``args.run_name``,
+            else the output directory's name; a fresh (not resumed) training whose
+            default id is taken in the store gets ``-2``, ``-3``, ... appended.
+        root: store root (default ``$CHRONO_ROOT``, else ``./chrono_runs``).
+        tokens: per-token sampling rate for the ``tokens`` table (0 = counts only).
+        flush_every: optimizer steps per snapshot window (default: ``logging_steps``).
+        govern: actuator name(s) for ``chrono.govern`` (e.g. ``"bias"``,
+            ``("bias", "temperature")``); ``None`` = observe only.
+        log_health: add routing health to the Trainer's logs (default True).
+        strict: raise ``probes.ProbeError`` at train begin when probes cannot
+            attach (no router found, ...). Default False: one error line is logged
+            and training runs without telemetry.
+        **attach_options: passed to ``probes.attach`` (``specs``, ``padding``, ...).
+
+    After ``train()``: ``run_id``, ``handle`` (None once detached) and
+    ``last_health`` (the last dict added to the logs).
+    """
+
+    def __init__(self, run: str | None = None, root=None, tokens: float = 0.0,
+                 flush_every: int | None = None, govern=None, log_health: bool = True,
+                 strict: bool = False, **attach_options):
+        self.run = run
+        self.root = root
+        self.tokens = tokens
+        self.flush_every = flush_every
+        self.govern = govern
+        self.log_health = log_health
+        self.strict = strict
+        self.attach_options = attach_options
+        self.run_id: str | None = run
+        self.handle = None
+        self.governor = None
+        self.last_health: dict = {}
+        self._atexit = None
+
+    # --------------------------------------------------------- checkpoint state
+    def state(self) -> dict:
+        """Saved into each checkpoint: resuming continues the same run."""
+        return {"args": {"run": self.run_id or self.run,
+                         "root": None if self.root is None else str(self.root),
+                         "tokens": self.tokens, "flush_every": self.flush_every,
+                         "log_health": self.log_health, "strict": self.strict},
+                "attributes": {}}
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        self._run_first()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._run_first()
+        self.close()   # a previous train() that raised left its attachment open
+        import probes
+        from chrono.store import default_root
+
+        root = default_root() if self.root is None else self.root
+        resumed = state.global_step > 0
+        run = self._resolve_run(args, state, root, resumed)
+        flush_every = self.flush_every or flush_every_for(args.logging_steps, args.logging_strategy)
+        try:
+            self.handle = probes.attach(
+                unwrap(model), run=run, root=root, tokens=self.tokens, flush_every=flush_every,
+                start_step=state.global_step + 1, overwrite=resumed, steps="manual",
+                config={"trainer": {"gradient_accumulation_steps": args.gradient_accumulation_steps,
+                                    "resumed_at": state.global_step}},
+                **self.attach_options)
+        except probes.ProbeError as e:
+            if self.strict:
+                raise
+            log.error("chrono: not recording routing for this training (%s)", e)
+            return
+        self.run_id = self.handle.run_id
+        self._atexit = _register_close(self)
+        if self.govern is not None:
+            import chrono
+
+            self.governor = chrono.govern(unwrap(model), self.handle, actuators=self.govern)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        h = self.handle
+        if h is not None and h.current_step <= state.global_step:
+            # the update that made global_step N closed step N: the next micro-batches are N + 1
+            h.step(next_step=state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.governor is not None:
+            self.governor.step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.handle is None or not self.log_health or logs is None or "loss" not in logs:
+            return
+        try:
+            self.last_health = handle_health(self.handle)
+        except Exception as e:   # telemetry never breaks the training loop
+            log.error("chrono: routing health unavailable (%s: %s)", type(e).__name__, e)
+            return
+        logs.update(self.last_health)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    # ----------------------------------------------------------------- helpers
+    def close(self) -> None:
+        """Flush and detach (idempotent). Also called at train end and interpreter exit."""
+        h, self.handle = self.handle, None
+        if self.governor is not None:
+            self.governor.remove()
+            self.governor = None
+        if h is not None:
+            h.detach()
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
+            self._atexit = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _resolve_run(self, args, state, root, resumed: bool) -> str:
+        from chrono.store import run_meta_dir, validate_run_id
+
+        if self.run is not None:
+            return validate_run_id(self.run)
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        saved = saved[0] if isinstance(saved, list) and saved else saved
+        if resumed and isinstance(saved, dict) and saved.get("args", {}).get("run"):
+            return validate_run_id(saved["args"]["run"])
+        base = run_id_from(args.run_name or args.output_dir or "trainer")
+        if resumed:
+            return base
+        rid, n = base, 1
+        while run_meta_dir(root, rid) is not None:   # a fresh training never continues an old run
+            n += 1
+            rid = f"{base[:120]}-{n}"
+        return rid
+
+    def _run_first(self) -> None:
+        """Move this callback ahead of the reporters, so the health it adds in on_log reaches them.
+
+        The Trainer calls callbacks in list order and appends user callbacks after
+        its reporting integrations; ``CallbackHandler.call_event`` is our caller.
+        The list is replaced, not mutated, so the loop now running is unaffected.
+        """
+        handler = sys._getframe(2).f_locals.get("self")
+        if not isinstance(handler, CallbackHandler):
+            return
+        others = [cb for cb in handler.callbacks if cb is not self]
+        # after the flow and console-progress callbacks (the console stays readable), before the rest
+        i = 0
+        while i < len(others) and isinstance(others[i], CONSOLE_CALLBACKS):
+            i += 1
+        order = others[:i] + [self] + others[i:]
+        if order != handler.callbacks:
+            handler.callbacks = order
+
+
+def _register_close(cb: ChronoCallback):
+    ref = weakref.ref(cb)
+
+    def close_at_exit():
+        c = ref()
+        if c is not None:
+            c.close()
+
+    atexit.register(close_at_exit)
+    return close_at_exit
