@@ -30,41 +30,18 @@ What the callback does (docs/integrations.md has the long form):
 """
 from __future__ import annotations
 
-import atexit
-import logging
-import re
 import sys
-import weakref
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback, ExportableState,
                                           PrinterCallback, ProgressCallback)
 
-from chrono.integrations.health import handle_health
+from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, Session, fresh_run_id, run_id_from,
+                                        unwrap)
 
-log = logging.getLogger("chrono.integrations")
+__all__ = ["ChronoCallback", "run_id_from", "unwrap", "flush_every_for"]
 
-DEFAULT_FLUSH_EVERY = 50
 CONSOLE_CALLBACKS = (DefaultFlowCallback, PrinterCallback, ProgressCallback)
-
-
-def run_id_from(name: str) -> str:
-    """A valid chrono run id from a Trainer ``run_name`` or output directory.
-
-    Keeps ``[A-Za-z0-9._-]``, maps every other character run to ``-``, uses the
-    last path component of a directory, cuts to 128 characters; ``trainer`` if
-    nothing is left.
-    """
-    base = str(name).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    rid = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")[:128]
-    return rid or "trainer"
-
-
-def unwrap(model):
-    """The module whose routers run: DDP / DataParallel / DeepSpeed / torch.compile wrappers removed."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model, keep_torch_compile=False, recursive=True)
 
 
 def flush_every_for(logging_steps, logging_strategy) -> int:
@@ -109,14 +86,21 @@ class ChronoCallback(TrainerCallback, ExportableState):
         self.strict = strict
         self.attach_options = attach_options
         self.run_id: str | None = run
-        self.handle = None
-        self.governor = None
         self.last_health: dict = {}
-        self._atexit = None
+        self._session = Session()
+
+    @property
+    def handle(self):
+        """The probes ``Handle`` while training runs, else None."""
+        return self._session.handle
+
+    @property
+    def governor(self):
+        return self._session.governor
 
     # --------------------------------------------------------- checkpoint state
     def state(self) -> dict:
-        """Saved into each checkpoint: resuming continues the same run."""
+        """Saved into each checkpoint (``stateful_callbacks``): resuming continues the same run."""
         return {"args": {"run": self.run_id or self.run,
                          "root": None if self.root is None else str(self.root),
                          "tokens": self.tokens, "flush_every": self.flush_every,
@@ -128,53 +112,32 @@ class ChronoCallback(TrainerCallback, ExportableState):
         self._run_first()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._run_first()
-        self.close()   # a previous train() that raised left its attachment open
-        import probes
         from chrono.store import default_root
 
+        self._run_first()
+        self._session.close()   # a previous train() that raised left its attachment open
         root = default_root() if self.root is None else self.root
-        resumed = state.global_step > 0
-        run = self._resolve_run(args, state, root, resumed)
+        run = self._resolve_run(args, state, root)
         flush_every = self.flush_every or flush_every_for(args.logging_steps, args.logging_strategy)
-        try:
-            self.handle = probes.attach(
-                unwrap(model), run=run, root=root, tokens=self.tokens, flush_every=flush_every,
-                start_step=state.global_step + 1, overwrite=resumed, steps="manual",
-                config={"trainer": {"gradient_accumulation_steps": args.gradient_accumulation_steps,
-                                    "resumed_at": state.global_step}},
-                **self.attach_options)
-        except probes.ProbeError as e:
-            if self.strict:
-                raise
-            log.error("chrono: not recording routing for this training (%s)", e)
-            return
-        self.run_id = self.handle.run_id
-        self._atexit = _register_close(self)
-        if self.govern is not None:
-            import chrono
-
-            self.governor = chrono.govern(unwrap(model), self.handle, actuators=self.govern)
+        config = {"trainer": {"framework": "transformers",
+                              "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                              "resumed_at": state.global_step}}
+        if self._session.start(model, run, root, state.global_step, self.tokens, flush_every,
+                               govern=self.govern, strict=self.strict, config=config,
+                               **self.attach_options):
+            self.run_id = self._session.run_id
 
     def on_step_begin(self, args, state, control, **kwargs):
-        h = self.handle
-        if h is not None and h.current_step <= state.global_step:
-            # the update that made global_step N closed step N: the next micro-batches are N + 1
-            h.step(next_step=state.global_step + 1)
+        self._session.begin_update(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.governor is not None:
-            self.governor.step()
+        self._session.after_update()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.handle is None or not self.log_health or logs is None or "loss" not in logs:
-            return
-        try:
-            self.last_health = handle_health(self.handle)
-        except Exception as e:   # telemetry never breaks the training loop
-            log.error("chrono: routing health unavailable (%s: %s)", type(e).__name__, e)
-            return
-        logs.update(self.last_health)
+        # training logs only (they carry "loss"); eval and final summaries are left as they are
+        if self.log_health and logs is not None and "loss" in logs and self.handle is not None:
+            self.last_health = self._session.health()
+            logs.update(self.last_health)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
@@ -182,15 +145,7 @@ class ChronoCallback(TrainerCallback, ExportableState):
     # ----------------------------------------------------------------- helpers
     def close(self) -> None:
         """Flush and detach (idempotent). Also called at train end and interpreter exit."""
-        h, self.handle = self.handle, None
-        if self.governor is not None:
-            self.governor.remove()
-            self.governor = None
-        if h is not None:
-            h.detach()
-        if self._atexit is not None:
-            atexit.unregister(self._atexit)
-            self._atexit = None
+        self._session.close()
 
     def __enter__(self):
         return self
@@ -198,23 +153,19 @@ class ChronoCallback(TrainerCallback, ExportableState):
     def __exit__(self, *exc):
         self.close()
 
-    def _resolve_run(self, args, state, root, resumed: bool) -> str:
-        from chrono.store import run_meta_dir, validate_run_id
+    def _resolve_run(self, args, state, root) -> str:
+        from chrono.store import validate_run_id
 
         if self.run is not None:
             return validate_run_id(self.run)
+        base = run_id_from(args.run_name or args.output_dir or "trainer")
+        if state.global_step == 0:
+            return fresh_run_id(root, base)
         saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
         saved = saved[0] if isinstance(saved, list) and saved else saved
-        if resumed and isinstance(saved, dict) and saved.get("args", {}).get("run"):
+        if isinstance(saved, dict) and (saved.get("args") or {}).get("run"):
             return validate_run_id(saved["args"]["run"])
-        base = run_id_from(args.run_name or args.output_dir or "trainer")
-        if resumed:
-            return base
-        rid, n = base, 1
-        while run_meta_dir(root, rid) is not None:   # a fresh training never continues an old run
-            n += 1
-            rid = f"{base[:120]}-{n}"
-        return rid
+        return base
 
     def _run_first(self) -> None:
         """Move this callback ahead of the reporters, so the health it adds in on_log reaches them.
@@ -234,15 +185,3 @@ class ChronoCallback(TrainerCallback, ExportableState):
         order = others[:i] + [self] + others[i:]
         if order != handler.callbacks:
             handler.callbacks = order
-
-
-def _register_close(cb: ChronoCallback):
-    ref = weakref.ref(cb)
-
-    def close_at_exit():
-        c = ref()
-        if c is not None:
-            c.close()
-
-    atexit.register(close_at_exit)
-    return close_at_exit
