@@ -140,3 +140,22 @@ def test_logdir_that_is_a_file_is_refused(store, tmp_path, capsys):
     f.write_text("x")
     assert main(["--root", str(store), "export", "tensorboard", RUN, "--logdir", str(f)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_export_and_rm_import_no_torch(store, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "copy"
+    shutil.copytree(store, root)
+    code = ("import sys\nfrom chrono.cli import main\n"
+            f"assert main(['--root', {str(root)!r}, 'export', 'tensorboard', 'exp', '--logdir', "
+            f"{str(tmp_path / 'tb')!r}]) == 0\n"
+            f"assert main(['--root', {str(root)!r}, 'rm', 'exp', '--yes']) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert p.returncode == 0, p.stderr
+    assert chrono.store.list_runs(root) == []

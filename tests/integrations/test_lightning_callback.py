@@ -56,10 +56,11 @@ def _truth(lm, spy):
 
 
 def _trainer(tmp, callbacks, max_steps=STEPS, **kw):
-    return L.Trainer(max_steps=max_steps, accumulate_grad_batches=ACC, accelerator="cpu", devices=1,
-                     val_check_interval=VAL_EVERY * ACC, limit_val_batches=2, log_every_n_steps=VAL_EVERY,
-                     logger=TensorBoardLogger(str(tmp), name="tb"), enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp), **kw)
+    opts = dict(max_steps=max_steps, accumulate_grad_batches=ACC, accelerator="cpu", devices=1,
+                val_check_interval=VAL_EVERY * ACC, limit_val_batches=2, log_every_n_steps=VAL_EVERY,
+                logger=TensorBoardLogger(str(tmp), name="tb"), enable_progress_bar=False,
+                enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp))
+    return L.Trainer(**{**opts, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,34 @@ def test_ckpt_resume_is_one_run_without_gap_or_duplicate(tmp_path):
     assert sorted({s for s, *_ in final}) == list(range(1, STEPS + 1))
     assert {k: v for k, v in final.items() if k[0] <= 6} == {k: v for k, v in crashed.items() if k[0] <= 6}
     assert {k: v for k, v in final.items() if k[0] > 6} == truth.counts
+
+
+def test_governance_and_no_router(tmp_path, caplog):
+    import logging
+
+    import transformers
+
+    torch.set_num_threads(1)
+    root = tmp_path / "store"
+    cb = ChronoCallback(root=root, run="gov", flush_every=2, govern="informed-lens")
+    _trainer(tmp_path, [cb], max_steps=4, num_sanity_val_steps=0, enable_checkpointing=False,
+             limit_val_batches=0).fit(LM())
+    con = chrono.connect(root)
+    assert con.execute("SELECT step, layer FROM decisions WHERE run_id = 'gov' ORDER BY ALL").fetchall() \
+        == [(s, l) for s in (2, 4) for l in range(LAYERS)]
+
+    class Dense(LM):
+        def __init__(self):
+            L.LightningModule.__init__(self)
+            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                vocab_size=61, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32))
+
+    cb = ChronoCallback(root=root)
+    tr = _trainer(tmp_path, [cb], max_steps=2, num_sanity_val_steps=0, enable_checkpointing=False,
+                  limit_val_batches=0)
+    with caplog.at_level(logging.ERROR, logger="chrono.integrations"):
+        tr.fit(Dense())
+    assert tr.global_step == 2
+    assert len([r for r in caplog.records if r.name == "chrono.integrations"]) == 1
+    assert chrono.store.list_runs(root) == ["gov"]
