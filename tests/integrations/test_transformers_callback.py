@@ -122,11 +122,13 @@ def test_resume_from_checkpoint_is_one_run_without_gap_or_duplicate(tmp_path):
             if state.global_step == 13:   # after checkpoint-10, steps 11..13 logged, then a crash
                 raise RuntimeError("simulated crash")
 
+    chrono.open_run(root, "out").close()   # the default id is taken: this training becomes out-2
     cb = ChronoCallback(root=root, flush_every=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _trainer(model, args, cb, Crash()).train()
     cb.close()
     run = cb.run_id
+    assert run == "out-2"
     crashed = stored_counts(root, run)
     assert max(s for s, *_ in crashed) == 13
 
@@ -136,7 +138,7 @@ def test_resume_from_checkpoint_is_one_run_without_gap_or_duplicate(tmp_path):
     cb2 = ChronoCallback(root=root, flush_every=1)
     _trainer(model2, args, spy, cb2).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
     truth.remove()
-    assert cb2.run_id == run and chrono.store.list_runs(root) == [run]
+    assert cb2.run_id == run and chrono.store.list_runs(root) == ["out", run]   # id read from the checkpoint
     final = stored_counts(root, run)   # asserts no key is stored twice
     assert sorted({s for s, *_ in final}) == list(range(1, STEPS + 1))
     before = {k: v for k, v in crashed.items() if k[0] <= 10}
