@@ -125,6 +125,45 @@ class Session:
             self._atexit = None
 
 
+class CallbackOptions:
+    """Arguments and session both trainer callbacks share (see either callback's docstring)."""
+
+    def __init__(self, run: str | None = None, root=None, tokens: float = 0.0,
+                 flush_every: int | None = None, govern=None, log_health: bool = True,
+                 strict: bool = False, **attach_options):
+        self.run = run
+        self.root = root
+        self.tokens = tokens
+        self.flush_every = flush_every
+        self.govern = govern
+        self.log_health = log_health
+        self.strict = strict
+        self.attach_options = attach_options
+        self.run_id: str | None = run
+        self.last_health: dict = {}
+        self._session = Session()
+
+    @property
+    def handle(self):
+        """The probes ``Handle`` while training runs, else None."""
+        return self._session.handle
+
+    @property
+    def governor(self):
+        """The ``chrono.govern`` Governor while training runs with ``govern=``, else None."""
+        return self._session.governor
+
+    def close(self) -> None:
+        """Flush and detach (idempotent). Also done at train end and at interpreter exit."""
+        self._session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def _close_at_exit(session: Session):
     ref = weakref.ref(session)
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 
-from chrono.integrations.common import Session, fresh_run_id, run_id_from
+from chrono.integrations.common import DEFAULT_FLUSH_EVERY, CallbackOptions, fresh_run_id, run_id_from
 
 __all__ = ["ChronoCallback"]
 
 
-class ChronoCallback(Callback):
+class ChronoCallback(CallbackOptions, Callback):
     """Record MoE routing of a ``lightning.Trainer`` fit with chrono's probes.
 
     Args:
@@ -47,31 +47,10 @@ class ChronoCallback(Callback):
         **attach_options: passed to ``probes.attach``.
     """
 
-    def __init__(self, run: str | None = None, root=None, tokens: float = 0.0,
-                 flush_every: int | None = None, govern=None, log_health: bool = True,
-                 strict: bool = False, **attach_options):
-        self.run = run
-        self.root = root
-        self.tokens = tokens
-        self.flush_every = flush_every
-        self.govern = govern
-        self.log_health = log_health
-        self.strict = strict
-        self.attach_options = attach_options
-        self.run_id: str | None = run
-        self.last_health: dict = {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._saved_run: str | None = None
-        self._session = Session()
         self._step_before = 0
-
-    @property
-    def handle(self):
-        """The probes ``Handle`` while fitting, else None."""
-        return self._session.handle
-
-    @property
-    def governor(self):
-        return self._session.governor
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -86,7 +65,8 @@ class ChronoCallback(Callback):
 
         root = default_root() if self.root is None else self.root
         step = int(trainer.global_step)
-        flush_every = self.flush_every or max(1, int(trainer.log_every_n_steps or 0)) or 50
+        every = trainer.log_every_n_steps
+        flush_every = self.flush_every or (int(every) if every and every >= 1 else DEFAULT_FLUSH_EVERY)
         config = {"trainer": {"framework": "lightning",
                               "accumulate_grad_batches": trainer.accumulate_grad_batches,
                               "resumed_at": step}}
@@ -115,10 +95,6 @@ class ChronoCallback(Callback):
         self._session.close()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._session.close()
-
-    def close(self) -> None:
-        """Flush and detach (idempotent)."""
         self._session.close()
 
     # --------------------------------------------------------------- helpers

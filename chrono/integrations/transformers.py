@@ -36,8 +36,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback, ExportableState,
                                           PrinterCallback, ProgressCallback)
 
-from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, Session, fresh_run_id, run_id_from,
-                                        unwrap)
+from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, CallbackOptions, fresh_run_id,
+                                        run_id_from, unwrap)
 
 __all__ = ["ChronoCallback", "run_id_from", "unwrap", "flush_every_for"]
 
@@ -52,7 +52,7 @@ def flush_every_for(logging_steps, logging_strategy) -> int:
     return DEFAULT_FLUSH_EVERY
 
 
-class ChronoCallback(TrainerCallback, ExportableState):
+class ChronoCallback(CallbackOptions, TrainerCallback, ExportableState):
     """Record MoE routing of a ``transformers.Trainer`` run with chrono's probes.
 
     Args:
@@ -73,30 +73,6 @@ class ChronoCallback(TrainerCallback, ExportableState):
     After ``train()``: ``run_id``, ``handle`` (None once detached) and
     ``last_health`` (the last dict added to the logs).
     """
-
-    def __init__(self, run: str | None = None, root=None, tokens: float = 0.0,
-                 flush_every: int | None = None, govern=None, log_health: bool = True,
-                 strict: bool = False, **attach_options):
-        self.run = run
-        self.root = root
-        self.tokens = tokens
-        self.flush_every = flush_every
-        self.govern = govern
-        self.log_health = log_health
-        self.strict = strict
-        self.attach_options = attach_options
-        self.run_id: str | None = run
-        self.last_health: dict = {}
-        self._session = Session()
-
-    @property
-    def handle(self):
-        """The probes ``Handle`` while training runs, else None."""
-        return self._session.handle
-
-    @property
-    def governor(self):
-        return self._session.governor
 
     # --------------------------------------------------------- checkpoint state
     def state(self) -> dict:
@@ -143,16 +119,6 @@ class ChronoCallback(TrainerCallback, ExportableState):
         self.close()
 
     # ----------------------------------------------------------------- helpers
-    def close(self) -> None:
-        """Flush and detach (idempotent). Also called at train end and interpreter exit."""
-        self._session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def _resolve_run(self, args, state, root) -> str:
         from chrono.store import validate_run_id
 

@@ -7,12 +7,12 @@ import torch
 L = pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 import chrono  # noqa: E402
 from chrono.integrations.lightning import ChronoCallback  # noqa: E402
 
-from .tiny import LAYERS, RouterTruth, TokenData, qwen3_moe, stored_counts  # noqa: E402
+from .tiny import (LAYERS, RouterTruth, TokenData, assert_health_tags, qwen3_moe, stored_counts,  # noqa: E402
+                   tensorboard_scalars)
 
 ACC, STEPS, BATCH, VAL_EVERY = 2, 12, 2, 4   # validation every VAL_EVERY optimizer steps
 
@@ -88,13 +88,8 @@ def test_steps_are_optimizer_steps_and_counts_equal_truth(fitted):
 
 
 def test_health_is_logged_through_lightning_loggers(fitted):
-    files = glob.glob(str(fitted["tmp"] / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
-    ea = EventAccumulator(files[0])
-    ea.Reload()
-    tags = set(ea.Tags()["scalars"])
-    for layer in range(LAYERS):
-        for m in ("neff", "top2_share", "dead"):
-            assert f"chrono/{m}/layer_{layer}" in tags
+    ea = tensorboard_scalars(fitted["tmp"] / "tb")
+    assert_health_tags(ea)
     neff = ea.Scalars("chrono/neff/layer_1")
     assert len(neff) == STEPS // VAL_EVERY
     assert neff[-1].value == pytest.approx(fitted["cb"].last_health["chrono/neff/layer_1"], rel=1e-6)

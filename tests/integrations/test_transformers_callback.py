@@ -1,5 +1,4 @@
 """ChronoCallback on a real transformers.Trainer (tiny random Qwen3-MoE, CPU, offline)."""
-import glob
 import logging
 
 import pytest
@@ -7,13 +6,13 @@ import torch
 
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import chrono  # noqa: E402
 from chrono.integrations.transformers import ChronoCallback, run_id_from  # noqa: E402
 
-from .tiny import LAYERS, TokenData, RouterTruth, qwen3_moe, stored_counts  # noqa: E402
+from .tiny import (LAYERS, RouterTruth, TokenData, assert_health_tags, qwen3_moe, stored_counts,  # noqa: E402
+                   tensorboard_scalars)
 
 GA, STEPS, EVAL_EVERY, BATCH = 3, 20, 5, 2
 
@@ -79,15 +78,8 @@ def test_steps_are_optimizer_steps_and_counts_equal_truth(trained):
 
 
 def test_health_reaches_the_trainer_tensorboard_files(trained):
-    files = glob.glob(str(trained["out"] / "out" / "**" / "events.out.tfevents.*"), recursive=True)
-    assert files
-    ea = EventAccumulator(files[0])
-    ea.Reload()
-    tags = set(ea.Tags()["scalars"])
-    for layer in range(LAYERS):
-        for m in ("neff", "top2_share", "dead"):
-            assert f"train/chrono/{m}/layer_{layer}" in tags
-    assert {"train/chrono/neff/min", "train/chrono/alerts/active"} <= tags
+    ea = tensorboard_scalars(trained["out"] / "out")
+    assert_health_tags(ea, prefix="train/")
     neff = ea.Scalars("train/chrono/neff/layer_0")
     assert [e.step for e in neff] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
     assert all(1.0 <= e.value <= 6.0 for e in neff)

@@ -76,3 +76,26 @@ def stored_counts(root, run) -> Counter:
                        "WHERE run_id = ? GROUP BY ALL", [run]).fetchall()
     assert all(r[5] == 1 for r in rows), "a (step, mode, layer, expert) key stored twice"
     return Counter({(s, m, l, e): int(t) for s, m, l, e, t, _ in rows if t})
+
+
+def tensorboard_scalars(logdir):
+    """EventAccumulator over the one event file under ``logdir`` (any depth), loaded."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(str(logdir / "**" / "events.out.tfevents.*"), recursive=True)
+    assert len(files) == 1, files
+    ea = EventAccumulator(files[0])
+    ea.Reload()
+    return ea
+
+
+def assert_health_tags(ea, prefix=""):
+    """The documented health names (chrono.integrations.health) are all in the event file."""
+    tags = set(ea.Tags()["scalars"])
+    expected = {f"{prefix}chrono/{m}/layer_{layer}" for layer in range(LAYERS)
+                for m in ("neff", "top2_share", "dead")}
+    expected |= {f"{prefix}chrono/{n}" for n in ("neff/min", "dead/total", "alerts/active",
+                                                 "alerts/PRE_COLLAPSE", "alerts/COLLAPSE_CONFIRMED")}
+    assert expected <= tags, expected - tags
