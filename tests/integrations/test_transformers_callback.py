@@ -240,3 +240,16 @@ def test_training_that_raises_still_flushes_and_releases_the_run(tmp_path):
     assert sorted({s for s, *_ in stored}) == list(range(1, 8))
     with chrono.open_run(tmp_path / "store", "out"):   # the writer lock is free again
         pass
+
+
+def test_explicit_run_that_already_has_steps_is_refused_before_training(tmp_path):
+    root = tmp_path / "store"
+    _trainer(qwen3_moe(), _args(tmp_path / "a", max_steps=2, eval_strategy="no"),
+             ChronoCallback(run="mine", root=root)).train()
+    before = stored_counts(root, "mine")
+    tr = _trainer(qwen3_moe(), _args(tmp_path / "b", max_steps=2, eval_strategy="no"),
+                  ChronoCallback(run="mine", root=root))
+    with pytest.raises(chrono.StoreError, match="mine"):
+        tr.train()   # a fresh training would write steps 1, 2 a second time
+    assert tr.state.global_step == 0
+    assert stored_counts(root, "mine") == before
