@@ -54,7 +54,8 @@ def register(sub) -> None:
                     "(text), controller decisions and signals as a TensorBoard event file under "
                     "DIR/RUN. View with: tensorboard --logdir DIR")
     t.add_argument("run")
-    t.add_argument("--logdir", required=True, metavar="DIR", help="TensorBoard log directory (the run goes to DIR/RUN)")
+    t.add_argument("--logdir", required=True, metavar="DIR",
+                   help="TensorBoard log directory (the run goes to DIR/RUN)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace event files a previous 'chrono export' wrote for this run")
     t.set_defaults(func=cmd_export_tensorboard)
