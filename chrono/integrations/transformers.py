@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback, ExportableState,
                                           PrinterCallback, ProgressCallback)
 
-from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, CallbackOptions, fresh_run_id,
+from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, CallbackOptions, fresh_run_id, log,
                                         run_id_from, unwrap)
 
 __all__ = ["ChronoCallback", "run_id_from", "unwrap", "flush_every_for"]
@@ -73,6 +73,8 @@ class ChronoCallback(CallbackOptions, TrainerCallback, ExportableState):
     After ``train()``: ``run_id``, ``handle`` (None once detached) and
     ``last_health`` (the last dict added to the logs).
     """
+
+    _order_warned = False
 
     # --------------------------------------------------------- checkpoint state
     def state(self) -> dict:
@@ -140,8 +142,15 @@ class ChronoCallback(CallbackOptions, TrainerCallback, ExportableState):
         its reporting integrations; ``CallbackHandler.call_event`` is our caller.
         The list is replaced, not mutated, so the loop now running is unaffected.
         """
-        handler = sys._getframe(2).f_locals.get("self")
+        try:
+            handler = sys._getframe(2).f_locals.get("self")
+        except ValueError:   # called directly, not from a Trainer
+            handler = None
         if not isinstance(handler, CallbackHandler):
+            if not self._order_warned:   # e.g. a transformers release that dispatches differently
+                self._order_warned = True
+                log.warning("chrono: could not move ChronoCallback ahead of the Trainer's reporters; "
+                            "routing health reaches only callbacks listed after it")
             return
         others = [cb for cb in handler.callbacks if cb is not self]
         # after the flow and console-progress callbacks (the console stays readable), before the rest
