@@ -253,3 +253,11 @@ def test_explicit_run_that_already_has_steps_is_refused_before_training(tmp_path
         tr.train()   # a fresh training would write steps 1, 2 a second time
     assert tr.state.global_step == 0
     assert stored_counts(root, "mine") == before
+
+
+def test_add_callback_after_construction_still_reaches_the_reporters(tmp_path):
+    tr = _trainer(qwen3_moe(), _args(tmp_path / "late", max_steps=EVAL_EVERY, eval_strategy="no",
+                                     report_to=["tensorboard"]))
+    tr.add_callback(ChronoCallback(root=tmp_path / "store"))   # appended after TensorBoardCallback
+    tr.train()
+    assert_health_tags(tensorboard_scalars(tmp_path / "late"), prefix="train/")
