@@ -43,6 +43,23 @@ def fresh_run_id(root, base: str) -> str:
     return rid
 
 
+def agree_run_id(rid: str) -> str:
+    """Rank 0's run id on every rank of an initialised ``torch.distributed`` job (else ``rid``).
+
+    Ranks resolve the default id at slightly different times; one that saw the
+    run rank 0 had just created would pick ``<id>-2``. Today probes' own
+    collective at attach keeps rank 0 from creating the run before every rank
+    has resolved; this broadcast does not rely on that.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return rid
+    box = [rid]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def unwrap(model):
     """The module whose routers run: DDP / DataParallel / DeepSpeed / torch.compile wrappers removed."""
     from accelerate.utils import extract_model_from_parallel

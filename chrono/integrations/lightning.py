@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 
-from chrono.integrations.common import DEFAULT_FLUSH_EVERY, CallbackOptions, fresh_run_id, run_id_from
+from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, CallbackOptions, agree_run_id,
+                                        fresh_run_id, run_id_from)
 
 __all__ = ["ChronoCallback"]
 
@@ -70,7 +71,8 @@ class ChronoCallback(CallbackOptions, Callback):
         config = {"trainer": {"framework": "lightning",
                               "accumulate_grad_batches": trainer.accumulate_grad_batches,
                               "resumed_at": step}}
-        if self._session.start(pl_module, self._resolve_run(trainer, root, step), root, step,
+        run = agree_run_id(self._resolve_run(trainer, root, step))
+        if self._session.start(pl_module, run, root, step,
                                self.tokens, flush_every, govern=self.govern, strict=self.strict,
                                config=config, **self.attach_options):
             self.run_id = self._session.run_id

@@ -36,8 +36,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback, ExportableState,
                                           PrinterCallback, ProgressCallback)
 
-from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, CallbackOptions, fresh_run_id, log,
-                                        run_id_from, unwrap)
+from chrono.integrations.common import (DEFAULT_FLUSH_EVERY, CallbackOptions, agree_run_id,
+                                        fresh_run_id, log, run_id_from, unwrap)
 
 __all__ = ["ChronoCallback", "run_id_from", "unwrap", "flush_every_for"]
 
@@ -95,7 +95,7 @@ class ChronoCallback(CallbackOptions, TrainerCallback, ExportableState):
         self._run_first()
         self._session.close()   # a previous train() that raised left its attachment open
         root = default_root() if self.root is None else self.root
-        run = self._resolve_run(args, state, root)
+        run = agree_run_id(self._resolve_run(args, state, root))
         flush_every = self.flush_every or flush_every_for(args.logging_steps, args.logging_strategy)
         config = {"trainer": {"framework": "transformers",
                               "gradient_accumulation_steps": args.gradient_accumulation_steps,

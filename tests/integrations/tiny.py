@@ -68,12 +68,14 @@ class RouterTruth:
             h.remove()
 
 
-def stored_counts(root, run) -> Counter:
+def stored_counts(root, run, rank=None) -> Counter:
+    """``(step, mode, layer, expert) -> tokens`` stored for the run (one rank, or all ranks summed)."""
     import chrono
 
     con = chrono.connect(root)
-    rows = con.execute("SELECT step, mode, layer, expert, sum(tokens), count(*) FROM routing "
-                       "WHERE run_id = ? GROUP BY ALL", [run]).fetchall()
+    where = "run_id = ?" + ("" if rank is None else " AND rank = ?")
+    rows = con.execute(f"SELECT step, mode, layer, expert, sum(tokens), count(*) FROM routing "
+                       f"WHERE {where} GROUP BY ALL", [run] + ([] if rank is None else [rank])).fetchall()
     assert all(r[5] == 1 for r in rows), "a (step, mode, layer, expert) key stored twice"
     return Counter({(s, m, l, e): int(t) for s, m, l, e, t, _ in rows if t})
 
