@@ -1,0 +1,183 @@
+"""What every routing analysis shares: the result type, step ranges, the run's
+expert counts, and the checks that a run holds the table an analysis needs.
+
+Analyses read a ``chrono.connect(root)`` DuckDB connection (the store's views)
+and return an :class:`AnalysisResult`; nothing here imports torch.
+
+Token identity. A per-token row is one (token, top-k slot) at one layer. The
+same token at another layer or slot has the same *token key*
+``(mode, rank, step, batch_idx, position)``: the probes write one row per slot
+and layer for every sampled token (``probes.attach(..., tokens=...)``), with the
+sampling decision taken per token so all of a token's rows are kept together.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from chrono.schema import MODES
+
+
+class AnalysisError(ValueError):
+    """The run cannot answer this analysis (missing table, bad range, ...); one readable line."""
+
+
+# columns that identify one token within one layer (DESIGN §3 tokens table)
+TOKEN_KEY = ("mode", "rank", "step", "batch_idx", "position")
+
+
+@dataclass
+class AnalysisResult:
+    """One analysis over one run.
+
+    ``table`` holds the rows (one row per layer, expert pair, ... as each analysis
+    documents), ``summary`` a few run-wide numbers (JSON-serialisable),
+    ``needs`` the store table(s) it read, ``notes`` caveats to show the user.
+    """
+
+    kind: str
+    run: str
+    needs: str
+    table: pa.Table
+    summary: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    steps: tuple[int | None, int | None] = (None, None)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "run": self.run, "needs": self.needs,
+                "steps": {"start": self.steps[0], "stop": self.steps[1]},
+                "summary": self.summary, "notes": self.notes, "rows": self.table.to_pylist()}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which rows of a run an analysis reads.
+
+    ``steps`` is a half-open range ``[start, stop)`` (either end None = open),
+    ``layer`` one layer or None (all), ``mode`` one of TRAIN/EVAL/INFER or None (all).
+    """
+
+    run: str
+    steps: tuple[int | None, int | None] = (None, None)
+    layer: int | None = None
+    mode: str | None = None
+
+    def __post_init__(self):
+        lo, hi = self.steps
+        if lo is not None and hi is not None and hi <= lo:
+            raise AnalysisError(f"empty step range {lo}:{hi} (the range is start:stop, stop excluded)")
+        if self.mode is not None and self.mode not in MODES:
+            raise AnalysisError(f"unknown mode {self.mode!r}; modes are {', '.join(MODES)}")
+
+    def where(self, alias: str = "") -> str:
+        """SQL condition selecting this scope; binds $run, $lo, $hi, $layer, $mode."""
+        p = f"{alias}." if alias else ""
+        conds = [f"{p}run_id = $run", f"{p}step >= $lo", f"{p}step < $hi"]
+        if self.layer is not None:
+            conds.append(f"{p}layer = $layer")
+        if self.mode is not None:
+            conds.append(f"{p}mode = $mode")
+        return " AND ".join(conds)
+
+    def params(self, **extra) -> dict:
+        lo, hi = self.steps
+        p = {"run": self.run, "lo": -(2 ** 63) if lo is None else int(lo),
+             "hi": 2 ** 63 - 1 if hi is None else int(hi)}
+        if self.layer is not None:
+            p["layer"] = int(self.layer)
+        if self.mode is not None:
+            p["mode"] = self.mode
+        p.update(extra)
+        return p
+
+    def with_steps(self, steps) -> "Scope":
+        return Scope(self.run, steps, self.layer, self.mode)
+
+    def describe(self) -> str:
+        lo, hi = self.steps
+        rng = "all steps" if lo is None and hi is None else \
+            f"steps {'' if lo is None else lo}:{'' if hi is None else hi}"
+        extra = "" if self.layer is None else f", layer {self.layer}"
+        extra += "" if self.mode is None else f", mode {self.mode}"
+        return rng + extra
+
+
+def parse_steps(text: str | None) -> tuple[int | None, int | None]:
+    """``"A:B"`` -> (A, B), half-open; ``"A:"``, ``":B"``, ``""``/None -> open ends.
+
+    Raises AnalysisError on anything else (a single number means ``A:A+1``).
+    """
+    if text is None or text.strip() in ("", ":"):
+        return (None, None)
+    s = text.strip()
+    try:
+        if ":" not in s:
+            a = int(s)
+            return (a, a + 1)
+        a, b = s.split(":", 1)
+        lo = int(a) if a.strip() else None
+        hi = int(b) if b.strip() else None
+    except ValueError:
+        raise AnalysisError(f"bad step range {text!r}: use START:STOP (stop excluded), "
+                            f"e.g. 0:1000, 500: or :200") from None
+    if lo is not None and hi is not None and hi <= lo:
+        raise AnalysisError(f"empty step range {text!r} (stop must be greater than start)")
+    return (lo, hi)
+
+
+def require_tokens(con, scope: Scope, what: str, need_token_ids: bool = False) -> int:
+    """Number of per-token rows in scope; AnalysisError naming the fix when there are none."""
+    sql = (f"SELECT count(*), count(token_id) FROM tokens WHERE {scope.where()}")
+    ((n, with_ids),) = con.execute(sql, scope.params()).fetchall()
+    if n == 0:
+        ((total,),) = con.execute("SELECT count(*) FROM tokens WHERE run_id = $run",
+                                  {"run": scope.run}).fetchall()
+        where = "" if total == 0 else f" in {scope.describe()} ({total} rows outside it)"
+        raise AnalysisError(
+            f"{what} needs per-token rows (the tokens table), and run {scope.run!r} has none{where}; "
+            f"record them with probes.attach(model, ..., tokens=0.05) (a sampling rate) or "
+            f"RunWriter.log_tokens(...)")
+    if need_token_ids and with_ids == 0:
+        raise AnalysisError(
+            f"{what} needs token ids, and the per-token rows of run {scope.run!r} have none "
+            f"(token_id is NULL): pass input_ids to the model so the probes can record them")
+    return int(n)
+
+
+def require_routing(con, scope: Scope, what: str) -> None:
+    ((n,),) = con.execute(f"SELECT count(*) FROM routing WHERE {scope.where()}",
+                          scope.params()).fetchall()
+    if n == 0:
+        raise AnalysisError(f"{what} needs routing rows, and run {scope.run!r} has none in "
+                            f"{scope.describe()}")
+
+
+def experts_per_layer(con, run: str) -> dict[int, int]:
+    """{layer: number of experts}: the manifest's ``experts_per_layer`` where given, else
+    1 + the largest expert id seen in routing or tokens rows of that layer."""
+    import json
+
+    out: dict[int, int] = {}
+    rows = con.execute("SELECT model FROM runs WHERE run_id = $run", {"run": run}).fetchall()
+    if rows and rows[0][0]:
+        epl = (json.loads(rows[0][0]) or {}).get("experts_per_layer") or {}
+        if isinstance(epl, dict):
+            for k, v in epl.items():
+                try:
+                    out[int(k)] = int(v)
+                except (TypeError, ValueError):
+                    continue
+    seen = con.execute(
+        "SELECT layer, max(expert) + 1 FROM (SELECT layer, expert FROM routing WHERE run_id = $run "
+        "UNION ALL SELECT layer, expert FROM tokens WHERE run_id = $run) GROUP BY layer",
+        {"run": run}).fetchall()
+    for layer, n in seen:
+        out[int(layer)] = max(out.get(int(layer), 0), int(n))
+    return dict(sorted(out.items()))
+
+
+def entropy_nats(p) -> float:
+    """Shannon entropy -sum p ln p over p > 0 of a probability vector (nats)."""
+    return float(-sum(x * math.log(x) for x in p if x > 0))
