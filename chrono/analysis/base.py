@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from chrono.schema import MODES
@@ -127,6 +128,84 @@ def parse_steps(text: str | None) -> tuple[int | None, int | None]:
     return (lo, hi)
 
 
+KEY_RANGE_SQL = """
+SELECT min(step), max(step), min(batch_idx), max(batch_idx), min(position), max(position),
+       min(rank), max(rank), count(DISTINCT mode) FROM tokens WHERE {where}
+"""
+
+
+def token_key_sql(con, scope: "Scope") -> tuple[str, bool]:
+    """A SQL expression identifying a token within a layer, over the tokens rows in ``scope``.
+
+    When the ranges of (step, batch_idx, position, rank, mode) in scope pack into one
+    BIGINT (their product < 2**62), the expression is that exact mixed-radix number (one
+    integer key: grouping and joining on it is several times faster); otherwise it is the
+    5-column ``TOKEN_KEY`` as a row value. Either way equal keys <=> the same token.
+    Returns (expression, packed).
+    """
+    ((s0, s1, b0, b1, p0, p1, r0, r1, modes),) = con.execute(
+        KEY_RANGE_SQL.format(where=scope.where()), scope.params()).fetchall()
+    if s0 is None:
+        return "(" + ", ".join(TOKEN_KEY) + ")", False
+    sizes = [int(s1) - int(s0) + 1, int(b1) - int(b0) + 1, int(p1) - int(p0) + 1,
+             int(r1) - int(r0) + 1, len(MODES) if (scope.mode is None and modes > 1) else 1]
+    if math.prod(sizes) >= 2 ** 62:
+        return "(" + ", ".join(TOKEN_KEY) + ")", False
+    mode_code = ("CASE mode " + " ".join(f"WHEN '{m}' THEN {i}" for i, m in enumerate(MODES)) +
+                 " END") if sizes[4] > 1 else "0"
+    return (f"(((((step - {int(s0)})::BIGINT * {sizes[1]} + (batch_idx - {int(b0)})) * {sizes[2]} "
+            f"+ (position - {int(p0)})) * {sizes[3]} + (rank - {int(r0)})) * {sizes[4]} + {mode_code})",
+            True)
+
+
+MODE_CODE_SQL = ("(CASE mode " + " ".join(f"WHEN '{m}' THEN {i}" for i, m in enumerate(MODES)) +
+                 " END)::TINYINT")
+
+
+def fetch_tokens(con, scope: "Scope", columns: list[str], extra: str = "") -> dict:
+    """Columns of the tokens rows in scope as NumPy arrays, in storage order (part files in
+    name order, rows in written order). ``mode`` arrives as its int8 code (index in MODES)."""
+    sel = ", ".join(f"{MODE_CODE_SQL} AS mode" if c == "mode" else c for c in columns)
+    t = con.sql(f"SELECT {sel} FROM tokens WHERE {scope.where()} {extra}",
+                params=scope.params()).to_arrow_table()
+    return {c: t.column(c).to_numpy() for c in columns}
+
+
+def token_keys(cols: dict) -> np.ndarray:
+    """int64 key per row, equal exactly when (mode, rank, step, batch_idx, position) are equal.
+
+    Mixed-radix packing over the observed ranges, rank and mode most significant, so rows
+    written in step order have increasing keys; dense ids from ``np.unique`` when the ranges
+    do not fit in 62 bits."""
+    parts = [np.asarray(cols[c], dtype=np.int64) for c in ("mode", "rank", "step", "batch_idx", "position")]
+    if parts[0].size == 0:
+        return np.zeros(0, dtype=np.int64)
+    lows = [int(p.min()) for p in parts]
+    sizes = [int(p.max()) - lo + 1 for p, lo in zip(parts, lows)]
+    if math.prod(sizes) >= 2 ** 62:
+        return np.unique(np.stack(parts, 1), axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    key = np.zeros(parts[0].size, dtype=np.int64)
+    for p, lo, size in zip(parts, lows, sizes):
+        key *= size
+        key += p - lo
+    return key
+
+
+def small_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique values, int64 index of each element into them) for a small-range int
+    array (layer ids), in O(n) by counting instead of np.unique's sort."""
+    v = np.asarray(values).astype(np.int64, copy=False)
+    if v.size == 0:
+        return v, v
+    lo, hi = int(v.min()), int(v.max())
+    if hi - lo > 10_000_000:
+        u, inv = np.unique(v, return_inverse=True)
+        return u, inv.reshape(-1).astype(np.int64)
+    present = np.bincount(v - lo, minlength=hi - lo + 1) > 0
+    lookup = np.cumsum(present) - 1
+    return np.flatnonzero(present) + lo, lookup[v - lo]
+
+
 def require_tokens(con, scope: Scope, what: str, need_token_ids: bool = False) -> int:
     """Number of per-token rows in scope; AnalysisError naming the fix when there are none."""
     sql = (f"SELECT count(*), count(token_id) FROM tokens WHERE {scope.where()}")
@@ -169,12 +248,14 @@ def experts_per_layer(con, run: str) -> dict[int, int]:
                     out[int(k)] = int(v)
                 except (TypeError, ValueError):
                     continue
-    seen = con.execute(
-        "SELECT layer, max(expert) + 1 FROM (SELECT layer, expert FROM routing WHERE run_id = $run "
-        "UNION ALL SELECT layer, expert FROM tokens WHERE run_id = $run) GROUP BY layer",
-        {"run": run}).fetchall()
-    for layer, n in seen:
-        out[int(layer)] = max(out.get(int(layer), 0), int(n))
+    # the routing table is small (one row per step, layer, expert); tokens only when needed
+    for table in ("routing", "tokens"):
+        if out and table == "tokens":
+            break
+        seen = con.execute(f"SELECT layer, max(expert) + 1 FROM {table} WHERE run_id = $run GROUP BY layer",
+                           {"run": run}).fetchall()
+        for layer, n in seen:
+            out[int(layer)] = max(out.get(int(layer), 0), int(n))
     return dict(sorted(out.items()))
 
 

@@ -11,30 +11,38 @@ same marginals would be; > 1 means they team up, < 1 that they avoid each
 other (the observed/expected ratio used for co-occurrence, e.g. the OLMoE
 paper's routing analysis, Muennighoff et al. 2024, §5). Top-k without
 replacement makes c_ii = 0 by construction, so the diagonal is not reported.
+
+How: the writers store a token's top-k rows next to each other (slots 0..k-1).
+When the fetched rows verify that (every block of k rows has one token key and
+layer, slots in order), pairs are counted with ``np.bincount`` in one pass.
+Otherwise, in SQL, each token's set of experts becomes a bit mask
+(``bit_or(1 << expert)``, layers of up to 64 experts) grouped by token key and
+masks are counted per layer; wider layers use a self-join on the token key.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from .base import TOKEN_KEY, AnalysisError, AnalysisResult, Scope, experts_per_layer, require_tokens
+from .base import (AnalysisError, AnalysisResult, Scope, experts_per_layer, fetch_tokens,
+                   require_tokens, small_unique, token_key_sql)
 
 NEEDS = "tokens"
+MASK_BITS = 64
 
-_KEY = ", ".join(TOKEN_KEY)
-_JOIN = " AND ".join(f"a.{c} = b.{c}" for c in TOKEN_KEY)
-
-PAIRS_SQL = """
-WITH t AS (SELECT layer, {key}, k, expert FROM tokens WHERE {where})
-SELECT a.layer, least(a.expert, b.expert) AS ea, greatest(a.expert, b.expert) AS eb,
-       count(*) AS n
-FROM t a JOIN t b ON a.layer = b.layer AND {join} AND a.k < b.k
-WHERE a.expert <> b.expert
-GROUP BY ALL
+MASKS_SQL = """
+WITH m AS (SELECT layer, bit_or((1::UBIGINT) << expert::UBIGINT) AS mask, max(k) AS top
+           FROM tokens WHERE {where} GROUP BY layer, {key})
+SELECT layer, mask::VARCHAR AS mask, count(*) AS n, max(top) AS max_k FROM m GROUP BY layer, mask
 """
 
-# a token's top-k experts are distinct and every recorded token has a slot-0 row, so
-# c_i = rows of expert i and N = slot-0 rows (no DISTINCT over the 5-column key needed)
+PAIRS_SQL = """
+WITH t AS (SELECT layer, {key} AS key, k, expert FROM tokens WHERE {where})
+SELECT a.layer, least(a.expert, b.expert) AS ea, greatest(a.expert, b.expert) AS eb, count(*) AS n
+FROM t a JOIN t b ON a.layer = b.layer AND a.key = b.key AND a.k < b.k
+WHERE a.expert <> b.expert GROUP BY ALL
+"""
+
 MARGINALS_SQL = """
 SELECT layer, expert, count(*) AS n FROM tokens WHERE {where} GROUP BY ALL
 """
@@ -51,24 +59,25 @@ SCHEMA = pa.schema([
 ])
 
 
-def coactivation_matrix(con, scope: Scope) -> dict[int, dict]:
-    """Per layer: {"tokens": N, "marginal": int64[n], "both": int64[n, n] (symmetric, zero diagonal),
-    "lift": float64[n, n] (NaN where c_i * c_j = 0 and on the diagonal)}.
+def _from_masks(rows, n: int):
+    """(N, c int64[n], both int64[n, n]) from (mask, count) pairs of one layer."""
+    masks = np.array([int(m) for m, _ in rows], dtype=np.uint64)
+    counts = np.array([c for _, c in rows], dtype=np.int64)
+    bits = ((masks[:, None] >> np.arange(n, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(np.int64)
+    c = counts @ bits
+    both = (bits * counts[:, None]).T @ bits
+    np.fill_diagonal(both, 0)
+    return int(counts.sum()), c, both
 
-    Raises AnalysisError when the run has no per-token rows in scope or top-k is 1.
-    """
-    require_tokens(con, scope, "co-activation")
-    fmt = {"key": _KEY, "where": scope.where(), "join": _JOIN}
+
+def _by_join(con, scope, key, n_exp):
+    fmt = {"where": scope.where(), "key": key}
     params = scope.params()
     tok = con.execute(TOKENS_SQL.format(**fmt), params).fetchnumpy()
-    if int(tok["max_k"].max()) < 1:
-        raise AnalysisError("co-activation needs top-k > 1: every recorded token of run "
-                            f"{scope.run!r} has a single expert (k = 0 only)")
     marg = con.execute(MARGINALS_SQL.format(**fmt), params).fetchnumpy()
     pairs = con.execute(PAIRS_SQL.format(**fmt), params).fetchnumpy()
-    n_exp = experts_per_layer(con, scope.run)
-    out: dict[int, dict] = {}
-    for layer, n_tok in zip(tok["layer"].tolist(), tok["n"].tolist()):
+    out = {}
+    for layer, n_tok, max_k in zip(tok["layer"].tolist(), tok["n"].tolist(), tok["max_k"].tolist()):
         n = n_exp.get(layer, 0)
         m = np.zeros(n, dtype=np.int64)
         sel = marg["layer"] == layer
@@ -76,12 +85,80 @@ def coactivation_matrix(con, scope: Scope) -> dict[int, dict]:
         both = np.zeros((n, n), dtype=np.int64)
         sel = pairs["layer"] == layer
         both[pairs["ea"][sel], pairs["eb"][sel]] = pairs["n"][sel]
-        both = both + both.T
+        out[layer] = (int(n_tok), m, both + both.T, int(max_k))
+    return out
+
+
+def _by_blocks(con, scope, n_exp):
+    """The adjacent-rows fast path; None when the stored rows are not in token blocks."""
+    key_cols = ["layer", "mode", "rank", "step", "batch_idx", "position"]
+    c = fetch_tokens(con, scope, ["k", "expert"] + key_cols)
+    k = c["k"]
+    K = int(k.max()) + 1
+    if k.size % K:
+        return None
+    kb = k.reshape(-1, K)
+    if not (kb == np.arange(K, dtype=kb.dtype)).all():
+        return None
+    for col in key_cols:  # every row of a block belongs to the block's first row's token
+        v = c[col].reshape(-1, K)
+        if not all((v[:, j] == v[:, 0]).all() for j in range(1, K)):
+            return None
+    lay = c["layer"].reshape(-1, K)
+    layers, li = small_unique(lay[:, 0])
+    E = max(n_exp[int(l)] for l in layers)
+    X = c["expert"].reshape(-1, K).astype(np.int64)
+    n_tok = np.bincount(li, minlength=layers.size)
+    marg = np.bincount((li[:, None] * E + X).reshape(-1), minlength=layers.size * E).reshape(-1, E)
+    both = np.zeros(layers.size * E * E, dtype=np.int64)
+    for a in range(K):
+        for b in range(a + 1, K):
+            lo, hi = np.minimum(X[:, a], X[:, b]), np.maximum(X[:, a], X[:, b])
+            both += np.bincount((li * E + lo) * E + hi, minlength=both.size)
+    both = both.reshape(-1, E, E)
+    out = {}
+    for i, layer in enumerate(layers.tolist()):
+        n = n_exp[layer]
+        bl = both[i, :n, :n]
+        bl = bl + bl.T
+        np.fill_diagonal(bl, 0)
+        out[layer] = (int(n_tok[i]), marg[i, :n].copy(), bl, K - 1)
+    return out
+
+
+def coactivation_matrix(con, scope: Scope, fast: bool = True) -> dict[int, dict]:
+    """Per layer: {"tokens": N, "marginal": int64[n], "both": int64[n, n] (symmetric, zero diagonal),
+    "lift": float64[n, n] (NaN where c_i * c_j = 0 and on the diagonal)}.
+
+    Raises AnalysisError when the run has no per-token rows in scope or top-k is 1.
+    ``fast=False`` skips the adjacent-rows path (tests compare the two).
+    """
+    require_tokens(con, scope, "co-activation")
+    n_exp = experts_per_layer(con, scope.run)
+    raw = _by_blocks(con, scope, n_exp) if fast else None
+    if raw is None and max(n_exp.values()) <= MASK_BITS:
+        key = token_key_sql(con, scope)[0]
+        r = con.execute(MASKS_SQL.format(where=scope.where(), key=key), scope.params()).fetchall()
+        per_layer: dict[int, list] = {}
+        tops: dict[int, int] = {}
+        for layer, mask, n, max_k in r:
+            per_layer.setdefault(int(layer), []).append((mask, n))
+            tops[int(layer)] = max(tops.get(int(layer), 0), int(max_k))
+        raw = {l: (*_from_masks(rows, n_exp[l]), tops[l]) for l, rows in per_layer.items()}
+    elif raw is None:
+        raw = _by_join(con, scope, token_key_sql(con, scope)[0], n_exp)
+    if max(v[3] for v in raw.values()) < 1:
+        raise AnalysisError("co-activation needs top-k > 1: every recorded token of run "
+                            f"{scope.run!r} has a single expert (k = 0 only)")
+    out: dict[int, dict] = {}
+    for layer in sorted(raw):
+        n_tok, m, both, _ = raw[layer]
+        mm = np.outer(m, m).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            lift = both * float(n_tok) / np.outer(m, m).astype(np.float64)
-        lift[np.outer(m, m) == 0] = np.nan
+            lift = both * float(n_tok) / mm
+        lift[mm == 0] = np.nan
         np.fill_diagonal(lift, np.nan)
-        out[int(layer)] = {"tokens": int(n_tok), "marginal": m, "both": both, "lift": lift}
+        out[layer] = {"tokens": n_tok, "marginal": m, "both": both, "lift": lift}
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 import chrono
@@ -223,3 +224,60 @@ def test_mode_filter(con):
     with pytest.raises(AnalysisError):
         analyze(con, "loads", Scope(RUN, mode="EVAL"))
     assert analyze(con, "loads", Scope(RUN, mode="TRAIN")).table.num_rows == 2
+
+
+def _random_token_store(root, n_experts, shuffle, seed=0):
+    """200 tokens x 3 layers, top-3, written in token blocks or shuffled; returns the true pair counts."""
+    rng = np.random.default_rng(seed)
+    truth = {}
+    rows = []
+    for layer in range(3):
+        both = np.zeros((n_experts, n_experts), dtype=np.int64)
+        for t in range(200):
+            ex = rng.choice(n_experts, 3, replace=False)
+            for a in range(3):
+                for b in range(3):
+                    if a != b:
+                        both[ex[a], ex[b]] += 1
+                rows.append((t // 50, layer, t % 50, a, int(ex[a])))
+        truth[layer] = both
+    if shuffle:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    with chrono.open_run(root, "rand", model={"experts_per_layer": {str(l): n_experts for l in range(3)}}) as w:
+        arr = np.array(rows)
+        w.log_tokens(arr[:, 0], arr[:, 1], arr[:, 4], batch_idx=0, position=arr[:, 2], k=arr[:, 3])
+    return truth
+
+
+@pytest.mark.parametrize("n_experts,shuffle", [(8, False), (8, True), (80, True), (80, False)])
+def test_coactivation_paths_agree_with_counted_truth(tmp_path, n_experts, shuffle):
+    """Block fast path (in-order rows), SQL bit masks (<= 64 experts) and SQL self-join (wider)."""
+    from chrono.analysis.coactivation import coactivation_matrix
+
+    truth = _random_token_store(tmp_path / "s", n_experts, shuffle)
+    con = chrono.connect(tmp_path / "s")
+    for fast in (True, False):
+        mats = coactivation_matrix(con, Scope("rand"), fast=fast)
+        for layer, both in truth.items():
+            assert (mats[layer]["both"] == both).all(), (layer, fast)
+            assert mats[layer]["tokens"] == 200
+            assert (mats[layer]["marginal"] == both.sum(1) // 2).all()
+
+
+def test_transitions_with_shuffled_rows_match_in_order(tmp_path):
+    _random_token_store(tmp_path / "a", 8, shuffle=False, seed=3)
+    _random_token_store(tmp_path / "b", 8, shuffle=True, seed=3)
+    ta = analyze(chrono.connect(tmp_path / "a"), "transitions", Scope("rand")).table
+    tb = analyze(chrono.connect(tmp_path / "b"), "transitions", Scope("rand")).table
+    assert ta.to_pylist() == tb.to_pylist() and ta.num_rows > 0
+
+
+def test_vocabulary_sparse_path_equals_dense(con, monkeypatch):
+    import importlib
+
+    voc = importlib.import_module("chrono.analysis.vocabulary")
+
+    dense = analyze(con, "vocabulary", Scope(RUN), top=3)
+    monkeypatch.setattr(voc, "DENSE_LIMIT", 1)  # force np.unique over the (layer, expert, token) index
+    sparse = analyze(con, "vocabulary", Scope(RUN), top=3)
+    assert dense.table.to_pylist() == sparse.table.to_pylist() and dense.summary == sparse.summary
