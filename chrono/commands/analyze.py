@@ -30,6 +30,12 @@ def _options(args) -> dict:
     return {}
 
 
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
 def _json_default(v):
     if isinstance(v, float) and v != v:
         return None
@@ -50,6 +56,13 @@ def cmd_analyze(args) -> int:
         res = analyze(chrono.connect(args.root), args.kind, scope, **_options(args))
     except AnalysisError as e:
         raise UserError(str(e)) from None
+    if args.kind == "vocabulary":
+        from chrono.analysis.labels import token_labeler
+
+        label = token_labeler(chrono.connect(args.root), args.run)
+        if label is not None:  # byte-level run or a tokenizer file in the manifest
+            res.table = res.table.add_column(
+                4, "text", pa_array([label(t) for t in res.table.column("token_id").to_pylist()]))
     if args.format == "json":
         sys.stdout.write(json.dumps(res.to_json(), default=_json_default) + "\n")
         return 0
