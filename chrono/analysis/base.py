@@ -234,8 +234,11 @@ def require_routing(con, scope: Scope, what: str) -> None:
 
 
 def experts_per_layer(con, run: str) -> dict[int, int]:
-    """{layer: number of experts}: the manifest's ``experts_per_layer`` where given, else
-    1 + the largest expert id seen in routing or tokens rows of that layer."""
+    """{layer: number of experts}: the manifest's ``experts_per_layer`` when it has one, else
+    1 + the largest expert id in the run's routing rows (tokens rows when there are none).
+
+    Callers take ``max(this, 1 + largest id they see)`` for a layer, so a layer the
+    manifest does not list (or lists too small) is still sized right."""
     import json
 
     out: dict[int, int] = {}
@@ -248,14 +251,12 @@ def experts_per_layer(con, run: str) -> dict[int, int]:
                     out[int(k)] = int(v)
                 except (TypeError, ValueError):
                     continue
-    # the routing table is small (one row per step, layer, expert); tokens only when needed
     for table in ("routing", "tokens"):
-        if out and table == "tokens":
+        if out:
             break
         seen = con.execute(f"SELECT layer, max(expert) + 1 FROM {table} WHERE run_id = $run GROUP BY layer",
                            {"run": run}).fetchall()
-        for layer, n in seen:
-            out[int(layer)] = max(out.get(int(layer), 0), int(n))
+        out = {int(layer): int(n) for layer, n in seen}
     return dict(sorted(out.items()))
 
 

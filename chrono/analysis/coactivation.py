@@ -78,9 +78,9 @@ def _by_join(con, scope, key, n_exp):
     pairs = con.execute(PAIRS_SQL.format(**fmt), params).fetchnumpy()
     out = {}
     for layer, n_tok, max_k in zip(tok["layer"].tolist(), tok["n"].tolist(), tok["max_k"].tolist()):
-        n = n_exp.get(layer, 0)
-        m = np.zeros(n, dtype=np.int64)
         sel = marg["layer"] == layer
+        n = max(n_exp.get(layer, 0), int(marg["expert"][sel].max(initial=-1)) + 1)
+        m = np.zeros(n, dtype=np.int64)
         m[marg["expert"][sel]] = marg["n"][sel]
         both = np.zeros((n, n), dtype=np.int64)
         sel = pairs["layer"] == layer
@@ -106,8 +106,8 @@ def _by_blocks(con, scope, n_exp):
             return None
     lay = c["layer"].reshape(-1, K)
     layers, li = small_unique(lay[:, 0])
-    E = max(n_exp[int(l)] for l in layers)
     X = c["expert"].reshape(-1, K).astype(np.int64)
+    E = max(max(n_exp.get(int(l), 0) for l in layers), int(X.max()) + 1)
     n_tok = np.bincount(li, minlength=layers.size)
     marg = np.bincount((li[:, None] * E + X).reshape(-1), minlength=layers.size * E).reshape(-1, E)
     both = np.zeros(layers.size * E * E, dtype=np.int64)
@@ -118,7 +118,7 @@ def _by_blocks(con, scope, n_exp):
     both = both.reshape(-1, E, E)
     out = {}
     for i, layer in enumerate(layers.tolist()):
-        n = n_exp[layer]
+        n = max(n_exp.get(layer, 0), int(np.flatnonzero(marg[i]).max(initial=-1)) + 1)
         bl = both[i, :n, :n]
         bl = bl + bl.T
         np.fill_diagonal(bl, 0)
@@ -136,7 +136,7 @@ def coactivation_matrix(con, scope: Scope, fast: bool = True) -> dict[int, dict]
     require_tokens(con, scope, "co-activation")
     n_exp = experts_per_layer(con, scope.run)
     raw = _by_blocks(con, scope, n_exp) if fast else None
-    if raw is None and max(n_exp.values()) <= MASK_BITS:
+    if raw is None and max(n_exp.values(), default=0) <= MASK_BITS:
         key = token_key_sql(con, scope)[0]
         r = con.execute(MASKS_SQL.format(where=scope.where(), key=key), scope.params()).fetchall()
         per_layer: dict[int, list] = {}
@@ -144,7 +144,8 @@ def coactivation_matrix(con, scope: Scope, fast: bool = True) -> dict[int, dict]
         for layer, mask, n, max_k in r:
             per_layer.setdefault(int(layer), []).append((mask, n))
             tops[int(layer)] = max(tops.get(int(layer), 0), int(max_k))
-        raw = {l: (*_from_masks(rows, n_exp[l]), tops[l]) for l, rows in per_layer.items()}
+        raw = {l: (*_from_masks(rows, max(n_exp.get(l, 0), max(int(m).bit_length() for m, _ in rows))),
+                   tops[l]) for l, rows in per_layer.items()}
     elif raw is None:
         raw = _by_join(con, scope, token_key_sql(con, scope)[0], n_exp)
     if max(v[3] for v in raw.values()) < 1:

@@ -56,6 +56,39 @@ def layer_loads(con, scope: Scope) -> dict[int, np.ndarray]:
     return out
 
 
+DENSE_LIMIT = 50_000_000  # (step, layer, expert) cells counted densely in NumPy; SQL beyond
+
+
+def per_step_max_violation(con, scope: Scope, n_exp: dict[int, int]) -> np.ndarray:
+    """max / mean - 1 of every (step, layer) with tokens in scope (experts absent count as 0);
+    ``n_exp`` = {layer: experts} of every layer in scope (``layer_loads`` sizes).
+
+    Rows are summed per (step, layer, expert) first (several ranks or modes may share a step):
+    densely with ``np.bincount`` when the cells fit ``DENSE_LIMIT``, else in DuckDB."""
+    t = con.sql(f"SELECT step, layer, expert, tokens FROM routing WHERE {scope.where()}",
+                params=scope.params()).to_arrow_table()
+    if t.num_rows == 0:
+        return np.zeros(0)
+    step, layer, expert = (t.column(c).to_numpy() for c in ("step", "layer", "expert"))
+    s0, l0 = int(step.min()), int(layer.min())
+    S, L = int(step.max()) - s0 + 1, int(layer.max()) - l0 + 1
+    E = max(int(expert.max()) + 1, max(n_exp.values(), default=0))
+    cells = S * L * E  # dense over the step and layer ranges; empty (step, layer) cells drop out
+    n = np.array([n_exp.get(l0 + i, E) for i in range(L)], dtype=np.float64)
+    if cells <= DENSE_LIMIT:
+        tok = np.bincount(((step - s0) * L + (layer - l0)) * E + expert,
+                          weights=t.column("tokens").to_numpy().astype(np.float64),
+                          minlength=cells).reshape(S, L, E)
+        mx, total = tok.max(2), tok.sum(2)
+        nn = np.broadcast_to(n, total.shape)
+    else:
+        r = con.execute(PER_STEP_SQL.format(where=scope.where()), scope.params()).fetchnumpy()
+        mx, total = r["mx"].astype(np.float64), r["total"].astype(np.float64)
+        nn = n[r["layer"].astype(np.int64) - l0]
+    ok = total > 0
+    return mx[ok] / (total[ok] / nn[ok]) - 1
+
+
 def _pct_summary(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
@@ -82,15 +115,9 @@ def loads(con, scope: Scope) -> AnalysisResult:
         for k in cols:
             cols[k].append(row[k])
     table = pa.table(cols, schema=SCHEMA)
-    steps = con.execute(PER_STEP_SQL.format(where=scope.where()), scope.params()).fetchnumpy()
-    n_exp = experts_per_layer(con, scope.run)
-    n = np.array([n_exp.get(int(l), 1) for l in steps["layer"]], dtype=np.float64) \
-        if steps["layer"].size else np.zeros(0)
-    total = steps["total"].astype(np.float64)
-    ok = total > 0
-    step_mv = steps["mx"].astype(np.float64)[ok] / (total[ok] / n[ok]) - 1
+    step_mv = per_step_max_violation(con, scope, {l: v.size for l, v in per_layer.items()})
     layer_mv = [x for x in cols["max_violation"] if x is not None]
     summary = {"max_violation_across_layers": _pct_summary(layer_mv),
                "max_violation_across_steps": _pct_summary(step_mv),
-               "step_layer_pairs": int(ok.sum())}
+               "step_layer_pairs": int(step_mv.size)}
     return AnalysisResult("loads", scope.run, NEEDS, table, summary=summary, steps=scope.steps)

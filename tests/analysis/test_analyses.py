@@ -281,3 +281,24 @@ def test_vocabulary_sparse_path_equals_dense(con, monkeypatch):
     monkeypatch.setattr(voc, "DENSE_LIMIT", 1)  # force np.unique over the (layer, expert, token) index
     sparse = analyze(con, "vocabulary", Scope(RUN), top=3)
     assert dense.table.to_pylist() == sparse.table.to_pylist() and dense.summary == sparse.summary
+
+
+def test_loads_per_step_sql_path_equals_dense(con, monkeypatch):
+    import importlib
+
+    loads_mod = importlib.import_module("chrono.analysis.loads")
+    dense = analyze(con, "loads", Scope(RUN)).summary
+    monkeypatch.setattr(loads_mod, "DENSE_LIMIT", 1)
+    sql = analyze(con, "loads", Scope(RUN)).summary
+    assert sql["step_layer_pairs"] == dense["step_layer_pairs"] == 8
+    assert sql["max_violation_across_steps"] == pytest.approx(dense["max_violation_across_steps"])
+
+
+def test_loads_sums_ranks_of_one_step_before_the_max(tmp_path):
+    for rank, counts in ((0, [3, 1]), (1, [0, 4])):  # two ranks write the same step
+        with chrono.open_run(tmp_path / "s", "r", model={"experts_per_layer": {"0": 2}}, rank=rank,
+                             world_size=2) as w:
+            w.log_routing(0, 0, np.array(counts))
+    s = analyze(chrono.connect(tmp_path / "s"), "loads", Scope("r")).summary
+    # summed [3, 5]: max 5 / mean 4 - 1 (not max of a single rank's row)
+    assert s["max_violation_across_steps"]["max"] == pytest.approx(0.25)
