@@ -258,8 +258,3 @@ def experts_per_layer(con, run: str) -> dict[int, int]:
                            {"run": run}).fetchall()
         out = {int(layer): int(n) for layer, n in seen}
     return dict(sorted(out.items()))
-
-
-def entropy_nats(p) -> float:
-    """Shannon entropy -sum p ln p over p > 0 of a probability vector (nats)."""
-    return float(-sum(x * math.log(x) for x in p if x > 0))

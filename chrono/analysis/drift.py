@@ -119,7 +119,7 @@ def drift_ranges(con, scope: Scope, ranges: list[tuple[int, int]], min_count: in
     layers = sorted(set(r["layer"].tolist()))
     dist = {}
     for layer in layers:
-        n = n_exp.get(layer, int(r["expert"][r["layer"] == layer].max()) + 1)
+        n = max(n_exp.get(layer, 0), int(r["expert"][r["layer"] == layer].max()) + 1)
         for b in range(len(ranges)):
             sel = (r["layer"] == layer) & (r["bucket"] == b)
             v = np.zeros(n)

@@ -50,7 +50,7 @@ def layer_loads(con, scope: Scope) -> dict[int, np.ndarray]:
     out = {}
     for layer in sorted(set(r["layer"].tolist())):
         sel = r["layer"] == layer
-        v = np.zeros(n_exp.get(layer, int(r["expert"][sel].max()) + 1), dtype=np.int64)
+        v = np.zeros(max(n_exp.get(layer, 0), int(r["expert"][sel].max()) + 1), dtype=np.int64)
         np.add.at(v, r["expert"][sel], r["n"][sel].astype(np.int64))
         out[int(layer)] = v
     return out

@@ -302,3 +302,13 @@ def test_loads_sums_ranks_of_one_step_before_the_max(tmp_path):
     s = analyze(chrono.connect(tmp_path / "s"), "loads", Scope("r")).summary
     # summed [3, 5]: max 5 / mean 4 - 1 (not max of a single rank's row)
     assert s["max_violation_across_steps"]["max"] == pytest.approx(0.25)
+
+
+def test_manifest_that_undercounts_experts_is_overridden_by_the_rows(tmp_path):
+    with chrono.open_run(tmp_path / "s", "r", model={"experts_per_layer": {"0": 2}}) as w:
+        w.log_routing(0, 0, np.array([1, 1, 6]))  # 3 experts recorded, the manifest says 2
+        w.log_routing(1, 0, np.array([2, 2, 4]))
+    con = chrono.connect(tmp_path / "s")
+    (row,) = analyze(con, "loads", Scope("r")).table.to_pylist()
+    assert row["experts"] == 3 and row["max"] == 10
+    assert analyze(con, "drift", Scope("r"), n_windows=2).table.num_rows == 1

@@ -1,9 +1,6 @@
 """The Specialization page: AppTest against stores with and without per-token rows, and Chromium."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 import chrono
@@ -61,18 +58,15 @@ def test_specialization_page_without_token_rows_explains(app, spec_root):
 
 
 @pytest.mark.browser
-def test_specialization_page_in_chromium(spec_root, tmp_path, request):
-    from dashboard.server import stop, wait_ready
+def test_specialization_page_in_chromium(spec_root, tmp_path):
+    from dashboard.server import serve, stop
     from tests.conftest import free_port, require_tool
 
     chromium = require_tool("/usr/bin/chromium")
     sync_api = pytest.importorskip("playwright.sync_api")
     port = free_port()
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "chrono.cli", "--root", str(spec_root), "dashboard",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = serve(spec_root, port=port, timeout=90, log_file=tmp_path / "server.log")
     try:
-        wait_ready(proc, "127.0.0.1", port, timeout=90)
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, headless=True,
                                          args=["--headless", "--no-sandbox", "--disable-gpu"])
@@ -101,4 +95,3 @@ def test_specialization_page_in_chromium(spec_root, tmp_path, request):
         assert not errors, errors
     finally:
         stop(proc)
-        log.close()
