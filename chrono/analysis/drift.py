@@ -89,9 +89,9 @@ WITH c AS (
         SELECT {bucket} AS bucket, layer, token_id, expert FROM tokens
         WHERE {filters} AND k = 0 AND token_id IS NOT NULL)
     WHERE bucket IS NOT NULL GROUP BY ALL),
-m AS (
-    SELECT bucket, layer, token_id, expert, sum(n) OVER (PARTITION BY bucket, layer, token_id) AS occ
-    FROM c QUALIFY row_number() OVER (PARTITION BY bucket, layer, token_id ORDER BY n DESC, expert) = 1)
+m AS (  -- modal expert per id (ties: the smaller expert; experts < 2^20) and the id's occurrences
+    SELECT bucket, layer, token_id, arg_max(expert, n * 1048576 - expert) AS expert, sum(n) AS occ
+    FROM c GROUP BY ALL)
 SELECT a.bucket, a.layer, count(*) AS ids, avg((a.expert <> r.expert)::DOUBLE) AS changed,
        sum((a.expert <> r.expert)::DOUBLE * (a.occ + r.occ)) / sum(a.occ + r.occ) AS changed_w
 FROM m a JOIN m r ON r.bucket = $ref AND a.layer = r.layer AND a.token_id = r.token_id
