@@ -6,9 +6,10 @@ and return an :class:`AnalysisResult`; nothing here imports torch.
 
 Token identity. A per-token row is one (token, top-k slot) at one layer. The
 same token at another layer or slot has the same *token key*
-``(mode, rank, step, batch_idx, position)``: the probes write one row per slot
-and layer for every sampled token (``probes.attach(..., tokens=...)``), with the
-sampling decision taken per token so all of a token's rows are kept together.
+``(mode, rank, step, batch_idx, position)``. The probes keep all top-k rows of a
+sampled token at a layer together (adjacent, slots in order); whether the same
+token is also sampled at another layer depends on the sampling rate (with
+``tokens < 1`` the sampler picks positions per router call; see docs/analysis.md).
 """
 from __future__ import annotations
 
