@@ -122,3 +122,33 @@ def test_plan_rejects_impossible_requests(kwargs, match):
 def test_exact_refuses_big_layers():
     with pytest.raises(AnalysisError, match="tiny layers"):
         plan(np.ones((1, 64)), 8, method="exact")
+
+
+def test_plan_invariants_over_random_shapes():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.data())
+    def check(data):
+        nodes = data.draw(st.sampled_from([1, 2]))
+        gpus = nodes * data.draw(st.integers(1, 4))
+        groups = nodes * data.draw(st.integers(1, 3))
+        E = groups * data.draw(st.integers(1, 4))
+        slots = -(-E // gpus) * gpus + gpus * data.draw(st.integers(0, 2))  # a multiple of gpus >= E
+        L = data.draw(st.integers(1, 3))
+        w = np.array(data.draw(st.lists(st.integers(0, 1000), min_size=L * E, max_size=L * E)),
+                     dtype=float).reshape(L, E)
+        method = data.draw(st.sampled_from(["eplb", "auto"]))
+        p = plan(w, gpus, replicas=slots - E, groups=groups, nodes=nodes, method=method)
+        _check_invariants(p, w, slots - E)
+        after = gpu_loads(w, p.phy2log, gpus).max(1)
+        assert (after >= w.sum(1) / gpus - 1e-9).all()  # no plan beats a perfect split
+        if p.policy == "hierarchical" and nodes > 1:  # every group's replicas on one node
+            node_of_slot = np.arange(slots) // (slots // nodes)
+            for layer in range(L):
+                for g in range(groups):
+                    members = np.isin(p.phy2log[layer], np.arange(g * (E // groups), (g + 1) * (E // groups)))
+                    assert np.unique(node_of_slot[members]).size == 1
+
+    check()
