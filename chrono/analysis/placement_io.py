@@ -20,6 +20,9 @@ from: slot p holds expert p mod E) and after. Three outputs:
   and ``global_expert_load`` [moe_layers, E] (int64), the load matrix
   ``EplbState.add_model(global_expert_load=...)`` rebalances from. That vLLM
   version has no command-line flag that loads a placement file; see docs/analysis.md.
+- ``vllm_initial_map``: a JSON list with one physical-to-logical row per MoE layer,
+  the file ``eplb_config.initial_expert_map_path`` reads in vLLM pull request
+  #49572 ("[EPLB] Support custom initial expert maps", open as of 2026-07).
 """
 from __future__ import annotations
 
@@ -133,6 +136,11 @@ def sglang_json(r: PlacementReport, model_layers: int | None = None) -> dict:
     for i, layer in enumerate(r.layers):
         rows[layer] = r.placement.phy2log[i]
     return {"physical_to_logical_map": rows.tolist()}
+
+
+def vllm_initial_map(r: PlacementReport) -> list:
+    """[[logical expert of each physical slot] per MoE layer] (vLLM PR #49572's per-layer form)."""
+    return r.placement.phy2log.tolist()
 
 
 def vllm_json(r: PlacementReport) -> dict:

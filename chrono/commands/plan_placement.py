@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 FILES = {"chrono": "placement.json", "sglang": "sglang_init_expert_location.json",
-         "vllm": "vllm_eplb_state.json"}
+         "vllm": "vllm_eplb_state.json", "vllm_map": "vllm_initial_expert_map.json"}
 
 
 def cmd_plan_placement(args) -> int:
     import chrono
     from chrono.analysis import AnalysisError, Scope, parse_steps
-    from chrono.analysis.placement_io import chrono_json, plan_run, sglang_json, vllm_json
+    from chrono.analysis.placement_io import (chrono_json, plan_run, sglang_json, vllm_initial_map,
+                                              vllm_json)
     from chrono.cli import UserError, print_table
     from chrono.store import require_run
 
@@ -29,7 +30,7 @@ def cmd_plan_placement(args) -> int:
         rep = plan_run(chrono.connect(args.root), scope, args.gpus, replicas=args.replicas,
                        groups=args.groups, nodes=args.nodes, method=args.method)
         docs = {"chrono": chrono_json(rep), "sglang": sglang_json(rep, args.model_layers),
-                "vllm": vllm_json(rep)}
+                "vllm": vllm_json(rep), "vllm_map": vllm_initial_map(rep)}
     except AnalysisError as e:
         raise UserError(str(e)) from None
     if out is not None:
@@ -61,7 +62,9 @@ def register(sub) -> None:
                     "replicas to GPUs). Prints predicted max and mean GPU load per layer before "
                     "(trivial placement: slot p holds expert p mod E) and after. --output DIR writes "
                     "placement.json (chrono), sglang_init_expert_location.json (for SGLang's "
-                    "--init-expert-location) and vllm_eplb_state.json (vLLM EPLB state tensors).")
+                    "--init-expert-location), vllm_eplb_state.json (vLLM EPLB state tensors) and "
+                    "vllm_initial_expert_map.json (per-MoE-layer map, vLLM PR #49572's "
+                    "eplb_config.initial_expert_map_path).")
     s.add_argument("run")
     s.add_argument("--gpus", type=int, required=True, help="GPUs (expert-parallel ranks)")
     s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")

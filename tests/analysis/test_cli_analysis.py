@@ -84,6 +84,8 @@ def test_plan_placement_writes_engine_files(root, tmp_path, capsys):
     assert len(vl["physical_to_logical_map"]) == 2  # vLLM indexes MoE layers only
     assert all(len(e) == 3 for layer in vl["logical_to_physical_map"] for e in layer)  # replicas + 1
     assert vl["global_expert_load"] == [[8, 6, 10, 8], [8, 8, 8, 8]]
+    vm = json.loads((out / "vllm_initial_expert_map.json").read_text())
+    assert vm == vl["physical_to_logical_map"]  # a bare list of per-MoE-layer rows
     ch = json.loads((out / "placement.json").read_text())
     assert ch["format"] == "chrono.placement/1" and ch["layers"] == [0, 1]
     # layer 0 totals [8, 6, 10, 8], trivial slots [0 1 2 | 3 0 1]: GPU0 8/2 + 6/2 + 10 = 17, GPU1 15
