@@ -136,7 +136,12 @@ def coactivation_matrix(con, scope: Scope, fast: bool = True) -> dict[int, dict]
     require_tokens(con, scope, "co-activation")
     n_exp = experts_per_layer(con, scope.run)
     raw = _by_blocks(con, scope, n_exp) if fast else None
-    if raw is None and max(n_exp.values(), default=0) <= MASK_BITS:
+    if raw is not None:
+        widest = 0
+    else:  # the rows decide whether a 64-bit mask holds every expert id (a manifest may undercount)
+        ((widest,),) = con.execute(f"SELECT max(expert) + 1 FROM tokens WHERE {scope.where()}",
+                                   scope.params()).fetchall()
+    if raw is None and max(max(n_exp.values(), default=0), int(widest)) <= MASK_BITS:
         key = token_key_sql(con, scope)[0]
         r = con.execute(MASKS_SQL.format(where=scope.where(), key=key), scope.params()).fetchall()
         per_layer: dict[int, list] = {}

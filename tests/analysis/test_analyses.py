@@ -312,3 +312,15 @@ def test_manifest_that_undercounts_experts_is_overridden_by_the_rows(tmp_path):
     (row,) = analyze(con, "loads", Scope("r")).table.to_pylist()
     assert row["experts"] == 3 and row["max"] == 10
     assert analyze(con, "drift", Scope("r"), n_windows=2).table.num_rows == 1
+
+
+def test_coactivation_sql_path_with_wide_rows_and_a_small_manifest(tmp_path):
+    """70 experts recorded, a manifest that claims 8: the self-join path, not 64-bit masks."""
+    from chrono.analysis.coactivation import coactivation_matrix
+
+    with chrono.open_run(tmp_path / "s", "r", model={"experts_per_layer": {"0": 8}}) as w:
+        w.log_tokens(0, 0, [69, 3, 65, 3], position=[1, 1, 0, 0], k=[0, 1, 0, 1])  # adjacent blocks
+        w.log_tokens(1, 0, [3, 69], position=[0, 0], k=[1, 0])  # slots out of order: no fast path
+    mats = coactivation_matrix(chrono.connect(tmp_path / "s"), Scope("r"))
+    both = mats[0]["both"]
+    assert both.shape == (70, 70) and both[3, 69] == 2 and both[3, 65] == 1 and both.sum() == 6
