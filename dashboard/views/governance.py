@@ -9,6 +9,29 @@ from dashboard import charts, data, ui
 st.title("Governance")
 run = ui.need_run()
 
+# What each controller term means (DESIGN §4, chrono.controller.policy), shown as help tooltips.
+TERMS = {
+    "debt": "Topology debt, 0-1: how far the layer's routing is from healthy in the latest snapshot. "
+            "0.4·clip((0.6n − Neff)/0.6n) + 0.4·clip((Top-2 − 0.75)/0.25) + 0.2·clip(dead/(n−1)). "
+            "0 = healthy (Neff ≥ 0.6·n, Top-2 ≤ 0.75, no dead expert).",
+    "pressure": "Pressure, 0-1: a slow average of debt, pressure ← 0.8·pressure + 0.2·debt, so one bad "
+                "snapshot does not make the controller act. It sets how hard the actuator pushes.",
+    "heat": "Heat = pressure clipped to 0-1 (the same number under this policy). The temperature actuator "
+            "reads it to soften the router's softmax; lens actuators read pressure.",
+    "lens scale": "Lens scale s: the strength applied to the layer's routing lens this step, "
+                  "min(pressure, 0.5) capped at s_max (0.02 before step 100, 0.5 after) × backoff. "
+                  "0 = the lens is an exact identity.",
+    "backoff": "Harm-guard backoff, 0-1: multiplies the lens scale. Halves when Top-2 rose by more than "
+               "0.02 after the controller acted (it made things worse); recovers by 0.2·(1 − backoff) "
+               "otherwise. Below 0.15 the controller abstains.",
+    "abstain": "Abstaining: the controller decided not to act (scale 0), because the layer is healthy "
+               "(pressure < 0.01), the harm guard tripped (backoff < 0.15) or the window had no traffic.",
+}
+
+
+def term(label: str, key: str) -> None:
+    st.markdown(f"**{label}**", help=TERMS[key])
+
 
 @ui.live
 def body():
@@ -23,11 +46,12 @@ def body():
     latest = data.query(data.DECISIONS_LATEST_SQL, run=run, limit=500)
     last = latest[latest["step"] == latest["step"].max()]
     c = st.columns(5)
-    c[0].metric("Decisions", ui.fmt_int(rng["decisions"].iloc[0]))
+    c[0].metric("Decisions", ui.fmt_int(rng["decisions"].iloc[0]),
+                help="One per layer per snapshot, all in the `decisions` table.")
     c[1].metric("Latest step", ui.fmt_int(hi))
-    c[2].metric("Max pressure now", ui.fmt_float(last["pressure"].max()))
-    c[3].metric("Max lens scale now", ui.fmt_float(last["lens_scale"].max(), 4))
-    c[4].metric("Abstaining now", f"{int(last['abstain'].sum())} of {len(last)}")
+    c[2].metric("Max pressure now", ui.fmt_float(last["pressure"].max()), help=TERMS["pressure"])
+    c[3].metric("Max lens scale now", ui.fmt_float(last["lens_scale"].max(), 4), help=TERMS["lens scale"])
+    c[4].metric("Abstaining now", f"{int(last['abstain'].sum())} of {len(last)} layers", help=TERMS["abstain"])
 
     cols = st.columns(2)
     shown = cols[0].multiselect("Layers", layers, default=layers[: min(8, len(layers))],
@@ -41,31 +65,60 @@ def body():
         st.caption("Pick at least one layer.")
     else:
         left, right = st.columns(2)
-        left.altair_chart(charts.multi_line(s, "debt", "layer_name", "Topology debt", "debt (0-1)", "layer",
-                                            y_domain=[0, 1]), width="stretch")
-        right.altair_chart(charts.multi_line(s, "pressure", "layer_name", "Pressure (EMA of debt)",
-                                             "pressure (0-1)", "layer", y_domain=[0, 1]), width="stretch")
+        with left:
+            term("Topology debt", "debt")
+            st.altair_chart(charts.multi_line(s, "debt", "layer_name", "Topology debt", "debt (0-1)", "layer",
+                                              y_domain=[0, 1]), width="stretch")
+        with right:
+            term("Pressure", "pressure")
+            st.altair_chart(charts.multi_line(s, "pressure", "layer_name", "Pressure (EMA of debt)",
+                                              "pressure (0-1)", "layer", y_domain=[0, 1]), width="stretch")
         left, right = st.columns(2)
-        left.altair_chart(charts.multi_line(s, "heat", "layer_name", "Heat (pressure clipped to 0-1)",
-                                            "heat (0-1)", "layer", y_domain=[0, 1]), width="stretch")
-        right.altair_chart(charts.multi_line(s, "lens_scale", "layer_name", "Lens scale s",
-                                             "lens scale", "layer"), width="stretch")
+        with left:
+            term("Heat", "heat")
+            st.altair_chart(charts.multi_line(s, "heat", "layer_name", "Heat (pressure clipped to 0-1)",
+                                              "heat (0-1)", "layer", y_domain=[0, 1]), width="stretch")
+        with right:
+            term("Lens scale", "lens scale")
+            st.altair_chart(charts.multi_line(s, "lens_scale", "layer_name", "Lens scale s",
+                                              "lens scale", "layer"), width="stretch")
         left, right = st.columns(2)
-        left.altair_chart(charts.multi_line(s, "backoff", "layer_name", "Harm-guard backoff",
-                                            "backoff (0-1)", "layer", y_domain=[0, 1]), width="stretch")
-        right.altair_chart(charts.multi_line(s, "abstain_fraction", "layer_name", "Abstaining (share of decisions)",
-                                             "abstained", "layer", y_format=".0%",
-                                             y_domain=[0, 1]), width="stretch")
+        with left:
+            term("Backoff", "backoff")
+            st.altair_chart(charts.multi_line(s, "backoff", "layer_name", "Harm-guard backoff",
+                                              "backoff (0-1)", "layer", y_domain=[0, 1]), width="stretch")
+        with right:
+            term("Abstaining", "abstain")
+            band = s.assign(step_end=s["step"] + 1)
+            st.altair_chart(charts.abstain_band(band), width="stretch")
         if w > 1:
             st.caption(f"Each point averages the decisions of {w:,} steps.")
 
-    st.subheader("Reasons")
-    st.dataframe(data.query(data.DECISION_REASONS_SQL, run=run), hide_index=True)
+    st.subheader("Reasons", help="Why the controller acted or abstained, grouped by kind: the reason text "
+                 "with its numbers replaced by #, so 'act: debt 0.41, pressure 0.20' and 'act: debt 0.52, "
+                 "pressure 0.26' are one kind.")
+    reasons = data.query(data.DECISION_REASONS_SQL, run=run)
+    total = max(1, int(reasons["decisions"].sum()))
+    reasons.insert(3, "share", reasons["decisions"] / total)
+    st.dataframe(reasons, hide_index=True, width="stretch", column_config={
+        "kind": st.column_config.TextColumn("kind of reason", width="medium"),
+        "abstain": st.column_config.CheckboxColumn("abstained"),
+        "share": st.column_config.ProgressColumn("share of decisions", format="percent", min_value=0,
+                                                 max_value=1),
+        "latest_example": st.column_config.TextColumn("latest example", width="large"),
+    })
     st.subheader("Latest decisions")
-    st.dataframe(latest, hide_index=True, column_config={
-        c: st.column_config.NumberColumn(format="%.4f")
-        for c in ("debt", "pressure", "heat", "forgetting", "lens_scale", "backoff", "neff", "top2_share")})
-    st.caption("Newest 500 decisions; every one is in the `decisions` table (SQL page).")
+    st.dataframe(latest, hide_index=True, width="stretch", column_config={
+        "step": st.column_config.NumberColumn(width="small"),
+        "layer": st.column_config.NumberColumn(width="small"),
+        "actuator": st.column_config.TextColumn(width="small"),
+        **{c: st.column_config.NumberColumn(format="%.3f", width="small", help=TERMS.get(c.replace("_", " ")))
+           for c in ("debt", "pressure", "heat", "forgetting", "lens_scale", "backoff", "neff", "top2_share")},
+        "abstain": st.column_config.CheckboxColumn(width="small", help=TERMS["abstain"]),
+        "reason": st.column_config.TextColumn(width="medium"),
+    })
+    st.caption("Newest 500 decisions; every one is in the `decisions` table (SQL page). forgetting = "
+               "0.02 + 0.10·pressure is logged for ChronoMoE compatibility only (informational).")
 
 
 body()

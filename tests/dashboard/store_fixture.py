@@ -68,7 +68,8 @@ def build(root) -> dict:
                     decisions.append({"step": step, "layer": r["layer"], "actuator": "lens", "debt": debt,
                                       "pressure": p, "heat": min(1.0, p), "forgetting": 0.02 + 0.1 * p,
                                       "lens_scale": min(p, 0.02), "backoff": 1.0, "abstain": p < 0.01,
-                                      "reason": "pressure below 0.01" if p < 0.01 else "scale from pressure",
+                                      "reason": ("abstain: pressure < 0.01 (healthy)" if p < 0.01
+                                                 else f"act: debt {debt:.3f}, pressure {p:.3f}"),
                                       "neff": r["neff"], "top2_share": r["top2_share"]})
                 w.log_rows("decisions", decisions)
                 w.flush()
