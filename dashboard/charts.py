@@ -10,7 +10,7 @@ import altair as alt
 import pandas as pd
 
 from chrono.snapshots import CONFIRMED_TOP2, PRE_NEFF_FRACTION, PRE_TOP2
-from dashboard.status import IDLE, STATUS_COLORS
+from dashboard.status import STATUS_COLORS
 
 # Altair's debug mode validates every schema object as it is created (about half the time
 # spent on a chart here); the finished spec is still validated once when Streamlit calls
@@ -45,9 +45,10 @@ def share_scale(n_experts: int) -> alt.Scale:
 
 def share_legend(n_experts: int) -> alt.Legend:
     u = 1.0 / max(1, int(n_experts))
-    return alt.Legend(format=".0%", values=sorted({0.0, round(u, 4), 0.5, 1.0}), gradientLength=220,
-                      title=["share of tokens", f"white = uniform 1/{int(n_experts)} = {u:.1%}",
-                             "blue: starved · purple: hot"])
+    return alt.Legend(format=".1~%", values=sorted({0.0, round(u, 4), 0.5, 1.0}), gradientLength=320,
+                      orient="bottom", direction="horizontal", titleOrient="top", titleLimit=600,
+                      title=f"share of tokens: white = uniform share 1/{int(n_experts)} = {u:.1%}, "
+                            "blue = starved, purple = hot")
 
 
 def _expert_axis(n_exp: int) -> alt.Axis:
@@ -90,7 +91,9 @@ def layer_expert_heatmap(df: pd.DataFrame, height: int = 260) -> alt.Chart:
         df = df.assign(vs_uniform=df["share"] * df["layer"].map(n_by_layer))
         color = alt.Color("vs_uniform:Q", scale=alt.Scale(domain=[0, 1, n_exp], clamp=True, interpolate="lab",
                                                           range=[SHARE_STARVED, SHARE_UNIFORM, SHARE_HOT]),
-                          legend=alt.Legend(title=["share ÷ uniform share 1/n", "white = 1 (uniform)"]))
+                          legend=alt.Legend(title="share ÷ uniform share 1/n (white = 1, uniform)", orient="bottom",
+                                            direction="horizontal", titleOrient="top", gradientLength=320,
+                                            titleLimit=600))
     return alt.Chart(df, title="Share of each layer's tokens, whole run").mark_rect().encode(
         x=x, y=alt.Y("layer:O", title="layer"), color=color,
         tooltip=["layer:O", "expert:O", alt.Tooltip("tokens:Q", format=","),
@@ -264,7 +267,7 @@ def experts_over_time(df: pd.DataFrame, height: int = 260) -> alt.Chart:
     ).properties(height=height).configure_legend(**BOTTOM_LEGEND)
 
 
-STRIP_STATUSES = [IDLE, *STATUS_COLORS]  # legend order: no snapshot, OK, PRE_COLLAPSE, COLLAPSE_CONFIRMED
+STRIP_STATUSES = list(STATUS_COLORS)  # legend order: OK, PRE_COLLAPSE, COLLAPSE_CONFIRMED
 
 
 def health_strip(df: pd.DataFrame, height: int | None = None) -> alt.Chart:
@@ -274,21 +277,22 @@ def health_strip(df: pd.DataFrame, height: int | None = None) -> alt.Chart:
     Grey = OK; orange / red only when the layer's alert was active.
     """
     n_layers = max(1, df["layer"].nunique())
-    colors = alt.Scale(domain=STRIP_STATUSES, range=["#ffffff", *STATUS_COLORS.values()])
+    colors = alt.Scale(domain=STRIP_STATUSES, range=list(STATUS_COLORS.values()))
     return alt.Chart(df, title="Alert state per layer over steps (grey OK, orange PRE_COLLAPSE, "
                                "red COLLAPSE_CONFIRMED)").mark_rect(stroke="white", strokeWidth=0.5).encode(
         x=alt.X("x_start:Q", title="training step", axis=alt.Axis(format="~s")), x2="x_end:Q",
-        y=alt.Y("layer:O", title="layer", sort="ascending"),
-        color=alt.Color("status:N", title="state", scale=colors),
+        y=alt.Y("layer:O", title="layer", sort="ascending", axis=alt.Axis(labelOverlap=n_layers > 64)),
+        color=alt.Color("status:N", title="state", scale=colors, legend=None),  # the title names the colours
         tooltip=["layer:O", alt.Tooltip("step_start:Q", title="snapshots from step"),
                  alt.Tooltip("step_end:Q", title="to step"), "status:N",
                  alt.Tooltip("neff:Q", title="Neff (mean)", format=".2f"), "n_experts:Q",
                  alt.Tooltip("top2_share:Q", title="Top-2 (mean)", format=".3f"),
                  alt.Tooltip("dead:Q", title="dead (max)")],
-    ).properties(height=height or max(90, min(520, 26 * n_layers))).configure_legend(**BOTTOM_LEGEND)
+    ).properties(height=height or 90 + min(640, 30 * n_layers))
 
 
-def dead_small_multiples(df: pd.DataFrame, columns: int = 4, panel_height: int = 120) -> alt.FacetChart:
+def dead_small_multiples(df: pd.DataFrame, columns: int = 4, panel_height: int = 120,
+                         panel_width: int = 170) -> alt.FacetChart:
     """One small panel per layer: dead (solid) and nearly dead (dashed) experts over steps.
 
     ``df``: long rows (step, layer, layer_name, kind, experts, n_experts).
@@ -301,12 +305,12 @@ def dead_small_multiples(df: pd.DataFrame, columns: int = 4, panel_height: int =
         strokeDash=alt.StrokeDash("kind:N", legend=None, scale=alt.Scale(domain=kinds, range=[[1, 0], [5, 3]])),
         tooltip=["step:Q", alt.Tooltip("layer_name:N", title="layer"), "kind:N", "experts:Q",
                  alt.Tooltip("n_experts:Q", title="experts in layer")],
-    ).properties(height=panel_height, width=220)
+    ).properties(height=panel_height, width=panel_width)
     return base.facet(
         facet=alt.Facet("layer_name:N", title=None, sort=alt.SortField("layer"),
                         header=alt.Header(labelFontWeight="bold", labelFontSize=12)),
         columns=columns,
-        title="Dead (solid) and nearly dead (dashed, < 1 % share) experts, one panel per layer",
+        title="Dead (solid) and nearly dead (dashed, < 1 %) experts per layer",
     ).configure_legend(**BOTTOM_LEGEND)
 
 
@@ -325,4 +329,4 @@ def abstain_band(df: pd.DataFrame, height: int | None = None) -> alt.Chart:
         tooltip=[alt.Tooltip("layer_name:N", title="layer"), alt.Tooltip("step_start:Q", title="from step"),
                  alt.Tooltip("step:Q", title="to step"),
                  alt.Tooltip("abstain_fraction:Q", title="abstaining", format=".0%"), "decisions:Q"],
-    ).properties(height=height or max(80, min(400, 28 * n))).configure_legend(**BOTTOM_LEGEND)
+    ).properties(height=height or 170 + min(400, 30 * n)).configure_legend(**BOTTOM_LEGEND)

@@ -13,7 +13,6 @@ from chrono.health import OK, SEVERITY, STATUSES
 # Colours: alerts only ever get these; OK is a quiet grey, never green/red noise.
 STATUS_COLORS = {OK: "#d9d9d9", "PRE_COLLAPSE": "#f28e2b", "COLLAPSE_CONFIRMED": "#d62728"}
 STATUS_TEXT = {OK: "#1b5e20", "PRE_COLLAPSE": "#8a4b00", "COLLAPSE_CONFIRMED": "#9b1111"}
-IDLE = "no snapshot"
 
 
 def health_cell_styles(col) -> list[str]:
@@ -65,4 +64,18 @@ def state_strip(windows: pd.DataFrame, spans: pd.DataFrame) -> pd.DataFrame:
                 sev[i] = max(SEVERITY[a] for a in hit["alert"])
     out["severity"] = sev
     out["status"] = [STATUSES[s] for s in sev]
+    return out
+
+
+def decision_spans(binned: pd.DataFrame) -> pd.DataFrame:
+    """Give each binned decision row the steps it governed: ``[step_start, next bin's step_start)``.
+
+    A decision is taken at a snapshot and holds until the next one of that layer; the last bin of a
+    layer extends by the layer's median gap between bins (1 step when it has a single bin).
+    ``binned``: rows with layer, step_start, step. Adds ``step_end``.
+    """
+    out = binned.sort_values(["layer", "step_start"]).copy()
+    nxt = out.groupby("layer")["step_start"].shift(-1)
+    gap = out.groupby("layer")["step_start"].transform(lambda s: s.diff().median() if len(s) > 1 else 1)
+    out["step_end"] = nxt.fillna(out["step"] + gap.fillna(1).clip(lower=1))
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, ui
+from dashboard import charts, data, status, ui
 
 st.title("Governance")
 run = ui.need_run()
@@ -29,8 +29,20 @@ TERMS = {
 }
 
 
+# One line under each heading; the tooltip (TERMS) has the formula.
+GLOSS = {
+    "debt": "how unhealthy the layer's routing is now (0 = healthy, 1 = one expert takes all)",
+    "pressure": "debt averaged over recent snapshots: how hard the controller pushes",
+    "heat": "pressure clipped to 0-1; softens the router when the temperature actuator is on",
+    "lens scale": "strength of the routing lens the controller applied (0 = no change)",
+    "backoff": "harm guard: drops when acting made routing worse, then recovers",
+    "abstain": "steps where the controller chose not to act",
+}
+
+
 def term(label: str, key: str) -> None:
-    st.markdown(f"**{label}**", help=TERMS[key])
+    """The term in bold with a one-line gloss; hover the (?) for the formula."""
+    st.markdown(f"**{label}**: {GLOSS[key]}", help=TERMS[key])
 
 
 @ui.live
@@ -51,7 +63,8 @@ def body():
     c[1].metric("Latest step", ui.fmt_int(hi))
     c[2].metric("Max pressure now", ui.fmt_float(last["pressure"].max()), help=TERMS["pressure"])
     c[3].metric("Max lens scale now", ui.fmt_float(last["lens_scale"].max(), 4), help=TERMS["lens scale"])
-    c[4].metric("Abstaining now", f"{int(last['abstain'].sum())} of {len(last)} layers", help=TERMS["abstain"])
+    c[4].metric("Abstaining now", f"{int(last['abstain'].sum())} of {len(last)}",
+                help="Layers whose latest decision was to abstain. " + TERMS["abstain"])
 
     cols = st.columns(2)
     shown = cols[0].multiselect("Layers", layers, default=layers[: min(8, len(layers))],
@@ -89,8 +102,7 @@ def body():
                                               "backoff (0-1)", "layer", y_domain=[0, 1]), width="stretch")
         with right:
             term("Abstaining", "abstain")
-            band = s.assign(step_end=s["step"] + 1)
-            st.altair_chart(charts.abstain_band(band), width="stretch")
+            st.altair_chart(charts.abstain_band(status.decision_spans(s)), width="stretch")
         if w > 1:
             st.caption(f"Each point averages the decisions of {w:,} steps.")
 
@@ -108,6 +120,10 @@ def body():
         "latest_example": st.column_config.TextColumn("latest example", width="large"),
     })
     st.subheader("Latest decisions")
+    latest = latest[["step", "layer", "actuator", "abstain", "reason", "debt", "pressure", "lens_scale", "backoff",
+                     "neff", "top2_share"]]  # heat = pressure here; both in the SQL table
+    if latest["actuator"].nunique() <= 1:  # named in the selector above; room for the numbers
+        latest = latest.drop(columns=["actuator"])
     st.dataframe(latest, hide_index=True, width="stretch", column_config={
         "step": st.column_config.NumberColumn(width="small"),
         "layer": st.column_config.NumberColumn(width="small"),
@@ -117,8 +133,8 @@ def body():
         "abstain": st.column_config.CheckboxColumn(width="small", help=TERMS["abstain"]),
         "reason": st.column_config.TextColumn(width="medium"),
     })
-    st.caption("Newest 500 decisions; every one is in the `decisions` table (SQL page). forgetting = "
-               "0.02 + 0.10·pressure is logged for ChronoMoE compatibility only (informational).")
+    st.caption("Newest 500 decisions; every one, with heat and forgetting (0.02 + 0.10·pressure, logged "
+               "for ChronoMoE compatibility only), is in the `decisions` table (SQL page).")
 
 
 body()

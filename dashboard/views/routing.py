@@ -33,7 +33,7 @@ def body():
     w = data.bin_width(lo, hi, data.STEP_BINS)
     heat = data.query(data.ROUTING_HEATMAP_SQL, run=run, layer=layer, lo=lo, w=w)
     n_layer = int(totals.loc[totals["layer"] == layer, "expert"].max()) + 1
-    st.altair_chart(charts.share_heatmap(heat, layer, height=max(220, min(1400, 18 * n_layer)),
+    st.altair_chart(charts.share_heatmap(heat, layer, height=170 + min(1400, 22 * n_layer),
                                          n_experts=n_layer), width="stretch")
     st.caption(f"{heat['step_start'].nunique():,} columns of {w:,} step{'s' if w > 1 else ''} each; "
                "colour = the expert's share of the layer's token assignments in that column, on a fixed "
@@ -44,7 +44,7 @@ def body():
     totals["share"] = totals["tokens"] / totals.groupby("layer")["tokens"].transform("sum").clip(lower=1)
     totals["mean_weight"] = totals["weight_sum"] / totals["tokens"].where(totals["tokens"] > 0)
     left, right = st.columns(2)
-    left.altair_chart(charts.layer_expert_heatmap(totals, height=max(200, min(520, 34 * len(layers)))),
+    left.altair_chart(charts.layer_expert_heatmap(totals, height=170 + min(520, 36 * len(layers))),
                       width="stretch")
     weights = data.query(data.TOKEN_WEIGHTS_SQL, run=run, layer=layer, bins=20)
     if not weights.empty:

@@ -31,16 +31,14 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
         "run": runs["run_id"],
         "health": runs["health"],
         "worst layer": [f"layer {int(l)}" if pd.notna(l) else "–" for l in runs["worst_layer"]],
-        "layers alerting": runs["layers_alerting"],
+        "alerting layers": runs["layers_alerting"],
         "model": [text(m) if text(m) != "–" else "(not described)" for m in runs["model_name"]],
         "layers × experts": [f"{ui.fmt_int(l)} × {ui.fmt_int(e)}" if pd.notna(l) else "–"
                              for l, e in zip(runs["n_layers"], runs["n_experts"])],
         "top-k": [ui.fmt_int(k) for k in runs["top_k"]],
         "steps": runs["steps"].fillna(0).astype("int64"),
-        "last step": [ui.fmt_int(v) for v in runs["last_step"]],
         "tokens routed": runs["tokens"].fillna(0).astype("int64"),
         "alerts raised": runs["alerts_raised"],
-        "last update (UTC)": runs["updated_at"],
         "updated": [_ago(t) for t in runs["updated_at"]],
     })
 
@@ -75,7 +73,7 @@ def body():
         "worst layer": st.column_config.TextColumn(
             help="The layer holding that alert (several: the one whose alert fired at the lowest Neff / n)"),
         "tokens routed": st.column_config.NumberColumn(format="localized"),
-        "last update (UTC)": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
+        "updated": st.column_config.TextColumn(help="Time since the run's manifest was last written (UTC clock)"),
     })
     if len(shown) < len(runs):
         st.caption(f"{len(runs) - len(shown)} of {len(runs)} runs hidden by the health filter.")

@@ -63,7 +63,7 @@ def test_runs_table_health_column_names_the_worst_layer(app, dash_store, tmp_pat
     worst = worst.sort_values(["frac", "layer"]).iloc[0]
     assert table.loc[MAIN_RUN, "health"] == worst["alert"] == "COLLAPSE_CONFIRMED"
     assert table.loc[MAIN_RUN, "worst layer"] == f"layer {int(worst['layer'])}"
-    assert table.loc[MAIN_RUN, "layers alerting"] == main["layer"].nunique()
+    assert table.loc[MAIN_RUN, "alerting layers"] == main["layer"].nunique()
     for run in (HEALTHY_RUN, EMPTY_RUN, "bare"):
         assert table.loc[run, "health"] == "OK" and table.loc[run, "worst layer"] == "–"
     # no literal None / NaN cell anywhere, also for the run without a model description
@@ -99,7 +99,7 @@ def test_heatmaps_are_anchored_at_the_uniform_share(app, dash_store, run, n):
         assert color["field"] == "share"
         assert color["scale"]["domain"] == pytest.approx([0.0, 1 / n, 1.0])  # fixed ends, white at 1/n
         assert color["scale"]["range"][1] == "#f7f7f7"
-        assert f"uniform 1/{n}" in " ".join(color["legend"]["title"])
+        assert f"uniform share 1/{n}" in color["legend"]["title"]
         axis_enc = spec["encoding"]["y" if "over steps" in _title(spec) else "x"]
         assert axis_enc["axis"]["values"] == list(range(n))  # every expert tick labelled
         assert axis_enc["axis"]["labelOverlap"] is False
@@ -211,7 +211,7 @@ def test_state_strip_rules():
 def test_governance_terms_have_help_and_reasons_are_grouped(app, dash_store):
     root, facts = dash_store
     at = app(root, "governance", run=MAIN_RUN)
-    helped = {m.value.strip("*"): m.proto.help for m in at.markdown if m.proto.help}
+    helped = {m.value.split("**")[1]: m.proto.help for m in at.markdown if m.proto.help and m.value.startswith("**")}
     for term in ("Topology debt", "Pressure", "Heat", "Lens scale", "Backoff", "Abstaining"):
         assert len(helped.get(term, "")) > 40, term
     reasons = at.dataframe[0].value
@@ -270,3 +270,12 @@ def test_known_run_in_the_link_has_no_warning(app, dash_store):
     root, _ = dash_store
     at = app(root, "health", run=HEALTHY_RUN)
     assert at.sidebar.selectbox[0].value == HEALTHY_RUN and not at.warning
+
+
+def test_decision_spans_cover_the_steps_each_decision_governed():
+    from dashboard.status import decision_spans
+
+    df = pd.DataFrame({"layer": [0, 0, 0, 1], "step_start": [9, 19, 29, 9], "step": [9, 19, 29, 9]})
+    got = decision_spans(df).set_index(["layer", "step_start"])["step_end"]
+    assert got[(0, 9)] == 19 and got[(0, 19)] == 29 and got[(0, 29)] == 39  # last: + median gap 10
+    assert got[(1, 9)] == 10  # a single decision: one step wide

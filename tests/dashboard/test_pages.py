@@ -82,7 +82,7 @@ def test_health_page(app, dash_store):
     assert chart_titles(at) == [
         "Alert state per layer over steps (grey OK, orange PRE_COLLAPSE, red COLLAPSE_CONFIRMED)",
         "Effective experts (Neff = exp(entropy))", "Top-2 share (tokens in the 2 largest experts)",
-        "Routing entropy", "Dead (solid) and nearly dead (dashed, < 1 % share) experts, one panel per layer"]
+        "Routing entropy", "Dead (solid) and nearly dead (dashed, < 1 %) experts per layer"]
     at.multiselect(key="health_layers").set_value([-1]).run()  # global only: no per-layer dead panels
     assert not at.exception and len(at.get("vega_lite_chart")) == 4
 
@@ -131,7 +131,7 @@ def test_governance_page(app, dash_store):
 
 def test_governance_page_without_decisions(app, dash_store):
     root, _ = dash_store
-    at = app(root, "governance", run=HEALTHY_RUN)
+    at = app(root, "governance", run="fresh-run")
     assert "No controller decisions" in at.info[0].value
 
 
