@@ -40,6 +40,15 @@ GLOSS = {
 }
 
 
+SERIES_CHARTS = [
+    ("Topology debt", "debt", "debt", "Topology debt", "debt (0-1)", [0, 1]),
+    ("Pressure", "pressure", "pressure", "Pressure (EMA of debt)", "pressure (0-1)", [0, 1]),
+    ("Heat", "heat", "heat", "Heat (pressure clipped to 0-1)", "heat (0-1)", [0, 1]),
+    ("Lens scale", "lens scale", "lens_scale", "Lens scale s", "lens scale", None),
+    ("Backoff", "backoff", "backoff", "Harm-guard backoff", "backoff (0-1)", [0, 1]),
+]
+
+
 def term(label: str, key: str) -> None:
     """The term in bold with a one-line gloss; hover the (?) for the formula."""
     st.markdown(f"**{label}**: {GLOSS[key]}", help=TERMS[key])
@@ -77,30 +86,15 @@ def body():
     if s.empty:
         st.caption("Pick at least one layer.")
     else:
-        left, right = st.columns(2)
-        with left:
-            term("Topology debt", "debt")
-            st.altair_chart(charts.multi_line(s, "debt", "layer_name", "Topology debt", "debt (0-1)", "layer",
-                                              y_domain=[0, 1]), width="stretch")
-        with right:
-            term("Pressure", "pressure")
-            st.altair_chart(charts.multi_line(s, "pressure", "layer_name", "Pressure (EMA of debt)",
-                                              "pressure (0-1)", "layer", y_domain=[0, 1]), width="stretch")
-        left, right = st.columns(2)
-        with left:
-            term("Heat", "heat")
-            st.altair_chart(charts.multi_line(s, "heat", "layer_name", "Heat (pressure clipped to 0-1)",
-                                              "heat (0-1)", "layer", y_domain=[0, 1]), width="stretch")
-        with right:
-            term("Lens scale", "lens scale")
-            st.altair_chart(charts.multi_line(s, "lens_scale", "layer_name", "Lens scale s",
-                                              "lens scale", "layer"), width="stretch")
-        left, right = st.columns(2)
-        with left:
-            term("Backoff", "backoff")
-            st.altair_chart(charts.multi_line(s, "backoff", "layer_name", "Harm-guard backoff",
-                                              "backoff (0-1)", "layer", y_domain=[0, 1]), width="stretch")
-        with right:
+        # (heading, TERMS key, column, chart title, y title, y domain); abstention is drawn as a band
+        for i, (label, key, col, title, y_title, dom) in enumerate(SERIES_CHARTS):
+            if i % 2 == 0:
+                cols = st.columns(2)
+            with cols[i % 2]:
+                term(label, key)
+                st.altair_chart(charts.multi_line(s, col, "layer_name", title, y_title, "layer", y_domain=dom),
+                                width="stretch")
+        with cols[1]:
             term("Abstaining", "abstain")
             st.altair_chart(charts.abstain_band(status.decision_spans(s)), width="stretch")
         if w > 1:
