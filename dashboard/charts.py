@@ -38,7 +38,9 @@ def layer_label(layer: int) -> str:
 
 def share_scale(n_experts: int) -> alt.Scale:
     """Diverging colour scale for shares of ``n_experts``: 0 -> blue, 1/n -> white, 1 -> dark purple."""
-    u = 1.0 / max(1, int(n_experts))
+    if int(n_experts) < 2:  # one expert always holds 100 %: that is its uniform share (white)
+        return alt.Scale(domain=[0.0, 1.0], range=[SHARE_STARVED, SHARE_UNIFORM], interpolate="lab", clamp=True)
+    u = 1.0 / int(n_experts)
     return alt.Scale(domain=[0.0, u, 1.0], range=[SHARE_STARVED, SHARE_UNIFORM, SHARE_HOT],
                      interpolate="lab", clamp=True)
 

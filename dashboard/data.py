@@ -344,6 +344,11 @@ def _json(s):
         return None
 
 
+def run_set(root: Path | None = None) -> set[str]:
+    """The runs in the store now, from the fingerprint ``sync`` keeps (stat calls, no SQL)."""
+    return set(get_store(root).fingerprint)
+
+
 def run_ids() -> list[str]:
     """Run ids, newest first (cheap: one cached query keyed on the store fingerprint)."""
     return list(query(RUNS_SQL)["run_id"])

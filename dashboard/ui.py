@@ -76,7 +76,7 @@ def live(fn):
     the whole app instead, so the run picker is never behind the pages.
     """
     def tick():
-        if data.run_ids() != st.session_state.get("_picker_runs"):
+        if data.run_set() != set(st.session_state.get("_picker_runs") or ()):
             st.rerun(scope="app")
         fn()
 

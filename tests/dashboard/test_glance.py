@@ -279,3 +279,11 @@ def test_decision_spans_cover_the_steps_each_decision_governed():
     got = decision_spans(df).set_index(["layer", "step_start"])["step_end"]
     assert got[(0, 9)] == 19 and got[(0, 19)] == 29 and got[(0, 29)] == 39  # last: + median gap 10
     assert got[(1, 9)] == 10  # a single decision: one step wide
+
+
+def test_single_expert_layer_is_white_not_hot():
+    """n = 1 (Bio-MoE before growth): its 100 % share is its uniform share, drawn white, and it is OK."""
+    from dashboard.charts import SHARE_UNIFORM, share_scale
+
+    scale = share_scale(1).to_dict()
+    assert scale["domain"] == [0.0, 1.0] and scale["range"][-1] == SHARE_UNIFORM
