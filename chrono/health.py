@@ -2,8 +2,8 @@
 
 A run's status is its most severe *active* alert (raised and not cleared since)
 over all layers; the *worst layer* is the layer holding that alert, and among
-several such layers the one whose alert fired at the lowest Neff / n
-(ties: the lowest layer index). Alerts and their rules: ``chrono.snapshots``.
+several such layers the one with the lowest Neff / n in its latest snapshot
+(the values at the raising snapshot when it has none; ties: the lowest layer). Alerts and their rules: ``chrono.snapshots``.
 Used by the CLI (``chrono runs``, ``chrono show``) and the dashboard's Runs
 table, so both say the same thing.
 """
@@ -15,16 +15,23 @@ OK = "OK"
 SEVERITY = {OK: 0, "PRE_COLLAPSE": 1, "COLLAPSE_CONFIRMED": 2}  # higher = worse
 STATUSES = tuple(sorted(SEVERITY, key=SEVERITY.get))  # ("OK", "PRE_COLLAPSE", "COLLAPSE_CONFIRMED")
 
-# Active alerts per (run, layer, alert): the last transition is 'raised'. Values are those
-# of the raising snapshot. Identical rows from several ranks collapse in the GROUP BY.
+# Active alerts per (run, layer, alert): the last transition is 'raised'. neff .. dead are the
+# values of the raising snapshot, neff_now / n_now those of the layer's latest snapshot.
+# Identical rows from several ranks collapse in the GROUP BY.
 ACTIVE_ALERTS_SQL = """
-SELECT run_id, layer, alert, step, neff, n_experts, top2_share, dead FROM (
+WITH a AS (
     SELECT run_id, layer, alert, max(step) AS step, arg_max(transition, step) AS last,
            arg_max(neff, step) AS neff, arg_max(n_experts, step) AS n_experts,
            arg_max(top2_share, step) AS top2_share, arg_max(dead, step) AS dead
-    FROM alerts WHERE layer >= 0 GROUP BY run_id, layer, alert)
-WHERE last = 'raised'
-ORDER BY run_id, layer, alert
+    FROM alerts WHERE layer >= 0 GROUP BY run_id, layer, alert),
+s AS (
+    SELECT run_id, layer, arg_max(neff, step) AS neff_now, arg_max(n_experts, step) AS n_now
+    FROM snapshots WHERE layer >= 0 AND run_id IN (SELECT run_id FROM a WHERE last = 'raised')
+    GROUP BY run_id, layer)
+SELECT a.run_id, a.layer, a.alert, a.step, a.neff, a.n_experts, a.top2_share, a.dead, s.neff_now, s.n_now
+FROM a LEFT JOIN s USING (run_id, layer)
+WHERE a.last = 'raised'
+ORDER BY a.run_id, a.layer, a.alert
 """
 
 
@@ -57,14 +64,25 @@ def health_of(rows) -> dict[str, Health]:
     out = {}
     for run, rs in by_run.items():
         def rank(r):
-            n = r.get("n_experts") or 0
-            frac = (r.get("neff") or 0.0) / n if n else 1.0
+            neff, n = _num(r.get("neff_now")), _num(r.get("n_now"))
+            if neff is None or not n:
+                neff, n = _num(r.get("neff")), _num(r.get("n_experts"))
+            frac = neff / n if neff is not None and n else 1.0
             return (-SEVERITY.get(r["alert"], 0), frac, int(r["layer"]))
 
         worst = min(rs, key=rank)
         out[run] = Health(status=worst["alert"], worst_layer=int(worst["layer"]),
                           active=tuple(sorted((int(r["layer"]), r["alert"]) for r in rs)))
     return out
+
+
+def _num(v) -> float | None:
+    """A float, or None for None / NaN (a LEFT JOIN miss read through pandas)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f
 
 
 def run_health(con, run: str | None = None) -> dict[str, Health]:

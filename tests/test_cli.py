@@ -239,3 +239,24 @@ def test_demo_prints_stages_and_hints_that_run_in_the_users_shell(tmp_path):
     fail = subprocess.run("chrono --root chrono_runs runs", shell=True, cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert fail.returncode == 127  # the bare form the demo used to print: command not found
+
+
+def test_health_of_ranks_the_worst_layer_by_its_latest_snapshot():
+    from chrono.health import health_of
+
+    rows = [  # layer 2's alert fired at a lower Neff, but layer 3 is worse now
+        {"run_id": "r", "layer": 2, "alert": "COLLAPSE_CONFIRMED", "neff": 1.30, "n_experts": 8,
+         "neff_now": 1.25, "n_now": 8},
+        {"run_id": "r", "layer": 3, "alert": "COLLAPSE_CONFIRMED", "neff": 1.35, "n_experts": 8,
+         "neff_now": 1.10, "n_now": 8},
+        {"run_id": "r", "layer": 1, "alert": "PRE_COLLAPSE", "neff": 1.0, "n_experts": 8,
+         "neff_now": float("nan"), "n_now": float("nan")},
+        {"run_id": "q", "layer": 0, "alert": "PRE_COLLAPSE", "neff": 3.0, "n_experts": 8,
+         "neff_now": float("nan"), "n_now": None},  # no snapshot: the raising values decide
+        {"run_id": "q", "layer": 5, "alert": "PRE_COLLAPSE", "neff": 2.0, "n_experts": 8},
+    ]
+    h = health_of(rows)
+    assert h["r"].status == "COLLAPSE_CONFIRMED" and h["r"].worst_layer == 3
+    assert h["r"].label() == "COLLAPSE_CONFIRMED (layer 3, 3 layers alerting)"
+    assert h["q"].status == "PRE_COLLAPSE" and h["q"].worst_layer == 5
+    assert health_of([]) == {}

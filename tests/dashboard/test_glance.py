@@ -59,7 +59,11 @@ def test_runs_table_health_column_names_the_worst_layer(app, dash_store, tmp_pat
     assert len(main), "the fixture's collapse run must end with active alerts"
     main["sev"] = main["alert"].map(sev)
     worst = main[main["sev"] == main["sev"].max()].copy()
-    worst["frac"] = worst["neff"] / worst["n_experts"]
+    con = chrono.connect(root)  # the worst layer: lowest Neff / n in its latest snapshot
+    latest = con.sql(f"SELECT layer, neff / n_experts AS frac FROM snapshots WHERE run_id = '{MAIN_RUN}' "
+                     f"AND step = (SELECT max(step) FROM snapshots WHERE run_id = '{MAIN_RUN}')").df()
+    con.close()
+    worst["frac"] = worst["layer"].map(dict(zip(latest["layer"], latest["frac"])))
     worst = worst.sort_values(["frac", "layer"]).iloc[0]
     assert table.loc[MAIN_RUN, "health"] == worst["alert"] == "COLLAPSE_CONFIRMED"
     assert table.loc[MAIN_RUN, "worst layer"] == f"layer {int(worst['layer'])}"
