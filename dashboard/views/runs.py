@@ -33,9 +33,9 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
         "worst layer": [f"layer {int(l)}" if pd.notna(l) else "–" for l in runs["worst_layer"]],
         "alerting layers": runs["layers_alerting"],
         "model": [text(m) if text(m) != "–" else "(not described)" for m in runs["model_name"]],
-        "layers × experts": [f"{ui.fmt_int(l)} × {ui.fmt_int(e)}" if pd.notna(l) else "–"
-                             for l, e in zip(runs["n_layers"], runs["n_experts"])],
-        "top-k": [ui.fmt_int(k) for k in runs["top_k"]],
+        "layers × experts": [(f"{ui.fmt_int(l)} × {ui.fmt_int(e)}" + (f", top-{int(k)}" if pd.notna(k) else ""))
+                             if pd.notna(l) else "–" for l, e, k in zip(runs["n_layers"], runs["n_experts"],
+                                                                        runs["top_k"])],
         "steps": runs["steps"].fillna(0).astype("int64"),
         "tokens routed": runs["tokens"].fillna(0).astype("int64"),
         "alerts raised": runs["alerts_raised"],

@@ -33,7 +33,7 @@ def test_runs_page(app, dash_store):
     table = at.dataframe[0].value
     assert set(table["run"]) == {MAIN_RUN, HEALTHY_RUN, "fresh-run"}
     main = table[table["run"] == MAIN_RUN].iloc[0]
-    assert main["layers × experts"] == f"{LAYERS} × {EXPERTS}"
+    assert main["layers × experts"] == f"{LAYERS} × {EXPERTS}, top-2"
     assert main["tokens routed"] == facts["tokens"]
     assert main["model"] == "fixture-moe"
     assert set(at.multiselect[0].value) == {MAIN_RUN, HEALTHY_RUN, "fresh-run"}
@@ -141,6 +141,7 @@ def test_lifecycle_page(app, dash_store):
     m = metrics(at)
     assert m == {"prune": "1", "split": "0"}  # split was proposed only
     assert at.dataframe[0].value["event"].tolist() == ["prune", "split"]
+    assert at.dataframe[0].value["source_expert"].tolist() == ["–", "0"]  # a missing value is "–", not "None"
     assert set(at.multiselect(key="signal_names").value) == {"accuracy", "astarte.null_norm", "loss",
                                                              "var.expensive_fraction"}
     titles = chart_titles(at)
