@@ -145,7 +145,7 @@ def test_user_mistakes_are_one_line_exit_2(demo_root, args, needle):
     assert sorted(p.name for p in demo_root.rglob("*")) == before  # nothing changed on disk
 
 
-@pytest.mark.parametrize("cmd", [["runs"], ["query", "SELECT 1"], ["alerts", "x"], ["show", "x"],
+@pytest.mark.parametrize("cmd", [["runs"], ["query", "SELECT 1"], ["alerts", "x"], ["show", "x"], ["replay", "x"],
                                  ["snapshot", "x"]])
 def test_missing_root_says_the_store_does_not_exist(tmp_path, capsys, cmd):
     assert run_cli(*cmd, root=tmp_path / "nothing") == 2

@@ -391,3 +391,10 @@ def test_store_source_does_not_trust_a_just_modified_directory(run_builder, monk
     (first,) = src.read()
     assert src.read()[0] is not first
     assert src.read()[0].snapshot == first.snapshot
+
+
+def test_heat_help_says_why_it_is_exported_next_to_pressure():
+    """heat = clip(pressure, 0, 1) equals pressure under the ChronoMoE policy; its HELP says why both exist."""
+    helps = {name: doc for name, _, doc in DECISION_GAUGES}
+    assert "equals pressure" in helps["chrono_controller_heat"]
+    assert "temperature actuator" in helps["chrono_controller_heat"]
