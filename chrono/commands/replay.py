@@ -53,11 +53,13 @@ def compare(stored: list[dict], replayed: list[dict]) -> list[str]:
 
 def cmd_replay(args) -> int:
     import chrono
-    from chrono.cli import UserError, print_table
+    from pathlib import Path
+
+    from chrono.cli import UserError, print_table, require_store
     from chrono.controller import CONFIG_NAME, ControlConfig
     from chrono.store import require_run
 
-    path = require_run(args.root, args.run)
+    path = require_run(require_store(Path(args.root)), args.run)
     cfg_path = path / CONFIG_NAME
     try:
         config = ControlConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.exists() \
