@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import validate as V
 from .schema import COLUMN_DEFAULTS, MODES, SCHEMA_VERSION, TABLES, conform, table_schema
 
 log = logging.getLogger("chrono.store")
@@ -194,6 +195,7 @@ class WriterStats:
     parts_written: int = 0
     write_errors: int = 0
     rows_dropped: int = 0
+    calls_refused: int = 0   # log_* calls refused by chrono.validate (on_error="count")
     last_error: str | None = None
 
 
@@ -351,7 +353,7 @@ class RunWriter:
             "run_id": self.run_id,
             "created_at": old.get("created_at", now),
             "updated_at": now,
-            "model": model if model is not None else old.get("model"),
+            "model": V.merge_declarations(old.get("model"), model) if model is not None else old.get("model"),
             "config": config if config is not None else old.get("config"),
             "host": socket.gethostname(),
             "world_size": self.world_size,
@@ -378,6 +380,18 @@ class RunWriter:
                     self.path / MANIFEST, json.dumps(self.manifest, indent=2,
                                                      default=_json_default).encode()))
 
+    def declare_experts(self, layer: int, n_experts: int) -> None:
+        """Declare that ``layer`` now has ``n_experts`` experts (lifecycle growth / shrinkage).
+
+        Updates the manifest's ``model.experts_per_layer`` (and ``layers``); every
+        count ever declared stays valid for that layer's rows (``declared_experts``).
+        Raises ``InvalidInputError`` (a ValueError) for a negative layer or n < 1.
+        """
+        with self._lock:
+            model = V.declare(self.manifest.get("model"), layer, n_experts)
+            if model is not None:
+                self.update_manifest(model=model)
+
     # ---------------------------------------------------------------- logging
     def _append(self, table: str, columns: dict) -> None:
         if self._closed:
@@ -389,8 +403,9 @@ class RunWriter:
         if pending >= self.auto_flush_rows:
             self.flush()
 
+    @V.door(V.check_routing)
     def log_routing(self, step, layer, counts, mode: str = "TRAIN", weight_sum=None,
-                    rank: int | None = None, dropped=None, expert_offset=0) -> None:
+                    rank: int | None = None, dropped=None, expert_offset=None) -> None:
         """Append aggregated routing counts.
 
         ``counts``: ``[..., n_experts]`` tokens dispatched per expert; ``step`` and
@@ -431,6 +446,7 @@ class RunWriter:
             cols["weight_sum"] = pa.nulls(rows, pa.float32())
         self._append("routing", cols)
 
+    @V.door(V.check_tokens)
     def log_tokens(self, step, layer, expert, weight=None, batch_idx=None, position=None, k=None,
                    token_id=None, mode: str = "TRAIN", rank: int | None = None) -> None:
         """Append per-token routing facts; every argument is a scalar or an array of one length."""
@@ -453,11 +469,15 @@ class RunWriter:
             "k": col(k, np.int16),
             "expert": expert_a,
             "weight": pa.nulls(rows, pa.float32()) if weight is None else col(weight, np.float32),
-            "token_id": pa.nulls(rows, pa.int64()) if token_id is None else col(token_id, np.int64),
+            # a pyarrow array may carry nulls: unknown token ids are NULL, never a sentinel
+            "token_id": (pa.nulls(rows, pa.int64()) if token_id is None
+                         else token_id.cast(pa.int64()) if isinstance(token_id, pa.Array)
+                         else col(token_id, np.int64)),
             "rank": np.full(rows, self.rank if rank is None else rank, dtype=np.int32),
         }
         self._append("tokens", cols)
 
+    @V.door(V.check_signal)
     def log_signal(self, step: int, name: str, value, layer: int | None = None,
                    rank: int | None = None) -> None:
         """Append one scalar signal (loss, accuracy, a model-specific state probe)."""
@@ -470,6 +490,7 @@ class RunWriter:
             "rank": [self.rank if rank is None else int(rank)],
         })
 
+    @V.door(V.check_rows)
     def log_rows(self, table: str, rows: list[dict]) -> None:
         """Append whole rows (dicts) to ``table``; ``run_id`` is filled in."""
         if not rows:
