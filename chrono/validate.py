@@ -87,8 +87,8 @@ class InvalidRowsError(ValueError):
             run, table, step, layer, problem, count
         super().__init__(
             f"run {run!r}, table {table}, step {step}, layer {layer}: {problem} "
-            f"({count} invalid row{'s' if count != 1 else ''} in this table; written by an older "
-            f"version, another tool or a hand edit: rewrite or remove them, see docs/reliability.md)")
+            f"({count} invalid row{'s' if count != 1 else ''} in this table, written by an older "
+            f"version, another tool or a hand edit; see docs/reliability.md)")
 
 
 def bounds(table: str, column: str) -> tuple[int, int | None] | None:
@@ -650,18 +650,24 @@ def _sql_rules(table: str, columns=None) -> list[tuple[str, str]]:
     return out
 
 
+def invalid_sql(table: str) -> str:
+    """SQL condition true for a row of view ``table`` that breaks a rule (``NOT (...)`` keeps the valid)."""
+    return " OR ".join(f"coalesce({c}, false)" for c, _ in _sql_rules(table)) or "false"
+
+
 def first_invalid(con, table: str, run: str) -> InvalidRowsError | None:
     """The first row of ``run`` in view ``table`` (a ``chrono.connect`` connection) that breaks a rule."""
     rules = _sql_rules(table)
     if not rules:
         return None
-    cond = " OR ".join(f"coalesce({c}, false)" for c, _ in rules)
+    cond = invalid_sql(table)
     case = " ".join(f"WHEN coalesce({c}, false) THEN {d}" for c, d in rules)
     sql = (f"SELECT step, layer, CASE {case} END AS problem, count(*) OVER () AS n FROM {table} "
            f"WHERE run_id = ? AND ({cond}) ORDER BY step NULLS FIRST, layer NULLS FIRST LIMIT 1")
-    row = con.execute(sql, [run]).fetchone()
-    if row is None:
+    found = con.execute(sql, [run]).fetchall()   # fetch all: no pending result on a shared connection
+    if not found:
         return None
+    row = found[0]
     return InvalidRowsError(run, table, row[0], row[1], row[2], int(row[3]))
 
 

@@ -56,6 +56,7 @@ def cmd_replay(args) -> int:
     from chrono.cli import UserError, print_table
     from chrono.controller import CONFIG_NAME, ControlConfig
     from chrono.store import require_run
+    from chrono.validate import check_run
 
     path = require_run(args.root, args.run)
     cfg_path = path / CONFIG_NAME
@@ -65,6 +66,7 @@ def cmd_replay(args) -> int:
     except (ValueError, TypeError) as e:
         raise UserError(f"{cfg_path}: {e}") from None
     con = chrono.connect(args.root)
+    check_run(con, args.run, ("snapshots", "decisions"))   # invalid rows: one line, exit 2
     snaps = con.sql("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, layer",
                     params=[args.run]).to_arrow_table().to_pylist()
     stored = con.sql("SELECT * FROM decisions WHERE run_id = ? ORDER BY step, layer",
