@@ -82,7 +82,7 @@ def _json_value(v):
 
 def _check_rows(con, run: str, tables) -> None:
     """Stop (exit 2, one line naming run, table, step, layer) at rows the write API would refuse."""
-    from chrono.validate import check_run
+    from chrono.rules import check_run
 
     check_run(con, run, tables)
 
@@ -195,7 +195,7 @@ def cmd_snapshot(args) -> int:
     require_run(_root(args), args.run)
     if args.every < 1:
         raise UserError("--every must be >= 1")
-    from chrono.validate import first_invalid, invalid_sql
+    from chrono.rules import first_invalid, invalid_sql
 
     con = _connect(args)
     keep = "true"
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     from chrono.reader import QueryError
     from chrono.store import StoreError
-    from chrono.validate import InvalidRowsError
+    from chrono.rules import InvalidRowsError
 
     try:
         return int(args.func(args) or 0)

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
 from .store import StoreError, list_runs, part_columns, part_files, run_manifest
+from .rules import invalid_sql
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
@@ -94,26 +95,36 @@ def runs_table(root) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
-def _build_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+def _build_views(con: duckdb.DuckDBPyConnection, root: Path, skip_invalid: bool = False) -> None:
     for table in TABLES:
-        con.execute(f"CREATE OR REPLACE VIEW {table} AS {_view_sql(table, part_files(root, table))}")
+        sql = _view_sql(table, part_files(root, table))
+        if skip_invalid:   # rows the write API would refuse go to invalid_<table> instead
+            bad = invalid_sql(table)
+            con.execute(f"CREATE OR REPLACE VIEW invalid_{table} AS SELECT * FROM ({sql}) WHERE {bad}")
+            sql = f"SELECT * FROM ({sql}) WHERE NOT ({bad})"
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
     con.register("_runs_arrow", runs_table(root))
     con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _runs_arrow")
 
 
-def connect(root=None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+def connect(root=None, sandbox: bool = True, skip_invalid: bool = False) -> duckdb.DuckDBPyConnection:
     """Read-only DuckDB connection with views ``runs routing tokens snapshots alerts
     decisions signals lifecycle`` over all runs under ``root``.
 
     A missing root is an empty store (every view empty, right columns).
+    ``skip_invalid``: leave rows the write API would refuse (``chrono.validate``:
+    negative counts, unknown modes, non-finite metrics...; written by an older
+    version or another tool) out of those views, and show them in views
+    ``invalid_<table>`` instead (what the dashboard uses).
     """
     from .store import default_root
 
     root = Path(root if root is not None else default_root()).absolute()
     con = duckdb.connect(":memory:")
     con.execute("SET threads TO 2")
-    con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root")
-    _build_views(con, root)
+    con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root, "
+                f"{bool(skip_invalid)} AS skip_invalid")
+    _build_views(con, root, skip_invalid)
     if sandbox:
         allowed = str(root) + os.sep
         con.execute(f"SET allowed_directories = [{_sql_str(allowed)}]")
@@ -125,10 +136,10 @@ def connect(root=None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
 def refresh(con: duckdb.DuckDBPyConnection) -> None:
     """Rebuild the views of a ``connect()`` connection to include newly written parts."""
     try:
-        ((root,),) = con.execute("SELECT root FROM _chrono_root").fetchall()
+        ((root, skip_invalid),) = con.execute("SELECT root, skip_invalid FROM _chrono_root").fetchall()
     except duckdb.Error:
         raise ValueError("refresh() needs a connection made by chrono.connect()") from None
-    _build_views(con, Path(root))
+    _build_views(con, Path(root), skip_invalid)
 
 
 def check_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> None:

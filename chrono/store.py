@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import validate as V
+from . import declared, validate as V
 from .schema import COLUMN_DEFAULTS, MODES, SCHEMA_VERSION, TABLES, conform, table_schema
 
 log = logging.getLogger("chrono.store")
@@ -353,7 +353,7 @@ class RunWriter:
             "run_id": self.run_id,
             "created_at": old.get("created_at", now),
             "updated_at": now,
-            "model": V.merge_declarations(old.get("model"), model) if model is not None else old.get("model"),
+            "model": declared.merge_declarations(old.get("model"), model) if model is not None else old.get("model"),
             "config": config if config is not None else old.get("config"),
             "host": socket.gethostname(),
             "world_size": self.world_size,
@@ -388,7 +388,7 @@ class RunWriter:
         Raises ``InvalidInputError`` (a ValueError) for a negative layer or n < 1.
         """
         with self._lock:
-            model = V.declare(self.manifest.get("model"), layer, n_experts)
+            model = declared.declare(self.manifest.get("model"), layer, n_experts)
             if model is not None:
                 self.update_manifest(model=model)
 

@@ -1,46 +1,25 @@
-"""What may enter the store, checked at the write API's door and again by readers.
+"""The write API's door: every ``RunWriter.log_*`` call is checked before it writes.
 
-One rule set, two places (issue 23, ``docs/reliability.md``):
+``@door(check)`` runs ``check(writer, **arguments)`` before the method
+(``log_routing``, ``log_tokens``, ``log_signal``, ``log_rows``). A bad call raises
+``InvalidInputError`` (a ``ValueError``) naming the argument, the run, the step
+and the layer, and writes nothing: rows logged before it stay buffered and
+intact. With ``on_error="count"`` (what probes use) the call is dropped instead,
+counted in ``stats.calls_refused`` and ``stats.write_errors`` and logged once per
+method: never raised into training.
 
-* **Writers** (``RunWriter.log_routing / log_tokens / log_signal / log_rows``):
-  ``@door(check)`` runs the check before the method; a bad call raises
-  ``InvalidInputError`` (a ``ValueError``) that names the argument, the run, the
-  step and the layer, and writes nothing (rows logged before it stay buffered
-  and intact). With ``on_error="count"`` (probes) the call is dropped instead:
-  counted in ``stats.calls_refused`` and ``stats.write_errors``, logged once per
-  method, never raised into training.
-* **Readers** meet rows that break the same rules anyway (a store written by an
-  older version or another tool, a hand-edited part): ``first_invalid`` finds
-  the first one with one SQL query, ``invalid_mask`` filters an Arrow table;
-  both report run, table, step and layer in one line (``InvalidRowsError``).
-
-The rules (``BOUNDS``, ``ENUMS``, the schema's nullability, finite floats):
-
-* steps, ranks, batch indices, positions, k, token ids, counts: non-negative
-  integers (a float is accepted only when integral; bools, strings and NaN
-  never); counts (``tokens``, ``dropped``) at most ``MAX_COUNT`` = 2**53, the
-  largest integer float64 holds exactly (metrics are computed in float64);
-* layers >= 0 (the global row of snapshots/alerts/decisions is -1); modes in
-  ``MODES``; alert names, transitions and lifecycle events in their enums;
-* floats finite, except gate weights (``routing.weight_sum``, ``tokens.weight``:
-  a diverged router's weights are a fact, probes flag them with
-  ``probes.nonfinite``) and signals named like a loss (``loss``, ``val_loss``,
-  ``x.distill_loss``: ``(^|[._])loss$``), whose NaN/Inf records a divergence;
-  ``accuracy`` and ``teacher_agreement`` lie in [0, 1] (DESIGN §9);
-* against the run's manifest (writers only): a layer must be declared when the
-  manifest lists layers; ``log_routing`` gives one count per expert of the layer
-  (a count the manifest declared for it), or, with ``expert_offset``, a shard
-  inside it; token rows name experts below the layer's largest declared count
-  and ``k`` below ``top_k``. A layer whose expert count the manifest does not
-  declare is declared by its first ``log_routing`` call. Growth or shrinkage is
-  declared explicitly with ``RunWriter.declare_experts(layer, n)`` (probes and
-  ``chrono.lifecycle`` do it); every count ever declared stays valid for rows of
-  that layer (``model.declared_experts`` in the manifest), since a window can
-  straddle a lifecycle change.
-
-Readers do not check rows against the manifest: runs written before this
-version grew experts without declaring them, and their rows are valid.
-No torch here; numpy only, and SQL strings for the DuckDB side.
+What is checked: the value rules of ``chrono.rules`` (non-negative integral
+counts and steps, finite values, known modes...), array shapes and lengths, and
+the run's manifest (``chrono.declared``): a layer must be declared when the
+manifest lists layers; ``log_routing`` gives one count per expert of the layer
+(a count declared for it), or, with ``expert_offset``, a shard inside it; token
+rows name experts below the layer's largest declared count and ``k`` below
+``top_k``. A layer whose expert count the manifest does not declare is declared
+by its first ``log_routing`` call; growth or shrinkage is declared explicitly
+with ``RunWriter.declare_experts(layer, n)``. Inputs: Python numbers and lists,
+NumPy arrays (any real dtype; a float must be integral where an integer is
+expected; bools, strings and objects are refused) and anything ``np.asarray``
+reads (CPU tensors). No torch import.
 """
 from __future__ import annotations
 
@@ -52,52 +31,15 @@ import re
 
 import numpy as np
 
-from .schema import ALERT_TRANSITIONS, ALERT_TYPES, COLUMN_DEFAULTS, LIFECYCLE_EVENTS, MODES, TABLES
+from .declared import Layout
+from .rules import ENUMS, INT_MAX as _INT_MAX, LOSS_NAME_RE, MAX_COUNT, UNIT_SIGNALS, InvalidInputError, \
+    bounds, finite_required
+from .schema import COLUMN_DEFAULTS, MODES, TABLES
 
 log = logging.getLogger("chrono.store")
 
-MAX_COUNT = 2 ** 53
-LOSS_NAME_RE = re.compile(r"(\A|[._])loss\Z")   # signal names whose NaN/Inf is a kept fact
-UNIT_SIGNALS = ("accuracy", "teacher_agreement")  # DESIGN §9: values in [0, 1]
 MAX_NAME_LEN = 256
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-_GLOBAL_OK = ("snapshots", "alerts", "decisions")   # tables whose layer may be -1 (global row)
-BOUNDS: dict[str, tuple[int, int | None]] = {      # column -> (low, high); high None = the type's max
-    "step": (0, None), "window_start": (0, None), "window_end": (0, None), "rank": (0, None),
-    "layer": (0, None), "expert": (0, None), "source_expert": (0, None),
-    "tokens": (0, MAX_COUNT), "dropped": (0, MAX_COUNT), "batch_idx": (0, None), "position": (0, None),
-    "k": (0, None), "token_id": (0, None), "n_experts": (0, None), "token_count": (0, None),
-    "dead": (0, None), "nearly_dead": (0, None), "consecutive": (0, None), "n_experts_after": (0, None),
-}
-ENUMS = {"mode": MODES, "alert": ALERT_TYPES, "transition": ALERT_TRANSITIONS, "event": LIFECYCLE_EVENTS}
-NONFINITE_OK = {("routing", "weight_sum"), ("tokens", "weight")}   # signals.value: by name, see above
-_INT_MAX = {8: 2 ** 7 - 1, 16: 2 ** 15 - 1, 32: 2 ** 31 - 1, 64: 2 ** 63 - 1}
-
-
-class InvalidInputError(ValueError):
-    """A write-API call refused at the door; nothing of it was written."""
-
-
-class InvalidRowsError(ValueError):
-    """Stored rows break the write API's rules (older version, another tool, a hand edit)."""
-
-    def __init__(self, run, table, step, layer, problem, count):
-        self.run, self.table, self.step, self.layer, self.problem, self.count = \
-            run, table, step, layer, problem, count
-        super().__init__(
-            f"run {run!r}, table {table}, step {step}, layer {layer}: {problem} "
-            f"({count} invalid row{'s' if count != 1 else ''} in this table, written by an older "
-            f"version, another tool or a hand edit; see docs/reliability.md)")
-
-
-def bounds(table: str, column: str) -> tuple[int, int | None] | None:
-    """(low, high) for an integer column of ``table`` (None: no rule)."""
-    if column == "layer" and table in _GLOBAL_OK:
-        return (-1, None)
-    if column == "expert" and table == "lifecycle":
-        return (-1, None)   # a spawn proposal names its expert only once applied
-    return BOUNDS.get(column)
 
 
 # ============================================================== the write side
@@ -224,90 +166,6 @@ def _broadcast(call: _Call, name: str, a: np.ndarray, shape: tuple) -> np.ndarra
         return np.broadcast_to(a, shape)
     except ValueError:
         call.fail(name, f"has shape {a.shape}, which does not broadcast to counts' leading shape {shape}")
-
-
-class Layout:
-    """What the run's manifest declares: layers, expert counts (every one ever declared), top_k."""
-
-    def __init__(self, model):
-        model = model if isinstance(model, dict) else {}
-        epl = _int_map(model.get("experts_per_layer"))
-        self.current = epl
-        self.sizes = {l: {n} for l, n in epl.items()}
-        for l, ns in (_seq_map(model.get("declared_experts")) or {}).items():
-            self.sizes.setdefault(l, set()).update(ns)
-        layers = model.get("layers")
-        listed = {int(x) for x in layers if _is_int(x)} if isinstance(layers, (list, tuple)) else set()
-        self.layers = (listed | set(self.sizes)) or None   # None: nothing declared, any layer is new
-        k = model.get("top_k")
-        self.top_k = int(k) if _is_int(k) and int(k) > 0 else None
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _int_map(d) -> dict[int, int]:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            try:
-                out[int(k)] = int(v)
-            except (TypeError, ValueError):
-                continue
-    return out
-
-
-def _seq_map(d) -> dict[int, set[int]]:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            try:
-                out[int(k)] = {int(x) for x in v}
-            except (TypeError, ValueError):
-                continue
-    return out
-
-
-def declare(model, layer: int, n_experts: int) -> dict | None:
-    """``model`` (manifest model dict) with ``layer`` declared to have ``n_experts`` now; None if unchanged.
-
-    Keeps every count ever declared in ``declared_experts`` (rows of a window that
-    straddles a lifecycle change are valid with either count).
-    """
-    for name, v, lo in (("layer", layer, 0), ("n_experts", n_experts, 1)):
-        if not _is_int(v) or v < lo:
-            raise InvalidInputError(f"declare_experts: {name} must be an integer >= {lo}, got {v!r}")
-    model = dict(model) if isinstance(model, dict) else {}
-    lay = Layout(model)
-    key = str(int(layer))
-    if lay.current.get(int(layer)) == n_experts and n_experts in lay.sizes.get(int(layer), ()):
-        if "declared_experts" in model:
-            return None
-    epl = {str(k): v for k, v in lay.current.items()}
-    epl[key] = int(n_experts)
-    model["experts_per_layer"] = dict(sorted(epl.items(), key=lambda kv: int(kv[0])))
-    hist = {str(k): sorted(v) for k, v in lay.sizes.items()}
-    hist[key] = sorted(set(hist.get(key, [])) | {int(n_experts)})
-    model["declared_experts"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
-    if isinstance(model.get("layers"), list) and int(layer) not in model["layers"]:
-        model["layers"] = sorted(model["layers"] + [int(layer)])
-    return model
-
-
-def merge_declarations(old_model, new_model):
-    """The model a reopened run records: ``new_model`` plus every count declared before (None stays None)."""
-    if not isinstance(new_model, dict) or not isinstance(old_model, dict):
-        return new_model
-    merged = dict(new_model)
-    old, new = Layout(old_model).sizes, Layout(new_model).sizes
-    if not new and not old:
-        return merged
-    hist = {l: set(v) for l, v in old.items()}
-    for l, v in new.items():
-        hist.setdefault(l, set()).update(v)
-    merged["declared_experts"] = {str(l): sorted(v) for l, v in sorted(hist.items())}
-    return merged
 
 
 def check_routing(w, step, layer, counts, mode, weight_sum, rank, dropped, expert_offset) -> dict:
@@ -555,7 +413,7 @@ def _cell(call: _Call, table: str, f, v, i: int):
         lo, hi = bounds(table, f.name) or (-_INT_MAX[t.bit_width] - 1, None)
         hi = _INT_MAX[t.bit_width] if hi is None else hi
         return int(_ints(call, arg, v, lo, hi))
-    finite = (table, f.name) not in NONFINITE_OK and not (table == "signals" and f.name == "value")
+    finite = finite_required(table, f.name)
     return float(_floats(call, arg, v, finite=finite))
 
 
@@ -614,92 +472,3 @@ def _count_refusal(w, method: str, e: Exception) -> None:
     if method not in logged:
         logged.add(method)
         log.error("chrono: %s; later refusals of %s are only counted (stats.calls_refused)", e, method)
-
-
-# ============================================================== the read side
-def _sql_rules(table: str, columns=None) -> list[tuple[str, str]]:
-    """(condition that marks a row invalid, SQL expression describing it) for ``table``."""
-    import pyarrow as pa
-
-    out = []
-    for f in TABLES[table]:
-        c = f.name
-        if c == "run_id" or (columns is not None and c not in columns):
-            continue
-        val = f"coalesce(CAST({c} AS VARCHAR), 'NULL')"
-        if not f.nullable:
-            out.append((f"{c} IS NULL", f"'{c} is NULL'"))
-        b = bounds(table, c)
-        if b is not None and pa.types.is_integer(f.type):
-            lo, hi = b
-            out.append((f"{c} < {lo}", f"'{c} = ' || {val} || ' (must be >= {lo})'"))
-            if hi is not None:
-                out.append((f"{c} > {hi}", f"'{c} = ' || {val} || ' (must be <= {hi})'"))
-        if pa.types.is_floating(f.type) and (table, c) not in NONFINITE_OK and table != "signals":
-            out.append((f"NOT isfinite({c})", f"'{c} = ' || {val} || ' (must be finite)'"))
-        if c in ENUMS:
-            allowed = ", ".join(f"'{v}'" for v in ENUMS[c])
-            out.append((f"{c} NOT IN ({allowed})", f"'{c} = ''' || {c} || ''' (not one of {allowed.replace(chr(39), '')})'"))
-    if table == "signals" and (columns is None or {"name", "value"} <= set(columns)):
-        loss = LOSS_NAME_RE.pattern.replace("\\A", "^").replace("\\Z", "$")
-        out.append((f"NOT isfinite(value) AND NOT regexp_matches(name, '{loss}')",
-                    "'value of ' || name || ' = ' || CAST(value AS VARCHAR) || ' (must be finite)'"))
-        units = ", ".join(f"'{n}'" for n in UNIT_SIGNALS)
-        out.append((f"name IN ({units}) AND (value < 0 OR value > 1)",
-                    "'value of ' || name || ' = ' || CAST(value AS VARCHAR) || ' (must be in [0, 1])'"))
-    return out
-
-
-def invalid_sql(table: str) -> str:
-    """SQL condition true for a row of view ``table`` that breaks a rule (``NOT (...)`` keeps the valid)."""
-    return " OR ".join(f"coalesce({c}, false)" for c, _ in _sql_rules(table)) or "false"
-
-
-def first_invalid(con, table: str, run: str) -> InvalidRowsError | None:
-    """The first row of ``run`` in view ``table`` (a ``chrono.connect`` connection) that breaks a rule."""
-    rules = _sql_rules(table)
-    if not rules:
-        return None
-    cond = invalid_sql(table)
-    case = " ".join(f"WHEN coalesce({c}, false) THEN {d}" for c, d in rules)
-    sql = (f"SELECT step, layer, CASE {case} END AS problem, count(*) OVER () AS n FROM {table} "
-           f"WHERE run_id = ? AND ({cond}) ORDER BY step NULLS FIRST, layer NULLS FIRST LIMIT 1")
-    found = con.execute(sql, [run]).fetchall()   # fetch all: no pending result on a shared connection
-    if not found:
-        return None
-    row = found[0]
-    return InvalidRowsError(run, table, row[0], row[1], row[2], int(row[3]))
-
-
-def check_run(con, run: str, tables) -> None:
-    """Raise ``InvalidRowsError`` for the first invalid row of ``run`` in any of ``tables``."""
-    for t in tables:
-        err = first_invalid(con, t, run)
-        if err is not None:
-            raise err
-
-
-def invalid_mask(table: str, t) -> tuple[np.ndarray, str | None]:
-    """(bool mask of invalid rows of Arrow table ``t`` of ``table``, description of the first)."""
-    import duckdb
-
-    if t.num_rows == 0:
-        return np.zeros(0, dtype=bool), None
-    rules = _sql_rules(table, set(t.column_names))
-    if not rules:
-        return np.zeros(t.num_rows, dtype=bool), None
-    con = duckdb.connect(":memory:")
-    try:
-        con.register("_t", t)
-        cond = " OR ".join(f"coalesce({c}, false)" for c, _ in rules)
-        case = " ".join(f"WHEN coalesce({c}, false) THEN {d}" for c, d in rules)
-        res = con.execute(f"SELECT ({cond}) AS bad, CASE {case} END AS why FROM _t").fetchnumpy()
-    finally:
-        con.close()
-    bad = np.asarray(res["bad"], dtype=bool)
-    if not bad.any():
-        return bad, None
-    i = int(np.argmax(bad))
-    step = t.column("step")[i].as_py() if "step" in t.column_names else "?"
-    layer = t.column("layer")[i].as_py() if "layer" in t.column_names else "?"
-    return bad, f"step {step}, layer {layer}: {res['why'][i]}"

@@ -56,7 +56,7 @@ def cmd_replay(args) -> int:
     from chrono.cli import UserError, print_table
     from chrono.controller import CONFIG_NAME, ControlConfig
     from chrono.store import require_run
-    from chrono.validate import check_run
+    from chrono.rules import check_run
 
     path = require_run(args.root, args.run)
     cfg_path = path / CONFIG_NAME
