@@ -3,7 +3,9 @@
 The manifest's ``model`` dict (DESIGN §3) may declare ``layers`` (a list),
 ``experts_per_layer`` (``{"layer": n}``: the count now) and ``top_k``; this
 module adds ``declared_experts`` (``{"layer": [every count declared during the
-run]}``). The write API (``chrono.validate``) checks rows against them: a window
+run]}``) and ``layers_learned`` (true when the model declared no layers and
+each was learned from its first ``log_routing`` call: any new layer stays
+welcome). The write API (``chrono.validate``) checks rows against them: a window
 can straddle a lifecycle change (probes write a window with the largest count
 seen in it), so every count a layer ever had stays valid for its rows.
 ``RunWriter.declare_experts`` (called by probes when a router grows or shrinks
@@ -14,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from .rules import InvalidInputError
+
+# set in a manifest's model when its layers were learned from the first writes, not declared
+LAYERS_OPEN = "layers_learned"
 
 
 class Layout:
@@ -28,7 +33,8 @@ class Layout:
             self.sizes.setdefault(l, set()).update(ns)
         layers = model.get("layers")
         listed = {int(x) for x in layers if is_int(x)} if isinstance(layers, (list, tuple)) else set()
-        self.layers = (listed | set(self.sizes)) or None   # None: nothing declared, any layer is new
+        # None: the model declared no layers (only learned ones, LAYERS_OPEN): any layer may come
+        self.layers = None if model.get(LAYERS_OPEN) else ((listed | set(self.sizes)) or None)
         k = model.get("top_k")
         self.top_k = int(k) if is_int(k) and int(k) > 0 else None
 
@@ -70,6 +76,8 @@ def declare(model, layer: int, n_experts: int) -> dict | None:
             raise InvalidInputError(f"declare_experts: {name} must be an integer >= {lo}, got {v!r}")
     model = dict(model) if isinstance(model, dict) else {}
     lay = Layout(model)
+    if lay.layers is None:   # learned, not declared by the model: later layers stay welcome
+        model[LAYERS_OPEN] = True
     key = str(int(layer))
     if lay.current.get(int(layer)) == n_experts and n_experts in lay.sizes.get(int(layer), ()):
         if "declared_experts" in model:

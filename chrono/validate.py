@@ -46,7 +46,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 def _raw(v):
     try:
         a = np.asarray(v)
-        return a if a.dtype.kind in "iuf" else None
+        return a if a.dtype.kind in "iufb" else None
     except Exception:
         return None
 
