@@ -420,6 +420,8 @@ class RunWriter:
         ``dropped`` have the shape of ``counts``. ``expert_offset`` (broadcast like
         ``layer``) is added to the expert ids: a rank holding experts
         ``[offset, offset + n)`` of an expert-parallel layer logs global ids.
+        Checked first (``chrono.validate``): a bad call raises ``InvalidInputError``
+        (a ValueError naming argument, run, step and layer) and writes nothing.
         """
         c = np.asarray(counts)
         if c.ndim == 0:
@@ -511,7 +513,8 @@ class RunWriter:
         """Append per-token routing facts; every argument is a scalar or an array of one length.
 
         ``token_id``: None (unknown: NULL), an int array, or a ``pyarrow.Array`` with nulls
-        for the unknown ones.
+        for the unknown ones. Checked first (``chrono.validate``): a bad call raises
+        ``InvalidInputError`` (a ValueError) and writes nothing.
         """
         expert_a = np.asarray(expert, dtype=np.int32).reshape(-1)
         rows = expert_a.shape[0]
@@ -543,7 +546,11 @@ class RunWriter:
     @V.door(V.check_signal)
     def log_signal(self, step: int, name: str, value, layer: int | None = None,
                    rank: int | None = None) -> None:
-        """Append one scalar signal (loss, accuracy, a model-specific state probe)."""
+        """Append one scalar signal (loss, accuracy, a model-specific state probe).
+
+        ``value`` is finite (NaN/Inf only for loss-like names, ``chrono.rules``) or None;
+        a bad call raises ``InvalidInputError`` (a ValueError) and writes nothing.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError("signal name must be a non-empty string")
         self._append("signals", {
@@ -555,7 +562,11 @@ class RunWriter:
 
     @V.door(V.check_rows)
     def log_rows(self, table: str, rows: list[dict]) -> None:
-        """Append whole rows (dicts) to ``table``; ``run_id`` is filled in."""
+        """Append whole rows (dicts) to ``table``; ``run_id`` is filled in.
+
+        Every row is checked (``chrono.validate``); one bad row refuses the whole call
+        with ``InvalidInputError`` (a ValueError) and nothing is written.
+        """
         if not rows:
             return
         schema = _INTERNAL[table]

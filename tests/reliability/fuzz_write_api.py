@@ -298,7 +298,8 @@ def run_case(case) -> None:
         with chrono.open_run(root, "r", model=MODEL) as w:
             for method, c in case:
                 c = dict(c)
-                fresh = c.get("step") == FRESH or (method == "lifecycle" and c["rows"][0].get("step") == FRESH)
+                first = c["rows"][0] if method == "lifecycle" else c
+                fresh = first.get("step") == FRESH
                 args = dict(c)
                 if method == "lifecycle":
                     args = {"rows": [dict(c["rows"][0], step=step if fresh else c["rows"][0].get("step"))]}
@@ -308,7 +309,8 @@ def run_case(case) -> None:
                            "lifecycle": lifecycle_verdict}[method](c)
                 if method == "routing" and c["kind"] in ("steps", "grid") and fresh:
                     lead0 = np.shape(c["counts"])[0]
-                    args["step"] = (step + np.arange(lead0)).reshape((-1,) + (1,) * (1 if c["kind"] == "grid" else 0))
+                    trail = (1,) if c["kind"] == "grid" else ()
+                    args["step"] = (step + np.arange(lead0)).reshape((-1,) + trail)
                     if c["kind"] == "grid":
                         args["layer"] = np.asarray(c["layer"])[None, :]
                 STATS[f"{method} calls"] += 1
