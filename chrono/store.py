@@ -431,7 +431,7 @@ class RunWriter:
         try:
             step_a = np.broadcast_to(np.asarray(step, dtype=np.int64), lead)
             layer_a = np.broadcast_to(np.asarray(layer, dtype=np.int32), lead)
-            offset_a = np.broadcast_to(np.asarray(expert_offset, dtype=np.int32), lead)
+            offset_a = np.broadcast_to(np.asarray(0 if expert_offset is None else expert_offset, dtype=np.int32), lead)
         except ValueError:
             raise ValueError(f"step {np.shape(step)}, layer {np.shape(layer)} and expert_offset "
                              f"{np.shape(expert_offset)} must broadcast to counts' leading shape "

@@ -104,30 +104,31 @@ def _array(call: _Call, name: str, value, shape=None) -> tuple[np.ndarray, np.nd
 
 
 def _ints(call: _Call, name: str, value, lo: int, hi: int, per: int = 1, shape=None) -> np.ndarray:
-    """``value`` as int64 after checking every element is an integer in [lo, hi]."""
+    """``value`` as an integer array after checking every element is an integer in [lo, hi].
+
+    Reductions first (min / max / all), element masks only to name a failure: the
+    check costs a few passes over the data and no copy for integer input.
+    """
     a, mask = _array(call, name, value, shape)
     if mask is not None and mask.any():
         call.fail(name, "has missing (masked) values", int(np.argmax(mask.ravel())) // per)
     flat = a.reshape(-1)
-    if a.dtype.kind == "f":
-        bad = ~np.isfinite(flat)
-        if bad.any():
-            i = int(np.argmax(bad))
+    if not flat.size:
+        return a.astype(np.int64)
+    kind = a.dtype.kind
+    if kind == "f":
+        if not np.isfinite(flat).all():
+            i = int(np.argmax(~np.isfinite(flat)))
             call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not finite", i // per)
-        bad = flat != np.floor(flat)
-        if bad.any():
-            i = int(np.argmax(bad))
+        if (np.floor(flat) != flat).any():
+            i = int(np.argmax(np.floor(flat) != flat))
             call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not an integer", i // per)
-    if flat.size:
-        if a.dtype.kind == "u":
-            bad = flat > np.uint64(hi)
-        else:
-            bad = (flat < lo) | (flat > hi)
-        if bad.any():
-            i = int(np.argmax(bad))
-            rule = f"must be >= {lo}" if a.dtype.kind != "u" and flat[i] < lo else f"must be <= {hi}"
-            call.fail(_at(name, a, i), f"= {_fmt(flat[i])} out of range ({rule})", i // per)
-    return a.astype(np.int64)
+    mn, mx = (lo, int(flat.max())) if kind == "u" else (flat.min(), flat.max())
+    if mn < lo or mx > hi or (kind == "f" and mx >= 2.0 ** 63):
+        i = int(np.argmax(flat < lo)) if mn < lo else int(np.argmax(flat == mx))
+        rule = f"must be >= {lo}" if mn < lo else f"must be <= {hi}"
+        call.fail(_at(name, a, i), f"= {_fmt(flat[i])} out of range ({rule})", i // per)
+    return a if kind in "iu" and a.dtype != np.uint64 else a.astype(np.int64)
 
 
 def _at(name: str, a: np.ndarray, i: int) -> str:
@@ -138,13 +139,11 @@ def _at(name: str, a: np.ndarray, i: int) -> str:
 
 def _floats(call: _Call, name: str, value, shape=None, finite: bool = True, per: int = 1) -> np.ndarray:
     a, mask = _array(call, name, value, shape)
-    if finite:
+    if finite and not np.isfinite(a).all():
         flat = a.reshape(-1)
-        bad = ~np.isfinite(flat)
-        if bad.any():
-            i = int(np.argmax(bad))
-            call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not finite", i // per)
-    return a.astype(np.float64)
+        i = int(np.argmax(~np.isfinite(flat)))
+        call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not finite", i // per)
+    return a if a.dtype.kind == "f" else a.astype(np.float64)
 
 
 def _scalar_int(call: _Call, name: str, value, lo: int = 0, hi: int = _INT_MAX[64]) -> int:
@@ -263,15 +262,15 @@ def check_tokens(w, step, layer, expert, weight, batch_idx, position, k, token_i
     lay = Layout(getattr(w, "manifest", {}).get("model"))
     if rows:
         layers = np.broadcast_to(lyr, (rows,))
-        for l in np.unique(layers).tolist():
-            sel = layers == l
-            i = int(np.argmax(sel))
+        for l in ([int(lyr)] if lyr.ndim == 0 else np.unique(layers).tolist()):
+            sel = slice(None) if lyr.ndim == 0 else layers == l
+            i = 0 if lyr.ndim == 0 else int(np.argmax(sel))
             if lay.layers is not None and l not in lay.layers:
                 call.fail("layer", f"{l} is not declared in the run's manifest (layers "
                           f"{sorted(lay.layers)})", i)
             sizes = lay.sizes.get(l)
             if sizes and e[sel].max() >= max(sizes):
-                j = int(np.flatnonzero(sel & (e >= max(sizes)))[0])
+                j = int(np.flatnonzero((layers == l) & (e >= max(sizes)))[0])
                 call.fail(f"expert[{j}]", f"= {int(e[j])} is beyond layer {l}'s {max(sizes)} experts", j)
         if kk is not None and lay.top_k is not None and np.max(kk) >= lay.top_k:
             j = int(np.argmax(np.broadcast_to(kk, (rows,)) >= lay.top_k))
@@ -282,7 +281,8 @@ def check_tokens(w, step, layer, expert, weight, batch_idx, position, k, token_i
 
 
 def _token_ids(call: _Call, token_id, rows: int):
-    """None, or a pyarrow int64 array (nulls for unknown ids: None, masked, or arrow nulls)."""
+    """None, the ids as an array, or a pyarrow int64 array when some are unknown (None, masked
+    or Arrow nulls: stored as NULL)."""
     if token_id is None:
         return None
     import pyarrow as pa
@@ -297,14 +297,14 @@ def _token_ids(call: _Call, token_id, rows: int):
         mask = np.array([v is None for v in token_id])
         token_id = np.ma.array([0 if v is None else v for v in token_id], mask=mask)
     mask = np.ma.getmaskarray(token_id) if np.ma.isMaskedArray(token_id) else None
-    data = np.ma.getdata(token_id) if mask is not None else token_id
+    data = token_id if mask is None else np.where(mask, 0, np.ma.getdata(token_id))  # masked: unknown
     a = _ints(call, "token_id", _no_bool(call, "token_id", data), 0, _INT_MAX[64])
     if a.ndim and a.size != rows:
         call.fail("token_id", f"has {a.size} values for {rows} rows")
+    if mask is None or not mask.any():
+        return a
     a = np.broadcast_to(a.reshape(-1) if a.ndim else a, (rows,))
-    m = None if mask is None else np.broadcast_to(np.asarray(mask).reshape(-1) if np.ndim(mask) else mask,
-                                                  (rows,))
-    return pa.array(a, type=pa.int64(), mask=m)
+    return pa.array(a, type=pa.int64(), mask=np.broadcast_to(mask.reshape(-1) if mask.ndim else mask, (rows,)))
 
 
 def check_signal_value(call: _Call, name, value, arg: str = "value", row: int | None = 0):
