@@ -256,3 +256,27 @@ def test_lifecycle_events_declare_the_new_count(tmp_path):
         assert w.stats.calls_refused == 0
     assert json.loads((run_dir(tmp_path, "bio") / "manifest.json").read_text())["model"][
         "experts_per_layer"] == {"0": 3}
+
+
+def test_probes_declare_routers_that_grow_and_shrink(tmp_path, moe_tiny):
+    """Probes write through the same door: a router's new count is declared before its rows."""
+    import probes
+    import torch
+
+    torch.manual_seed(0)
+    model = moe_tiny.TinyMoE()
+
+    def change(s):
+        if s == 5:
+            model.routers[1].n_experts = 6   # grew mid-window (window 4-7 is written with 6)
+        if s == 9:
+            model.routers[1].n_experts = 3   # pruned mid-window
+
+    with probes.attach(model, run="life", root=tmp_path, flush_every=4) as h:
+        moe_tiny.train_steps(model, 14, batch=8, on_step=change)
+    assert h.writer.stats.calls_refused == 0 and h.stats()["write_errors"] == 0
+    m = json.loads((run_dir(tmp_path, "life") / "manifest.json").read_text())["model"]
+    assert m["experts_per_layer"]["1"] == 3 and m["declared_experts"]["1"] == [3, 4, 6]
+    per_step = dict(chrono.connect(tmp_path).execute(
+        "SELECT step, count(*) FROM routing WHERE layer = 1 GROUP BY step").fetchall())
+    assert per_step[0] == 4 and per_step[4] == 6 and per_step[13] == 3
