@@ -123,7 +123,9 @@ def _ints(call: _Call, name: str, value, lo: int, hi: int, per: int = 1, shape=N
         if (np.floor(flat) != flat).any():
             i = int(np.argmax(np.floor(flat) != flat))
             call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not an integer", i // per)
-    mn, mx = (lo, int(flat.max())) if kind == "u" else (flat.min(), flat.max())
+    info = np.iinfo(a.dtype) if kind in "iu" else None   # the dtype's own range may make a side moot
+    mn = flat.min() if info is None or info.min < lo else lo
+    mx = flat.max() if info is None or info.max > hi else hi
     if mn < lo or mx > hi or (kind == "f" and mx >= 2.0 ** 63):
         i = int(np.argmax(flat < lo)) if mn < lo else int(np.argmax(flat == mx))
         rule = f"must be >= {lo}" if mn < lo else f"must be <= {hi}"
