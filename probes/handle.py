@@ -265,9 +265,10 @@ class Handle:
                     rec.to(routed.indices.device)
                 ctx = h._ctx[stack]
                 if ctx is not None and ctx.n_tokens != routed.indices.shape[0]:
-                    h._warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence "
-                                 "= %s of its forward: no padding mask, token ids or positions for it",
-                                 site.name, routed.indices.shape[0], ctx.n_tokens)
+                    if ctx.keep is not None or sampler is not None:   # only then is something lost
+                        h._warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence "
+                                     "= %s of its forward: no padding mask, token ids or positions "
+                                     "for it", site.name, routed.indices.shape[0], ctx.n_tokens)
                     mode, ctx = ctx.mode, None
                 else:
                     mode = ctx.mode if ctx is not None else (
