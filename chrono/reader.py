@@ -95,13 +95,77 @@ def runs_table(root) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
+_scanned: dict[tuple, bool] = {}
+
+
+def part_has_invalid_rows(path: str, table: str) -> bool:
+    """Whether a part of ``table`` holds a row the write API would refuse (``chrono.rules``).
+
+    Parts are immutable, so each is scanned once (the columns the rules read) and the answer
+    cached by (path, size, mtime); a part that cannot be scanned counts as suspect.
+    """
+    import pyarrow.parquet as pq
+
+    from .rules import invalid_mask
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    key = (path, table, st.st_size, st.st_mtime_ns)
+    hit = _scanned.get(key)
+    if hit is None:
+        try:
+            with pq.ParquetFile(path) as f:
+                cols = [c for c in f.schema_arrow.names if c in TABLES[table].names and c != "run_id"
+                        and not _stats_prove_valid(f.metadata, table, c)]
+                t = f.read(columns=cols) if cols else None
+            hit = t is not None and bool(invalid_mask(table, t)[0].any())
+        except Exception:
+            hit = True
+        if len(_scanned) > 200_000:
+            _scanned.clear()
+        _scanned[key] = hit
+    return hit
+
+
+def _stats_prove_valid(md, table: str, column: str) -> bool:
+    """True when the footer's statistics alone show every value of an integer ``column`` valid
+    (no NULLs where none may be, min/max inside its bounds): the column need not be read."""
+    from .rules import INT_MAX, bounds
+
+    field = TABLES[table].field(column)
+    b = bounds(table, column)
+    if not pa.types.is_integer(field.type) or (table == "signals" and column in ("name", "value")):
+        return False
+    lo, hi = b if b is not None else (-INT_MAX[field.type.bit_width] - 1, None)
+    hi = INT_MAX[field.type.bit_width] if hi is None else hi
+    idx = md.schema.names.index(column) if column in md.schema.names else -1
+    if idx < 0:
+        return False
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(idx).statistics
+        if st is None or not st.has_min_max or st.null_count is None:
+            if md.row_group(g).num_rows == 0:
+                continue
+            return False
+        if (st.null_count and not field.nullable) or st.min < lo or st.max > hi:
+            return False
+    return True
+
+
 def _build_views(con: duckdb.DuckDBPyConnection, root: Path, skip_invalid: bool = False) -> None:
     for table in TABLES:
-        sql = _view_sql(table, part_files(root, table))
+        files = part_files(root, table)
+        sql = _view_sql(table, files)
         if skip_invalid:   # rows the write API would refuse go to invalid_<table> instead
-            bad = invalid_sql(table)
-            con.execute(f"CREATE OR REPLACE VIEW invalid_{table} AS SELECT * FROM ({sql}) WHERE {bad}")
-            sql = f"SELECT * FROM ({sql}) WHERE NOT ({bad})"
+            suspect = [f for f in files if part_has_invalid_rows(f, table)]
+            bad, clean = invalid_sql(table), [f for f in files if f not in set(suspect)]
+            filtered = f"SELECT * FROM ({_view_sql(table, suspect)}) WHERE NOT ({bad})"
+            sql = f"{_view_sql(table, clean)} UNION ALL {filtered}" if clean and suspect else \
+                (filtered if suspect else sql)
+            con.execute(f"CREATE OR REPLACE VIEW invalid_{table} AS "
+                        f"SELECT * FROM ({_view_sql(table, suspect)}) WHERE {bad}")
         con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
     con.register("_runs_arrow", runs_table(root))
     con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _runs_arrow")
