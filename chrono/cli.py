@@ -26,6 +26,8 @@ EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.serve_metrics",
     "chrono.commands.workload",
     "chrono.commands.migrate",
+    "chrono.commands.rm",
+    "chrono.commands.export",
 )
 
 
