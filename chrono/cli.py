@@ -28,6 +28,8 @@ EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.migrate",
     "chrono.commands.rm",
     "chrono.commands.export",
+    "chrono.commands.analyze",
+    "chrono.commands.plan_placement",
 )
 
 
