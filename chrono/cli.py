@@ -125,6 +125,13 @@ def _json_value(v):
     return str(v)
 
 
+def _check_rows(con, run: str, tables) -> None:
+    """Stop (exit 2, one line naming run, table, step, layer) at rows the write API would refuse."""
+    from chrono.rules import check_run
+
+    check_run(con, run, tables)
+
+
 def _connect(args):
     import chrono
 
@@ -233,6 +240,7 @@ def cmd_show(args) -> int:
     else:
         print(f"\nno snapshots yet: run '{invocation()} --root {args.root} snapshot {args.run} --every K'")
     print(f"\nfull manifest: '{invocation()} --root {args.root} show {args.run} --json'")
+    _check_rows(con, args.run, TABLES)   # after the overview: it is still worth seeing
     return 0
 
 
@@ -292,10 +300,20 @@ def cmd_snapshot(args) -> int:
     require_run(_root(args), args.run)
     if args.every < 1:
         raise UserError("--every must be >= 1")
+    from chrono.rules import first_invalid, invalid_sql
+
     con = _connect(args)
+    keep = "true"
+    bad = first_invalid(con, "routing", args.run)
+    if bad is not None and not args.skip_invalid:
+        raise UserError(f"{bad}; rerun with --skip-invalid to leave them out")
+    if bad is not None:
+        keep = f"NOT ({invalid_sql('routing')})"
+        print(f"chrono: warning: skipping {bad.count} invalid routing rows; first: step {bad.step}, "
+              f"layer {bad.layer}: {bad.problem}", file=sys.stderr)
     routing = con.sql(
         "SELECT step, layer, expert, sum(tokens) AS tokens, sum(dropped) AS dropped FROM routing "
-        "WHERE run_id = ? GROUP BY ALL", params=[args.run]).to_arrow_table()
+        f"WHERE run_id = ? AND {keep} GROUP BY ALL", params=[args.run]).to_arrow_table()
     if routing.num_rows == 0:
         raise UserError(f"run {args.run!r} has no routing rows yet")
     snaps = build_snapshots(args.run, routing, args.every)
@@ -315,6 +333,7 @@ def cmd_alerts(args) -> int:
 
     require_run(_root(args), args.run)
     con = _connect(args)
+    _check_rows(con, args.run, ("snapshots", "alerts"))
     t = con.sql(
         "SELECT step, layer, alert, transition, consecutive, round(neff, 3) AS neff, n_experts, "
         "round(top2_share, 3) AS top2_share, dead FROM alerts WHERE run_id = ? "
@@ -380,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("snapshot", help="(re)compute snapshots and alerts of a run from its routing rows")
     s.add_argument("run")
     s.add_argument("--every", type=int, default=10, help="window size in steps (default 10)")
+    s.add_argument("--skip-invalid", action="store_true",
+                   help="leave out routing rows the write API would refuse (negative counts, bad modes...) "
+                        "instead of stopping at the first one")
     s.set_defaults(func=cmd_snapshot)
 
     s = sub.add_parser("alerts", help="alert transitions (raised / cleared) of a run")
@@ -420,10 +442,11 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     from chrono.reader import QueryError
     from chrono.store import StoreError
+    from chrono.rules import InvalidRowsError
 
     try:
         return int(args.func(args) or 0)
-    except (UserError, StoreError, QueryError) as e:
+    except (UserError, StoreError, QueryError, InvalidRowsError) as e:
         print(f"chrono: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:

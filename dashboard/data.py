@@ -67,7 +67,7 @@ class Store:
         self.root = Path(root)
         self.lock = threading.RLock()
         self.fingerprint = _fingerprint(self.root)  # taken before the views: never stale-new
-        self.con = chrono.connect(self.root)
+        self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
         self.checked_at = time.monotonic()
 
     def sync(self, force: bool = False) -> None:
@@ -117,6 +117,30 @@ def query(sql: str, run: str | None = None, root: Path | None = None, **params) 
     if run is not None:
         params["run"] = run
     return _cached(str(store.root), store.version(run), sql, tuple(sorted(params.items())))
+
+
+def invalid_note(run: str, root: Path | None = None) -> str | None:
+    """One line naming table, step and layer of the run's first row the write API would refuse.
+
+    Pages leave such rows out (the connection's views skip them, ``chrono.validate``);
+    this says so. None when the run has none.
+    """
+    store = get_store(root)
+    return _cached_invalid(str(store.root), store.version(run), run)
+
+
+@st.cache_data(ttl=3600, max_entries=64, show_spinner=False)
+def _cached_invalid(root: str, version: str, run: str) -> str | None:
+    from chrono.schema import TABLES
+    from chrono.rules import first_invalid
+
+    store = _store(root)
+    with store.lock:
+        for t in TABLES:
+            err = first_invalid(store.con, t, run, view=f"invalid_{t}")
+            if err is not None:
+                return f"{err} These rows are left out of every page."
+    return None
 
 
 def reload(root: Path | None = None) -> None:

@@ -90,6 +90,9 @@ def need_run() -> str:
     if not run:
         st.info("Pick a run in the sidebar.")
         st.stop()
+    note = data.invalid_note(run)
+    if note:
+        st.warning(note)
     return run
 
 

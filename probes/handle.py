@@ -52,7 +52,8 @@ class _NullWriter:
         self.stats = WriterStats(write_errors=1, last_error=f"{type(error).__name__}: {error}")
 
     def __getattr__(self, name):
-        if name.startswith("log_") or name in ("flush", "close", "update_manifest", "replace_table"):
+        if name.startswith("log_") or name in ("flush", "close", "update_manifest", "replace_table",
+                                                "declare_experts"):
             def dropped(*a, **k):
                 self.stats.write_errors += 1
             return dropped
@@ -501,11 +502,17 @@ class Handle:
         signals, rows, transitions, jobs = [], [], [], []
         if data is not None:
             jobs, rows, transitions, signals = self._window_rows(steps, data, reduce)
+        # routers that grew or shrank (lifecycle) are declared before their rows (chrono.validate);
+        # expert-parallel ranks keep the global counts declared at attach
+        sizes = {} if self._dist is not None and self._dist.expert_parallel else \
+            dict(zip(self._layer_ids.tolist(), self._experts()))
         self._window_experts = [0] * len(self.routers)
         run_id = self.run_id
         write_globals = self._dist is None or self._dist.is_writer_of_globals
 
         def write(w):
+            for layer, n in sizes.items():
+                w.declare_experts(layer, n)
             for kw in jobs:
                 w.log_routing(**kw)
             if tok is not None:

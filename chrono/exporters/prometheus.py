@@ -333,7 +333,7 @@ class StoreSource:
             if s is not None and (s["max_step"] < lo or s["min_step"] > hi):
                 continue
             with pq.ParquetFile(p) as f:
-                t = f.read(columns=["step", "layer", "expert", "tokens"])
+                t = _valid_rows("routing", f.read(columns=["step", "layer", "expert", "tokens"]), p)
             t = t.filter(pc.and_(pc.greater_equal(t["step"], lo), pc.less_equal(t["step"], hi)))
             if not t.num_rows:
                 continue
@@ -359,7 +359,28 @@ def _read_part(path: str, table: str, columns=None):
     # ParquetFile.read: a single known file, without read_table's dataset discovery (~5x less overhead)
     with pq.ParquetFile(path) as f:
         t = f.read()
-    return conform(table, t) if columns is None else conform(table, t).select(columns)
+    t = _valid_rows(table, conform(table, t), path)
+    return t if columns is None else t.select(columns)
+
+
+_warned_invalid: set[str] = set()
+
+
+def _valid_rows(table: str, t, path: str):
+    """``t`` without rows the write API would refuse (``chrono.rules``); one warning line per part."""
+    from ..rules import invalid_mask
+
+    bad, first = invalid_mask(table, t)
+    if first is None:
+        return t
+    if path not in _warned_invalid:
+        _warned_invalid.add(path)
+        run = os.path.basename(os.path.dirname(path)).removeprefix("run_id=")
+        log.warning("chrono exporter: run %r, table %s, %s; %d invalid rows of %s left out",
+                    run, table, first, int(bad.sum()), os.path.basename(path))
+    import pyarrow as pa
+
+    return t.filter(pa.array(~bad))
 
 
 def _summarise_snapshots(path: str) -> dict:
@@ -390,7 +411,7 @@ def _summarise_routing(path: str) -> dict:
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(path) as f:
-        t = f.read(columns=["step", "layer", "tokens"])
+        t = _valid_rows("routing", f.read(columns=["step", "layer", "tokens", "mode"]), path)
     if not t.num_rows:
         return {"tokens": {}, "rows": 0, "min_step": 0, "max_step": -1}
     g = t.group_by("layer").aggregate([("tokens", "sum")])
