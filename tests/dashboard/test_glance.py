@@ -72,7 +72,8 @@ def test_runs_table_health_column_names_the_worst_layer(app, dash_store, tmp_pat
         assert table.loc[run, "health"] == "OK" and table.loc[run, "worst layer"] == "–"
     # no literal None / NaN cell anywhere, also for the run without a model description
     assert table.loc["bare", "model"] == "(not described)"
-    assert table.loc["bare", "layers × experts"] == "–"
+    # the write API learns an undeclared layer from its first routing call (chrono.declared)
+    assert table.loc["bare", "layers × experts"] == "1 × 4"
     for col in table.columns:
         assert not table[col].isna().any(), col
         assert "None" not in table[col].astype(str).tolist(), col

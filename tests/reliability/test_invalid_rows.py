@@ -128,7 +128,7 @@ def test_exporter_leaves_invalid_rows_out_with_one_line(tmp_path, caplog):
                                        n_experts=-4))
     with caplog.at_level(logging.WARNING, logger="chrono.exporters.prometheus"):
         src = StoreSource(tmp_path, run=RUN)
-        state = src.read(want_shares=True)
+        (state,) = src.read(want_shares=True)           # one pinned run
         text = Exporter(src).exposition().decode()
     assert sorted(state.tokens_routed.items()) == truth          # the -5 row is not summed in
     assert state.snapshot_step == STEPS - 1                     # the bad newer snapshot is left out
