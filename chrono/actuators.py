@@ -282,6 +282,13 @@ class RouterBiasActuator(Actuator):
         self.counter = _LoadCounter(router, n_experts)   # appended after the override: sees its choice
         self.current_rate = 0.0 if pressure_scaled else self.rate
 
+    @torch.no_grad()
+    def set_bias(self, values) -> None:
+        """Replace the selection bias [n_experts] (e.g. a learnt bias from a checkpoint)."""
+        self.bias.copy_(torch.as_tensor(values, dtype=self.bias.dtype, device=self.bias.device))
+        if self._override is not None:
+            self._override.set_active(bool(torch.any(self.bias != 0)))
+
     def act(self, decision: ControlDecision) -> None:
         if self.pressure_scaled:
             self.current_rate = self.rate * drive(decision, self.pressure_ref)
