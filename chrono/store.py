@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import ledger
 from .schema import COLUMN_DEFAULTS, MODES, SCHEMA_VERSION, TABLES, conform, table_schema
 
 log = logging.getLogger("chrono.store")
@@ -291,6 +292,10 @@ class RunWriter:
         self._remove_stale_temp_files()
         self._seq = self._next_seq()
         self.manifest = self._write_manifest(model, config)
+        # step identity across sessions (chrono.ledger): rows below the floor are already stored
+        self.next_step = ledger.next_step(self.root, self.run_id, self.rank)
+        self._floor = self.next_step
+        self._last_routing: dict[tuple[int, int], int] = {}   # (mode code, layer) -> last step
 
     # ------------------------------------------------------------------ setup
     def _acquire_lock(self):
@@ -382,6 +387,7 @@ class RunWriter:
     def _append(self, table: str, columns: dict) -> None:
         if self._closed:
             raise StoreError(f"run {self.run_id!r}: writer is closed")
+        self._check_floor(table, columns.get("step"))
         t = pa.Table.from_pydict(columns, schema=_INTERNAL[table])
         with self._lock:
             self._buffers[table].add(t)
@@ -414,6 +420,8 @@ class RunWriter:
                              f"{np.shape(expert_offset)} must broadcast to counts' leading shape "
                              f"{lead}") from None
         rows = int(np.prod(lead, dtype=np.int64)) * n
+        self._check_floor("routing", step_a.reshape(-1))
+        self._check_routing_order(_MODE_CODE[mode], step_a.reshape(-1), layer_a.reshape(-1))
         cols = {
             "step": np.repeat(step_a.reshape(-1), n),
             "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
@@ -431,9 +439,64 @@ class RunWriter:
             cols["weight_sum"] = pa.nulls(rows, pa.float32())
         self._append("routing", cols)
 
+    def _check_floor(self, table: str, steps) -> None:
+        """Refuse rows whose step this rank stored in an earlier session (``chrono.ledger``)."""
+        if steps is None or not len(steps) or self._floor <= 0:
+            return
+        low = int(np.min(np.asarray(steps, dtype=np.int64)))
+        if low < self._floor:
+            raise StoreError(
+                f"run {self.run_id!r} rank {self.rank}: {table} rows for step {low} would duplicate "
+                f"steps already stored (this rank's steps end at {self._floor - 1}); continue at step "
+                f">= {self._floor}, or truncate first (RunWriter.truncate(N), or probes.attach(..., "
+                f"start_step=N, overwrite=True))")
+
+    def _check_routing_order(self, mode: int, steps: np.ndarray, layers: np.ndarray) -> None:
+        """Routing steps of one (mode, layer) strictly increase across calls (no key twice)."""
+        if not len(steps):
+            return
+        order = np.lexsort((steps, layers))
+        s, l = steps[order], layers[order]
+        same = l[1:] == l[:-1]
+        if np.any(same & (s[1:] <= s[:-1])):
+            i = int(np.flatnonzero(same & (s[1:] <= s[:-1]))[0])
+            raise StoreError(f"run {self.run_id!r}: routing for step {int(s[i])} layer {int(l[i])} "
+                             f"given twice in one call")
+        firsts = np.flatnonzero(np.r_[True, ~same])
+        lasts = np.r_[firsts[1:] - 1, len(l) - 1]
+        with self._lock:
+            for i, j in zip(firsts, lasts):
+                prev = self._last_routing.get((mode, int(l[i])))
+                if prev is not None and s[i] <= prev:
+                    raise StoreError(
+                        f"run {self.run_id!r} rank {self.rank}: routing for step {int(s[i])} layer "
+                        f"{int(l[i])} mode {MODES[mode]} comes after step {prev} was written; steps of "
+                        f"one (mode, layer) must increase (each key is written once)")
+            for i, j in zip(firsts, lasts):
+                self._last_routing[(mode, int(l[i]))] = int(s[j])
+
+    def truncate(self, from_step: int) -> dict[str, int]:
+        """Remove this rank's rows with ``step >= from_step`` from every table (see chrono.ledger).
+
+        Returns ``{table: rows removed}``; afterwards steps ``>= from_step`` may be written again.
+        Raises ``ValueError`` for a negative step.
+        """
+        if isinstance(from_step, bool) or int(from_step) != from_step or from_step < 0:
+            raise ValueError(f"truncate: from_step must be a non-negative integer, got {from_step!r}")
+        with self._lock:
+            removed = ledger.truncate(self, int(from_step))
+            self._floor = min(self._floor, int(from_step))
+            self.next_step = self._floor
+            self._last_routing = {k: min(v, int(from_step) - 1) for k, v in self._last_routing.items()}
+        return removed
+
     def log_tokens(self, step, layer, expert, weight=None, batch_idx=None, position=None, k=None,
                    token_id=None, mode: str = "TRAIN", rank: int | None = None) -> None:
-        """Append per-token routing facts; every argument is a scalar or an array of one length."""
+        """Append per-token routing facts; every argument is a scalar or an array of one length.
+
+        ``token_id``: None (unknown: NULL), an int array, or a ``pyarrow.Array`` with nulls
+        for the unknown ones.
+        """
         expert_a = np.asarray(expert, dtype=np.int32).reshape(-1)
         rows = expert_a.shape[0]
         _check_mode(mode)
@@ -453,7 +516,10 @@ class RunWriter:
             "k": col(k, np.int16),
             "expert": expert_a,
             "weight": pa.nulls(rows, pa.float32()) if weight is None else col(weight, np.float32),
-            "token_id": pa.nulls(rows, pa.int64()) if token_id is None else col(token_id, np.int64),
+            # a pyarrow array may carry nulls: unknown token ids are NULL, never a sentinel
+            "token_id": (pa.nulls(rows, pa.int64()) if token_id is None
+                         else token_id.cast(pa.int64()) if isinstance(token_id, pa.Array)
+                         else col(token_id, np.int64)),
             "rank": np.full(rows, self.rank if rank is None else rank, dtype=np.int32),
         }
         self._append("tokens", cols)

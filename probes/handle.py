@@ -27,14 +27,17 @@ from torch import nn
 
 from chrono import metrics as M
 from chrono.snapshots import AlertTracker, layer_rows
-from chrono.store import open_run
+from chrono.store import StoreError, default_root, open_run
 
+from . import context as C
+from .clock import StepClock
 from .discovery import RouterSite, find_sites
 from .distributed import resolve as resolve_distributed
 from .flusher import BackgroundWriter
-from .recorder import MODES, Recorder, mode_index
+from .recorder import Recorder, mode_index
 from .routing import ProbeError
 from .sampling import TokenSampler
+from .window import log_token_rows, padding_signals, routing_jobs
 
 log = logging.getLogger("probes")
 
@@ -66,10 +69,12 @@ def _first_device(model: nn.Module):
 class Handle:
     """Returned by ``probes.attach``; a context manager. See the module docstring."""
 
-    def __init__(self, model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0,
+    def __init__(self, model: nn.Module, run: str, root=None, tokens: float = 0.0,
                  flush_every: int = 50, lenses=None, distributed=None, metrics_port=None,
                  generic: bool = True, specs=None, max_tokens_per_step: int = 4096, seed: int = 0,
-                 start_step: int = 0, config: dict | None = None, auto_step: bool | None = None):
+                 start_step: int | None = None, overwrite: bool = False, steps: str = "auto",
+                 padding: str = "exclude", config: dict | None = None, auto_step: bool | None = None,
+                 metrics_expert_labels: bool = False):
         if not isinstance(model, nn.Module):
             raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(flush_every, int) or flush_every < 1:
@@ -78,8 +83,19 @@ class Handle:
             tokens = 0.0
         if not (0.0 <= float(tokens) <= 1.0):
             raise ProbeError(f"tokens must be 0 (aggregate only) or a fraction in (0, 1], got {tokens!r}")
+        if padding not in ("exclude", "count"):
+            raise ProbeError(f"padding must be 'exclude' (default) or 'count', got {padding!r}")
+        if auto_step is False:       # the pre-0.2 spelling of steps="manual"
+            steps = "manual"
+        if steps not in ("auto", "optimizer", "forward", "manual"):
+            raise ProbeError(f"steps must be 'auto', 'optimizer', 'forward' or 'manual', got {steps!r}")
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)
+                                       or start_step < 0):
+            raise ProbeError(f"start_step must be None or an int >= 0, got {start_step!r}")
         self.routers: list[RouterSite] = find_sites(model, specs=specs, generic=generic)
         self._dist = resolve_distributed(distributed, self.routers)  # None on a single process
+        if self._dist is not None:  # only h.step() ends steps: the flush collective never runs in a hook
+            steps = "manual"
         self.flush_every = flush_every
         self._model = weakref.ref(model)
         self._slots = {s.layer: i for i, s in enumerate(self.routers)}
@@ -88,38 +104,29 @@ class Handle:
         self._rec = Recorder(len(self.routers), cap, flush_every, _first_device(model))
         self._window_experts = [0] * len(self.routers)  # largest n_experts seen per router this window
         self._sampler = TokenSampler(float(tokens), max_tokens_per_step, seed) if tokens else None
+        self._exclude_padding = padding == "exclude"
+        stack_paths, self._stack_of = C.find_stacks(model, [s.name for s in self.routers])
+        self._stack_paths = stack_paths
+        self._ctx: list = [None] * len(stack_paths)   # ForwardContext of each stack's running call
+        self._root_mode = None                          # mode of the running top-level forward
+        self._user_mask = None                          # h.set_mask(): for the next top-level forward
         self._tracker = AlertTracker()
         self._callbacks: list = []
         self._hooks: list = []
         self._active = True
         self._detached = False
-        # auto_step None: each top-level forward is a step until h.step() is first called;
-        # False: only h.step() ends steps (use it with gradient accumulation)
-        self._explicit_steps = auto_step is False
-        self._auto_pending = False
         self._dirty = False
-        self._step = int(start_step)
-        self._slot = 0
         self._slot_steps: list[int] = []
-        self._slot_modes: list[int] = []
-        self._input_ids = None
-        self._decoder_input_ids = None
-        self._seq_len = None
         self._latest_snapshot: list[dict] = []
         self._latest_decisions: list[dict] = []
+        self._latest_counts: dict = {}
         self._transitions: Counter = Counter()
         self._tokens_total = {s.layer: 0 for s in self.routers}
-        self._nonfinite = 0
-        self._invalid = 0
+        self._counters = Counter()   # nonfinite, invalid, padding_excluded, faults, callback_errors
         self._hook_seconds = 0.0
         self._hook_calls = 0
-        self._faults = 0
-        self._callback_errors = 0
         self._logged: set[str] = set()
-        self._steps_done = 0
         self._windows = 0
-        if self._dist is not None:  # only h.step() ends steps: the flush collective never runs in a hook
-            self._explicit_steps = True
 
         model_desc = {
             "name": type(model).__name__,
@@ -129,10 +136,11 @@ class Handle:
             "adapter": ",".join(sorted({s.adapter for s in self.routers})),
             "sites": [s.as_dict() for s in self.routers],
         }
-        cfg = {"probes": {"tokens": float(tokens), "flush_every": flush_every,
-                          "max_tokens_per_step": max_tokens_per_step, "seed": seed}}
+        cfg = {"probes": {"tokens": float(tokens), "flush_every": flush_every, "steps": steps,
+                          "padding": padding, "max_tokens_per_step": max_tokens_per_step, "seed": seed}}
         if config:
             cfg.update(config)
+        root = default_root() if root is None else root
         try:  # StoreError (bad run id, run already being written) is the user's to fix: it propagates
             if self._dist is not None:
                 model_desc = self._dist.model_desc(model_desc)
@@ -143,17 +151,41 @@ class Handle:
                       "on disk", run, root, e)
             self.writer = _NullWriter(run, e)
         self.run_id = self.writer.run_id
+        try:
+            self._step = self._first_step(start_step, overwrite)
+        except BaseException:
+            self.writer.close()
+            raise
         self._bg = BackgroundWriter(self.writer)
+        self._clock = StepClock(model, steps, on_first_update=self._merge_provisional)
         self.metrics_server = None
         try:
             self._install(model, lenses or {})
             if metrics_port is not None:
-                self.metrics_server = self.serve_metrics(self._rank_port(metrics_port))
+                self.metrics_server = self.serve_metrics(self._rank_port(metrics_port),
+                                                         expert_labels=metrics_expert_labels)
         except BaseException:
+            self._clock.remove()
             self._remove_hooks()
             self._bg.close()
             self.writer.close()
             raise
+
+    def _first_step(self, start_step, overwrite: bool) -> int:
+        """Where this session's steps start: after the run's stored steps, or ``start_step``."""
+        stored = getattr(self.writer, "next_step", 0)   # 0 for a run that could not be opened
+        if start_step is None:
+            return stored
+        if start_step < stored:
+            if not overwrite:
+                raise StoreError(
+                    f"run {self.run_id!r} already has steps up to {stored - 1} for this rank; "
+                    f"start_step={start_step} would write them twice. Leave start_step=None to "
+                    f"continue at {stored}, or pass overwrite=True to replace steps >= {start_step}")
+            removed = self.writer.truncate(start_step)
+            log.warning("probes: run %r: removed stored rows of steps >= %d before resuming (%s)",
+                        self.run_id, start_step, ", ".join(f"{t}: {n}" for t, n in removed.items()) or "none")
+        return int(start_step)
 
     # ------------------------------------------------------------- installing
     def _install(self, model: nn.Module, lenses: dict) -> None:
@@ -161,10 +193,18 @@ class Handle:
         if unknown:
             raise ProbeError(f"lenses given for layer(s) {sorted(unknown)} but routers are on layers "
                              f"{sorted(self._slots)}")
+        # the model's own hooks first: they see the top-level forward before any stack or router
+        self._hooks.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self._root_post_hook, always_call=True))
+        for i, path in enumerate(self._stack_paths):
+            stack = model.get_submodule(path) if path else model
+            pre, post = self._make_stack_hooks(i, stack)
+            self._hooks.append(stack.register_forward_pre_hook(pre, with_kwargs=True))
+            self._hooks.append(stack.register_forward_hook(post, always_call=True))
         for site in self.routers:
             slot = self._slots[site.layer]
             module = site.module
-            on_output = self._make_hook(site, slot)
+            on_output = self._make_hook(site, slot, self._stack_of[slot])
             if site.install is not None:
                 self._hooks.append(site.install(model, site.name, module, on_output))
             else:
@@ -172,20 +212,47 @@ class Handle:
             lens = lenses.get(site.layer)
             if lens is not None:
                 self._hooks.append(module.register_forward_pre_hook(_lens_pre_hook(lens)))
-        self._hooks.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(self._root_post_hook))
 
-    def _make_hook(self, site: RouterSite, slot: int):
+    def _make_stack_hooks(self, i: int, stack: nn.Module):
+        handle_ref = weakref.ref(self)
+        ids_index = C._ids_param_index(stack)
+
+        @torch._dynamo.disable
+        def stack_pre(module, args, kwargs):
+            h = handle_ref()
+            if h is None or not h._active or C.in_backward():
+                return None
+            try:
+                mode = h._root_mode if h._root_mode is not None else C.forward_mode(module)
+                if h._user_mask is not None and kwargs.get("attention_mask") is None:
+                    kwargs = {**kwargs, "attention_mask": h._user_mask}
+                h._ctx[i] = C.capture(module, args, kwargs, mode, ids_index, h._exclude_padding)
+            except Exception as e:
+                h._ctx[i] = None
+                h._fault("forward context", e)
+            return None
+
+        @torch._dynamo.disable
+        def stack_post(module, args, output):
+            h = handle_ref()
+            if h is not None and not C.in_backward():
+                h._ctx[i] = None
+            return None
+
+        return stack_pre, stack_post
+
+    def _make_hook(self, site: RouterSite, slot: int, stack: int):
         rec, sampler = self._rec, self._sampler
         handle_ref = weakref.ref(self)
-        decoder_site = ".decoder." in f".{site.name}."
 
         def on_router_output(module, args, output):
             h = handle_ref()
             if h is None or not h._active:
                 return None
-            timing = not torch.compiler.is_compiling()
-            t0 = time.perf_counter() if timing else 0.0
+            compiling = torch.compiler.is_compiling()
+            if not compiling and C.in_backward():
+                return None   # activation recompute: these tokens were counted in the forward
+            t0 = 0.0 if compiling else time.perf_counter()
             try:
                 routed = site.parse(module, args, output)
                 n = site.n_experts
@@ -195,56 +262,96 @@ class Handle:
                     h._window_experts[slot] = n
                 if routed.indices.device != rec.device:
                     rec.to(routed.indices.device)
-                mode = mode_index(module)
+                ctx = h._ctx[stack]
+                if ctx is not None and ctx.n_tokens != routed.indices.shape[0]:
+                    h._warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence "
+                                 "= %s of its forward: no padding mask, token ids or positions for it",
+                                 site.name, routed.indices.shape[0], ctx.n_tokens)
+                    mode, ctx = ctx.mode, None
+                else:
+                    mode = ctx.mode if ctx is not None else (
+                        h._root_mode if h._root_mode is not None else mode_index(module))
                 h._dirty = True
-                rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits)
+                if ctx is not None and ctx.keep is not None:
+                    rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits,
+                               ctx.keep, ctx.pad)
+                else:
+                    rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits)
                 if sampler is not None:
-                    ids = h._decoder_input_ids if decoder_site else h._input_ids
-                    sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped,
-                                   ids, h._seq_len)
+                    sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
             except Exception as e:  # telemetry must never break the forward
                 h._fault(f"router {site.name}", e)
-            if timing:
+            if not compiling:
                 h._hook_seconds += time.perf_counter() - t0
                 h._hook_calls += 1
             return None
 
         return on_router_output
 
+    @torch._dynamo.disable
     def _root_pre_hook(self, module, args, kwargs):
-        if not self._active:
+        if not self._active or C.in_backward():
             return None
-        if self._auto_pending and not self._explicit_steps:
-            self._advance()  # the previous top-level forward was a step of its own
-        ids = kwargs.get("input_ids")
-        if ids is None and args and torch.is_tensor(args[0]) and not torch.is_floating_point(args[0]):
-            ids = args[0]
-        emb = kwargs.get("inputs_embeds")
-        self._input_ids = ids
-        self._decoder_input_ids = kwargs.get("decoder_input_ids")
-        if ids is not None and ids.dim() >= 2:
-            self._seq_len = int(ids.shape[-1])
-        elif emb is not None and emb.dim() >= 3:
-            self._seq_len = int(emb.shape[-2])
-        elif args and torch.is_tensor(args[0]) and args[0].dim() >= 2:
-            self._seq_len = int(args[0].shape[1])
-        else:
-            self._seq_len = None
+        mode = C.forward_mode(module)
+        if self._clock.forward_starts(mode, self._step):
+            self._advance()
+        self._root_mode = mode
         return None
 
+    @torch._dynamo.disable
     def _root_post_hook(self, module, args, output):
-        if self._active and not self._explicit_steps:
-            self._auto_pending = True
+        if self._active and not C.in_backward():
+            self._root_mode = None
+            self._user_mask = None
+            self._clock.forward_pending = True
         return None
 
     # ------------------------------------------------------------------ steps
-    def step(self) -> None:
-        """End the current step. Once called, top-level forwards no longer advance the step."""
-        self._explicit_steps = True
-        self._advance()
+    def step(self, next_step: int | None = None) -> None:
+        """End the current step; from now on only ``step()`` ends steps (the "manual" rule).
+
+        ``next_step``: number of the step that follows (default: this one + 1); it must be
+        greater than the step being ended, e.g. a trainer's global step. Raises ``ProbeError``.
+        """
+        if next_step is not None and (isinstance(next_step, bool) or not isinstance(next_step, int)
+                                      or next_step <= self._step):
+            raise ProbeError(f"step(next_step={next_step!r}): must be an int greater than the step "
+                             f"being ended ({self._step})")
+        self._clock.manual()
+        self._advance(next_step)
+
+    def set_mask(self, mask) -> None:
+        """Padding mask for the next top-level forward, for models whose forward takes no
+        ``attention_mask``: ``[B, S]`` (bool or 0/1), 0 = padding, matching the token batch the
+        model receives. Ignored when the forward gets its own ``attention_mask``."""
+        if not torch.is_tensor(mask) or mask.dim() != 2:
+            raise ProbeError(f"set_mask needs a 2-D [batch, seq] tensor, got {type(mask).__name__}"
+                             f"{'' if not torch.is_tensor(mask) else tuple(mask.shape)}")
+        self._user_mask = mask
+
+    def _merge_provisional(self, first_step, split: bool = False) -> None:
+        """The first optimizer step arrived ("auto" rule): the forwards since ``first_step`` were
+        one training step, not one step each. Fold them into the open step."""
+        try:
+            if split:
+                self._warn_once("split", "probes: the first optimizer step's forwards span a window "
+                                "boundary (flush_every=%d), so the steps already written stay separate; "
+                                "use steps='optimizer' for exact steps from the start", self.flush_every)
+            if first_step is None or first_step == self._step or first_step not in self._slot_steps:
+                return
+            j = self._slot_steps.index(first_step)
+            self._rec.merge(j, len(self._slot_steps))
+            if self._sampler is not None:
+                self._sampler.restep(first_step)
+            self._counters["steps"] -= len(self._slot_steps) - j
+            self._slot_steps = self._slot_steps[:j]
+            self._step = first_step
+            self._dirty = True
+        except Exception as e:
+            self._fault("step merge", e)
 
     def _finish_open_step(self) -> None:
-        if self._dirty or self._auto_pending:
+        if self._dirty or self._clock.forward_pending:
             if self._dist is not None:  # rank-local condition: ending a step here would desync ranks
                 self._warn_once("dist-open-step", "probes: routing recorded after the last h.step() "
                                 "is not reduced in multi-rank mode (end steps with h.step() on every rank)")
@@ -252,21 +359,20 @@ class Handle:
             self._advance()
 
     @torch._dynamo.disable
-    def _advance(self) -> None:
+    def _advance(self, next_step: int | None = None, close: bool = True) -> None:
         if self._detached:
             return
-        self._auto_pending = False
         self._dirty = False
+        self._clock.step_ended()
         try:
-            self._rec.end_step(self._slot)
+            slot = len(self._slot_steps)
+            self._rec.end_step(slot)
             if self._sampler is not None:
                 self._sampler.end_step(self._step)
             self._slot_steps.append(self._step)
-            self._slot += 1
-            self._step += 1
-            self._steps_done += 1
-            self._input_ids = self._decoder_input_ids = None
-            if self._slot >= self.flush_every:
+            self._counters["steps"] += 1
+            self._step = self._step + 1 if next_step is None else int(next_step)
+            if close and len(self._slot_steps) >= self.flush_every:
                 self._close_window()
                 # durability over latency (issue #11): the window is on disk before training goes
                 # on, so a crash loses at most one flush interval. Costs one Parquet write of the
@@ -284,10 +390,13 @@ class Handle:
         """
         return [max(s.n_experts, w) for s, w in zip(self.routers, self._window_experts)]
 
-    def _close_window(self) -> None:
-        n = self._slot
+    def _close_window(self, reduce: bool = True) -> None:
+        """Write the window's finished steps. ``reduce=False`` (multi-rank, steps no rank agreed
+        on): this rank's routing rows only, no collective and no global snapshot rows."""
+        n = len(self._slot_steps)
         steps = np.array(self._slot_steps, dtype=np.int64)
-        self._slot, self._slot_steps = 0, []
+        self._slot_steps = []
+        self._clock.window_closed(self._step)
         data = self._rec.take(n) if n else None
         tok = self._sampler.take() if self._sampler is not None else None
         if self._dist is not None:
@@ -296,68 +405,59 @@ class Handle:
             self._window_experts = [0] * len(self.routers)
             return
         self._windows += 1
-        signals, rows, transitions, routing_jobs = [], [], [], []
+        signals, rows, transitions, jobs = [], [], [], []
         if data is not None:
-            routing_jobs, rows, transitions, signals = self._window_rows(steps, data)
+            jobs, rows, transitions, signals = self._window_rows(steps, data, reduce)
         self._window_experts = [0] * len(self.routers)
         run_id = self.run_id
         write_globals = self._dist is None or self._dist.is_writer_of_globals
 
         def write(w):
-            for kw in routing_jobs:
+            for kw in jobs:
                 w.log_routing(**kw)
             if tok is not None:
-                _log_token_rows(w, *tok)
+                log_token_rows(w, *tok)
             if write_globals:
                 w.log_rows("snapshots", rows)
                 w.log_rows("alerts", transitions)
             for step, name, value, layer in signals:
                 w.log_signal(step, name, value, layer=layer)
 
-        n_rows = sum(int(np.prod(np.shape(kw["counts"]))) for kw in routing_jobs)
+        n_rows = sum(int(np.prod(np.shape(kw["counts"]))) for kw in jobs)
         self._bg.submit(write, rows=n_rows + (0 if tok is None else len(tok[1])))
         if rows:
             for fn in list(self._callbacks):
                 try:
                     fn(int(rows[0]["step"]), rows, self)
                 except Exception:
-                    self._callback_errors += 1
+                    self._counters["callback_errors"] += 1
                     key = f"callback:{getattr(fn, '__qualname__', fn)}"
                     if key not in self._logged:
                         self._logged.add(key)
                         log.exception("probes: on_snapshot callback %r raised (run %s); training "
                                       "continues, later errors of it are only counted", fn, run_id)
 
-    def _window_rows(self, steps, data):
+    def _window_rows(self, steps, data, reduce: bool = True):
         counts, weight, dropped = data["counts"], data["weight"], data["dropped"]
         experts = self._experts()
         # experts at or beyond a layer's current n_experts are invalid indices too
         invalid = data["invalid"].sum(axis=(0, 1)) + np.array(
             [counts[:, :, i, n:].sum() + dropped[:, :, i, n:].sum() for i, n in enumerate(experts)])
-        # one routing call per (mode, expert count): rows for steps with traffic in that mode
-        jobs = []
-        traffic = counts.sum(axis=(2, 3)) + dropped.sum(axis=(2, 3))  # [n, mode]
-        for m, mode in enumerate(MODES):
-            active = np.flatnonzero(traffic[:, m] > 0)
-            if not len(active):
-                continue
-            for e in sorted(set(experts)):
-                grp = [i for i, x in enumerate(experts) if x == e]
-                sel = np.ix_(active, [m], grp)
-                jobs.append(dict(step=steps[active][:, None], layer=self._layer_ids[grp][None, :],
-                                 counts=counts[sel][:, 0, :, :e], mode=mode,
-                                 weight_sum=weight[sel][:, 0, :, :e], dropped=dropped[sel][:, 0, :, :e]))
-                if self._dist is not None and self._dist.expert_parallel:
-                    jobs[-1]["expert_offset"] = self._dist.expert_offsets(grp)[None, :]
+        offsets = (self._dist.expert_offsets if self._dist is not None and self._dist.expert_parallel
+                   else None)
+        jobs = routing_jobs(steps, self._layer_ids, experts, counts, weight, dropped, offsets)
         win_counts = counts.sum(axis=(0, 1))   # [slot, cap+1]
         win_drop = dropped.sum(axis=(0, 1))
         cap = self._rec.capacity
         snap_counts, snap_drop, snap_experts = win_counts[:, :cap], win_drop[:, :cap], experts
-        if self._dist is not None:  # the flush's one collective: identical rows on every rank
+        rows, transitions = [], []
+        signals = padding_signals(steps, self._layer_ids, data["padding"])
+        self._counters["padding_excluded"] += int(data["padding"].sum())
+        if self._dist is not None and reduce:  # the flush's one collective: identical rows on every rank
             snap_counts, snap_drop, snap_experts = self._dist.reduce_window(
                 win_counts, win_drop, experts, len(steps), int(steps[-1]))
-        rows, transitions, signals = [], [], []
-        if any(snap_counts[i, :n].sum() + snap_drop[i, :n].sum() > 0 for i, n in enumerate(snap_experts)):
+        if (self._dist is None or reduce) and any(
+                snap_counts[i, :n].sum() + snap_drop[i, :n].sum() > 0 for i, n in enumerate(snap_experts)):
             lc = {s.layer: snap_counts[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
             ld = {s.layer: snap_drop[i, :snap_experts[i]] for i, s in enumerate(self.routers)}
             rows = layer_rows(self.run_id, int(steps[0]), int(steps[-1]), lc, ld)
@@ -365,20 +465,20 @@ class Handle:
             for t in transitions:
                 self._transitions[(t["layer"], t["alert"], t["transition"])] += 1
             self._latest_snapshot = rows
+            self._latest_counts = {layer: [int(x) for x in c] for layer, c in lc.items()}
         for i, s in enumerate(self.routers):
             self._tokens_total[s.layer] += int(win_counts[i, :experts[i]].sum())
         nf = data["nonfinite"].sum(axis=(0, 1))
         end = int(steps[-1])
         for i, s in enumerate(self.routers):
             if nf[i]:
-                self._nonfinite += int(nf[i])
+                self._counters["nonfinite"] += int(nf[i])
                 signals.append((end, "probes.nonfinite", float(nf[i]), s.layer))
                 self._warn_once(f"nonfinite{s.layer}", "probes: non-finite router outputs on layer %d "
                                 "(%d step/expert cells) in steps %d-%d (signal probes.nonfinite)",
-                                s.layer, int(nf[i]),
-                                int(steps[0]), end)
+                                s.layer, int(nf[i]), int(steps[0]), end)
             if invalid[i]:
-                self._invalid += int(invalid[i])
+                self._counters["invalid"] += int(invalid[i])
                 signals.append((end, "probes.invalid_expert_index", float(invalid[i]), s.layer))
                 self._warn_once(f"invalid{s.layer}", "probes: router %s returned %d expert indices "
                                 "outside [0, %d)", s.name, int(invalid[i]), experts[i])
@@ -398,7 +498,7 @@ class Handle:
 
     def metrics(self) -> dict:
         """Live ``{layer: LayerMetrics}`` of the current window (finished steps + the running one)."""
-        data = self._rec.take(self._slot, include_current=True)
+        data = self._rec.take(len(self._slot_steps), include_current=True)
         c, d = data["counts"].sum(axis=(0, 1)), data["dropped"].sum(axis=(0, 1))
         return {s.layer: M.summarize(c[i, :n], d[i, :n])
                 for i, (s, n) in enumerate(zip(self.routers, self._experts()))}
@@ -418,6 +518,10 @@ class Handle:
     def latest_snapshot(self) -> list[dict]:
         return list(self._latest_snapshot)
 
+    def latest_expert_counts(self) -> dict:
+        """``{layer: [tokens per expert]}`` of the latest closed window (``chrono.exporters.live``)."""
+        return {k: list(v) for k, v in self._latest_counts.items()}
+
     def latest_decisions(self) -> list[dict]:
         return list(self._latest_decisions)
 
@@ -434,17 +538,19 @@ class Handle:
     def stats(self) -> dict:
         ws = self.writer.stats
         return {
-            "steps": self._steps_done,
+            "steps": self._counters["steps"],
             "tokens_total": dict(self._tokens_total),
             "hook_seconds": self._hook_seconds,
             "hook_calls": self._hook_calls,
             "rows_written": dict(ws.rows_written),
             "write_errors": ws.write_errors + self._bg.errors,
             "rows_dropped": ws.rows_dropped + self._bg.rows_dropped,
-            "nonfinite": self._nonfinite,
-            "invalid_indices": self._invalid,
-            "faults": self._faults,
-            "callback_errors": self._callback_errors,
+            "nonfinite": self._counters["nonfinite"],
+            "invalid_indices": self._counters["invalid"],
+            "padding_excluded": self._counters["padding_excluded"],
+            "optimizer_steps": self._clock.optimizer_steps,
+            "faults": self._counters["faults"],
+            "callback_errors": self._counters["callback_errors"],
             "windows": self._windows,
             "tokens_sampled": 0 if self._sampler is None else self._sampler.sampled,
             "last_error": ws.last_error or self._bg.last_error,
@@ -464,13 +570,16 @@ class Handle:
         offset = int(local) if local is not None and local.isdigit() else self._dist.global_rank
         return int(port) + offset
 
-    def serve_metrics(self, port: int, host: str = "127.0.0.1"):
-        """Serve this handle's live metrics for Prometheus (``chrono.exporters.prometheus``)."""
+    def serve_metrics(self, port: int, host: str = "127.0.0.1", expert_labels: bool = False):
+        """Serve this handle's live metrics for Prometheus (``chrono.exporters.prometheus``).
+
+        ``expert_labels``: also export per-expert token shares of the latest window (capped).
+        """
         try:
             from chrono.exporters import prometheus
         except ImportError as e:
             raise ProbeError(f"the Prometheus exporter is not available ({e})") from None
-        return prometheus.serve(self, port, host)
+        return prometheus.serve(self, port, host, expert_labels=expert_labels)
 
     # --------------------------------------------------------------- teardown
     def detach(self) -> None:
@@ -478,13 +587,21 @@ class Handle:
         if self._detached:
             return
         try:
-            self._finish_open_step()
-            self._close_window()
+            if self._dist is None:
+                self._finish_open_step()
+                self._close_window()
+            else:
+                self._close_window()          # steps every rank ended with h.step(): reduced
+                if self._dirty or self._clock.forward_pending:
+                    # routing no h.step() ended on every rank: this rank's rows, no collective
+                    self._advance(close=False)
+                    self._close_window(reduce=False)
         except Exception as e:
             self._fault("detach", e)
         finally:
             self._active = False
             self._detached = True
+            self._clock.remove()
             self._remove_hooks()
             self._bg.close()
             try:
@@ -515,7 +632,7 @@ class Handle:
 
     # ---------------------------------------------------------------- faults
     def _fault(self, where: str, e: BaseException) -> None:
-        self._faults += 1
+        self._counters["faults"] += 1
         key = f"{where}:{type(e).__name__}"
         if key not in self._logged:
             self._logged.add(key)
@@ -555,35 +672,36 @@ def _lens_pre_hook(lens: nn.Module):
     return apply_lens
 
 
-def _log_token_rows(w, ints: np.ndarray, weights: np.ndarray) -> None:
-    keep = ints[:, 8] == 0  # dropped assignments are not routing facts of an expert
-    ints, weights = ints[keep], weights[keep]
-    for m, mode in enumerate(MODES):
-        sel = ints[:, 2] == m
-        if not sel.any():
-            continue
-        x, wt = ints[sel], weights[sel]
-        tid = x[:, 7]
-        w.log_tokens(step=x[:, 0], layer=x[:, 1], expert=x[:, 6],
-                     weight=None if np.isnan(wt).all() else wt,
-                     batch_idx=x[:, 3], position=x[:, 4], k=x[:, 5],
-                     token_id=None if (tid < 0).all() else tid, mode=mode)
-
-
-def attach(model: nn.Module, run: str, root="chrono_runs", tokens: float = 0.0, flush_every: int = 50,
+def attach(model: nn.Module, run: str, root=None, tokens: float = 0.0, flush_every: int = 50,
            lenses=None, distributed=None, metrics_port=None, generic: bool = True, specs=None,
            **options) -> Handle:
     """Hook every MoE router of ``model`` and record routing into run ``run`` under ``root``.
 
-    ``tokens``: 0 = aggregate counts only; a fraction in (0, 1] samples that
-    share of tokens into the ``tokens`` table (``max_tokens_per_step`` bounds
-    it per layer). ``flush_every``: steps per window (snapshot + write).
-    ``lenses``: ``{layer: nn.Module}`` applied to that router's input.
-    ``generic``: allow guessing routers when no adapter matches. ``specs``:
-    ``[probes.RouterSpec(...)]`` for routers no adapter knows. Other options:
-    ``max_tokens_per_step`` (4096), ``seed`` (0), ``start_step`` (0), ``config`` (dict for the
-    manifest), ``auto_step`` (None: every top-level forward ends a step until ``h.step()`` is first
-    called; False: only ``h.step()`` does, e.g. with several forwards per step from the start).
+    ``root``: the store (default ``$CHRONO_ROOT``, else ``./chrono_runs``: the same as the
+    CLI, dashboard and exporter). ``tokens``: 0 = aggregate counts only; a fraction in (0, 1]
+    samples that share of tokens into the ``tokens`` table (``max_tokens_per_step`` bounds it
+    per layer). ``flush_every``: steps per window (snapshot + write). ``lenses``: ``{layer:
+    nn.Module}`` applied to that router's input. ``generic``: allow guessing routers when no
+    adapter matches. ``specs``: ``[probes.RouterSpec(...)]`` for routers no adapter knows.
+
+    Other options:
+
+    * ``steps``: when a step ends (``probes.clock``): ``"auto"`` (default: one step per
+      optimizer step once the model trains, one per top-level forward before that / in
+      inference), ``"optimizer"``, ``"forward"``, ``"manual"`` (only ``h.step()``).
+    * ``start_step``: first step of this session. None (default) continues after the steps
+      this rank already stored in the run (0 for a new run); a smaller value raises
+      ``chrono.store.StoreError`` unless ``overwrite=True``, which first removes this rank's
+      stored rows of steps ``>= start_step`` (a resume from an earlier checkpoint).
+    * ``padding``: ``"exclude"`` (default: tokens masked out by a 2-D ``attention_mask`` of the
+      forward are not counted; their number is kept as the ``probes.padding_excluded`` signal)
+      or ``"count"``. ``h.set_mask(mask)`` supplies a mask for models without that argument.
+    * ``metrics_expert_labels``: with ``metrics_port``, also serve per-expert shares.
+    * ``max_tokens_per_step`` (4096), ``seed`` (0), ``config`` (dict for the manifest),
+      ``auto_step=False`` (old spelling of ``steps="manual"``).
+
+    Raises ``probes.ProbeError`` (no router, bad option) and ``chrono.store.StoreError`` (bad
+    run id, run locked by another writer, step overlap).
     """
     return Handle(model, run, root=root, tokens=tokens, flush_every=flush_every, lenses=lenses,
                   distributed=distributed, metrics_port=metrics_port, generic=generic, specs=specs,

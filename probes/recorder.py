@@ -6,8 +6,8 @@ graph per call; a fixed-shape scatter into a preallocated buffer is sync-free
 and compiles into the graph (DESIGN §5).
 
 One float64 buffer ``acc[kind, mode, slot, column]`` holds the current step
-(kinds: tokens, weight sum, dropped, logit sum; float64 counts are exact up
-to 2**53). Columns: 0 collects negative indices, ``1 + e`` is expert ``e``,
+(kinds: tokens, weight sum, dropped, and per-slot scalars: the logit sum and
+the padding assignments excluded; float64 counts are exact up to 2**53). Columns: 0 collects negative indices, ``1 + e`` is expert ``e``,
 ``capacity + 1`` collects indices >= capacity, so a broken router can never
 index out of bounds and is reported instead. ``end_step`` copies ``acc`` into
 ``hist[i]`` on the device (2 ops per step); ``take(n)`` copies the window to
@@ -21,8 +21,9 @@ import torch
 
 MODES = ("TRAIN", "EVAL", "INFER")
 TRAIN, EVAL, INFER = 0, 1, 2
-TOKENS, WEIGHT, DROPPED, LOGITS = 0, 1, 2, 3
+TOKENS, WEIGHT, DROPPED, SCALARS = 0, 1, 2, 3
 N_KINDS = 4
+LOGIT_SUM, PADDING = 0, 1   # columns of the per-slot SCALARS kind
 
 
 def mode_index(module: torch.nn.Module) -> int:
@@ -71,37 +72,55 @@ class Recorder:
             t = self._ones[n] = torch.ones(n, dtype=torch.float64, device=self.device)
         return t
 
-    def record(self, mode: int, slot: int, indices, weights=None, dropped=None, logits=None) -> None:
-        """Add one router call. Sync-free: no ``.item()``, no host copy, fixed shapes."""
+    def record(self, mode: int, slot: int, indices, weights=None, dropped=None, logits=None,
+               mask=None, pad=None) -> None:
+        """Add one router call. Sync-free: no ``.item()``, no host copy, fixed shapes.
+
+        ``indices [T, k]``; ``mask`` (optional) ``[T]`` float64, 0 for padding tokens, which
+        are then not counted; ``pad`` the 0-d number of those tokens (``T - mask.sum()``).
+        """
         col = (indices.detach().reshape(-1) + 1).clamp_(0, self.capacity + 1)
         if col.dtype != torch.int64:
             col = col.long()
         acc = self.acc
+        src = None   # per assignment: 1 if it counts (None: all count)
+        if mask is not None:
+            k = col.shape[0] // max(1, mask.shape[0])
+            src = mask if k == 1 else mask.unsqueeze(1).expand(-1, k).reshape(-1)
+            acc[SCALARS, mode, slot, PADDING].add_(pad * k)
         if dropped is None:
-            acc[TOKENS, mode, slot].scatter_add_(0, col, self._ones_for(col.shape[0]))
-            keep = None
+            acc[TOKENS, mode, slot].scatter_add_(0, col, self._ones_for(col.shape[0]) if src is None else src)
+            keep = src
         else:
             drop = dropped.detach().reshape(-1).to(torch.float64)
-            keep = 1.0 - drop
+            if src is not None:
+                drop = drop * src
+            keep = (1.0 if src is None else src) - drop
             acc[TOKENS, mode, slot].scatter_add_(0, col, keep)
             acc[DROPPED, mode, slot].scatter_add_(0, col, drop)
         if weights is not None:
             w = weights.detach().reshape(-1).to(torch.float64)
             acc[WEIGHT, mode, slot].scatter_add_(0, col, w if keep is None else w * keep)
         if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
-            acc[LOGITS, mode, slot, 0].add_(logits.detach().sum())
+            acc[SCALARS, mode, slot, LOGIT_SUM].add_(logits.detach().sum())
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and reset it (on the device)."""
         self.hist[i].copy_(self.acc)
         self.acc.zero_()
 
+    def merge(self, first: int, n: int) -> None:
+        """Fold history rows ``[first, n)`` into the current step (on the device)."""
+        if n > first:
+            self.acc.add_(self.hist[first:n].sum(0))
+
     def take(self, n: int, include_current: bool = False) -> dict:
         """Host arrays for history rows ``[:n]`` (+ the unfinished step): one device->host copy.
 
         ``.to("cpu", copy=True)``: on CPU ``.cpu()`` would alias the buffer we reuse.
         Returns ``counts / weight / dropped [n, mode, slot, capacity]`` (experts),
-        ``invalid [n, mode, slot]`` and ``nonfinite [n, mode, slot]``.
+        ``invalid [n, mode, slot]``, ``nonfinite [n, mode, slot]`` and ``padding [n, mode, slot]``
+        (assignments of padding tokens, not counted).
         """
         x = self.hist[:n]
         if include_current:
@@ -109,7 +128,7 @@ class Recorder:
         x = x.to("cpu", copy=True).numpy()
         cap = self.capacity
         weight = x[:, WEIGHT, ..., 1: cap + 1]
-        nonfinite = (~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, LOGITS, ..., 0]))
+        nonfinite = (~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, SCALARS, ..., LOGIT_SUM]))
         return {
             "counts": np.rint(x[:, TOKENS, ..., 1: cap + 1]).astype(np.int64),
             "dropped": np.rint(x[:, DROPPED, ..., 1: cap + 1]).astype(np.int64),
@@ -117,4 +136,5 @@ class Recorder:
             "invalid": np.rint(x[:, TOKENS, ..., 0] + x[:, TOKENS, ..., cap + 1]
                                + x[:, DROPPED, ..., 0] + x[:, DROPPED, ..., cap + 1]).astype(np.int64),
             "nonfinite": nonfinite.astype(np.int64),
+            "padding": np.rint(x[:, SCALARS, ..., PADDING]).astype(np.int64),
         }

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-N_INT_COLS = 9  # step, layer, mode, batch_idx, position, k, expert, token_id(-1 = none), dropped
+N_INT_COLS = 10  # step, layer, mode, batch_idx, position, k, expert, token_id (-1: none), dropped, padding
 
 
 class TokenSampler:
@@ -44,8 +44,9 @@ class TokenSampler:
         return g
 
     @torch._dynamo.disable
-    def sample(self, layer: int, mode: int, indices, weights=None, dropped=None, token_ids=None,
-               seq_len: int | None = None) -> None:
+    def sample(self, layer: int, mode: int, indices, weights=None, dropped=None, ctx=None) -> None:
+        """Sample this router call's tokens. ``ctx``: the ``probes.context.ForwardContext`` of the
+        call when it describes these tokens (``T == B*S``), else None (flat positions, no ids)."""
         idx = indices.detach().reshape(indices.shape[0], -1)
         T, k = idx.shape
         if T == 0:
@@ -59,17 +60,33 @@ class TokenSampler:
         dev = idx.device
         pos = torch.arange(n, device=dev).mul_(stride).add_(
             torch.randint(0, stride, (1,), device=dev, generator=self._gen(dev)))      # [n]
-        parts = [pos, idx[pos].reshape(-1)]
-        has_tid = token_ids is not None and token_ids.numel() == T
+        if ctx is not None:
+            seq = ctx.seq
+            col = torch.remainder(pos, seq)
+            where = [torch.div(pos, seq, rounding_mode="floor"),
+                     col if ctx.positions is None else ctx.positions.to(dev)[col].long()]
+        else:
+            where = [torch.zeros_like(pos), pos]
+        parts = where + [idx[pos].reshape(-1)]
+        has_tid = ctx is not None and ctx.ids is not None
         if has_tid:
-            parts.append(token_ids.reshape(-1).to(device=dev, dtype=torch.int64)[pos])
+            parts.append(ctx.ids.reshape(-1).to(device=dev, dtype=torch.int64)[pos])
         if dropped is not None:
             parts.append(dropped.detach().reshape(T, -1)[pos].reshape(-1).to(torch.int64))
+        has_mask = ctx is not None and ctx.keep is not None
+        if has_mask:
+            parts.append((ctx.keep.to(dev)[pos] == 0).to(torch.int64))
         ints = torch.cat(parts)  # one small device tensor per call; columns are built on the host
         w = None if weights is None else weights.detach().reshape(T, -1)[pos].reshape(-1).float()
-        self._pending.append([None, layer, mode, n, k, seq_len if seq_len and T % seq_len == 0 else None,
-                              has_tid, dropped is not None, ints, w])
+        self._pending.append([None, layer, mode, n, k, has_tid, dropped is not None, has_mask, ints, w])
         self.sampled += n
+
+    def restep(self, from_step: int) -> None:
+        """Finished steps >= ``from_step`` become part of the open step again (step merge)."""
+        back = [e for e in self._ready if e[0] >= from_step]
+        if back:
+            self._ready = [e for e in self._ready if e[0] < from_step]
+            self._pending = back + self._pending
 
     def end_step(self, step: int) -> None:
         for entry in self._pending:
@@ -82,8 +99,9 @@ class TokenSampler:
         """All finished steps' rows as host arrays, or None.
 
         Two device->host copies (all int parts, all weights), then the columns
-        (step, layer, mode, batch_idx, position, k, expert, token_id, dropped)
-        are built with NumPy from each call's metadata.
+        (step, layer, mode, batch_idx, position, k, expert, token_id, dropped,
+        padding) are built with NumPy from each call's metadata. ``token_id`` -1
+        means unknown (written as NULL).
         """
         if not self._ready:
             return None
@@ -92,8 +110,9 @@ class TokenSampler:
         ws = [e[9] for e in ready if e[9] is not None]
         wts = torch.cat(ws).to("cpu", copy=True).numpy() if ws else np.zeros(0, np.float32)
         out, wout, io, wo = [], [], 0, 0
-        for step, layer, mode, n, k, seq_len, has_tid, has_drop, _, w in ready:
-            pos = ints[io: io + n]; io += n
+        for step, layer, mode, n, k, has_tid, has_drop, has_mask, _, w in ready:
+            batch = ints[io: io + n]; io += n
+            position = ints[io: io + n]; io += n
             expert = ints[io: io + n * k]; io += n * k
             tid = None
             if has_tid:
@@ -101,21 +120,20 @@ class TokenSampler:
             drop = None
             if has_drop:
                 drop = ints[io: io + n * k]; io += n * k
+            masked = None
+            if has_mask:
+                masked = ints[io: io + n]; io += n
             rows = np.empty((n * k, N_INT_COLS), dtype=np.int64)
-            p = np.repeat(pos, k)
             rows[:, 0], rows[:, 1], rows[:, 2] = step, layer, mode
-            if seq_len:
-                rows[:, 3], rows[:, 4] = p // seq_len, p % seq_len
-            else:
-                rows[:, 3], rows[:, 4] = 0, p
+            rows[:, 3], rows[:, 4] = np.repeat(batch, k), np.repeat(position, k)
             rows[:, 5] = np.tile(np.arange(k), n)
             rows[:, 6] = expert
             rows[:, 7] = -1 if tid is None else np.repeat(tid, k)
             rows[:, 8] = 0 if drop is None else drop
+            rows[:, 9] = 0 if masked is None else np.repeat(masked, k)
             out.append(rows)
             if w is None:
                 wout.append(np.full(n * k, np.nan, dtype=np.float32))
             else:
                 wout.append(wts[wo: wo + n * k]); wo += n * k
         return np.concatenate(out), np.concatenate(wout)
-

@@ -27,6 +27,7 @@ level detail belongs in Parquet, not in a time-series database.
 """
 from __future__ import annotations
 
+
 import errno
 import logging
 import os
@@ -39,6 +40,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..schema import ALERT_TYPES, GLOBAL_LAYER
+from .live import missing_members
 
 log = logging.getLogger("chrono.exporters.prometheus")
 
@@ -114,15 +116,13 @@ class LiveSource:
     kind = "live"
 
     def __init__(self, handle):
-        missing = [m for m in ("latest_snapshot", "active_alerts", "alert_transitions",
-                               "latest_decisions", "stats") if not callable(getattr(handle, m, None))]
-        if missing or not hasattr(handle, "run_id"):
-            raise ExporterError(f"{type(handle).__name__} is not a probes handle "
-                                f"(missing: {', '.join(missing or ['run_id'])})")
+        missing = missing_members(handle)   # the checked contract of chrono.exporters.live
+        if missing:
+            raise ExporterError(f"{type(handle).__name__} is not a live routing source (a probes "
+                                f"handle); missing: {', '.join(missing)}")
         self.handle = handle
         self._seen_step = None
         self._seen_time = None
-        self._warned_shares = False
 
     def read(self, want_shares: bool = False) -> ExportState:
         h = self.handle
@@ -146,13 +146,8 @@ class LiveSource:
             nonfinite=_opt_int(stats.get("nonfinite")),
         )
         if want_shares:
-            fn = getattr(h, "latest_expert_counts", None)
-            if callable(fn):
-                state.expert_counts = {int(k): list(v) for k, v in dict(fn() or {}).items()}
-            elif not self._warned_shares:
-                self._warned_shares = True
-                log.warning("chrono exporter: expert_labels=True but this handle has no "
-                            "latest_expert_counts(); per-expert shares are not exported")
+            state.expert_counts = {int(k): list(v)
+                                   for k, v in dict(h.latest_expert_counts() or {}).items()}
         return state
 
 

@@ -1,9 +1,10 @@
 """transformers `dbrx`: `DbrxRouter` returns logits only; the parent `DbrxFFN`
 chooses experts in its method ``route_tokens_to_experts(router_logits) ->
-(top_k_weights, top_k_index)``. We wrap that method on the instance (removed
-on detach) and record exactly what it returns.
+(top_k_weights, top_k_index)``. We wrap that method on the instance with a
+stackable ``probes.wrap.MethodHook`` (unwound on detach) and record exactly what it returns.
 """
 from ..routing import Routed
+from ..wrap import MethodHook
 from . import Adapter, register
 
 
@@ -12,25 +13,16 @@ def parse(module, args, output) -> Routed:
     return Routed(indices, weights, None, logits)
 
 
-class _MethodWrap:
-    def __init__(self, owner, attr):
-        self.owner, self.attr = owner, attr
-
-    def remove(self):
-        self.owner.__dict__.pop(self.attr, None)
-
-
 def install(model, name, module, on_output):
+    """Wrap the parent's ``route_tokens_to_experts`` on the instance (stackable, see probes.wrap)."""
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    original = type(parent).route_tokens_to_experts
 
-    def route_tokens_to_experts(router_logits):
-        weights, indices = original(parent, router_logits)
-        on_output(module, (router_logits,), (router_logits, weights, indices))
-        return weights, indices
+    def recorded(out, args, kwargs):
+        logits = args[0] if args else kwargs["router_logits"]
+        weights, indices = out
+        on_output(module, (logits,), (logits, weights, indices))
 
-    parent.route_tokens_to_experts = route_tokens_to_experts
-    return _MethodWrap(parent, "route_tokens_to_experts")
+    return MethodHook(parent, "route_tokens_to_experts", recorded)
 
 
 ADAPTER = register(Adapter(

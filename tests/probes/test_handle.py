@@ -4,8 +4,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import sys
-import types
 import weakref
 
 import numpy as np
@@ -392,16 +390,3 @@ def test_router_spec_generic_fallback_and_clear_error(store_root, caplog):
 def test_distributed_true_without_process_group_is_a_clear_error(store_root):
     with pytest.raises(probes.ProbeError, match="needs torch.distributed to be initialised"):
         probes.attach(T.NativeMoE(), run="d", root=store_root, distributed=True)
-
-
-def test_serve_metrics_delegates_to_exporter(store_root, monkeypatch):
-    calls = []
-    fake = types.ModuleType("chrono.exporters.prometheus")
-    fake.serve = lambda source, port, host: calls.append((source, port, host)) or "server"
-    pkg = types.ModuleType("chrono.exporters")
-    pkg.prometheus = fake
-    monkeypatch.setitem(sys.modules, "chrono.exporters", pkg)
-    monkeypatch.setitem(sys.modules, "chrono.exporters.prometheus", fake)
-    with probes.attach(T.NativeMoE(), run="prom", root=store_root) as h:
-        assert h.serve_metrics(9999) == "server"
-    assert calls == [(h, 9999, "127.0.0.1")]

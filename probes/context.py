@@ -1,0 +1,180 @@
+"""What a router call needs to know about the forward it runs in: mode, tokens, padding, positions.
+
+A *stack* is the module whose ``forward`` receives the token ids of a group of
+routers: the deepest ancestor of the router whose signature has an
+``input_ids`` parameter (a decoder-only base model, a T5/Switch encoder or
+decoder stack), else the attached model itself. A forward pre-hook on each
+stack captures, per call, a ``ForwardContext``:
+
+* ``ids``: ``[B, S]`` token ids as the stack received them (for a Switch
+  decoder that is the shifted ``labels`` when only ``labels=`` was given);
+  None when the stack got ``inputs_embeds`` (token ids unknown -> NULL).
+* ``positions``: ``[S]`` absolute positions of these tokens: ``cache_position``
+  when given, else ``past + arange(S)`` with ``past`` the length of the KV cache
+  the forward got (``cache=`` in transformers 5, ``past_key_values=`` before),
+  else the part of a 2-D attention mask longer than ``S``.
+* ``keep``: ``[B*S]`` float64, 1 for tokens that count and 0 for padding,
+  from a 2-D ``attention_mask`` (its last ``S`` columns, the current tokens);
+  ``pad`` is the number of padding tokens (0-d tensor). None: count all.
+
+A router that sees ``T == B*S`` tokens maps token ``p`` to batch ``p // S`` and
+position ``positions[p % S]`` (the row-major flattening every HF MoE block
+uses). A router that sees another number of tokens gets no mask and flat
+positions, and the handle warns once.
+
+All work here is a few device ops per top-level forward (no host sync).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .recorder import EVAL, INFER, TRAIN
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (activation recompute happens there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """True inside the first (no-grad) forward of ``torch.utils.checkpoint(use_reentrant=True)``."""
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        f = f.f_back
+    return False
+
+
+def forward_mode(module: nn.Module) -> int:
+    """TRAIN / EVAL / INFER of a top-level forward.
+
+    INFER under ``torch.inference_mode()``; TRAIN when ``module.training`` and
+    grad is enabled, or when grad is off only because a reentrant activation
+    checkpoint runs its first forward; EVAL otherwise.
+    """
+    if torch.is_inference_mode_enabled():
+        return INFER
+    if module.training and (torch.is_grad_enabled() or _in_reentrant_checkpoint()):
+        return TRAIN
+    return EVAL
+
+
+@dataclass
+class ForwardContext:
+    mode: int
+    ids: Optional[torch.Tensor] = None        # [B, S] long, or None
+    batch: Optional[int] = None
+    seq: Optional[int] = None
+    positions: Optional[torch.Tensor] = None  # [S] long (absolute), or None = arange(S)
+    keep: Optional[torch.Tensor] = None       # [B*S] float64, or None = count all
+    pad: Optional[torch.Tensor] = None        # 0-d float64: padding tokens in this forward
+
+    @property
+    def n_tokens(self) -> Optional[int]:
+        return None if self.batch is None or self.seq is None else self.batch * self.seq
+
+
+def _ids_param_index(module: nn.Module) -> Optional[int]:
+    """Position of ``input_ids`` among ``forward``'s positional parameters, None if it has none."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for i, p in enumerate(pos):
+        if p.name == "input_ids":
+            return i
+    return None
+
+
+def find_stacks(model: nn.Module, router_names: list[str]) -> tuple[list[str], list[int]]:
+    """Stack paths ("" = the model) and, per router, the index of its stack in that list."""
+    has_ids = {}
+    paths: list[str] = []
+    of_router: list[int] = []
+    for name in router_names:
+        parts = name.split(".")
+        chosen = ""
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix not in has_ids:
+                has_ids[prefix] = _ids_param_index(model.get_submodule(prefix)) is not None
+            if has_ids[prefix]:
+                chosen = prefix
+                break
+        if chosen not in paths:
+            paths.append(chosen)
+        of_router.append(paths.index(chosen))
+    return paths, of_router
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: Optional[int],
+            exclude_padding: bool) -> ForwardContext:
+    """Build the ForwardContext of one stack call from its arguments (see the module docstring)."""
+    ids = kwargs.get("input_ids")
+    if ids is None and ids_index is not None and len(args) > ids_index:
+        ids = args[ids_index]
+    if ids is None and ids_index is None and args and torch.is_tensor(args[0]) \
+            and not torch.is_floating_point(args[0]):
+        ids = args[0]   # a model without an input_ids parameter called as model(token_ids)
+    emb = kwargs.get("inputs_embeds")
+    ctx = ForwardContext(mode)
+    if torch.is_tensor(ids) and ids.dim() == 2 and not torch.is_floating_point(ids):
+        ctx.ids, ctx.batch, ctx.seq = ids, int(ids.shape[0]), int(ids.shape[1])
+    elif torch.is_tensor(emb) and emb.dim() == 3:
+        ctx.batch, ctx.seq = int(emb.shape[0]), int(emb.shape[1])
+    elif args and torch.is_tensor(args[0]) and args[0].dim() >= 2:
+        ctx.batch, ctx.seq = int(args[0].shape[0]), int(args[0].shape[1])
+    else:
+        return ctx
+    mask = kwargs.get("attention_mask")
+    if not (torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == ctx.batch
+            and mask.shape[1] >= ctx.seq):
+        mask = None
+    cache_pos = kwargs.get("cache_position")
+    if torch.is_tensor(cache_pos) and cache_pos.dim() == 1 and cache_pos.shape[0] == ctx.seq:
+        ctx.positions = cache_pos
+    else:
+        past = _cache_length(kwargs)
+        if past is None:
+            past = int(mask.shape[1]) - ctx.seq if mask is not None else 0
+        if past:
+            ctx.positions = torch.arange(past, past + ctx.seq, device=_device(ids, emb, mask))
+    if exclude_padding and mask is not None:
+        keep = (mask[:, -ctx.seq:] != 0).reshape(-1).to(torch.float64)
+        ctx.keep = keep
+        ctx.pad = keep.numel() - keep.sum()
+    return ctx
+
+
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")   # transformers 5.x / 4.x names
+
+
+def _cache_length(kwargs: dict):
+    """Tokens already in the KV cache the forward got (host-side int), or None without a cache."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            try:
+                return int(cache.get_seq_length())
+            except Exception:
+                return None
+    return None
+
+
+def _device(*ts):
+    for t in ts:
+        if torch.is_tensor(t):
+            return t.device
+    return None
