@@ -118,6 +118,23 @@ def spec_of(cache: Path, workload: str, arm: str) -> tuple[str, dict] | None:
     return (chosen, CANDIDATES[chosen]) if chosen else None
 
 
+def _drop_stale_claim(claim: Path) -> None:
+    """Remove a claim whose worker (pid on this host) is gone, e.g. after a killed sweep."""
+    try:
+        parts = claim.read_text().split()          # "host pid" (or just "pid": this host)
+        host, pid = (parts[0], parts[1]) if len(parts) == 2 else (platform.node(), parts[0])
+        if host == platform.node():
+            os.kill(int(pid), 0)
+            return
+    except FileNotFoundError:
+        return
+    except (ProcessLookupError, ValueError, IndexError):
+        pass
+    except PermissionError:
+        return                               # alive, another user's process
+    claim.unlink(missing_ok=True)
+
+
 def run_sweep(cache: Path, wls: dict, worker: int, workers: int, seeds_override=None) -> None:
     from tqdm import tqdm
 
@@ -144,12 +161,13 @@ def run_sweep(cache: Path, wls: dict, worker: int, workers: int, seeds_override=
                 continue
             out.parent.mkdir(parents=True, exist_ok=True)
             claim = out.with_suffix(".claim")
+            _drop_stale_claim(claim)
             try:
                 fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 waiting.append(job)          # another worker runs it
                 continue
-            os.write(fd, f"{os.getpid()}\n".encode())
+            os.write(fd, f"{platform.node()} {os.getpid()}\n".encode())
             os.close(fd)
             try:
                 name, s = spec
