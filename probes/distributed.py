@@ -260,8 +260,9 @@ class DistributedSync:
         if failed:
             self.stop("left the with block by an exception")
         elif handle.stats()["steps"] == 0 and handle.stats()["hook_calls"]:
-            log.warning("probes: multi-rank mode ends steps only at h.step(); call it once per "
-                        "training step on every rank (nothing was reduced or snapshotted)")
+            log.warning("probes: multi-rank mode ends steps only at h.step(); without it each rank's "
+                        "routing is written as that rank's rows, with no global snapshot (call "
+                        "h.step() once per step on every rank for reduced counts and alerts)")
 
     def stop(self, why: str) -> None:
         """No more collectives from this handle (a rank leaving early must not pair its

@@ -264,9 +264,10 @@ class Handle:
                     rec.to(routed.indices.device)
                 ctx = h._ctx[stack]
                 if ctx is not None and ctx.n_tokens != routed.indices.shape[0]:
-                    h._warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence "
-                                 "= %s of its forward: no padding mask, token ids or positions for it",
-                                 site.name, routed.indices.shape[0], ctx.n_tokens)
+                    if ctx.keep is not None or sampler is not None:   # only then is something lost
+                        h._warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence "
+                                     "= %s of its forward: no padding mask, token ids or positions "
+                                     "for it", site.name, routed.indices.shape[0], ctx.n_tokens)
                     mode, ctx = ctx.mode, None
                 else:
                     mode = ctx.mode if ctx is not None else (
@@ -354,7 +355,8 @@ class Handle:
         if self._dirty or self._clock.forward_pending:
             if self._dist is not None:  # rank-local condition: ending a step here would desync ranks
                 self._warn_once("dist-open-step", "probes: routing recorded after the last h.step() "
-                                "is not reduced in multi-rank mode (end steps with h.step() on every rank)")
+                                "is not reduced in multi-rank mode; it is written as this rank's rows "
+                                "at detach (end steps with h.step() on every rank)")
                 return
             self._advance()
 

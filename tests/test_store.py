@@ -18,11 +18,11 @@ from chrono.store import StoreError, compact, part_files, run_dir, table_dir
 MODEL = {"layers": [0, 1], "experts_per_layer": {"0": 4, "1": 4}, "top_k": 2, "adapter": "test"}
 
 
-def write_run(root, run="r1", steps=20, flush_every=5):
+def write_run(root, run="r1", steps=20, flush_every=5, start=0):
     rng = np.random.default_rng(0)
     total = np.zeros((2, 4), dtype=np.int64)
     with chrono.open_run(root, run, model=MODEL) as w:
-        for step in range(steps):
+        for step in range(start, start + steps):
             c = rng.integers(0, 100, size=(2, 4))
             total += c
             w.log_routing(step, [0, 1], c, weight_sum=c * 0.5)
@@ -123,9 +123,11 @@ def test_second_writer_same_run_refused(store_root):
         pass
 
 
-def test_resume_continues_part_numbers(store_root):
+def test_resume_continues_part_numbers_and_steps(store_root):
     write_run(store_root, steps=10)
-    total2 = write_run(store_root, steps=10)
+    with pytest.raises(StoreError, match="would duplicate steps already stored"):
+        write_run(store_root, steps=10)            # the same steps again: refused (chrono.ledger)
+    total2 = write_run(store_root, steps=10, start=10)
     names = [os.path.basename(p) for p in part_files(store_root, "routing")]
     assert len(names) == len(set(names)) == 4
     np.testing.assert_array_equal(counts_from_store(store_root), 2 * total2)
@@ -263,7 +265,7 @@ def test_sigkill_mid_run_keeps_every_flushed_row(store_root, tmp_path):
     assert total == 10 * sum(range(1, steps + 1))
     # the next writer under the same root (same run) works: the kernel dropped the lock
     with chrono.open_run(store_root, "crash") as w:
-        w.log_signal(0, "resumed", 1.0)
+        w.log_signal(w.next_step, "resumed", 1.0)
 
 
 def test_reader_while_writer_appends(store_root):

@@ -21,6 +21,16 @@ def cmd_workload(args) -> int:
         validate_run_id(run)
     except StoreError as e:
         raise UserError(str(e)) from None
+    from chrono.store import delete_run, list_runs
+    if run in list_runs(args.root):
+        if not args.overwrite:
+            raise UserError(f"run {run!r} already exists under {args.root}; a workload trains from step 0, "
+                            f"so pass --overwrite to replace it (or choose another --run)")
+        try:
+            delete_run(args.root, run)
+        except StoreError as e:
+            raise UserError(str(e)) from None
+        print(f"removed the stored run {run!r} (--overwrite)", file=sys.stderr)
     fn = registry.resolve(args.name)
     print(f"workload {args.name} ({args.mode}) -> run '{run}' under {args.root}", file=sys.stderr)
     result = fn(**_call_kwargs(fn, args, run))
@@ -69,4 +79,6 @@ def register(sub) -> None:
     s.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the workload's own)")
     s.add_argument("--run", default=None, help="run id (default: NAME, or NAME-faithful)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the run if it exists (default: refuse; a run's steps are never written twice)")
     s.set_defaults(func=cmd_workload)

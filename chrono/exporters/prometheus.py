@@ -118,8 +118,8 @@ class LiveSource:
     def __init__(self, handle):
         missing = missing_members(handle)   # the checked contract of chrono.exporters.live
         if missing:
-            raise ExporterError(f"{type(handle).__name__} is not a live routing source (a probes "
-                                f"handle); missing: {', '.join(missing)}")
+            raise ExporterError(f"{type(handle).__name__} is not a probes handle (a live routing "
+                                f"source); missing: {', '.join(missing)}")
         self.handle = handle
         self._seen_step = None
         self._seen_time = None

@@ -189,3 +189,20 @@ def test_ranks_with_different_routers_are_refused_at_attach(tmp_path):
     for r in (0, 1):   # both ranks get the same clear error instead of a hang at the first flush
         err = rank_out(out, r)["error"]
         assert err and "ranks found different routers" in err
+
+
+@pytest.mark.slow   # a second torchrun launch
+def test_evaluation_script_without_steps_keeps_every_rank_rows(tmp_path):
+    """Issue 15: two ranks, one no-grad forward each, no h.step(), detach: nothing is dropped.
+    Each rank's routing is written as that rank's rows, without a collective at detach, and no
+    global (snapshot) rows come from the unreduced step."""
+    p, root, out = torchrun(tmp_path, "evalonly", "--eval-only")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for r in (0, 1):
+        mine = np.array(rank_out(out, r)["counts"])
+        assert mine.sum() == STEPS * (24 + 8 * r) * 2 * LAYERS
+        np.testing.assert_array_equal(store_counts(root, "evalonly", rank=r), mine)
+        assert rank_out(out, r)["stats"]["reduces"] == 0      # no collective at flush or detach
+    con = chrono.connect(root)
+    assert con.execute("SELECT count(*) FROM snapshots WHERE run_id = 'evalonly'").fetchone()[0] == 0
+    assert set(con.execute("SELECT DISTINCT mode FROM routing WHERE run_id = 'evalonly'").fetchall()) == {("EVAL",)}

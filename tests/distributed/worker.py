@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--kill-after", type=int, default=-1)
     ap.add_argument("--metrics-port", type=int, default=None)
+    ap.add_argument("--eval-only", action="store_true",
+                    help="an evaluation script: STEPS no-grad forwards, no h.step(), then detach")
     a = ap.parse_args()
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -136,6 +138,17 @@ def main() -> None:
         layer.router.register_forward_hook(count(i))
 
     dopt = Distributed(expert_slices=(offset, E)) if a.ep else None   # None: on by default
+    if a.eval_only:
+        with probes.attach(model, run=a.run, root=a.root, flush_every=a.flush_every,
+                           distributed=dopt) as h, torch.no_grad():
+            for step in range(a.steps):
+                model(torch.randn(24 + 8 * rank, D, generator=gen))
+        stats = h.stats()
+        Path(a.out, f"rank{rank}.json").write_text(json.dumps(
+            {"counts": mine.tolist(), "stats": stats["distributed"], "steps": stats["steps"]}))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     scrape = None
     with probes.attach(model, run=a.run, root=a.root, flush_every=a.flush_every, distributed=dopt,
                        metrics_port=a.metrics_port) as h:

@@ -168,3 +168,16 @@ class NativeMoE(torch.nn.Module):
             _, w, idx = router(x)[:3]
             x = x + (w[..., None] * table[idx]).sum(1).reshape(B, S, D)
         return self.head(x)
+
+
+def tiny_workload(mode="intended", run="tiny", root="chrono_runs", seed=0, steps=3, progress=False):
+    """A reference-workload-shaped entry point (``reference_models.registry``) for CLI tests."""
+    from reference_models.common import instrument
+
+    m = NativeMoE()
+    g = torch.Generator().manual_seed(seed)
+    with instrument(m, run, root, flush_every=2) as h:
+        for _ in range(steps):
+            m(torch.randint(1, VOCAB, (2, 4), generator=g))
+            h.step()
+    return {"run": run, "steps": steps}

@@ -69,4 +69,6 @@ def test_sigkill_real_training_with_probes(store_root, harness):
     con = chrono.connect(store_root)
     assert len(con.sql("SELECT run_id FROM runs").fetchall()) == 5
     with chrono.open_run(store_root, "train-0") as w:  # a killed run can be reopened at once
-        w.log_signal(0, "resumed", 1.0)
+        assert w.next_step == 1 + con.sql("SELECT max(step) FROM routing WHERE run_id = 'train-0'"
+                                          ).fetchall()[0][0]     # and continues after its steps
+        w.log_signal(w.next_step, "resumed", 1.0)
