@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from governance_report import plot, records, table_markdown  # noqa: E402
+from governance_report import plot, records, selection_markdown, table_markdown  # noqa: E402
 from governance_workloads import load_text, train_arm, workloads  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -205,6 +205,7 @@ def report(cache: Path, wls: dict, out: Path, quick: bool, heldout=HELDOUT_SEEDS
         "records": recs, "runs": runs, "plot": png,
     }
     out.write_text(json.dumps(doc, indent=1))
+    print(selection_markdown(recs))
     print(table_markdown(recs))
     print(f"wrote {out}" + (f" and {png}" if png else ""))
     return doc
