@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,4 +36,22 @@ def write_result(name: str, payload: dict) -> Path:
                "machine": machine(), **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def uptime() -> str:
+    """The ``uptime`` line (load averages), to record next to any timing."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return f"loadavg {os.getloadavg()}"
+
+
+def fresh_root(root: Path, run: str) -> Path:
+    """One store per run under ``root``; a store left by a killed run is removed first
+    (workloads refuse to append to an existing run)."""
+    path = root / run
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
     return path

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,15 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks._common import uptime  # noqa: E402
+
 from reference_models.var.var import VAR, VARConfig  # noqa: E402
 from reference_models.var.workload import _Timed, evaluate, prepare  # noqa: E402
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"loadavg {os.getloadavg()}"
 
 
 class _Agreement:

@@ -26,6 +26,10 @@ EXTENSIONS: tuple[str, ...] = (
     "chrono.commands.serve_metrics",
     "chrono.commands.workload",
     "chrono.commands.migrate",
+    "chrono.commands.rm",
+    "chrono.commands.export",
+    "chrono.commands.analyze",
+    "chrono.commands.plan_placement",
 )
 
 

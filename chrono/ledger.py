@@ -82,7 +82,7 @@ def truncate(writer, from_step: int) -> dict[str, int]:
     removed: dict[str, int] = {}
     for table in TABLES:
         files = _rank_parts(writer.root, writer.run_id, table, writer.rank)
-        hit = [f for f in files if (_part_max_step(f) or -1) >= from_step]
+        hit = [f for f in files if (lambda v: v is not None and v >= from_step)(_part_max_step(f))]
         if not hit:
             continue
         data = pa.concat_tables([conform(table, pq.read_table(f)) for f in hit])

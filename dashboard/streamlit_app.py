@@ -24,6 +24,7 @@ PAGES = [
     ("views/health.py", "Health", ":material/monitor_heart:"),
     ("views/alerts.py", "Alerts", ":material/notifications:"),
     ("views/governance.py", "Governance", ":material/tune:"),
+    ("views/specialization.py", "Specialization", ":material/hub:"),
     ("views/lifecycle.py", "Lifecycle & workloads", ":material/timeline:"),
     ("views/sql.py", "SQL", ":material/terminal:"),
 ]

@@ -79,6 +79,7 @@ class ForwardContext:
     positions: Optional[torch.Tensor] = None  # [S] long (absolute), or None = arange(S)
     keep: Optional[torch.Tensor] = None       # [B*S] float64, or None = count all
     pad: Optional[torch.Tensor] = None        # 0-d float64: padding tokens in this forward
+    used_user_mask: bool = False              # the keep mask came from h.set_mask
 
     @property
     def n_tokens(self) -> Optional[int]:
@@ -120,8 +121,12 @@ def find_stacks(model: nn.Module, router_names: list[str]) -> tuple[list[str], l
 
 
 def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: Optional[int],
-            exclude_padding: bool) -> ForwardContext:
-    """Build the ForwardContext of one stack call from its arguments (see the module docstring)."""
+            exclude_padding: bool, user_mask=None) -> ForwardContext:
+    """Build the ForwardContext of one stack call from its arguments (see the module docstring).
+
+    ``user_mask`` (``h.set_mask``) stands in for a missing ``attention_mask`` only when its shape
+    is exactly this call's ``[B, S]``; it never moves positions.
+    """
     ids = kwargs.get("input_ids")
     if ids is None and ids_index is not None and len(args) > ids_index:
         ids = args[ids_index]
@@ -142,6 +147,10 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
     if not (torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == ctx.batch
             and mask.shape[1] >= ctx.seq):
         mask = None
+    keep_mask = mask
+    if mask is None and user_mask is not None and tuple(user_mask.shape) == (ctx.batch, ctx.seq):
+        keep_mask = user_mask
+        ctx.used_user_mask = True
     cache_pos = kwargs.get("cache_position")
     if torch.is_tensor(cache_pos) and cache_pos.dim() == 1 and cache_pos.shape[0] == ctx.seq:
         ctx.positions = cache_pos
@@ -151,8 +160,8 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
             past = int(mask.shape[1]) - ctx.seq if mask is not None else 0
         if past:
             ctx.positions = torch.arange(past, past + ctx.seq, device=_device(ids, emb, mask))
-    if exclude_padding and mask is not None:
-        keep = (mask[:, -ctx.seq:] != 0).reshape(-1).to(torch.float64)
+    if exclude_padding and keep_mask is not None:
+        keep = (keep_mask[:, -ctx.seq:] != 0).reshape(-1).to(torch.float64)
         ctx.keep = keep
         ctx.pad = keep.numel() - keep.sum()
     return ctx

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import weakref
 from collections import Counter
@@ -66,6 +67,17 @@ def _first_device(model: nn.Module):
     return torch.device("cpu")
 
 
+class _ForwardState(threading.local):
+    """Per-thread state of the running forward: stack contexts, root mode, the user's mask."""
+
+    def __init__(self, n_stacks: int):
+        self.ctx: list = [None] * n_stacks   # ForwardContext of each stack's running call
+        self.root_mode = None                 # mode of the running top-level forward
+        self.pseudo_root = None               # stack acting as the top level (model hooks bypassed)
+        self.user_mask = None                 # h.set_mask(): for the next top-level forward
+        self.mask_used = False
+
+
 class Handle:
     """Returned by ``probes.attach``; a context manager. See the module docstring."""
 
@@ -107,9 +119,8 @@ class Handle:
         self._exclude_padding = padding == "exclude"
         stack_paths, self._stack_of = C.find_stacks(model, [s.name for s in self.routers])
         self._stack_paths = stack_paths
-        self._ctx: list = [None] * len(stack_paths)   # ForwardContext of each stack's running call
-        self._root_mode = None                          # mode of the running top-level forward
-        self._user_mask = None                          # h.set_mask(): for the next top-level forward
+        # per-thread forward state (threaded serving: one request's mask never applies to another's)
+        self._tls = _ForwardState(len(stack_paths))
         self._tracker = AlertTracker()
         self._callbacks: list = []
         self._hooks: list = []
@@ -175,6 +186,10 @@ class Handle:
         """Where this session's steps start: after the run's stored steps, or ``start_step``."""
         stored = getattr(self.writer, "next_step", 0)   # 0 for a run that could not be opened
         if start_step is None:
+            if overwrite and stored:
+                log.warning("probes: run %r: overwrite=True without start_step replaces nothing; steps "
+                            "continue at %d (pass start_step=0 to replace the whole run)",
+                            self.run_id, stored)
             return stored
         if start_step < stored:
             if not overwrite:
@@ -194,8 +209,9 @@ class Handle:
             raise ProbeError(f"lenses given for layer(s) {sorted(unknown)} but routers are on layers "
                              f"{sorted(self._slots)}")
         # the model's own hooks first: they see the top-level forward before any stack or router
-        self._hooks.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(self._root_post_hook, always_call=True))
+        root_pre, root_post = self._make_root_hooks(model)
+        self._hooks.append(model.register_forward_pre_hook(root_pre, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(root_post, always_call=True))
         for i, path in enumerate(self._stack_paths):
             stack = model.get_submodule(path) if path else model
             pre, post = self._make_stack_hooks(i, stack)
@@ -214,41 +230,52 @@ class Handle:
                 self._hooks.append(module.register_forward_pre_hook(_lens_pre_hook(lens)))
 
     def _make_stack_hooks(self, i: int, stack: nn.Module):
-        handle_ref = weakref.ref(self)
+        handle_ref, stack_ref = weakref.ref(self), weakref.ref(stack)
         ids_index = C._ids_param_index(stack)
 
         @torch._dynamo.disable
         def stack_pre(module, args, kwargs):
             h = handle_ref()
-            if h is None or not h._active or C.in_backward():
-                return None
+            if h is None or not h._active or module is not stack_ref() or C.in_backward():
+                return None   # (a deep copy of the model carries this hook: it records nothing)
+            st = h._tls
             try:
-                mode = h._root_mode if h._root_mode is not None else C.forward_mode(module)
-                if h._user_mask is not None and kwargs.get("attention_mask") is None:
-                    kwargs = {**kwargs, "attention_mask": h._user_mask}
-                h._ctx[i] = C.capture(module, args, kwargs, mode, ids_index, h._exclude_padding)
+                if st.root_mode is None and st.pseudo_root is None:
+                    # the model's own forward hooks were bypassed (a wrapper called model.forward,
+                    # e.g. PEFT): this stack's call is the top-level forward
+                    st.pseudo_root = i
+                    h._forward_starts(C.forward_mode(module))
+                mode = st.root_mode if st.root_mode is not None else C.forward_mode(module)
+                st.ctx[i] = ctx = C.capture(module, args, kwargs, mode, ids_index, h._exclude_padding,
+                                            user_mask=st.user_mask)
+                st.mask_used = st.mask_used or ctx.used_user_mask
             except Exception as e:
-                h._ctx[i] = None
+                st.ctx[i] = None
                 h._fault("forward context", e)
             return None
 
         @torch._dynamo.disable
         def stack_post(module, args, output):
             h = handle_ref()
-            if h is not None and not C.in_backward():
-                h._ctx[i] = None
+            if h is None or module is not stack_ref() or C.in_backward():
+                return None
+            st = h._tls
+            st.ctx[i] = None
+            if st.pseudo_root == i:
+                st.pseudo_root = None
+                h._forward_ends()
             return None
 
         return stack_pre, stack_post
 
     def _make_hook(self, site: RouterSite, slot: int, stack: int):
         rec, sampler = self._rec, self._sampler
-        handle_ref = weakref.ref(self)
+        handle_ref, router_ref = weakref.ref(self), site._module
 
         def on_router_output(module, args, output):
             h = handle_ref()
-            if h is None or not h._active:
-                return None
+            if h is None or not h._active or module is not router_ref():
+                return None   # detached, or a deep copy of the model that carries this hook
             compiling = torch.compiler.is_compiling()
             if not compiling and C.in_backward():
                 return None   # activation recompute: these tokens were counted in the forward
@@ -262,7 +289,8 @@ class Handle:
                     h._window_experts[slot] = n
                 if routed.indices.device != rec.device:
                     rec.to(routed.indices.device)
-                ctx = h._ctx[stack]
+                st = h._tls
+                ctx = st.ctx[stack]
                 if ctx is not None and ctx.n_tokens != routed.indices.shape[0]:
                     if ctx.keep is not None or sampler is not None:   # only then is something lost
                         h._warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence "
@@ -271,7 +299,7 @@ class Handle:
                     mode, ctx = ctx.mode, None
                 else:
                     mode = ctx.mode if ctx is not None else (
-                        h._root_mode if h._root_mode is not None else mode_index(module))
+                        st.root_mode if st.root_mode is not None else mode_index(module))
                 h._dirty = True
                 if ctx is not None and ctx.keep is not None:
                     rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits,
@@ -289,23 +317,42 @@ class Handle:
 
         return on_router_output
 
-    @torch._dynamo.disable
-    def _root_pre_hook(self, module, args, kwargs):
-        if not self._active or C.in_backward():
+    def _make_root_hooks(self, model: nn.Module):
+        """Hooks on the attached model: the step clock's view of top-level forwards. Closures over
+        weak references (not bound methods), so ``copy.deepcopy(model)`` never copies the handle,
+        and a copy's forwards are not recorded."""
+        handle_ref, model_ref = weakref.ref(self), weakref.ref(model)
+
+        @torch._dynamo.disable
+        def root_pre(module, args, kwargs):
+            h = handle_ref()
+            if h is None or not h._active or module is not model_ref() or C.in_backward():
+                return None
+            h._forward_starts(C.forward_mode(module))
             return None
-        mode = C.forward_mode(module)
+
+        @torch._dynamo.disable
+        def root_post(module, args, output):
+            h = handle_ref()
+            if h is not None and h._active and module is model_ref() and not C.in_backward():
+                h._forward_ends()
+            return None
+
+        return root_pre, root_post
+
+    def _forward_starts(self, mode: int) -> None:
         if self._clock.forward_starts(mode, self._step):
             self._advance()
-        self._root_mode = mode
-        return None
+        self._tls.root_mode = mode
 
-    @torch._dynamo.disable
-    def _root_post_hook(self, module, args, output):
-        if self._active and not C.in_backward():
-            self._root_mode = None
-            self._user_mask = None
-            self._clock.forward_pending = True
-        return None
+    def _forward_ends(self) -> None:
+        st = self._tls
+        st.root_mode = None
+        if st.user_mask is not None and not st.mask_used:
+            self._warn_once("mask-unused", "probes: h.set_mask(mask) of shape %s matched no "
+                            "[batch, seq] of the forward; nothing was excluded", tuple(st.user_mask.shape))
+        st.user_mask, st.mask_used = None, False
+        self._clock.forward_pending = True
 
     # ------------------------------------------------------------------ steps
     def step(self, next_step: int | None = None) -> None:
@@ -323,12 +370,14 @@ class Handle:
 
     def set_mask(self, mask) -> None:
         """Padding mask for the next top-level forward, for models whose forward takes no
-        ``attention_mask``: ``[B, S]`` (bool or 0/1), 0 = padding, matching the token batch the
-        model receives. Ignored when the forward gets its own ``attention_mask``."""
+        ``attention_mask``: ``[B, S]`` (bool or 0/1), 0 = padding. It applies to the routers of
+        the stack whose token batch is exactly ``[B, S]`` (never to positions, never to another
+        stack, e.g. a decoder of other length), unless that stack gets its own ``attention_mask``;
+        a mask that matches no stack is reported once. Per thread."""
         if not torch.is_tensor(mask) or mask.dim() != 2:
             raise ProbeError(f"set_mask needs a 2-D [batch, seq] tensor, got {type(mask).__name__}"
                              f"{'' if not torch.is_tensor(mask) else tuple(mask.shape)}")
-        self._user_mask = mask
+        self._tls.user_mask, self._tls.mask_used = mask, False
 
     def _merge_provisional(self, first_step, split: bool = False) -> None:
         """The first optimizer step arrived ("auto" rule): the forwards since ``first_step`` were

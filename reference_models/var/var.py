@@ -68,7 +68,7 @@ class TokenStats:
     def update(self, layer: int, token_ids, indices, weights) -> None:
         ids = token_ids.reshape(-1).cpu()
         e = indices.reshape(-1).cpu()
-        V, E = self.freq.shape[1], self.expert_counts.shape[2]
+        E = self.expert_counts.shape[2]
         self.freq[layer].index_add_(0, ids, torch.ones_like(ids))
         self.expert_counts[layer].view(-1).index_add_(0, ids * E + e, torch.ones_like(ids))
         self.conf_sum[layer].index_add_(0, ids, weights.reshape(-1).detach().cpu().double())
@@ -140,9 +140,8 @@ def context_keys(layer: int, idx: torch.Tensor, vocab_size: int, n_layers: int, 
         raise ValueError("vocabulary too large to pack the context exactly")
     padded = torch.cat([torch.full((B, context - 1), vocab_size, dtype=torch.long, device=idx.device),
                         idx.long()], 1)
-    key = torch.zeros(B, T, dtype=torch.long, device=idx.device)
-    for j in range(context):                     # `context` vectorised passes, not a token loop
-        key = key * base + padded[:, j:j + T]
+    powers = base ** torch.arange(context - 1, -1, -1, dtype=torch.long, device=idx.device)
+    key = (padded.unfold(1, context, 1) * powers).sum(-1)      # [B, T, context] windows -> [B, T]
     return (key * n_layers + layer).reshape(-1)
 
 
@@ -153,6 +152,41 @@ def context_key(layer: int, last_ids, vocab_size: int, n_layers: int, context: i
     for t in ids:
         key = key * (vocab_size + 1) + t
     return key * n_layers + layer
+
+
+DENSE_LIMIT = 1 << 22     # prefix_count_leq: up to this many (query, position) pairs, one dense mask
+
+
+def prefix_count_leq(values: torch.Tensor, ends: torch.Tensor, bounds: torch.Tensor,
+                     dense_limit: int = DENSE_LIMIT) -> torch.Tensor:
+    """``out[q] = #{j <= ends[q] : values[j] <= bounds[q]}``, all queries at once.
+
+    ``values`` ``[m]`` int64 in ``[-1, m)``; ``ends``, ``bounds`` ``[Q]`` int64 (``ends`` in
+    ``[-1, m)``). Up to ``dense_limit`` pairs Q·m: one ``[Q, m]`` mask. Beyond: a merge-sort
+    tree walked level by level: the prefix ``[0, ends]`` splits into aligned blocks of 2^k, one
+    for each set bit k of its length (as in a Fenwick tree); each level sorts ``values`` within
+    its blocks once and answers every query with one ``searchsorted``, O((m + Q) log² m)
+    tensor work. No Python loop over queries either way (the tree loops over log2(m) levels).
+    """
+    m = values.numel()
+    out = torch.zeros(ends.numel(), dtype=torch.long)
+    if m == 0 or ends.numel() == 0:
+        return out
+    if ends.numel() * m <= dense_limit:
+        j = torch.arange(m)
+        return ((j[None, :] <= ends[:, None]) & (values[None, :] <= bounds[:, None])).sum(1)
+    big = m + 2                                   # shifted values and bounds lie in [-1, m + 1]
+    v = values.long() + 1
+    pos = torch.arange(m)
+    n = ends.long() + 1                           # prefix lengths
+    y = bounds.long().clamp(-2, m) + 1                # -2: nothing qualifies
+    for k in range(max(1, m.bit_length())):
+        keyed = torch.sort((pos >> k) * big + v).values   # sorted within aligned blocks of 2^k
+        start = (n >> (k + 1)) << (k + 1)          # this level's block of each prefix
+        has = ((n >> k) & 1).bool()
+        idx = torch.searchsorted(keyed, (start >> k) * big + y, right=True)
+        out += torch.where(has, idx - start, 0)
+    return out
 
 
 # --------------------------------------------------------------------- caches
@@ -223,20 +257,17 @@ class BatchContextCache:
         same_next[:-1] = same_prev[1:]
         prev = torch.full((m,), -1, dtype=torch.long)
         prev[order[1:]] = torch.where(same_prev[1:], order[:-1], torch.full_like(order[1:], -1))
-        nxt = torch.full((m,), m, dtype=torch.long)
-        nxt[order[:-1]] = torch.where(same_next[:-1], order[1:], torch.full_like(order[:-1], m))
         # stack distance of each batch access: distinct keys touched strictly between prev and it.
         # It is at most the gap i − prev − 1, so only accesses with a gap >= C need counting.
         i = torch.arange(S, m)
         p = prev[S:]
         present = p >= 0
         need = (present & (i - p - 1 >= C)).nonzero(as_tuple=True)[0]
-        for lo in range(0, need.numel(), 256):                    # bounded memory: 256 × m masks
-            rows = need[lo:lo + 256]
-            ii, pp = i[rows, None], p[rows, None]
-            j = torch.arange(m)[None, :]
-            dist = ((j > pp) & (j < ii) & (nxt[None, :] >= ii)).sum(1)
-            present[rows] = dist < C
+        if need.numel():
+            # distinct keys in (p, i) = accesses j in (p, i) that are their key's first there,
+            # i.e. prev[j] <= p; the j <= p all qualify, so it is #{j < i: prev[j] <= p} − (p + 1)
+            pn, in_ = p[need], i[need]
+            present[need] = prefix_count_leq(prev, in_ - 1, pn, DENSE_LIMIT) - (pn + 1) < C
         fresh = p >= S                                            # touched earlier in this batch
         if S:
             old = (p >= 0) & (p < S)

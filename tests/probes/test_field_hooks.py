@@ -19,8 +19,12 @@ def _dbrx_truth(model, ids) -> dict:
     """Per layer expert counts: DbrxRouter's logits through the class's own route_tokens_to_experts."""
     ffns = [m for m in model.modules() if type(m).__name__ == "DbrxFFN"]
     logits = {}
-    hs = [f.router.register_forward_hook(lambda mod, a, out, i=i: logits.setdefault(i, out.detach()))
-          for i, f in enumerate(ffns)]
+    def keep(i):
+        def h(mod, args, out):             # returns None: a returned value would replace the output
+            logits.setdefault(i, out.detach())
+        return h
+
+    hs = [f.router.register_forward_hook(keep(i)) for i, f in enumerate(ffns)]
     with torch.no_grad():
         model(input_ids=ids)
     for h in hs:

@@ -19,12 +19,17 @@ def grown(n=6, **kw) -> BioMoE:
     return m
 
 
+def trained(tmp_path_factory, name: str, run) -> tuple:
+    """(store root, result of ``run(root)``) for a module-scoped training run, one torch thread."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp(name)
+    return root, run(root)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("bio")
-    res = run_workload("intended", run="bio", root=root, epochs=6, growth_epochs=(1, 2), bootstrap_steps=5)
-    return root, res
+    return trained(tmp_path_factory, "bio", lambda root: run_workload(
+        "intended", run="bio", root=root, epochs=6, growth_epochs=(1, 2), bootstrap_steps=5))
 
 
 def test_quick_run_lands_in_store_with_staged_growth(quick_run):
@@ -163,3 +168,59 @@ def test_chrono_workload_cli(store_root, capsys):
     assert "unknown workload 'nope'" in capsys.readouterr().err
     assert main(["--root", str(store_root), "workload", "bio-moe", "--steps", "0"]) == 2
     assert main(["--root", str(store_root), "workload", "bio-moe", "--run", "bad id!"]) == 2
+
+
+# ---- neurogenesis: the documented setting (docs/workloads.md) fires, teaches, and is used
+@pytest.fixture(scope="module")
+def neuro_run(tmp_path_factory):
+    from reference_models.bio_moe import neurogenesis_config
+
+    return trained(tmp_path_factory, "neuro",
+                   lambda root: train_bio(neurogenesis_config(epochs=8, run="neuro", root=str(root))))
+
+
+def test_neurogenesis_setting_fires_teaches_and_new_expert_gets_traffic(neuro_run):
+    root, res = neuro_run
+    con = chrono.connect(root)
+    spawns = con.execute("SELECT step, expert, source_expert, n_experts_after, reason FROM lifecycle "
+                         "WHERE run_id='neuro' AND event='spawn' AND applied ORDER BY step").fetchall()
+    assert spawns, "neurogenesis did not fire in its documented setting"
+    step, new, teacher, n_after, reason = spawns[0]
+    # the trigger: that epoch's mean normalised gate entropy, as logged, is above the threshold
+    from reference_models.bio_moe.train import NEUROGENESIS_ENTROPY
+
+    ((ent,),) = con.execute("SELECT value FROM signals WHERE run_id='neuro' AND name='bio_moe.gate_entropy' "
+                            "AND step = ?", [step]).fetchall()
+    assert ent > NEUROGENESIS_ENTROPY and "gate entropy" in reason
+    assert teacher is not None and teacher != new and n_after == 4
+    # the teach phase: the fresh expert moved towards its teacher
+    (t,) = res.teach
+    assert t["mse_after"] < 0.5 * t["mse_before"]
+    # afterwards the new expert gets traffic in every later training step's routing
+    rows = con.execute("SELECT step, sum(tokens) FILTER (WHERE expert = ?), sum(tokens) FROM routing "
+                       "WHERE run_id='neuro' AND mode='TRAIN' AND layer=0 AND step > ? GROUP BY step ORDER BY step",
+                       [new, step]).fetchall()
+    assert len(rows) >= 21 and all(mine is not None and mine > 0 for _, mine, _ in rows)
+    share = sum(m for _, m, _ in rows) / sum(tot for _, _, tot in rows)
+    assert share > 0.05, share
+
+
+def test_neurogenesis_events_show_in_the_dashboard(neuro_run, monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    root, _ = neuro_run
+    monkeypatch.setenv("CHRONO_ROOT", str(root))
+    app = str(Path(__file__).resolve().parents[2] / "dashboard" / "streamlit_app.py")
+    at = AppTest.from_file(app, default_timeout=60)
+    at.query_params["run"] = "neuro"
+    at.run()
+    at.switch_page("views/lifecycle.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics.get("spawn") == "1" and metrics.get("clone") == "2"
+    events = at.dataframe[0].value
+    spawn = events[events["event"] == "spawn"]
+    assert len(spawn) == 1 and spawn["reason"].iloc[0].startswith("gate entropy")

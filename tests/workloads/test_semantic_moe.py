@@ -160,3 +160,46 @@ def test_faithful_mode_is_top1_and_unfitted():
     assert r.top_k == 1 and not r.teacher_ready and float(r.centroids.abs().sum()) == 0.0
     _, w, idx = r(torch.randn(8, m.cfg.d_model))
     assert idx.shape == (8, 1) and torch.equal(w, torch.ones(8, 1))
+
+
+# ---- faithful collapse (docs/workloads.md, "Faithful mode: why routing does not collapse")
+def _per_step_experts(con, run):
+    """{step: set of experts that got tokens} of layer 0's training routing."""
+    out: dict[int, set] = {}
+    for step, expert in con.execute("SELECT step, expert FROM routing WHERE run_id = ? AND mode = 'TRAIN' "
+                                    "AND layer = 0 AND tokens > 0", [run]).fetchall():
+        out.setdefault(step, set()).add(expert)
+    return out
+
+
+def test_faithful_defects_collapse_routing_and_chrono_flags_it(store_root):
+    """Zero centroids tie every teacher score: with no tie-breaker (alpha 0, no load penalty)
+    every token of every step goes to one expert, and the live snapshots raise both alerts."""
+    run_workload("faithful", steps=30, run="tie", root=store_root, preset="quick", n_experts=4,
+                 alpha_end=0.0, load_penalty=0.0, snapshot_every=5, eval_every=30)
+    con = chrono.connect(store_root)
+    used = _per_step_experts(con, "tie")
+    assert len(used) == 30 and len(set().union(*used.values())) == 1
+    alerts = dict(con.execute("SELECT alert, min(step) FROM alerts WHERE run_id='tie' AND transition='raised' "
+                              "GROUP BY alert").fetchall())
+    assert alerts.get("PRE_COLLAPSE") == 14 and alerts.get("COLLAPSE_CONFIRMED") == 24  # 3rd and 5th window
+
+
+def test_load_penalty_rotates_the_collapsed_batch_and_per_step_windows_see_it(store_root):
+    """With the load penalty on, each batch still goes to one expert but the expert rotates, so
+    the workload's windows look healthy; per-step windows over the same rows raise the alert."""
+    from chrono.snapshots import alerts_for, build_snapshots
+
+    run_workload("faithful", steps=30, run="rot", root=store_root, preset="quick", n_experts=4,
+                 alpha_end=0.0, snapshot_every=5, eval_every=30)
+    con = chrono.connect(store_root)
+    used = _per_step_experts(con, "rot")
+    assert all(len(e) == 1 for e in used.values()) and len(set().union(*used.values())) == 4
+    live = {a for (a,) in con.execute("SELECT alert FROM alerts WHERE run_id='rot' AND transition='raised'")
+            .fetchall()}
+    ((windows,),) = con.execute("SELECT count(DISTINCT step) FROM snapshots WHERE run_id='rot' AND step < 30").fetchall()
+    assert windows == 6 and "COLLAPSE_CONFIRMED" not in live   # 6 windows could have confirmed it
+    routing = con.sql("SELECT step, layer, expert, sum(tokens)::BIGINT AS tokens FROM routing WHERE run_id='rot' "
+                      "AND mode='TRAIN' GROUP BY ALL").to_arrow_table()
+    per_step = alerts_for(build_snapshots("rot", routing, 1)).to_pylist()
+    assert any(a["alert"] == "COLLAPSE_CONFIRMED" and a["transition"] == "raised" for a in per_step)

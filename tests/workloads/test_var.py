@@ -117,13 +117,15 @@ def _tiny_model(seed=0):
     return MoELM(MoEConfig(d_model=16, n_layers=2, n_heads=2, n_experts=4, d_ff=16, seq_len=16)).eval()
 
 
-def test_context_keys_match_per_token_keys():
-    idx = torch.randint(0, 256, (3, 9))
-    keys = context_keys(1, idx, 256, 2)
+@pytest.mark.parametrize("context", [1, 2, 4, 7])
+def test_context_keys_match_per_token_keys(context):
+    idx = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(context))
+    keys = context_keys(1, idx, 256, 2, context)
     rows = idx.tolist()
-    want = [context_key(1, row[max(0, t - 3):t + 1], 256, 2) for row in rows for t in range(9)]
+    c = context - 1
+    want = [context_key(1, row[max(0, t - c):t + 1], 256, 2, context) for row in rows for t in range(9)]
     assert keys.tolist() == want
-    assert len(set(want)) == len({(tuple(row[max(0, t - 3):t + 1]), t < 3) for row in rows for t in range(9)})
+    assert len(set(want)) == len({(tuple(row[max(0, t - c):t + 1]), t < c) for row in rows for t in range(9)})
 
 
 def test_batch_path_equals_per_token_path():
@@ -202,3 +204,40 @@ def test_quick_workload_lands_in_store(store_root):
                             "WHERE run_id='v' AND layer >= 100 AND mode='EVAL'").fetchall()[0]
     assert n_tok == n_rows > 0
 
+
+
+def test_prefix_count_leq_equals_brute_force():
+    from reference_models.var.var import prefix_count_leq
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        m = int(torch.randint(1, 300, (1,), generator=g))
+        vals = torch.randint(-1, m, (m,), generator=g)
+        ends = torch.randint(-1, m, (40,), generator=g)
+        bounds = torch.randint(-3, m + 3, (40,), generator=g)
+        want = [int((vals[:e + 1] <= b).sum()) for e, b in zip(ends.tolist(), bounds.tolist())]
+        assert prefix_count_leq(vals, ends, bounds).tolist() == want                  # dense mask
+        assert prefix_count_leq(vals, ends, bounds, dense_limit=0).tolist() == want   # merge-sort tree
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dense_limit", [0, 1 << 22])
+def test_batch_cache_equals_sequential_cache_large(seed, dense_limit, monkeypatch):
+    """Bigger caches and batches than the capacity: many accesses need their stack distance
+    (counted by the merge-sort tree, dense_limit 0, and by the dense mask)."""
+    import reference_models.var.var as var_mod
+
+    monkeypatch.setattr(var_mod, "DENSE_LIMIT", dense_limit)
+    rnd = random.Random(100 + seed)
+    size = rnd.choice([16, 50, 120])
+    seq = ContextCache(ttl=60, max_size=size, clock=FakeClock())
+    bat = BatchContextCache(ttl=60, max_size=size, clock=FakeClock())
+    for b in range(6):
+        n = rnd.randint(size, 5 * size)
+        keys = [rnd.randint(0, 3 * size) for _ in range(n)]
+        values = [rnd.randint(0, 7) for _ in range(n)]
+        want = _sequential(keys, float(b), seq, values)
+        e, _, hit = bat.access(torch.tensor(keys),
+                               lambda pos: (torch.tensor(values)[pos], torch.full((len(pos),), 0.5)), float(b))
+        assert [(int(a), bool(h)) for a, h in zip(e, hit)] == want
+        assert [(k, ex) for k, ex, _, _ in bat.items()] == [(k, ex) for k, ex, _, _ in seq.items()]
