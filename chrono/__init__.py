@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import metrics, schema
 from .reader import QueryError, connect, read, refresh
+from .rules import InvalidInputError, InvalidRowsError
 from .schema import SCHEMA_VERSION
 from .store import RunWriter, StoreError, open_run, validate_run_id
 
@@ -15,7 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open_run", "connect", "read", "refresh", "metrics", "schema", "RunWriter",
-    "StoreError", "QueryError", "SCHEMA_VERSION", "validate_run_id",
+    "StoreError", "QueryError", "InvalidInputError", "InvalidRowsError", "SCHEMA_VERSION",
+    "validate_run_id",
 ]
 
 

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,7 +44,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _root(args) -> Path:
-    return Path(args.root)
+    """The store root of a command that reads an existing store (UserError if it is missing)."""
+    return require_store(Path(args.root))
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """'1 alert', '0 alerts', '3 alerts' (``many`` for irregular plurals)."""
+    return f"{n:,} {noun if n == 1 else (many or noun + 's')}"
+
+
+def invocation() -> str:
+    """How to run chrono again from the user's shell, for printed hints.
+
+    'chrono' when that name on $PATH is this installation; otherwise the path the
+    user started it by (``.venv/bin/chrono`` after ``make demo``, relative when
+    under the current directory); otherwise ``python -m chrono.cli``.
+    """
+    def same(a, b) -> bool:
+        try:
+            return Path(a).resolve() == Path(b).resolve()
+        except OSError:
+            return False
+
+    on_path = shutil.which("chrono")
+    candidates = [Path(sys.argv[0])] if Path(sys.argv[0]).name == "chrono" else []
+    candidates.append(Path(sys.prefix) / "bin" / "chrono")
+    for exe in candidates:
+        if exe.is_file():
+            if on_path and same(on_path, exe):
+                return "chrono"
+            rel = os.path.relpath(exe.absolute())
+            return rel if not rel.startswith("..") else str(exe.absolute())
+    return f"{sys.executable} -m chrono.cli"
+
+
+def require_store(root: Path) -> Path:
+    """``root`` if it is a directory; a UserError saying the store does not exist otherwise."""
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise UserError(f"store {root} {what} (set --root or $CHRONO_ROOT; "
+                        f"'{invocation()} --root {root} demo --no-serve' records a first run there)")
+    return root
 
 
 def _fmt_cell(v) -> str:
@@ -84,6 +125,13 @@ def _json_value(v):
     return str(v)
 
 
+def _check_rows(con, run: str, tables) -> None:
+    """Stop (exit 2, one line naming run, table, step, layer) at rows the write API would refuse."""
+    from chrono.rules import check_run
+
+    check_run(con, run, tables)
+
+
 def _connect(args):
     import chrono
 
@@ -104,34 +152,95 @@ ORDER BY r.updated_at DESC, r.run_id
 
 
 def cmd_runs(args) -> int:
+    import pyarrow as pa
+
+    from chrono.health import OK, run_health
+
     con = _connect(args)
-    print_table(con.sql(RUNS_SQL).to_arrow_table())
+    t = con.sql(RUNS_SQL).to_arrow_table()
+    health = run_health(con)
+    labels = [health[r].label() if r in health else OK for r in t.column("run_id").to_pylist()]
+    print_table(t.add_column(1, "health", pa.array(labels, pa.string())))
     return 0
 
 
+def _when(ts) -> str:
+    from datetime import datetime, timezone
+
+    try:
+        return datetime.fromtimestamp(float(ts), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "unknown"
+
+
+def _model_line(model: dict) -> str:
+    if not model:
+        return "no model description"
+    per_layer = model.get("experts_per_layer") or {}
+    experts = sorted({int(v) for v in per_layer.values()}) if isinstance(per_layer, dict) else []
+    layers = model.get("layers")
+    parts = [str(model.get("name") or "unnamed model")]
+    if layers is not None:
+        n_exp = ("/".join(map(str, experts)) if len(experts) <= 3 else f"{experts[0]}-{experts[-1]}") \
+            if experts else "?"
+        parts.append(f"{len(layers)} layers x {n_exp} experts")
+    if model.get("top_k") is not None:
+        parts.append(f"top-{model['top_k']}")
+    if model.get("adapter"):
+        parts.append(f"adapter {model['adapter']}")
+    return ", ".join(parts)
+
+
 def cmd_show(args) -> int:
-    from chrono.store import read_manifest, require_run
+    from chrono.health import run_health
     from chrono.schema import TABLES
+    from chrono.store import read_manifest, require_run
 
     path = require_run(_root(args), args.run)
     con = _connect(args)
-    manifest = read_manifest(path)
-    print(f"run {args.run}  ({path})")
-    print(json.dumps(manifest, indent=2, default=str))
-    print("\nrows per table:")
+    manifest = read_manifest(path) or {}
+    counts = {}
     for t in TABLES:
         ((n,),) = con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [args.run]).fetchall()
-        print(f"  {t:<10} {n}")
+        counts[t] = int(n)
+    health = run_health(con, args.run).get(args.run)
+    if args.json:
+        print(json.dumps({"run_id": args.run, "path": str(path), "manifest": manifest, "rows": counts,
+                          "health": None if health is None else {
+                              "status": health.status, "worst_layer": health.worst_layer,
+                              "active": [list(a) for a in health.active]}},
+                         indent=2, default=str))
+        return 0
+    steps = con.execute("SELECT count(DISTINCT step), min(step), max(step) FROM routing WHERE run_id = ?",
+                        [args.run]).fetchall()[0]
+    print(f"run      {args.run}")
+    print(f"path     {path}")
+    print(f"created  {_when(manifest.get('created_at'))}, updated {_when(manifest.get('updated_at'))}")
+    print(f"model    {_model_line(manifest.get('model') or {})}")
+    host = manifest.get("host")
+    print(f"world    {plural(int(manifest.get('world_size') or 1), 'rank')}" + (f" on {host}" if host else ""))
+    config = manifest.get("config") or {}
+    if config:
+        shown = ", ".join(f"{k}={v}" for k, v in list(config.items())[:6])
+        more = f" (+{len(config) - 6} more: --json)" if len(config) > 6 else ""
+        print(f"config   {shown}{more}")
+    if steps[0]:
+        print(f"steps    {plural(int(steps[0]), 'step')} recorded, {steps[1]:,} to {steps[2]:,}")
+    print("rows     " + ", ".join(f"{t} {n:,}" for t, n in counts.items() if n) if any(counts.values())
+          else "rows     none yet")
+    print(f"health   {health.label() if health else 'OK (no active alert)'}")
     latest = con.sql(
         "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
         "round(top2_share, 3) AS top2_share, dead, nearly_dead FROM snapshots "
         "WHERE run_id = ? AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) ORDER BY layer",
         params=[args.run, args.run]).to_arrow_table()
     if latest.num_rows:
-        print("\nlatest snapshot:")
+        print("\nlatest snapshot (layer -1: all layers):")
         print_table(latest)
     else:
-        print(f"\nno snapshots yet: run 'chrono snapshot {args.run} --every K'")
+        print(f"\nno snapshots yet: run '{invocation()} --root {args.root} snapshot {args.run} --every K'")
+    print(f"\nfull manifest: '{invocation()} --root {args.root} show {args.run} --json'")
+    _check_rows(con, args.run, TABLES)   # after the overview: it is still worth seeing
     return 0
 
 
@@ -191,10 +300,20 @@ def cmd_snapshot(args) -> int:
     require_run(_root(args), args.run)
     if args.every < 1:
         raise UserError("--every must be >= 1")
+    from chrono.rules import first_invalid, invalid_sql
+
     con = _connect(args)
+    keep = "true"
+    bad = first_invalid(con, "routing", args.run)
+    if bad is not None and not args.skip_invalid:
+        raise UserError(f"{bad}; rerun with --skip-invalid to leave them out")
+    if bad is not None:
+        keep = f"NOT ({invalid_sql('routing')})"
+        print(f"chrono: warning: skipping {bad.count} invalid routing rows; first: step {bad.step}, "
+              f"layer {bad.layer}: {bad.problem}", file=sys.stderr)
     routing = con.sql(
         "SELECT step, layer, expert, sum(tokens) AS tokens, sum(dropped) AS dropped FROM routing "
-        "WHERE run_id = ? GROUP BY ALL", params=[args.run]).to_arrow_table()
+        f"WHERE run_id = ? AND {keep} GROUP BY ALL", params=[args.run]).to_arrow_table()
     if routing.num_rows == 0:
         raise UserError(f"run {args.run!r} has no routing rows yet")
     snaps = build_snapshots(args.run, routing, args.every)
@@ -204,8 +323,8 @@ def cmd_snapshot(args) -> int:
         w.replace_table("alerts", alerts)
     windows = len(set(snaps.column("step").to_pylist()))
     raised = sum(1 for t in alerts.column("transition").to_pylist() if t == "raised")
-    print(f"{args.run}: {windows} snapshots (every {args.every} steps), "
-          f"{snaps.num_rows} rows, {raised} alerts raised")
+    print(f"{args.run}: {plural(windows, 'snapshot')} (every {plural(args.every, 'step')}), "
+          f"{plural(snaps.num_rows, 'row')}, {plural(raised, 'alert')} raised")
     return 0
 
 
@@ -214,13 +333,15 @@ def cmd_alerts(args) -> int:
 
     require_run(_root(args), args.run)
     con = _connect(args)
+    _check_rows(con, args.run, ("snapshots", "alerts"))
     t = con.sql(
         "SELECT step, layer, alert, transition, consecutive, round(neff, 3) AS neff, n_experts, "
         "round(top2_share, 3) AS top2_share, dead FROM alerts WHERE run_id = ? "
         "ORDER BY step, layer, alert", params=[args.run]).to_arrow_table()
     if t.num_rows == 0:
         ((snaps,),) = con.execute("SELECT count(*) FROM snapshots WHERE run_id = ?", [args.run]).fetchall()
-        hint = "" if snaps else f" (no snapshots yet: run 'chrono snapshot {args.run} --every K')"
+        hint = "" if snaps else (f" (no snapshots yet: run "
+                                 f"'{invocation()} --root {args.root} snapshot {args.run} --every K')")
         print(f"no alerts for run {args.run}{hint}")
         return 0
     print_table(t)
@@ -258,8 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="list runs with layers, experts, steps and alerts")
     s.set_defaults(func=cmd_runs)
 
-    s = sub.add_parser("show", help="manifest, row counts and latest health of one run")
+    s = sub.add_parser("show", help="summary of one run: model, rows, health, latest snapshot",
+                       description="A compact summary of one run; --json prints the raw manifest and "
+                                   "row counts as JSON instead.")
     s.add_argument("run")
+    s.add_argument("--json", action="store_true", help="raw manifest, row counts and health as JSON")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("query", help="run read-only SQL over the store (DuckDB)",
@@ -275,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("snapshot", help="(re)compute snapshots and alerts of a run from its routing rows")
     s.add_argument("run")
     s.add_argument("--every", type=int, default=10, help="window size in steps (default 10)")
+    s.add_argument("--skip-invalid", action="store_true",
+                   help="leave out routing rows the write API would refuse (negative counts, bad modes...) "
+                        "instead of stopping at the first one")
     s.set_defaults(func=cmd_snapshot)
 
     s = sub.add_parser("alerts", help="alert transitions (raised / cleared) of a run")
@@ -315,10 +442,11 @@ def main(argv=None) -> int:
         return EXIT_USER_ERROR
     from chrono.reader import QueryError
     from chrono.store import StoreError
+    from chrono.rules import InvalidRowsError
 
     try:
         return int(args.func(args) or 0)
-    except (UserError, StoreError, QueryError) as e:
+    except (UserError, StoreError, QueryError, InvalidRowsError) as e:
         print(f"chrono: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:

@@ -17,6 +17,7 @@ served on 127.0.0.1 until Ctrl-C.
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -40,6 +41,33 @@ def synthetic_counts(rng: np.random.Generator, step: int, steps: int) -> np.ndar
     return out
 
 
+def _bar(iterable, total: int, desc: str, progress: bool):
+    """A tqdm bar on stderr; redrawn at most every 5 s when stderr is not a terminal (logs, CI)."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, disable=not progress, unit="step",
+                mininterval=0.1 if tty else 5.0, dynamic_ncols=tty, file=sys.stderr)
+
+
+class Stages:
+    """Numbered stage lines ('[1/3] recording ...', '      done in 4.2 s') on stdout, flushed at once."""
+
+    def __init__(self, total: int, out=None):
+        self.total, self.i, self.out, self._t0 = total, 0, out or sys.stdout, None
+
+    def start(self, what: str) -> None:
+        self.end()
+        self.i += 1
+        self._t0 = time.perf_counter()
+        print(f"[{self.i}/{self.total}] {what}", file=self.out, flush=True)
+
+    def end(self) -> None:
+        if self._t0 is not None:
+            print(f"      done in {time.perf_counter() - self._t0:.1f} s", file=self.out, flush=True)
+            self._t0 = None
+
+
 def record(root, run: str, steps: int, seed: int, progress: bool = True) -> None:
     import chrono
     from chrono.snapshots import AlertTracker, layer_rows
@@ -50,10 +78,8 @@ def record(root, run: str, steps: int, seed: int, progress: bool = True) -> None
              "top_k": TOP_K, "adapter": "synthetic"}
     tracker = AlertTracker()
     window: dict[int, np.ndarray] = {}
-    from tqdm import tqdm
-
     with chrono.open_run(root, run, model=model, config={"steps": steps, "seed": seed, "demo": True}) as w:
-        for step in tqdm(range(steps), desc=f"recording {run}", disable=not progress, unit="step"):
+        for step in _bar(range(steps), steps, f"recording {run}", progress):
             counts = synthetic_counts(rng, step, steps)
             w.log_routing(step, np.arange(N_LAYERS), counts, mode="TRAIN")
             w.log_signal(step, "loss", float(3.0 - 1.2 * step / steps + rng.normal(0, 0.03)))
@@ -71,7 +97,6 @@ def record(root, run: str, steps: int, seed: int, progress: bool = True) -> None
 def record_mixtral(root, run: str, steps: int, seed: int, progress: bool = True) -> dict:
     """Train a tiny HF Mixtral on pydoc text under probes + governor; returns final numbers."""
     import torch
-    from tqdm import tqdm
     from transformers import MixtralConfig, MixtralForCausalLM
 
     import chrono
@@ -90,8 +115,7 @@ def record_mixtral(root, run: str, steps: int, seed: int, progress: bool = True)
                        config={"demo": True, "steps": steps, "seed": seed}) as h:
         gov = chrono.govern(model, h, actuators=("informed-lens",))
         batches = byte_batches(train, 64, 8, seed, steps)
-        for step, (x, _) in enumerate(tqdm(batches, total=steps, desc=f"training {run}",
-                                           disable=not progress, unit="step")):
+        for step, (x, _) in enumerate(_bar(batches, steps, f"training {run}", progress)):
             out = model(input_ids=x, labels=x)
             out.loss.backward()
             opt.step()
@@ -180,48 +204,81 @@ def run_demo(args) -> int:
 
         raise UserError(f"--model-steps must be 0 or >= {SNAPSHOT_EVERY}")
     root = args.root
-    progress = sys.stderr.isatty()
+    progress = True  # tqdm: live on a terminal, a line every 5 s in a log
     model_run = f"{args.run}-mixtral"
+    stages = Stages(1 + (2 if args.model_steps else 0) + (0 if args.no_serve else 1))
     _clear_previous(root, [args.run, model_run])
+    stages.start(f"recording synthetic run '{args.run}': {args.steps} steps, {N_LAYERS} layers x "
+                 f"{N_EXPERTS} experts, routing drifting into collapse")
     record(root, args.run, args.steps, args.seed, progress=progress)
     trained = None
     if args.model_steps:
+        stages.start("loading torch and transformers (the first time takes a while)")
+        import torch  # noqa: F401  (timed here, so the training stage measures training)
+        import transformers  # noqa: F401
+
+        stages.start(f"training a tiny HF Mixtral '{model_run}' for {args.model_steps} steps on "
+                     "Python's docs, with probes and the governance controller")
         trained = record_mixtral(root, model_run, args.model_steps, args.seed, progress=progress)
+    stages.end()
+    summary(root, args.run, model_run if trained is not None else None, args.steps, args.model_steps, trained)
+    hints(root, args.run)
+    if args.no_serve:
+        return 0
+    stages.start("serving the dashboard and the Prometheus endpoint")
+    return _serve(root)
+
+
+def summary(root, run: str, model_run: str | None, steps: int, model_steps: int, trained: dict | None) -> None:
+    """Print what the demo runs show: first alerts, final Neff / Top-2 / dead per layer."""
     import chrono
+    from chrono.cli import plural
 
     con = chrono.connect(root)
     first = dict(con.execute(
         "SELECT alert, min(step) FROM alerts WHERE run_id = ? AND transition = 'raised' GROUP BY 1",
-        [args.run]).fetchall())
+        [run]).fetchall())
     final = con.execute(
         "SELECT layer, round(neff, 2), round(top2_share, 3), dead FROM snapshots "
         "WHERE run_id = ? AND layer >= 0 AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) "
-        "ORDER BY layer", [args.run, args.run]).fetchall()
-    print(f"\nrecorded run '{args.run}' ({args.steps} steps, {N_LAYERS} layers x {N_EXPERTS} experts) "
-          f"under {root}")
+        "ORDER BY layer", [run, run]).fetchall()
+    print(f"\nrecorded run '{run}' ({steps} steps, {N_LAYERS} layers x {N_EXPERTS} experts) under {root}")
     for name in ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED"):
         print(f"  first {name:<19} at step {first.get(name, 'never')}")
     for layer, neff, top2, dead in final:
         print(f"  layer {layer}: final Neff {neff} of {N_EXPERTS}, Top2 {top2}, dead {dead}")
-    if trained is not None:
+    if model_run is not None:
         rows = con.execute(
             "SELECT layer, round(neff, 2), round(top2_share, 3), dead FROM snapshots WHERE run_id = ? "
             "AND layer >= 0 AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) ORDER BY layer",
             [model_run, model_run]).fetchall()
         alerts = con.execute("SELECT count(*) FROM alerts WHERE run_id = ? AND transition = 'raised'",
                              [model_run]).fetchall()[0][0]
-        print(f"\nrecorded run '{model_run}' (tiny HF Mixtral, {args.model_steps} steps on pydoc text, "
+        print(f"\nrecorded run '{model_run}' (tiny HF Mixtral, {model_steps} steps on pydoc text, "
               f"{trained['routers']} routers found by probes, governed by the informed lens)")
-        print(f"  final loss {trained['loss']:.3f} nats/byte, {trained['decisions']} controller decisions, "
-              f"{alerts} alerts raised")
+        print(f"  final loss {trained['loss']:.3f} nats/byte, "
+              f"{plural(trained['decisions'], 'controller decision')}, {plural(alerts, 'alert')} raised")
         for layer, neff, top2, dead in rows:
             print(f"  layer {layer}: final Neff {neff} of 8, Top2 {top2}, dead {dead}")
+    print("\nNeff = exp(entropy of the expert shares): 8 of 8 is perfectly even routing, 1 means one expert "
+          "takes everything.\nTop2 = share of the two busiest experts; dead = experts that got no token "
+          "in the last window.")
+
+
+def hints(root, run: str) -> None:
+    """Commands to look further, spelled so that they run in the user's shell."""
+    from pathlib import Path
+
+    from chrono.cli import invocation
+
+    exe = invocation()
     print("\nlook at it:")
-    print(f"  chrono --root {root} runs")
-    print(f"  chrono --root {root} alerts {args.run}")
-    print(f"  chrono --root {root} query \"SELECT step, layer, neff, top2_share FROM snapshots "
-          f"WHERE run_id = '{args.run}' ORDER BY step, layer\"")
-    print(f"  chrono --root {root} dashboard")
-    if args.no_serve:
-        return 0
-    return _serve(root)
+    print(f"  {exe} --root {root} runs")
+    print(f"  {exe} --root {root} show {run}")
+    print(f"  {exe} --root {root} alerts {run}")
+    print(f"  {exe} --root {root} query \"SELECT step, layer, neff, top2_share FROM snapshots "
+          f"WHERE run_id = '{run}' ORDER BY step, layer\"")
+    print(f"  {exe} --root {root} dashboard")
+    activate = Path(exe).parent / "activate"  # next to the entry point in a venv's bin/
+    if exe != "chrono" and activate.is_file():
+        print(f"  (or 'source {activate}' once, then plain 'chrono ...')")

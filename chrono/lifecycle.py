@@ -190,6 +190,9 @@ def apply_proposals(model: LifecycleModel, proposals: Iterable[Proposal], step: 
                     writer=None, policy: LifecyclePolicy | None = None) -> list[dict]:
     """Ask ``model`` to apply each proposal; log every outcome to ``lifecycle``.
 
+    An applied event also declares the layer's new expert count to ``writer``
+    (``RunWriter.declare_experts``), so routing rows of the new size are accepted.
+
     Returns the LIFECYCLE rows written (applied and refused).
     """
     rows = []
@@ -203,8 +206,16 @@ def apply_proposals(model: LifecycleModel, proposals: Iterable[Proposal], step: 
         if policy is not None:
             policy.applied(p.layer)
     if writer is not None and rows:
+        _declare(writer, rows)
         writer.log_rows("lifecycle", rows)
     return rows
+
+
+def _declare(writer, rows: list[dict]) -> None:
+    """Declare the expert counts applied events leave (the write API refuses undeclared counts)."""
+    for r in rows:
+        if r["applied"] and r["n_experts_after"] >= 1 and hasattr(writer, "declare_experts"):
+            writer.declare_experts(r["layer"], r["n_experts_after"])
 
 
 def record_event(writer, step: int, layer: int, event: str, expert: int, n_experts_after: int,
@@ -212,5 +223,6 @@ def record_event(writer, step: int, layer: int, event: str, expert: int, n_exper
     """Log one event a model took on its own schedule (e.g. staged growth)."""
     row = Proposal(event, layer, expert, source_expert, reason).row(step, n_experts_after, applied)
     if writer is not None:
+        _declare(writer, [row])
         writer.log_rows("lifecycle", [row])
     return row

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
 from .store import StoreError, list_runs, part_columns, part_files, run_manifest
+from .rules import invalid_sql
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
@@ -94,26 +95,100 @@ def runs_table(root) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
-def _build_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+_scanned: dict[tuple, bool] = {}
+
+
+def part_has_invalid_rows(path: str, table: str) -> bool:
+    """Whether a part of ``table`` holds a row the write API would refuse (``chrono.rules``).
+
+    Parts are immutable, so each is scanned once (the columns the rules read) and the answer
+    cached by (path, size, mtime); a part that cannot be scanned counts as suspect.
+    """
+    import pyarrow.parquet as pq
+
+    from .rules import invalid_mask
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    key = (path, table, st.st_size, st.st_mtime_ns)
+    hit = _scanned.get(key)
+    if hit is None:
+        try:
+            with pq.ParquetFile(path) as f:
+                cols = [c for c in f.schema_arrow.names if c in TABLES[table].names and c != "run_id"
+                        and not _stats_prove_valid(f.metadata, table, c)]
+                t = f.read(columns=cols) if cols else None
+            hit = t is not None and bool(invalid_mask(table, t)[0].any())
+        except Exception:
+            hit = True
+        if len(_scanned) > 200_000:
+            _scanned.clear()
+        _scanned[key] = hit
+    return hit
+
+
+def _stats_prove_valid(md, table: str, column: str) -> bool:
+    """True when the footer's statistics alone show every value of an integer ``column`` valid
+    (no NULLs where none may be, min/max inside its bounds): the column need not be read."""
+    from .rules import INT_MAX, bounds
+
+    field = TABLES[table].field(column)
+    b = bounds(table, column)
+    if not pa.types.is_integer(field.type) or (table == "signals" and column in ("name", "value")):
+        return False
+    lo, hi = b if b is not None else (-INT_MAX[field.type.bit_width] - 1, None)
+    hi = INT_MAX[field.type.bit_width] if hi is None else hi
+    idx = md.schema.names.index(column) if column in md.schema.names else -1
+    if idx < 0:
+        return False
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(idx).statistics
+        if st is None or not st.has_min_max or st.null_count is None:
+            if md.row_group(g).num_rows == 0:
+                continue
+            return False
+        if (st.null_count and not field.nullable) or st.min < lo or st.max > hi:
+            return False
+    return True
+
+
+def _build_views(con: duckdb.DuckDBPyConnection, root: Path, skip_invalid: bool = False) -> None:
     for table in TABLES:
-        con.execute(f"CREATE OR REPLACE VIEW {table} AS {_view_sql(table, part_files(root, table))}")
+        files = part_files(root, table)
+        sql = _view_sql(table, files)
+        if skip_invalid:   # rows the write API would refuse go to invalid_<table> instead
+            suspect = [f for f in files if part_has_invalid_rows(f, table)]
+            bad, clean = invalid_sql(table), [f for f in files if f not in set(suspect)]
+            filtered = f"SELECT * FROM ({_view_sql(table, suspect)}) WHERE NOT ({bad})"
+            sql = f"{_view_sql(table, clean)} UNION ALL {filtered}" if clean and suspect else \
+                (filtered if suspect else sql)
+            con.execute(f"CREATE OR REPLACE VIEW invalid_{table} AS "
+                        f"SELECT * FROM ({_view_sql(table, suspect)}) WHERE {bad}")
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
     con.register("_runs_arrow", runs_table(root))
     con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _runs_arrow")
 
 
-def connect(root=None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+def connect(root=None, sandbox: bool = True, skip_invalid: bool = False) -> duckdb.DuckDBPyConnection:
     """Read-only DuckDB connection with views ``runs routing tokens snapshots alerts
     decisions signals lifecycle`` over all runs under ``root``.
 
     A missing root is an empty store (every view empty, right columns).
+    ``skip_invalid``: leave rows the write API would refuse (``chrono.validate``:
+    negative counts, unknown modes, non-finite metrics...; written by an older
+    version or another tool) out of those views, and show them in views
+    ``invalid_<table>`` instead (what the dashboard uses).
     """
     from .store import default_root
 
     root = Path(root if root is not None else default_root()).absolute()
     con = duckdb.connect(":memory:")
     con.execute("SET threads TO 2")
-    con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root")
-    _build_views(con, root)
+    con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root, "
+                f"{bool(skip_invalid)} AS skip_invalid")
+    _build_views(con, root, skip_invalid)
     if sandbox:
         allowed = str(root) + os.sep
         con.execute(f"SET allowed_directories = [{_sql_str(allowed)}]")
@@ -125,10 +200,10 @@ def connect(root=None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
 def refresh(con: duckdb.DuckDBPyConnection) -> None:
     """Rebuild the views of a ``connect()`` connection to include newly written parts."""
     try:
-        ((root,),) = con.execute("SELECT root FROM _chrono_root").fetchall()
+        ((root, skip_invalid),) = con.execute("SELECT root, skip_invalid FROM _chrono_root").fetchall()
     except duckdb.Error:
         raise ValueError("refresh() needs a connection made by chrono.connect()") from None
-    _build_views(con, Path(root))
+    _build_views(con, Path(root), skip_invalid)
 
 
 def check_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -15,6 +15,10 @@ Alert rules (DESIGN §4), per layer, over consecutive snapshots of that layer:
   ``cleared``. A window with no traffic for a layer (or a layer missing from
   a window) is idle: no alert, counters reset (ChronoMoE let counters span
   such gaps; we do not, see DESIGN §4).
+* A layer with fewer than ``MIN_EXPERTS_TO_ALERT`` (2) experts never alerts:
+  with one expert Top2 = 1.0 and Neff = 1 by definition, yet nothing can be
+  imbalanced (a Bio-MoE layer before its first growth). Its counters reset
+  and an active alert is cleared, as for a healthy window.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ PRE_TOP2 = 0.75
 PRE_PERSIST = 3
 CONFIRMED_TOP2 = 0.85
 CONFIRMED_PERSIST = 5
+MIN_EXPERTS_TO_ALERT = 2  # fewer experts than this: routing cannot be imbalanced, no alert
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,10 @@ class AlertRule:
     persist: int
 
     def holds(self, row: dict) -> bool:
+        """Whether the rule's condition holds for one snapshot row (never when n < 2)."""
         n = row["n_experts"]
+        if n < MIN_EXPERTS_TO_ALERT:
+            return False
         if self.name == "PRE_COLLAPSE":
             return row["neff"] < PRE_NEFF_FRACTION * n or row["top2_share"] > PRE_TOP2
         return row["dead"] >= 1 and row["top2_share"] > CONFIRMED_TOP2

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import ledger
+from . import declared, ledger, validate as V
 from .schema import COLUMN_DEFAULTS, MODES, SCHEMA_VERSION, TABLES, conform, table_schema
 
 log = logging.getLogger("chrono.store")
@@ -195,6 +195,7 @@ class WriterStats:
     parts_written: int = 0
     write_errors: int = 0
     rows_dropped: int = 0
+    calls_refused: int = 0   # log_* calls refused by chrono.validate (on_error="count")
     last_error: str | None = None
 
 
@@ -356,7 +357,8 @@ class RunWriter:
             "run_id": self.run_id,
             "created_at": old.get("created_at", now),
             "updated_at": now,
-            "model": model if model is not None else old.get("model"),
+            "model": (declared.merge_declarations(old.get("model"), model) if model is not None
+                      else old.get("model")),
             "config": config if config is not None else old.get("config"),
             "host": socket.gethostname(),
             "world_size": self.world_size,
@@ -383,6 +385,18 @@ class RunWriter:
                     self.path / MANIFEST, json.dumps(self.manifest, indent=2,
                                                      default=_json_default).encode()))
 
+    def declare_experts(self, layer: int, n_experts: int) -> None:
+        """Declare that ``layer`` now has ``n_experts`` experts (lifecycle growth / shrinkage).
+
+        Updates the manifest's ``model.experts_per_layer`` (and ``layers``); every
+        count ever declared stays valid for that layer's rows (``declared_experts``).
+        Raises ``InvalidInputError`` (a ValueError) for a negative layer or n < 1.
+        """
+        with self._lock:
+            model = declared.declare(self.manifest.get("model"), layer, n_experts)
+            if model is not None:
+                self.update_manifest(model=model)
+
     # ---------------------------------------------------------------- logging
     def _append(self, table: str, columns: dict) -> None:
         if self._closed:
@@ -395,8 +409,9 @@ class RunWriter:
         if pending >= self.auto_flush_rows:
             self.flush()
 
+    @V.door(V.check_routing)
     def log_routing(self, step, layer, counts, mode: str = "TRAIN", weight_sum=None,
-                    rank: int | None = None, dropped=None, expert_offset=0) -> None:
+                    rank: int | None = None, dropped=None, expert_offset=None) -> None:
         """Append aggregated routing counts.
 
         ``counts``: ``[..., n_experts]`` tokens dispatched per expert; ``step`` and
@@ -405,6 +420,8 @@ class RunWriter:
         ``dropped`` have the shape of ``counts``. ``expert_offset`` (broadcast like
         ``layer``) is added to the expert ids: a rank holding experts
         ``[offset, offset + n)`` of an expert-parallel layer logs global ids.
+        Checked first (``chrono.validate``): a bad call raises ``InvalidInputError``
+        (a ValueError naming argument, run, step and layer) and writes nothing.
         """
         c = np.asarray(counts)
         if c.ndim == 0:
@@ -414,7 +431,7 @@ class RunWriter:
         try:
             step_a = np.broadcast_to(np.asarray(step, dtype=np.int64), lead)
             layer_a = np.broadcast_to(np.asarray(layer, dtype=np.int32), lead)
-            offset_a = np.broadcast_to(np.asarray(expert_offset, dtype=np.int32), lead)
+            offset_a = np.broadcast_to(np.asarray(0 if expert_offset is None else expert_offset, dtype=np.int32), lead)
         except ValueError:
             raise ValueError(f"step {np.shape(step)}, layer {np.shape(layer)} and expert_offset "
                              f"{np.shape(expert_offset)} must broadcast to counts' leading shape "
@@ -490,12 +507,14 @@ class RunWriter:
             self._last_routing = {k: min(v, int(from_step) - 1) for k, v in self._last_routing.items()}
         return removed
 
+    @V.door(V.check_tokens)
     def log_tokens(self, step, layer, expert, weight=None, batch_idx=None, position=None, k=None,
                    token_id=None, mode: str = "TRAIN", rank: int | None = None) -> None:
         """Append per-token routing facts; every argument is a scalar or an array of one length.
 
         ``token_id``: None (unknown: NULL), an int array, or a ``pyarrow.Array`` with nulls
-        for the unknown ones.
+        for the unknown ones. Checked first (``chrono.validate``): a bad call raises
+        ``InvalidInputError`` (a ValueError) and writes nothing.
         """
         expert_a = np.asarray(expert, dtype=np.int32).reshape(-1)
         rows = expert_a.shape[0]
@@ -524,9 +543,14 @@ class RunWriter:
         }
         self._append("tokens", cols)
 
+    @V.door(V.check_signal)
     def log_signal(self, step: int, name: str, value, layer: int | None = None,
                    rank: int | None = None) -> None:
-        """Append one scalar signal (loss, accuracy, a model-specific state probe)."""
+        """Append one scalar signal (loss, accuracy, a model-specific state probe).
+
+        ``value`` is finite (NaN/Inf only for loss-like names, ``chrono.rules``) or None;
+        a bad call raises ``InvalidInputError`` (a ValueError) and writes nothing.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError("signal name must be a non-empty string")
         self._append("signals", {
@@ -536,8 +560,13 @@ class RunWriter:
             "rank": [self.rank if rank is None else int(rank)],
         })
 
+    @V.door(V.check_rows)
     def log_rows(self, table: str, rows: list[dict]) -> None:
-        """Append whole rows (dicts) to ``table``; ``run_id`` is filled in."""
+        """Append whole rows (dicts) to ``table``; ``run_id`` is filled in.
+
+        Every row is checked (``chrono.validate``); one bad row refuses the whole call
+        with ``InvalidInputError`` (a ValueError) and nothing is written.
+        """
         if not rows:
             return
         schema = _INTERNAL[table]

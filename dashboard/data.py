@@ -31,6 +31,7 @@ import pandas as pd
 import streamlit as st
 
 import chrono
+from chrono.health import ACTIVE_ALERTS_SQL, health_of
 from chrono.store import default_root, list_runs, run_stamps
 
 ROOT_ENV = "CHRONO_ROOT"
@@ -66,7 +67,7 @@ class Store:
         self.root = Path(root)
         self.lock = threading.RLock()
         self.fingerprint = _fingerprint(self.root)  # taken before the views: never stale-new
-        self.con = chrono.connect(self.root)
+        self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
         self.checked_at = time.monotonic()
 
     def sync(self, force: bool = False) -> None:
@@ -116,6 +117,30 @@ def query(sql: str, run: str | None = None, root: Path | None = None, **params) 
     if run is not None:
         params["run"] = run
     return _cached(str(store.root), store.version(run), sql, tuple(sorted(params.items())))
+
+
+def invalid_note(run: str, root: Path | None = None) -> str | None:
+    """One line naming table, step and layer of the run's first row the write API would refuse.
+
+    Pages leave such rows out (the connection's views skip them, ``chrono.validate``);
+    this says so. None when the run has none.
+    """
+    store = get_store(root)
+    return _cached_invalid(str(store.root), store.version(run), run)
+
+
+@st.cache_data(ttl=3600, max_entries=64, show_spinner=False)
+def _cached_invalid(root: str, version: str, run: str) -> str | None:
+    from chrono.schema import TABLES
+    from chrono.rules import first_invalid
+
+    store = _store(root)
+    with store.lock:
+        for t in TABLES:
+            err = first_invalid(store.con, t, run, view=f"invalid_{t}")
+            if err is not None:
+                return f"{err} These rows are left out of every page."
+    return None
 
 
 def reload(root: Path | None = None) -> None:
@@ -217,6 +242,15 @@ FROM snapshots WHERE run_id = $run
 GROUP BY layer, (step - $lo) // $w ORDER BY layer, step
 """
 
+# Per-layer snapshot windows binned to the heatmap budget, for the layer x step health strip.
+STRIP_SQL = """
+SELECT layer, min(window_start) AS x_start, max(step) + 1 AS x_end, min(step) AS step_start,
+       max(step) AS step_end, count(*) AS windows, max(n_experts) AS n_experts,
+       avg(neff) AS neff, avg(top2_share) AS top2_share, max(dead) AS dead, max(nearly_dead) AS nearly_dead
+FROM snapshots WHERE run_id = $run AND layer >= 0
+GROUP BY layer, (step - $lo) // $w ORDER BY layer, step_start
+"""
+
 LATEST_SNAPSHOTS_SQL = """
 SELECT * FROM snapshots WHERE run_id = $run AND step IN (
     SELECT DISTINCT step FROM snapshots WHERE run_id = $run ORDER BY step DESC LIMIT 2)
@@ -237,7 +271,7 @@ FROM decisions WHERE run_id = $run
 """
 
 DECISIONS_SERIES_SQL = """
-SELECT layer, actuator, max(step) AS step, count(*) AS decisions,
+SELECT layer, actuator, min(step) AS step_start, max(step) AS step, count(*) AS decisions,
        avg(debt) AS debt, avg(pressure) AS pressure, avg(heat) AS heat,
        avg(forgetting) AS forgetting, avg(lens_scale) AS lens_scale, avg(backoff) AS backoff,
        avg(abstain::INT) AS abstain_fraction
@@ -245,9 +279,14 @@ FROM decisions WHERE run_id = $run
 GROUP BY layer, actuator, (step - $lo) // $w ORDER BY layer, actuator, step
 """
 
-DECISION_REASONS_SQL = """
-SELECT reason, abstain, count(*) AS decisions, min(step) AS first_step, max(step) AS last_step
-FROM decisions WHERE run_id = $run GROUP BY ALL ORDER BY decisions DESC
+# Reasons carry the values of the moment ("act: debt 0.412, pressure 0.200"): group by the text
+# with its numbers masked, so one kind of reason is one row.
+DECISION_REASONS_SQL = r"""
+SELECT regexp_replace(coalesce(nullif(trim(reason), ''), '(no reason given)'),
+                      '[-+]?\d+(\.\d+)?([eE][-+]?\d+)?', '#', 'g') AS kind,
+       abstain, count(*) AS decisions, count(DISTINCT layer) AS layers,
+       min(step) AS first_step, max(step) AS last_step, arg_max(reason, step) AS latest_example
+FROM decisions WHERE run_id = $run GROUP BY ALL ORDER BY decisions DESC, kind
 """
 
 DECISIONS_LATEST_SQL = """
@@ -277,27 +316,48 @@ FROM s JOIN r USING (name)
 GROUP BY s.name, s.layer, (s.step - r.lo) // r.w ORDER BY s.name, s.layer, step
 """
 
+# Examples of the SQL page; {run} is replaced by the selected run as a quoted literal (run ids are
+# [A-Za-z0-9._-] only), so what runs is what the text box shows.
 SQL_EXAMPLES: dict[str, str] = {
-    "Runs": "SELECT run_id, n_layers, n_experts, top_k, adapter, updated_at FROM runs",
-    "Tokens per expert (all runs)":
-        "SELECT run_id, layer, expert, sum(tokens) AS tokens\nFROM routing\nGROUP BY ALL ORDER BY ALL",
+    "Runs (all)": "SELECT run_id, n_layers, n_experts, top_k, adapter, updated_at FROM runs",
+    "Tokens per expert":
+        "SELECT layer, expert, sum(tokens) AS tokens\nFROM routing\nWHERE run_id = {run}\n"
+        "GROUP BY ALL ORDER BY ALL",
     "Latest health per layer":
-        "SELECT run_id, layer, step, round(neff, 3) AS neff, n_experts, round(top2_share, 3) AS top2, dead\n"
-        "FROM snapshots\nQUALIFY step = max(step) OVER (PARTITION BY run_id)\nORDER BY run_id, layer",
-    "Alerts raised": "SELECT run_id, step, layer, alert, neff, top2_share, dead\nFROM alerts\n"
-                     "WHERE transition = 'raised' ORDER BY run_id, step",
-    "Controller decisions": "SELECT run_id, step, layer, actuator, debt, pressure, lens_scale, abstain, reason\n"
-                            "FROM decisions ORDER BY run_id, step DESC LIMIT 100",
-    "Signals": "SELECT run_id, name, count(*) AS points, min(value), max(value)\nFROM signals GROUP BY ALL",
+        "SELECT layer, step, round(neff, 3) AS neff, n_experts, round(top2_share, 3) AS top2, dead\n"
+        "FROM snapshots\nWHERE run_id = {run}\nQUALIFY step = max(step) OVER ()\nORDER BY layer",
+    "Alerts raised": "SELECT step, layer, alert, neff, top2_share, dead\nFROM alerts\n"
+                     "WHERE run_id = {run} AND transition = 'raised'\nORDER BY step, layer",
+    "Controller decisions": "SELECT step, layer, actuator, debt, pressure, lens_scale, abstain, reason\n"
+                            "FROM decisions\nWHERE run_id = {run}\nORDER BY step DESC, layer LIMIT 100",
+    "Signals": "SELECT name, count(*) AS points, min(value), max(value)\nFROM signals\n"
+               "WHERE run_id = {run}\nGROUP BY ALL",
 }
+
+
+def sql_example(name: str, run: str | None) -> str:
+    """The example's SQL for ``run`` (all runs when None: the filter is dropped)."""
+    sql = SQL_EXAMPLES[name]
+    if run is None:
+        return sql.replace("WHERE run_id = {run} AND ", "WHERE ").replace("WHERE run_id = {run}\n", "")
+    return sql.replace("{run}", "'" + run.replace("'", "''") + "'")
 
 
 # ---------------------------------------------------------------- loaders
 def runs() -> pd.DataFrame:
-    """One row per run, newest first, with model name and run-level counts."""
+    """One row per run, newest first, with model name, run-level counts and health.
+
+    Health columns (``chrono.health``): ``health`` (OK / PRE_COLLAPSE / COLLAPSE_CONFIRMED),
+    ``severity`` (0-2), ``worst_layer`` (None when OK), ``layers_alerting``.
+    """
     df = query(RUNS_SQL)
-    if not df.empty:
-        df["model_name"] = [(_json(m) or {}).get("name") for m in df["model"]]
+    health = health_of(query(ACTIVE_ALERTS_SQL).to_dict("records"))
+    df["model_name"] = [(_json(m) or {}).get("name") for m in df["model"]] if len(df) else []
+    got = [health.get(r) for r in df["run_id"]]
+    df["health"] = [h.status if h else "OK" for h in got]
+    df["severity"] = [h.severity if h else 0 for h in got]
+    df["worst_layer"] = pd.array([h.worst_layer if h else None for h in got], dtype="Int64")
+    df["layers_alerting"] = [len({l for l, _ in h.active}) if h else 0 for h in got]
     return df
 
 
@@ -308,8 +368,14 @@ def _json(s):
         return None
 
 
+def run_set(root: Path | None = None) -> set[str]:
+    """The runs in the store now, from the fingerprint ``sync`` keeps (stat calls, no SQL)."""
+    return set(get_store(root).fingerprint)
+
+
 def run_ids() -> list[str]:
-    return list(runs()["run_id"])
+    """Run ids, newest first (cheap: one cached query keyed on the store fingerprint)."""
+    return list(query(RUNS_SQL)["run_id"])
 
 
 def sql_console(sql: str, limit: int, root: Path | None = None):

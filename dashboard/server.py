@@ -18,6 +18,7 @@ from pathlib import Path
 APP = Path(__file__).resolve().with_name("streamlit_app.py")
 DEFAULT_PORT = 8501
 DEFAULT_HOST = "127.0.0.1"
+PRIMARY_COLOR = "#4c78a8"
 
 
 class ServeError(RuntimeError):
@@ -44,7 +45,9 @@ def command(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> list[str]:
             "--server.port", str(port), "--server.address", host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--server.runOnSave", "false",
-            "--global.developmentMode", "false", "--client.toolbarMode", "viewer"]
+            "--global.developmentMode", "false", "--client.toolbarMode", "viewer",
+            # widgets in blue: red and orange mean alerts on every page
+            "--theme.primaryColor", PRIMARY_COLOR]
 
 
 def serve(root, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, wait: bool = True,

@@ -38,4 +38,5 @@ else:
     nav = st.navigation([st.Page(ui.welcome, title="Welcome", icon=":material/waving_hand:",
                                  url_path="welcome")])
 ui.sidebar(run_ids)
+ui.missing_note()
 nav.run()

@@ -12,10 +12,13 @@
 * ``"manual"``: only ``h.step()`` ends steps.
 * ``"auto"`` (default): ``"forward"`` until the first optimizer step of this
   model, then ``"optimizer"``. At that first optimizer step the forwards since
-  the first TRAIN-mode forward of the open window (provisionally separate
-  steps) are merged into one step, so gradient accumulation is exact from the
-  first step on, as long as the window (``flush_every``) is longer than one
-  optimizer step's forwards; otherwise the handle warns once.
+  attach (provisionally one step each) are merged into one step, which is what
+  ``"optimizer"`` would have recorded: gradient accumulation, evaluation or
+  rollouts before the first update all land in the first training step, and
+  step numbers equal optimizer steps from then on, as long as those forwards fit
+  in one window (``flush_every`` steps); otherwise the handle warns once.
+* ``steps=<another Handle>``: follow that handle's steps (a frozen reference
+  model attached to its own run ends its steps when the policy's handle does).
 
 Calling ``h.step()`` switches any rule to ``"manual"``.
 """
@@ -38,7 +41,7 @@ class StepClock:
         self.updated = False            # an optimizer step of this model ran in the open step
         self.training = rule == "optimizer"
         self.forward_pending = False    # a top-level forward ran in the open step
-        self.first_train_step = None    # auto, before training is known: step of the first TRAIN forward
+        self.first_step = None          # auto, before training is known: first provisional step
         self.optimizer_steps = 0
         self.split = False              # provisional steps of the first optimizer step were written
         self._on_first_update = on_first_update
@@ -69,8 +72,8 @@ class StepClock:
         if not self.training:
             self.training = True
             if self._on_first_update is not None:
-                self._on_first_update(self.first_train_step, self.split)
-            self.first_train_step = None
+                self._on_first_update(self.first_step, self.split)
+            self.first_step = None
 
     def forward_starts(self, mode: int, open_step: int) -> bool:
         """A top-level forward in ``mode`` starts; True if the open step must end first."""
@@ -79,8 +82,8 @@ class StepClock:
         if self.training:
             return self.updated and mode == TRAIN
         end = self.forward_pending
-        if mode == TRAIN and self.first_train_step is None:
-            self.first_train_step = open_step + (1 if end else 0)
+        if self.first_step is None:
+            self.first_step = open_step
         return end
 
     def step_ended(self) -> None:
@@ -93,9 +96,9 @@ class StepClock:
 
     def window_closed(self, open_step: int) -> None:
         """Provisional steps written to disk can no longer be merged: merge from ``open_step``."""
-        if self.first_train_step is not None and not self.training:
+        if self.first_step is not None and not self.training:
             self.split = True
-            self.first_train_step = open_step
+            self.first_step = open_step
 
     def remove(self) -> None:
         if self._hook is not None:

@@ -52,7 +52,8 @@ class _NullWriter:
         self.stats = WriterStats(write_errors=1, last_error=f"{type(error).__name__}: {error}")
 
     def __getattr__(self, name):
-        if name.startswith("log_") or name in ("flush", "close", "update_manifest", "replace_table"):
+        if name.startswith("log_") or name in ("flush", "close", "update_manifest", "replace_table",
+                                                "declare_experts"):
             def dropped(*a, **k):
                 self.stats.write_errors += 1
             return dropped
@@ -99,8 +100,17 @@ class Handle:
             raise ProbeError(f"padding must be 'exclude' (default) or 'count', got {padding!r}")
         if auto_step is False:       # the pre-0.2 spelling of steps="manual"
             steps = "manual"
+        self._leader = None
+        self._followers: list = []
+        if isinstance(steps, Handle):   # follow another handle's steps (a frozen reference model)
+            if steps._detached:
+                raise ProbeError("steps=<handle>: that handle is already detached")
+            self._leader, steps = steps, "manual"
+            if start_step is None:
+                start_step = self._leader.current_step
         if steps not in ("auto", "optimizer", "forward", "manual"):
-            raise ProbeError(f"steps must be 'auto', 'optimizer', 'forward' or 'manual', got {steps!r}")
+            raise ProbeError(f"steps must be 'auto', 'optimizer', 'forward', 'manual' or a probes "
+                             f"Handle to follow, got {steps!r}")
         if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)
                                        or start_step < 0):
             raise ProbeError(f"start_step must be None or an int >= 0, got {start_step!r}")
@@ -121,6 +131,7 @@ class Handle:
         self._stack_paths = stack_paths
         # per-thread forward state (threaded serving: one request's mask never applies to another's)
         self._tls = _ForwardState(len(stack_paths))
+        self._lock = threading.RLock()   # recorder buffers: router calls of several threads, step ends
         self._tracker = AlertTracker()
         self._callbacks: list = []
         self._hooks: list = []
@@ -169,6 +180,8 @@ class Handle:
             raise
         self._bg = BackgroundWriter(self.writer)
         self._clock = StepClock(model, steps, on_first_update=self._merge_provisional)
+        if self._leader is not None:
+            self._leader._followers.append(weakref.ref(self))
         self.metrics_server = None
         try:
             self._install(model, lenses or {})
@@ -301,12 +314,18 @@ class Handle:
                     mode = ctx.mode if ctx is not None else (
                         st.root_mode if st.root_mode is not None else mode_index(module))
                 h._dirty = True
-                if ctx is not None and ctx.keep is not None:
+                mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
+                if compiling:   # (a lock cannot be traced; compiled serving from threads is not supported)
                     rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits,
-                               ctx.keep, ctx.pad)
-                else:
-                    rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits)
-                if sampler is not None:
+                               mask, pad)
+                else:           # in-place adds from two threads would race: serialise them (~0.1 us)
+                    with h._lock:
+                        rec.record(mode, slot, routed.indices, routed.weights, routed.dropped,
+                                   routed.logits, mask, pad)
+                        if sampler is not None:
+                            sampler.sample(site.layer, mode, routed.indices, routed.weights,
+                                           routed.dropped, ctx)
+                if compiling and sampler is not None:
                     sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
             except Exception as e:  # telemetry must never break the forward
                 h._fault(f"router {site.name}", e)
@@ -380,25 +399,39 @@ class Handle:
         self._tls.user_mask, self._tls.mask_used = mask, False
 
     def _merge_provisional(self, first_step, split: bool = False) -> None:
+        with self._lock:
+            self._merge_provisional_locked(first_step, split)
+
+    def _merge_provisional_locked(self, first_step, split: bool = False) -> None:
         """The first optimizer step arrived ("auto" rule): the forwards since ``first_step`` were
         one training step, not one step each. Fold them into the open step."""
         try:
             if split:
-                self._warn_once("split", "probes: the first optimizer step's forwards span a window "
-                                "boundary (flush_every=%d), so the steps already written stay separate; "
-                                "use steps='optimizer' for exact steps from the start", self.flush_every)
-            if first_step is None or first_step == self._step or first_step not in self._slot_steps:
-                return
-            j = self._slot_steps.index(first_step)
-            self._rec.merge(j, len(self._slot_steps))
-            if self._sampler is not None:
-                self._sampler.restep(first_step)
-            self._counters["steps"] -= len(self._slot_steps) - j
-            self._slot_steps = self._slot_steps[:j]
-            self._step = first_step
-            self._dirty = True
+                self._warn_once("split", "probes: forwards before the first optimizer step did not fit "
+                                "in one window (flush_every=%d): those already written stay one step "
+                                "each; use steps='optimizer' for exact steps from the start",
+                                self.flush_every)
+            if first_step is not None:
+                self._fold_from(first_step)
+                for ref in list(self._followers):
+                    f = ref()
+                    if f is not None and not f._detached:
+                        f._fold_from(first_step)
         except Exception as e:
             self._fault("step merge", e)
+
+    def _fold_from(self, first_step: int) -> None:
+        """Fold the window's steps ``>= first_step`` and the open step into one open step."""
+        if first_step == self._step or first_step not in self._slot_steps:
+            return
+        j = self._slot_steps.index(first_step)
+        self._rec.merge(j, len(self._slot_steps))
+        if self._sampler is not None:
+            self._sampler.restep(first_step)
+        self._counters["steps"] -= len(self._slot_steps) - j
+        self._slot_steps = self._slot_steps[:j]
+        self._step = first_step
+        self._dirty = True
 
     def _finish_open_step(self) -> None:
         if self._dirty or self._clock.forward_pending:
@@ -411,6 +444,10 @@ class Handle:
 
     @torch._dynamo.disable
     def _advance(self, next_step: int | None = None, close: bool = True) -> None:
+        with self._lock:
+            self._advance_locked(next_step, close)
+
+    def _advance_locked(self, next_step: int | None, close: bool) -> None:
         if self._detached:
             return
         self._dirty = False
@@ -423,6 +460,12 @@ class Handle:
             self._slot_steps.append(self._step)
             self._counters["steps"] += 1
             self._step = self._step + 1 if next_step is None else int(next_step)
+            for ref in list(self._followers):    # handles following this one end their step too
+                f = ref()
+                if f is None or f._detached:
+                    self._followers.remove(ref)
+                elif f._step < self._step:
+                    f._advance(self._step)
             if close and len(self._slot_steps) >= self.flush_every:
                 self._close_window()
                 # durability over latency (issue #11): the window is on disk before training goes
@@ -459,11 +502,17 @@ class Handle:
         signals, rows, transitions, jobs = [], [], [], []
         if data is not None:
             jobs, rows, transitions, signals = self._window_rows(steps, data, reduce)
+        # routers that grew or shrank (lifecycle) are declared before their rows (chrono.validate);
+        # expert-parallel ranks keep the global counts declared at attach
+        sizes = {} if self._dist is not None and self._dist.expert_parallel else \
+            dict(zip(self._layer_ids.tolist(), self._experts()))
         self._window_experts = [0] * len(self.routers)
         run_id = self.run_id
         write_globals = self._dist is None or self._dist.is_writer_of_globals
 
         def write(w):
+            for layer, n in sizes.items():
+                w.declare_experts(layer, n)
             for kw in jobs:
                 w.log_routing(**kw)
             if tok is not None:
@@ -543,13 +592,15 @@ class Handle:
         """
         if self._detached:
             return
-        self._finish_open_step()
-        self._close_window()
+        with self._lock:
+            self._finish_open_step()
+            self._close_window()
         self._bg.wait()
 
     def metrics(self) -> dict:
         """Live ``{layer: LayerMetrics}`` of the current window (finished steps + the running one)."""
-        data = self._rec.take(len(self._slot_steps), include_current=True)
+        with self._lock:
+            data = self._rec.take(len(self._slot_steps), include_current=True)
         c, d = data["counts"].sum(axis=(0, 1)), data["dropped"].sum(axis=(0, 1))
         return {s.layer: M.summarize(c[i, :n], d[i, :n])
                 for i, (s, n) in enumerate(zip(self.routers, self._experts()))}
@@ -638,6 +689,7 @@ class Handle:
         if self._detached:
             return
         try:
+            self._lock.acquire()
             if self._dist is None:
                 self._finish_open_step()
                 self._close_window()
@@ -650,6 +702,7 @@ class Handle:
         except Exception as e:
             self._fault("detach", e)
         finally:
+            self._lock.release()
             self._active = False
             self._detached = True
             self._clock.remove()
@@ -740,6 +793,8 @@ def attach(model: nn.Module, run: str, root=None, tokens: float = 0.0, flush_eve
     * ``steps``: when a step ends (``probes.clock``): ``"auto"`` (default: one step per
       optimizer step once the model trains, one per top-level forward before that / in
       inference), ``"optimizer"``, ``"forward"``, ``"manual"`` (only ``h.step()``).
+    * ``steps=<Handle>``: follow another handle's steps (attach a frozen reference model to its
+      own run; its steps end when the policy's do, and take the same numbers).
     * ``start_step``: first step of this session. None (default) continues after the steps
       this rank already stored in the run (0 for a new run); a smaller value raises
       ``chrono.store.StoreError`` unless ``overwrite=True``, which first removes this rank's

@@ -4,7 +4,8 @@ For a router call over ``T`` tokens with rate ``p`` we take ``n = min(ceil(p*T),
 budget)`` tokens by systematic sampling: positions ``off + i*stride`` with
 ``stride = T // n`` and a random offset drawn on the device (no host sync;
 each token's inclusion probability is n / (n*stride), uniform over the first
-n*stride tokens). The budget is ``max_tokens_per_step`` per layer per step,
+n*stride tokens). The i-th call of every layer in a step uses the same offset,
+so at equal token counts all layers sample the same tokens. The budget is ``max_tokens_per_step`` per layer per step,
 counted on the host from shapes only. Sampled values stay on the device until
 the window is flushed, then are copied to the host in two concatenated copies.
 Under ``torch.compile`` sampling runs outside the graph (a graph break per
@@ -31,6 +32,8 @@ class TokenSampler:
         self.seed = int(seed)
         self._gens: dict = {}
         self._used: dict[int, int] = {}
+        self._calls: dict[int, int] = {}     # router calls per layer in the open step
+        self._offsets: dict = {}             # (call, T, n, device) -> shared offset
         self._pending: list = []
         self._ready: list = []
         self.sampled = 0
@@ -58,8 +61,15 @@ class TokenSampler:
         self._used[layer] = self._used.get(layer, 0) + n
         stride = T // n
         dev = idx.device
-        pos = torch.arange(n, device=dev).mul_(stride).add_(
-            torch.randint(0, stride, (1,), device=dev, generator=self._gen(dev)))      # [n]
+        # the i-th call of every layer in a step shares one offset, so all layers sample the same
+        # tokens (layer-to-layer analyses can follow a token) while each token stays equally likely
+        call = self._calls.get(layer, 0)
+        self._calls[layer] = call + 1
+        key = (call, T, n, dev)
+        off = self._offsets.get(key)
+        if off is None:
+            off = self._offsets[key] = torch.randint(0, stride, (1,), device=dev, generator=self._gen(dev))
+        pos = torch.arange(n, device=dev).mul_(stride).add_(off)      # [n]
         if ctx is not None:
             seq = ctx.seq
             col = torch.remainder(pos, seq)
@@ -94,6 +104,8 @@ class TokenSampler:
         self._ready.extend(self._pending)
         self._pending = []
         self._used = {}
+        self._calls = {}
+        self._offsets = {}
 
     def take(self) -> tuple[np.ndarray, np.ndarray] | None:
         """All finished steps' rows as host arrays, or None.

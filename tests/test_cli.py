@@ -39,8 +39,53 @@ def test_runs_and_show(demo_root, capsys):
     assert "demo" in out and "synthetic" in out
     assert run_cli("show", "demo", root=demo_root) == 0
     out = capsys.readouterr().out
-    assert "routing    6400" in out  # 200 steps x 4 layers x 8 experts
+    assert "routing 6,400" in out  # 200 steps x 4 layers x 8 experts
     assert "latest snapshot" in out
+
+
+def test_show_is_a_compact_summary_and_json_is_the_raw_form(demo_root, capsys):
+    from chrono.store import read_manifest, require_run
+
+    assert run_cli("show", "demo", root=demo_root) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 25  # the raw manifest alone is ~35 lines
+    assert "model    synthetic-drift, 4 layers x 8 experts, top-2, adapter synthetic" in out
+    assert "created  20" in out and " UTC" in out  # a date, not a float epoch
+    assert "health   COLLAPSE_CONFIRMED (layer " in out  # the demo ends collapsed
+    assert '"schema_version"' not in out
+    assert run_cli("show", "demo", "--json", root=demo_root) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["manifest"] == read_manifest(require_run(demo_root, "demo"))
+    assert raw["rows"]["routing"] == 200 * 4 * 8
+    assert raw["health"]["status"] == "COLLAPSE_CONFIRMED"
+
+
+def test_runs_has_a_health_column(demo_root, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+
+    import chrono
+
+    root = tmp_path / "store"
+    shutil.copytree(demo_root, root)
+    with chrono.open_run(root, "calm") as w:
+        w.log_routing(0, 0, np.full(8, 10))
+    assert run_cli("runs", root=root) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["run_id", "health"]
+    by_run = {l.split()[0]: l.split()[1] for l in lines[1:]}
+    assert by_run == {"demo": "COLLAPSE_CONFIRMED", "calm": "OK"}
+
+
+def test_plural_grammar(demo_root, capsys):
+    from chrono.cli import plural
+
+    assert [plural(n, "alert") for n in (0, 1, 2)] == ["0 alerts", "1 alert", "2 alerts"]
+    assert run_cli("snapshot", "demo", "--every", "200", root=demo_root) == 0  # one window, 0 alerts
+    out = capsys.readouterr().out
+    assert "1 snapshot (every 200 steps), 5 rows, 0 alerts raised" in out
+    assert run_cli("snapshot", "demo", "--every", "10", root=demo_root) == 0  # restore for other tests
 
 
 def test_query_formats(demo_root, tmp_path, capsys):
@@ -100,10 +145,19 @@ def test_user_mistakes_are_one_line_exit_2(demo_root, args, needle):
     assert sorted(p.name for p in demo_root.rglob("*")) == before  # nothing changed on disk
 
 
-def test_missing_root_is_an_empty_store(tmp_path, capsys):
-    assert run_cli("runs", root=tmp_path / "nothing") == 0
-    assert "(no rows)" in capsys.readouterr().out
+@pytest.mark.parametrize("cmd", [["runs"], ["query", "SELECT 1"], ["alerts", "x"], ["show", "x"], ["replay", "x"],
+                                 ["snapshot", "x"]])
+def test_missing_root_says_the_store_does_not_exist(tmp_path, capsys, cmd):
+    assert run_cli(*cmd, root=tmp_path / "nothing") == 2
+    err = capsys.readouterr().err
+    assert f"store {tmp_path / 'nothing'} does not exist" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_file_as_root_is_not_a_store(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert run_cli("runs", root=tmp_path / "f") == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_query_commands_do_not_import_torch(demo_root):
@@ -153,3 +207,56 @@ def test_demo_twice_is_idempotent_and_spares_user_runs(tmp_path, capsys):
     assert "was not written by 'chrono demo'" in capsys.readouterr().err
     assert (run_dir(tmp_path, "mine") / "manifest.json").exists()
     assert chrono.connect(tmp_path).execute("SELECT count(*) FROM signals WHERE run_id = 'mine'").fetchall() == [(1,)]
+
+
+def test_demo_prints_stages_and_hints_that_run_in_the_users_shell(tmp_path):
+    """After `make demo` (`.venv/bin/chrono demo`, venv not activated) every printed hint runs as printed."""
+    import shlex
+
+    entry = os.path.join(sys.prefix, "bin", "chrono")
+    if not os.path.isfile(entry):
+        pytest.skip("chrono is not installed as a console script in this environment")
+    os.symlink(sys.prefix, tmp_path / ".venv")  # the layout `make demo` creates
+    env = dict(os.environ, PATH="/usr/bin:/bin")  # the venv's bin is NOT on PATH, as after `make demo`
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    proc = subprocess.run([".venv/bin/chrono", "--root", "chrono_runs", "demo", "--steps", "20",
+                           "--model-steps", "0", "--no-serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.splitlines()[0].startswith("[1/1] recording synthetic run 'demo': 20 steps")
+    assert "done in" in out
+    assert "recording demo: 100%" in proc.stderr  # the tqdm bar, also when stderr is not a terminal
+    hints = [l.strip() for l in out.split("look at it:")[1].splitlines()
+             if l.strip().startswith(".venv/bin/chrono")]
+    assert len(hints) == 5 and "source .venv/bin/activate" in out
+    for hint in hints:
+        if hint.endswith(" dashboard"):
+            continue  # serves until Ctrl-C; the command exists if the others resolve
+        r = subprocess.run(shlex.split(hint), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (hint, r.stderr)
+        assert r.stdout.strip()
+    fail = subprocess.run("chrono --root chrono_runs runs", shell=True, cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert fail.returncode == 127  # the bare form the demo used to print: command not found
+
+
+def test_health_of_ranks_the_worst_layer_by_its_latest_snapshot():
+    from chrono.health import health_of
+
+    rows = [  # layer 2's alert fired at a lower Neff, but layer 3 is worse now
+        {"run_id": "r", "layer": 2, "alert": "COLLAPSE_CONFIRMED", "neff": 1.30, "n_experts": 8,
+         "neff_now": 1.25, "n_now": 8},
+        {"run_id": "r", "layer": 3, "alert": "COLLAPSE_CONFIRMED", "neff": 1.35, "n_experts": 8,
+         "neff_now": 1.10, "n_now": 8},
+        {"run_id": "r", "layer": 1, "alert": "PRE_COLLAPSE", "neff": 1.0, "n_experts": 8,
+         "neff_now": float("nan"), "n_now": float("nan")},
+        {"run_id": "q", "layer": 0, "alert": "PRE_COLLAPSE", "neff": 3.0, "n_experts": 8,
+         "neff_now": float("nan"), "n_now": None},  # no snapshot: the raising values decide
+        {"run_id": "q", "layer": 5, "alert": "PRE_COLLAPSE", "neff": 2.0, "n_experts": 8},
+    ]
+    h = health_of(rows)
+    assert h["r"].status == "COLLAPSE_CONFIRMED" and h["r"].worst_layer == 3
+    assert h["r"].label() == "COLLAPSE_CONFIRMED (layer 3, 3 layers alerting)"
+    assert h["q"].status == "PRE_COLLAPSE" and h["q"].worst_layer == 5
+    assert health_of([]) == {}

@@ -142,3 +142,19 @@ def test_alerts_for_replays_stored_snapshots():
     alerts = alerts_for(snaps).to_pylist()
     assert [(a["step"], a["alert"], a["transition"]) for a in alerts] == [
         (29, "PRE_COLLAPSE", "raised"), (49, "COLLAPSE_CONFIRMED", "raised")]
+
+
+def test_single_expert_layer_never_alerts():
+    """n = 1: Top2 = 1.0 and Neff = 1 by definition, but one expert cannot be imbalanced."""
+    assert feed([[500]] * 8) == []
+    # the same layer after growing to 4 experts and collapsing does alert
+    assert feed([[500]] * 4 + [COLLAPSED] * 3) == [(6, "PRE_COLLAPSE", "raised")]
+    # a layer that shrinks to one expert while an alert is active gets it cleared
+    assert feed([PRE_ONLY] * 3 + [[500]]) == [(2, "PRE_COLLAPSE", "raised"), (3, "PRE_COLLAPSE", "cleared")]
+    # the single-expert rows really meet the raw thresholds (so the guard is what stops them)
+    row = layer_rows("r", 0, 9, {0: np.array([500])})[0]
+    assert row["top2_share"] == 1.0 and row["neff"] == 1.0 and row["n_experts"] == 1
+
+
+def test_two_expert_layer_still_alerts():
+    assert feed([[95, 5]] * 3) == [(2, "PRE_COLLAPSE", "raised")]

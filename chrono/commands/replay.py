@@ -57,11 +57,14 @@ def compare(stored: list[dict], replayed: list[dict], fields=DECISION_FIELDS) ->
 
 def cmd_replay(args) -> int:
     import chrono
-    from chrono.cli import UserError, print_table
+    from pathlib import Path
+
+    from chrono.cli import UserError, print_table, require_store
     from chrono.controller import CONFIG_NAME, JSONL_NAME, ControlConfig
     from chrono.store import require_run
+    from chrono.rules import check_run
 
-    path = require_run(args.root, args.run)
+    path = require_run(require_store(Path(args.root)), args.run)
     cfg_path = path / CONFIG_NAME
     try:
         config = ControlConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.exists() \
@@ -69,6 +72,7 @@ def cmd_replay(args) -> int:
     except (ValueError, TypeError) as e:
         raise UserError(f"{cfg_path}: {e}") from None
     con = chrono.connect(args.root)
+    check_run(con, args.run, ("snapshots", "decisions"))   # invalid rows: one line, exit 2
     snaps = con.sql("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, layer",
                     params=[args.run]).to_arrow_table().to_pylist()
     stored = con.sql("SELECT * FROM decisions WHERE run_id = ? ORDER BY step, layer",

@@ -1,25 +1,45 @@
-"""``chrono serve-metrics``: a Prometheus endpoint for a run on disk.
+"""``chrono serve-metrics``: a Prometheus endpoint for the runs on disk.
 
-Follows the run's newest snapshots, alert transitions and controller
-decisions as they are written (by a training process elsewhere); the
-exporter re-reads the store only when the run's files changed.
+Without ``--run`` it exports every run written within ``--recent`` (default
+30 min), each with its ``run`` label, newest first and at most ``--max-runs``;
+``--run`` pins one run. Follows each run's newest snapshots, alert transitions
+and controller decisions as they are written (by training processes
+elsewhere); the exporter re-reads a run only when its files changed.
 """
 from __future__ import annotations
 
+import re
 import sys
+
+_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '900', '90s', '15m', '15min', '2h', '1d' (> 0); ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--recent must be a positive duration like 900, 15m, 2h; got {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2) or ""]
 
 
 def register(sub) -> None:
     s = sub.add_parser(
         "serve-metrics",
-        help="serve a run's routing health as Prometheus metrics (/metrics)",
+        help="serve the routing health of recent runs as Prometheus metrics (/metrics)",
         description="Serve Prometheus metrics (Neff, Top2 share, dead experts, active alerts, "
-                    "controller pressure, tokens routed, ...) for a run in the store, following "
-                    "its newest snapshots. Without --run it follows the most recently written run. "
-                    "Binds 127.0.0.1 unless --host says otherwise. Scrape config and alert rules: "
-                    "deploy/prometheus/. Stop with Ctrl-C.",
+                    "controller pressure, tokens routed, ...) for the runs in the store, following "
+                    "their newest snapshots. Without --run every run written within --recent is "
+                    "exported with its run label (a new run appears by itself, a quiet one drops "
+                    "out); --run pins one. Binds 127.0.0.1 unless --host says otherwise. Scrape "
+                    "config and alert rules: deploy/prometheus/. Stop with Ctrl-C.",
     )
-    s.add_argument("--run", default=None, help="run id (default: the most recently written run)")
+    s.add_argument("--run", default=None,
+                   help="export only this run (default: every run written within --recent)")
+    s.add_argument("--recent", default="30m", metavar="DURATION",
+                   help="without --run: export runs written within this long (default 30m; "
+                        "e.g. 900, 15m, 2h)")
+    s.add_argument("--max-runs", type=int, default=None,
+                   help="without --run: export at most this many recent runs, newest first (default 20)")
     s.add_argument("--port", type=int, default=9108, help="TCP port (default 9108; 0 = any free port)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
@@ -36,7 +56,8 @@ def cmd_serve_metrics(args) -> int:
     from pathlib import Path
 
     from chrono.cli import UserError
-    from chrono.exporters.prometheus import DEFAULT_MAX_EXPERT_SERIES, ExporterError, StoreSource, serve
+    from chrono.exporters.prometheus import (DEFAULT_MAX_EXPERT_SERIES, DEFAULT_MAX_RUNS, ExporterError,
+                                             StoreSource, serve)
 
     root = Path(args.root)
     if not root.is_dir():
@@ -45,12 +66,24 @@ def cmd_serve_metrics(args) -> int:
     if cap < 0:
         raise UserError("--max-expert-series must be >= 0")
     try:
-        source = StoreSource(root, run=args.run)
+        recent_s = parse_duration(args.recent)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    max_runs = DEFAULT_MAX_RUNS if args.max_runs is None else args.max_runs
+    if max_runs < 1:
+        raise UserError("--max-runs must be >= 1")
+    try:
+        source = StoreSource(root, run=args.run, recent_s=recent_s, max_runs=max_runs)
         server = serve(source, port=args.port, host=args.host, expert_labels=args.expert_labels,
                        max_expert_series=cap)
     except ExporterError as e:
         raise UserError(str(e)) from None
-    following = args.run or f"the newest run under {root}"
+    if args.run:
+        following = f"run {args.run}"
+    else:
+        runs = source.current_runs()
+        following = (f"every run under {root} written within {args.recent} (now: "
+                     f"{', '.join(runs) if runs else 'none'}; at most {max_runs})")
     print(f"serving Prometheus metrics for {following} at {server.url} (Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill` stops it as cleanly as Ctrl-C

@@ -35,8 +35,11 @@ def cmd_workload(args) -> int:
     print(f"workload {args.name} ({args.mode}) -> run '{run}' under {args.root}", file=sys.stderr)
     result = fn(**_call_kwargs(fn, args, run))
     _print_result(result)
-    print(f"\nlook at it:\n  chrono --root {args.root} show {run}\n  chrono --root {args.root} alerts {run}\n"
-          f"  chrono --root {args.root} query \"SELECT * FROM lifecycle WHERE run_id = '{run}'\"")
+    from chrono.cli import invocation
+
+    exe = invocation()  # '.venv/bin/chrono' when the venv is not activated
+    print(f"\nlook at it:\n  {exe} --root {args.root} show {run}\n  {exe} --root {args.root} alerts {run}\n"
+          f"  {exe} --root {args.root} query \"SELECT * FROM lifecycle WHERE run_id = '{run}'\"")
     return 0
 
 

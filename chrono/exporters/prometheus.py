@@ -46,6 +46,11 @@ log = logging.getLogger("chrono.exporters.prometheus")
 
 DEFAULT_PORT = 9108
 DEFAULT_MAX_EXPERT_SERIES = 2048
+# Without a pinned run, runs written within this window are exported. 30 min: longer than the
+# shipped staleness rule (no snapshot for 15 min, for 5 min), so that alert fires before a
+# stalled run's series disappear.
+DEFAULT_RECENT_S = 30 * 60.0
+DEFAULT_MAX_RUNS = 20  # cardinality guard: at most this many recent runs are exported
 # A directory whose mtime is this recent may still receive parts within the same
 # timestamp tick, so the store source does not trust its cache for it (racy-git rule).
 _FRESH_SECONDS = 1.0
@@ -69,7 +74,10 @@ SNAPSHOT_GAUGES = (
 DECISION_GAUGES = (
     ("chrono_controller_debt", "debt", "Topology debt in [0, 1] of the latest controller decision."),
     ("chrono_controller_pressure", "pressure", "Controller pressure (EMA of topology debt)."),
-    ("chrono_controller_heat", "heat", "Controller heat clip(pressure, 0, 1)."),
+    ("chrono_controller_heat", "heat",
+     "Controller heat clip(pressure, 0, 1): equals pressure while pressure is in [0, 1] (always under the "
+     "ChronoMoE policy, as debt is), kept as its own series because the temperature actuator consumes "
+     "heat (T = 1 + (t_max - 1) * heat) where lenses consume pressure."),
     ("chrono_controller_forgetting", "forgetting", "Controller forgetting rate 0.02 + 0.10 * pressure."),
     ("chrono_lens_scale", "lens_scale", "Scale applied to the layer's routing lens."),
     ("chrono_controller_backoff", "backoff", "Harm-guard backoff multiplier of the lens scale."),
@@ -151,38 +159,57 @@ class LiveSource:
         return state
 
 
-class StoreSource:
-    """Follows a run on disk: its newest snapshot, alert state, decisions and counters.
+@dataclass
+class _RunCache:
+    """What a StoreSource keeps per followed run: per-part summaries and the last state."""
 
-    ``run=None`` follows the most recently written run under ``root`` (and
-    switches when a newer one appears). The store's part files are immutable,
-    so each part is read once and summarised (latest snapshot rows, alert
-    transitions, newest decisions, tokens per layer, row count); a scrape
-    re-lists the run's parts (``chrono.store.part_files``: superseded and
-    unreadable parts excluded, as the DuckDB views do) and reads only new
-    ones, and does nothing at all when no table directory changed. Reading the
-    parts directly instead of through ``chrono.connect`` views keeps a scrape of
-    a 58-layer run within budget (see benchmarks/prometheus_scrape.py).
+    parts: dict = field(default_factory=dict)  # {table: {part path: summary}}
+    signature: tuple | None = None
+    state: ExportState | None = None
+    shares: bool = False
+
+
+class StoreSource:
+    """Follows runs on disk: their newest snapshot, alert state, decisions and counters.
+
+    ``run`` pins one run. ``run=None`` follows every run written within the
+    last ``recent_s`` seconds (newest stamp of its manifest and table
+    directories), newest first, at most ``max_runs`` of them (the others are
+    counted in ``runs_left_out``, a cardinality guard: every run multiplies the
+    series); a run appears as soon as it is written and drops out once it has
+    been quiet for ``recent_s``. ``read()`` returns one ``ExportState`` per run.
+
+    The store's part files are immutable, so each part is read once and
+    summarised (latest snapshot rows, alert transitions, newest decisions,
+    tokens per layer, row count); a scrape re-lists a run's parts
+    (``chrono.store.part_files``: superseded and unreadable parts excluded, as
+    the DuckDB views do) and reads only new ones, and does nothing at all when
+    no table directory changed. Reading the parts directly instead of through
+    ``chrono.connect`` views keeps a scrape of a 58-layer run within budget
+    (see benchmarks/prometheus_scrape.py).
     """
 
     kind = "store"
     _WATCHED = ("snapshots", "alerts", "decisions", "routing", "tokens", "signals", "lifecycle")
 
-    def __init__(self, root, run: str | None = None):
+    def __init__(self, root, run: str | None = None, recent_s: float = DEFAULT_RECENT_S,
+                 max_runs: int = DEFAULT_MAX_RUNS):
         from ..store import require_run
 
         self.root = Path(root)
         if not self.root.is_dir():
             raise ExporterError(f"store root {self.root} does not exist")
+        if recent_s <= 0:
+            raise ExporterError(f"the recent-run window must be > 0 seconds, got {recent_s:g}")
+        if max_runs < 1:
+            raise ExporterError(f"max_runs must be >= 1, got {max_runs}")
         self.run = run
         if run is not None:
             require_run(self.root, run)  # StoreError with the known runs for a typo
+        self.recent_s, self.max_runs = float(recent_s), int(max_runs)
+        self.runs_left_out = 0
         self._lock = threading.Lock()
-        self._signature = None
-        self._state: ExportState | None = None
-        self._state_shares = False
-        self._parts: dict[str, dict[str, object]] = {t: {} for t in self._WATCHED}
-        self._cached_run: str | None = None
+        self._runs: dict[str, _RunCache] = {}
 
     # -------------------------------------------------------------- change detection
     def _dir_mtimes(self, run: str) -> tuple:
@@ -190,40 +217,55 @@ class StoreSource:
 
         return run_stamps(self.root, run, self._WATCHED)
 
-    def current_run(self) -> str | None:
+    def current_runs(self) -> list[str]:
+        """The runs exported now: the pinned one, else the recent ones (newest first, capped)."""
         if self.run is not None:
-            return self.run
+            return [self.run]
         from ..store import list_runs
 
-        best, best_t = None, -1
+        now_ns = time.time_ns()
+        recent = []
         for r in list_runs(self.root):
             t = max((m for m in self._dir_mtimes(r) if m is not None), default=0)
-            if t > best_t or (t == best_t and r > best):
-                best, best_t = r, t
-        return best
+            if now_ns - t <= self.recent_s * 1e9:
+                recent.append((-t, r))
+        recent.sort()
+        self.runs_left_out = max(0, len(recent) - self.max_runs)
+        if self.runs_left_out:
+            log.warning("chrono exporter: %d runs written in the last %.0f s, exporting the newest %d "
+                        "(max_runs); pin one with --run or raise --max-runs", len(recent),
+                        self.recent_s, self.max_runs)
+        return [r for _, r in recent[: self.max_runs]]
 
-    def read(self, want_shares: bool = False) -> ExportState:
+    def current_run(self) -> str | None:
+        """The newest run exported now (None when none is recent)."""
+        runs = self.current_runs()
+        return runs[0] if runs else None
+
+    def read(self, want_shares: bool = False) -> list[ExportState]:
         with self._lock:
-            run = self.current_run()
-            if run is None:
-                return ExportState(run_id="")
-            mtimes = self._dir_mtimes(run)
-            newest = max((m for m in mtimes if m is not None), default=0)
-            fresh = time.time() - newest / 1e9 < _FRESH_SECONDS
-            sig = (run, mtimes)
-            if (not fresh and sig == self._signature and self._state is not None
-                    and self._state_shares >= want_shares):
-                return self._state
-            self._state = self._read(run, want_shares)
-            self._signature, self._state_shares = sig, want_shares
-            return self._state
+            runs = self.current_runs()
+            for gone in set(self._runs) - set(runs):  # quiet for the window: forget its parts
+                del self._runs[gone]
+            return [self._read_run(r, want_shares) for r in runs]
+
+    def _read_run(self, run: str, want_shares: bool) -> ExportState:
+        cache = self._runs.setdefault(run, _RunCache(parts={t: {} for t in self._WATCHED}))
+        mtimes = self._dir_mtimes(run)
+        newest = max((m for m in mtimes if m is not None), default=0)
+        fresh = time.time() - newest / 1e9 < _FRESH_SECONDS
+        if not fresh and mtimes == cache.signature and cache.state is not None and cache.shares >= want_shares:
+            return cache.state
+        cache.state = self._read(run, want_shares)
+        cache.signature, cache.shares = mtimes, want_shares
+        return cache.state
 
     # -------------------------------------------------------------- per-part summaries
     def _summaries(self, run: str, table: str) -> list:
         """Summaries of the run's current parts of ``table`` (new parts read, gone parts forgotten)."""
         from ..store import part_files
 
-        cache = self._parts[table]
+        cache = self._runs[run].parts[table]
         paths = part_files(self.root, table, run)
         out = []
         for p in paths:
@@ -238,9 +280,6 @@ class StoreSource:
         return out
 
     def _read(self, run: str, want_shares: bool) -> ExportState:
-        if run != self._cached_run:  # following a different run now: forget the old one's parts
-            self._parts = {t: {} for t in self._WATCHED}
-            self._cached_run = run
         state = ExportState(run_id=run)
 
         snaps = self._summaries(run, "snapshots")
@@ -288,13 +327,13 @@ class StoreSource:
 
         lo, hi = int(snapshot[0]["window_start"]), int(snapshot[0]["window_end"])
         counts = {int(r["layer"]): [0] * int(r["n_experts"]) for r in snapshot}
-        summaries = self._parts["routing"]
+        summaries = self._runs[run].parts["routing"]
         for p in part_files(self.root, "routing", run):
             s = summaries.get(p)
             if s is not None and (s["max_step"] < lo or s["min_step"] > hi):
                 continue
             with pq.ParquetFile(p) as f:
-                t = f.read(columns=["step", "layer", "expert", "tokens"])
+                t = _valid_rows("routing", f.read(columns=["step", "layer", "expert", "tokens"]), p)
             t = t.filter(pc.and_(pc.greater_equal(t["step"], lo), pc.less_equal(t["step"], hi)))
             if not t.num_rows:
                 continue
@@ -320,7 +359,28 @@ def _read_part(path: str, table: str, columns=None):
     # ParquetFile.read: a single known file, without read_table's dataset discovery (~5x less overhead)
     with pq.ParquetFile(path) as f:
         t = f.read()
-    return conform(table, t) if columns is None else conform(table, t).select(columns)
+    t = _valid_rows(table, conform(table, t), path)
+    return t if columns is None else t.select(columns)
+
+
+_warned_invalid: set[str] = set()
+
+
+def _valid_rows(table: str, t, path: str):
+    """``t`` without rows the write API would refuse (``chrono.rules``); one warning line per part."""
+    from ..rules import invalid_mask
+
+    bad, first = invalid_mask(table, t)
+    if first is None:
+        return t
+    if path not in _warned_invalid:
+        _warned_invalid.add(path)
+        run = os.path.basename(os.path.dirname(path)).removeprefix("run_id=")
+        log.warning("chrono exporter: run %r, table %s, %s; %d invalid rows of %s left out",
+                    run, table, first, int(bad.sum()), os.path.basename(path))
+    import pyarrow as pa
+
+    return t.filter(pa.array(~bad))
 
 
 def _summarise_snapshots(path: str) -> dict:
@@ -351,7 +411,7 @@ def _summarise_routing(path: str) -> dict:
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(path) as f:
-        t = f.read(columns=["step", "layer", "tokens"])
+        t = _valid_rows("routing", f.read(columns=["step", "layer", "tokens", "mode"]), path)
     if not t.num_rows:
         return {"tokens": {}, "rows": 0, "min_step": 0, "max_step": -1}
     g = t.group_by("layer").aggregate([("tokens", "sum")])
@@ -397,12 +457,13 @@ def _latest_decisions(rows: list[dict]) -> list[dict]:
     return [best[k] for k in sorted(best)]
 
 
-def as_source(source, run: str | None = None):
-    """A source object from a probes handle, a source, or a store root path."""
+def as_source(source, run: str | None = None, recent_s: float = DEFAULT_RECENT_S,
+              max_runs: int = DEFAULT_MAX_RUNS):
+    """A source object from a probes handle, a source, or a store root path (``StoreSource`` args)."""
     if hasattr(source, "read") and hasattr(source, "kind"):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return StoreSource(source, run=run)
+        return StoreSource(source, run=run, recent_s=recent_s, max_runs=max_runs)
     return LiveSource(source)
 
 
@@ -424,26 +485,28 @@ class ChronoCollector:
 
     def describe(self):
         """Names this collector owns (lets the registry detect clashes without reading the source)."""
-        return list(self._families(None, error=False))
+        return list(self._families([], error=False))
 
     def collect(self):
         with self._lock:  # concurrent scrapes read the source one at a time
             try:
-                state = self.source.read(want_shares=self.expert_labels)
+                got = self.source.read(want_shares=self.expert_labels)
+                states = [got] if isinstance(got, ExportState) else list(got)
                 error = False
             except Exception as e:  # a broken source must not break the scrape
-                state, error = None, True
+                states, error = [], True
                 self._read_errors += 1
                 kind = type(e).__name__
                 if kind not in self._logged_errors:
                     self._logged_errors.add(kind)
                     log.warning("chrono exporter: reading the %s source failed (%s: %s); "
                                 "exporting chrono_exporter_source_up 0", self.source.kind, kind, e)
+            states = [st for st in states if st.run_id]
             # families without samples (e.g. live-only counters of a store source) are left out
-            return [f for f in self._families(state, error) if f.samples]
+            return [f for f in self._families(states, error) if f.samples]
 
     # -------------------------------------------------------------- families
-    def _families(self, s: ExportState | None, error: bool):
+    def _families(self, states: list[ExportState], error: bool):
         up = GaugeMetricFamily("chrono_exporter_source_up",
                                "1 when the last read of the telemetry source succeeded.")
         up.add_metric([], 0.0 if error else 1.0)
@@ -452,15 +515,22 @@ class ChronoCollector:
                                    "Failed reads of the telemetry source since the exporter started.")
         errs.add_metric([], self._read_errors)
         yield errs
+        if self.source.kind == "store" and not error:
+            n = GaugeMetricFamily("chrono_exporter_runs",
+                                  "Runs exported now (pinned with --run, or written within the recent window).")
+            n.add_metric([], float(len(states)))
+            yield n
+            out = GaugeMetricFamily("chrono_exporter_runs_left_out",
+                                    "Recent runs not exported because of the max_runs cardinality cap.")
+            out.add_metric([], float(getattr(self.source, "runs_left_out", 0)))
+            yield out
 
-        run = s.run_id if s is not None else ""
-        rows = s.snapshot if s is not None else []
         RL = ["run", "layer"]
-
         for name, col, doc in SNAPSHOT_GAUGES:
             g = GaugeMetricFamily(name, doc, labels=RL)
-            for r in rows:
-                g.add_metric([run, layer_label(r["layer"])], float(r[col]))
+            for st in states:
+                for r in st.snapshot:
+                    g.add_metric([st.run_id, layer_label(r["layer"])], float(r[col]))
             yield g
 
         step = GaugeMetricFamily("chrono_snapshot_step", "Training step of the latest snapshot window.",
@@ -468,106 +538,112 @@ class ChronoCollector:
         ts = GaugeMetricFamily("chrono_last_snapshot_timestamp_seconds",
                                "Unix time at which the latest snapshot appeared (staleness alerts).",
                                labels=["run"])
-        if s is not None and s.snapshot_step is not None:
-            step.add_metric([run], float(s.snapshot_step))
-        if s is not None and s.snapshot_time is not None:
-            ts.add_metric([run], float(s.snapshot_time))
+        for st in states:
+            if st.snapshot_step is not None:
+                step.add_metric([st.run_id], float(st.snapshot_step))
+            if st.snapshot_time is not None:
+                ts.add_metric([st.run_id], float(st.snapshot_time))
         yield step
         yield ts
 
         tokens = CounterMetricFamily("chrono_tokens_routed",
                                      "Token assignments dispatched to experts since the run started.",
                                      labels=RL)
-        for layer, n in sorted((s.tokens_routed if s is not None else {}).items()):
-            tokens.add_metric([run, layer_label(layer)], float(n))
+        for st in states:
+            for layer, n in sorted(st.tokens_routed.items()):
+                tokens.add_metric([st.run_id, layer_label(layer)], float(n))
         yield tokens
 
         active = GaugeMetricFamily("chrono_alert_active",
                                    "1 while the routing alert is raised for the layer, else 0.",
                                    labels=["run", "layer", "alert"])
-        if s is not None:
-            layers = sorted({int(r["layer"]) for r in rows} | set(s.active_alerts))
+        for st in states:
+            layers = sorted({int(r["layer"]) for r in st.snapshot} | set(st.active_alerts))
             for layer in layers:
-                on = s.active_alerts.get(layer, set())
+                on = st.active_alerts.get(layer, set())
                 for alert in ALERT_TYPES:
-                    active.add_metric([run, layer_label(layer), alert], 1.0 if alert in on else 0.0)
+                    active.add_metric([st.run_id, layer_label(layer), alert], 1.0 if alert in on else 0.0)
         yield active
 
         trans = CounterMetricFamily("chrono_alert_transitions",
                                     "Alert transitions (raised / cleared) since the run started.",
                                     labels=["run", "layer", "alert", "transition"])
-        for (layer, alert, t), n in sorted((s.alert_transitions if s is not None else {}).items()):
-            trans.add_metric([run, layer_label(layer), alert, t], float(n))
+        for st in states:
+            for (layer, alert, t), n in sorted(st.alert_transitions.items()):
+                trans.add_metric([st.run_id, layer_label(layer), alert, t], float(n))
         yield trans
 
-        decisions = s.decisions if s is not None else []
         DL = ["run", "layer", "actuator"]
         for name, col, doc in DECISION_GAUGES:
             g = GaugeMetricFamily(name, doc, labels=DL)
-            for d in decisions:
-                v = d.get(col)
-                if v is not None:
-                    g.add_metric([run, layer_label(d["layer"]), str(d.get("actuator", ""))], float(v))
+            for st in states:
+                for d in st.decisions:
+                    v = d.get(col)
+                    if v is not None:
+                        g.add_metric([st.run_id, layer_label(d["layer"]), str(d.get("actuator", ""))], float(v))
             yield g
 
-        yield from self._probe_families(s, run)
+        yield from self._probe_families(states)
         if self.expert_labels:
-            yield from self._expert_families(s, run)
+            yield from self._expert_families(states)
 
-    def _probe_families(self, s: ExportState | None, run: str):
-        def counter(name, doc, value):
+    def _probe_families(self, states: list[ExportState]):
+        def counter(name, doc, attr):
             c = CounterMetricFamily(name, doc, labels=["run"])
-            if value is not None:
-                c.add_metric([run], float(value))
+            for st in states:
+                value = getattr(st, attr)
+                if value is not None:
+                    c.add_metric([st.run_id], float(value))
             return c
 
-        live = s if s is not None else ExportState(run_id=run)
         yield counter("chrono_probe_hook_seconds", "Seconds spent inside probe hooks (training thread).",
-                      live.hook_seconds)
-        yield counter("chrono_probe_steps", "Training steps seen by the probes.", live.steps)
-        yield counter("chrono_probe_nonfinite", "Non-finite router values seen by the probes.",
-                      live.nonfinite)
+                      "hook_seconds")
+        yield counter("chrono_probe_steps", "Training steps seen by the probes.", "steps")
+        yield counter("chrono_probe_nonfinite", "Non-finite router values seen by the probes.", "nonfinite")
         yield counter("chrono_store_write_errors", "Telemetry write failures (training continued).",
-                      live.write_errors)
+                      "write_errors")
         yield counter("chrono_store_rows_dropped", "Telemetry rows dropped after repeated write failures.",
-                      live.rows_dropped)
+                      "rows_dropped")
         written = CounterMetricFamily("chrono_store_rows_written",
                                       "Rows written to the store by this process, per table.",
                                       labels=["run", "table"])
-        for table, n in sorted((live.rows_written or {}).items()):
-            written.add_metric([run, table], float(n))
-        yield written
         stored = GaugeMetricFamily("chrono_store_rows",
                                    "Rows currently stored on disk for the run, per table.",
                                    labels=["run", "table"])
-        for table, n in sorted((live.rows_stored or {}).items()):
-            stored.add_metric([run, table], float(n))
+        for st in states:
+            for table, n in sorted((st.rows_written or {}).items()):
+                written.add_metric([st.run_id, table], float(n))
+            for table, n in sorted((st.rows_stored or {}).items()):
+                stored.add_metric([st.run_id, table], float(n))
+        yield written
         yield stored
 
-    def _expert_families(self, s: ExportState | None, run: str):
+    def _expert_families(self, states: list[ExportState]):
+        """Per-expert shares; the cap counts series over all exported runs together."""
         g = GaugeMetricFamily("chrono_expert_share",
                               "Share of the layer's tokens routed to the expert in the latest window "
                               "(only with expert_labels=True; capped).",
                               labels=["run", "layer", "expert"])
         capped = GaugeMetricFamily("chrono_expert_share_series_dropped",
                                    "Per-expert series left out by the cardinality cap.", labels=["run"])
-        dropped = 0
-        emitted = 0
-        for layer, counts in sorted(((s.expert_counts or {}) if s is not None else {}).items()):
-            total = float(sum(counts))
-            for e, c in enumerate(counts):
-                if emitted >= self.max_expert_series:
-                    dropped += 1
-                    continue
-                g.add_metric([run, layer_label(layer), str(e)], float(c) / total if total > 0 else 0.0)
-                emitted += 1
-        if dropped and not self._warned_cap:
+        emitted = total_dropped = 0
+        for st in states:
+            dropped = 0
+            for layer, counts in sorted((st.expert_counts or {}).items()):
+                total = float(sum(counts))
+                for e, c in enumerate(counts):
+                    if emitted >= self.max_expert_series:
+                        dropped += 1
+                        continue
+                    g.add_metric([st.run_id, layer_label(layer), str(e)], float(c) / total if total > 0 else 0.0)
+                    emitted += 1
+            capped.add_metric([st.run_id], float(dropped))
+            total_dropped += dropped
+        if total_dropped and not self._warned_cap:
             self._warned_cap = True
             log.warning("chrono exporter: %d per-expert series exceed the cap of %d "
                         "(max_expert_series); they are left out: keep expert-level detail in Parquet "
-                        "(chrono query) or raise the cap", dropped, self.max_expert_series)
-        if s is not None:
-            capped.add_metric([run], float(dropped))
+                        "(chrono query) or raise the cap", total_dropped, self.max_expert_series)
         yield g
         yield capped
 

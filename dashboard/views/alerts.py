@@ -4,28 +4,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, ui
+from dashboard import charts, data, status, ui
 
 st.title("Alerts")
 run = ui.need_run()
-
-
-def active_spans(alerts: pd.DataFrame, last_step: int) -> pd.DataFrame:
-    """One row per period an alert was active: [raised step, cleared step or last step]."""
-    spans, open_ = [], {}
-    for r in alerts.itertuples(index=False):
-        key = (r.layer, r.alert)
-        if r.transition == "raised":
-            open_[key] = r.step
-        elif key in open_:
-            spans.append({"layer": r.layer, "alert": r.alert, "start": open_.pop(key), "end": r.step,
-                          "open": False})
-    for (layer, alert), start in open_.items():
-        spans.append({"layer": layer, "alert": alert, "start": start, "end": max(last_step, start),
-                      "open": True})
-    df = pd.DataFrame(spans, columns=["layer", "alert", "start", "end", "open"])
-    df["layer_name"] = [charts.layer_label(l) for l in df["layer"]]
-    return df
 
 
 @ui.live
@@ -41,7 +23,8 @@ def body():
                        "checked): every layer stayed within PRE_COLLAPSE and COLLAPSE_CONFIRMED limits.")
         return
     last_step = int(rng["hi"].iloc[0]) if not rng.empty and not pd.isna(rng["hi"].iloc[0]) else int(alerts["step"].max())
-    spans = active_spans(alerts, last_step)
+    spans = status.active_spans(alerts, last_step)
+    spans["layer_name"] = [charts.layer_label(l) for l in spans["layer"]]
     active = spans[spans["open"]]
     c = st.columns(4)
     raised = alerts[alerts["transition"] == "raised"]

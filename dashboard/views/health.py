@@ -1,10 +1,10 @@
-"""Health: Neff, Top-2, entropy and dead experts per layer, with alert thresholds."""
+"""Health: alert state per layer, Neff, Top-2, entropy and dead experts, with alert thresholds."""
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, ui
+from dashboard import charts, data, status, ui
 
 st.title("Health")
 run = ui.need_run()
@@ -20,21 +20,23 @@ def _cards(latest: pd.DataFrame) -> None:
     layers = latest[(latest["step"] == steps[-1]) & (latest["layer"] >= 0)]
     n_layers = max(1, len(layers))
 
-    def delta(col, fmt):
+    def delta(col, fmt, up_is_bad=False):
         if before is None or before.empty:
-            return None
-        return fmt(g[col] - before.iloc[0][col])
+            return {}
+        return ui.delta(g[col] - before.iloc[0][col], fmt, up_is_bad)
 
+    since = "change since the previous snapshot"
     c = st.columns(5)
     c[0].metric("Snapshot step", ui.fmt_int(g["step"]))
     c[1].metric("Neff (mean over layers)", f"{g['neff']:.2f} of {g['n_experts'] / n_layers:g}",
-                delta=delta("neff", lambda d: f"{d:+.2f}"))
-    c[2].metric("Top-2 share (mean)", f"{g['top2_share']:.1%}",
-                delta=delta("top2_share", lambda d: f"{d * 100:+.1f} pp"), delta_color="inverse")
-    c[3].metric("Dead experts (all layers)", ui.fmt_int(g["dead"]),
-                delta=delta("dead", lambda d: f"{d:+.0f}"), delta_color="inverse")
-    c[4].metric("Nearly dead (< 1 %)", ui.fmt_int(g["nearly_dead"]),
-                delta=delta("nearly_dead", lambda d: f"{d:+.0f}"), delta_color="inverse")
+                help=f"Effective number of experts exp(entropy); {since}.",
+                **delta("neff", lambda d: f"{d:+.2f}"))
+    c[2].metric("Top-2 share (mean)", f"{g['top2_share']:.1%}", help=f"Share of the two busiest experts; {since}.",
+                **delta("top2_share", lambda d: f"{d * 100:+.1f} pp", up_is_bad=True))
+    c[3].metric("Dead experts (all layers)", ui.fmt_int(g["dead"]), help=f"Experts with no token; {since}.",
+                **delta("dead", lambda d: f"{d:+.0f}", up_is_bad=True))
+    c[4].metric("Nearly dead (< 1 %)", ui.fmt_int(g["nearly_dead"]), help=f"0 < share < 1 %; {since}.",
+                **delta("nearly_dead", lambda d: f"{d:+.0f}", up_is_bad=True))
 
 
 @ui.live
@@ -49,6 +51,13 @@ def body():
     _cards(data.query(data.LATEST_SNAPSHOTS_SQL, run=run))
 
     per_layer = [l for l in all_layers if l >= 0]
+    alerts_all = data.query(data.ALERTS_SQL, run=run)
+    if per_layer:
+        ws = data.bin_width(lo, hi, data.STEP_BINS)
+        strip = status.state_strip(data.query(data.STRIP_SQL, run=run, lo=lo, w=ws),
+                                   status.active_spans(alerts_all, hi))
+        st.altair_chart(charts.health_strip(strip), width="stretch")
+
     default = per_layer if len(per_layer) <= 8 else per_layer[:8]
     shown = st.multiselect("Layers", all_layers, default=default, format_func=charts.layer_label,
                            key="health_layers", help="'global (mean)' is the mean over layers with traffic")
@@ -59,8 +68,7 @@ def body():
     h = data.query(data.HEALTH_SQL, run=run, lo=lo, w=w)
     h = h[h["layer"].isin(shown)].copy()
     h["layer_name"] = [charts.layer_label(l) for l in h["layer"]]
-    alerts = data.query(data.ALERTS_SQL, run=run)
-    alerts = alerts[alerts["layer"].isin(shown)]
+    alerts = alerts_all[alerts_all["layer"].isin(shown)]
     n_values = h.loc[h["layer"] >= 0, "n_experts"].unique().tolist()
 
     left, right = st.columns(2)
@@ -73,15 +81,17 @@ def body():
     left, right = st.columns(2)
     left.altair_chart(charts.health_chart(
         h, "entropy", "Routing entropy", "entropy (nats)", [], alerts), width="stretch")
-    dead = h.melt(id_vars=["step", "layer", "layer_name", "n_experts"], value_vars=["dead", "nearly_dead"],
-                  var_name="kind", value_name="experts")
+    dead = h[h["layer"] >= 0].melt(id_vars=["step", "layer", "layer_name", "n_experts"],
+                                   value_vars=["dead", "nearly_dead"], var_name="kind", value_name="experts")
     dead["kind"] = dead["kind"].map({"dead": "dead (share = 0)", "nearly_dead": "nearly dead (< 1 %)"})
-    right.altair_chart(charts.health_chart(
-        dead, "experts", "Dead (solid) and nearly dead (dashed, < 1 % share) experts", "experts",
-        [(1, "COLLAPSE_CONFIRMED needs dead ≥ 1")], alerts, dash="kind"), width="stretch")
+    if not dead.empty:
+        right.altair_chart(charts.dead_small_multiples(dead, columns=2 if len(shown) > 1 else 1,
+                                                       panel_height=110 if len(shown) > 2 else 240),
+                           width="content")
     binned = f" Each point averages up to {int(h['windows'].max())} snapshots (dead: max)." if w > 1 else ""
-    st.caption(f"Snapshots from step {lo:,} to {hi:,}. Dashed lines: alert thresholds; dotted vertical "
-               f"lines: alerts raised (orange PRE_COLLAPSE, red COLLAPSE_CONFIRMED).{binned}")
-
+    st.caption(f"Snapshots from step {lo:,} to {hi:,}. Strip: the worst alert state of each layer in each "
+               "column. Lines: one colour per layer (never orange or red, which mean alerts); dashed "
+               "horizontal lines are alert thresholds; dotted vertical lines mark alerts raised, labelled "
+               f"with their layers (orange PRE_COLLAPSE, red COLLAPSE_CONFIRMED).{binned}")
 
 body()

@@ -51,7 +51,10 @@ def body():
         left, right = st.columns(2)
         left.altair_chart(charts.lifecycle_events(events), width="stretch")
         right.altair_chart(charts.experts_over_time(events[events["applied"]]), width="stretch")
-        st.dataframe(events, hide_index=True)
+        shown = events.copy()
+        for col in ("expert", "source_expert", "n_experts_after"):  # no literal "None" cells
+            shown[col] = [ui.fmt_int(v) if pd.notna(v) else "–" for v in shown[col]]
+        st.dataframe(shown, hide_index=True)
 
     st.subheader("Workload signals")
     names_df = data.query(data.SIGNAL_NAMES_SQL, run=run)

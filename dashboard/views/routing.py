@@ -32,14 +32,19 @@ def body():
     layer = st.selectbox("Layer", layers, format_func=charts.layer_label, key="routing_layer")
     w = data.bin_width(lo, hi, data.STEP_BINS)
     heat = data.query(data.ROUTING_HEATMAP_SQL, run=run, layer=layer, lo=lo, w=w)
-    st.altair_chart(charts.share_heatmap(heat, layer, height=max(220, min(640, 10 * n_exp))), width="stretch")
+    n_layer = int(totals.loc[totals["layer"] == layer, "expert"].max()) + 1
+    st.altair_chart(charts.share_heatmap(heat, layer, height=170 + min(1400, 22 * n_layer),
+                                         n_experts=n_layer), width="stretch")
     st.caption(f"{heat['step_start'].nunique():,} columns of {w:,} step{'s' if w > 1 else ''} each; "
-               "colour = the expert's share of the layer's token assignments in that column.")
+               "colour = the expert's share of the layer's token assignments in that column, on a fixed "
+               f"scale: white is the uniform share 1/{n_layer} = {1 / n_layer:.1%} (perfect balance), blue "
+               "below it (starved, dead experts darkest), purple above it up to 100 % (one expert takes all). "
+               "A healthy layer is pale throughout; a collapsing one turns dark.")
 
     totals["share"] = totals["tokens"] / totals.groupby("layer")["tokens"].transform("sum").clip(lower=1)
     totals["mean_weight"] = totals["weight_sum"] / totals["tokens"].where(totals["tokens"] > 0)
     left, right = st.columns(2)
-    left.altair_chart(charts.layer_expert_heatmap(totals, height=max(200, min(520, 26 * len(layers)))),
+    left.altair_chart(charts.layer_expert_heatmap(totals, height=170 + min(520, 36 * len(layers))),
                       width="stretch")
     weights = data.query(data.TOKEN_WEIGHTS_SQL, run=run, layer=layer, bins=20)
     if not weights.empty:

@@ -6,7 +6,8 @@ from datetime import datetime, timezone
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, data, ui
+from chrono.health import STATUSES
+from dashboard import charts, data, status, ui
 
 st.title("Runs")
 
@@ -21,32 +22,61 @@ def _ago(ts) -> str:
     return f"{max(secs, 0):.0f} s ago"
 
 
+def run_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The Runs table: one row per run, health first, '–' where a run has nothing to say."""
+    def text(v):
+        return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
+
+    return pd.DataFrame({
+        "run": runs["run_id"],
+        "health": runs["health"],
+        "worst layer": [f"layer {int(l)}" if pd.notna(l) else "–" for l in runs["worst_layer"]],
+        "alerting layers": runs["layers_alerting"],
+        "model": [text(m) if text(m) != "–" else "(not described)" for m in runs["model_name"]],
+        "layers × experts": [(f"{ui.fmt_int(l)} × {ui.fmt_int(e)}" + (f", top-{int(k)}" if pd.notna(k) else ""))
+                             if pd.notna(l) else "–" for l, e, k in zip(runs["n_layers"], runs["n_experts"],
+                                                                        runs["top_k"])],
+        "steps": runs["steps"].fillna(0).astype("int64"),
+        "tokens routed": runs["tokens"].fillna(0).astype("int64"),
+        "alerts raised": runs["alerts_raised"],
+        "updated": [_ago(t) for t in runs["updated_at"]],
+    })
+
+
 @ui.live
 def body():
     runs = data.runs()
-    c = st.columns(4)
+    counts = runs["health"].value_counts()
+    c = st.columns(5)
     c[0].metric("Runs", len(runs))
-    c[1].metric("Routing steps (all runs)", ui.fmt_int(runs["steps"].fillna(0).sum()))
-    c[2].metric("Alerts raised (all runs)", ui.fmt_int(runs["alerts_raised"].sum()))
-    c[3].metric("Alerts active now", ui.fmt_int(runs["alerts_active"].sum()))
+    c[1].metric("Collapse confirmed", int(counts.get("COLLAPSE_CONFIRMED", 0)),
+                help="Runs with a COLLAPSE_CONFIRMED alert active now (≥ 1 dead expert and Top-2 > 0.85 "
+                     "for 5 snapshots in a row, in some layer).")
+    c[2].metric("Pre-collapse", int(counts.get("PRE_COLLAPSE", 0)),
+                help="Runs whose worst active alert is PRE_COLLAPSE (Neff < 0.6·n or Top-2 > 0.75 for 3 "
+                     "snapshots in a row).")
+    c[3].metric("Alerts raised (all runs)", ui.fmt_int(runs["alerts_raised"].sum()))
+    c[4].metric("Routing steps (all runs)", ui.fmt_int(runs["steps"].fillna(0).sum()))
 
-    table = pd.DataFrame({
-        "run": runs["run_id"],
-        "model": runs["model_name"],
-        "layers × experts": [f"{ui.fmt_int(l)} × {ui.fmt_int(e)}" for l, e in zip(runs["n_layers"], runs["n_experts"])],
-        "top-k": runs["top_k"],
-        "steps": runs["steps"],
-        "last step": runs["last_step"],
-        "tokens routed": runs["tokens"],
-        "alerts raised": runs["alerts_raised"],
-        "alerts active": runs["alerts_active"],
-        "last update (UTC)": runs["updated_at"],
-        "updated": [_ago(t) for t in runs["updated_at"]],
-    })
-    st.dataframe(table, hide_index=True, column_config={
+    left, right = st.columns([3, 2])
+    keep = left.pills("Health", list(STATUSES), default=list(STATUSES), selection_mode="multi",
+                      key="runs_health_filter", help="Show runs in these states (their worst active alert).")
+    order = right.segmented_control("Order", ["worst health first", "newest first"],
+                                    default="worst health first", key="runs_order")
+    shown = runs[runs["health"].isin(keep or [])]
+    if order != "newest first":  # stable: newest first within each state
+        shown = shown.sort_values("severity", ascending=False, kind="stable")
+    table = run_table(shown)
+    st.dataframe(table.style.apply(status.health_cell_styles, subset=["health"]), hide_index=True, column_config={
+        "health": st.column_config.TextColumn(
+            "health", help="OK, PRE_COLLAPSE or COLLAPSE_CONFIRMED: the run's most severe alert active now"),
+        "worst layer": st.column_config.TextColumn(
+            help="The layer holding that alert (several: the one whose alert fired at the lowest Neff / n)"),
         "tokens routed": st.column_config.NumberColumn(format="localized"),
-        "last update (UTC)": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
+        "updated": st.column_config.TextColumn(help="Time since the run's manifest was last written (UTC clock)"),
     })
+    if len(shown) < len(runs):
+        st.caption(f"{len(runs) - len(shown)} of {len(runs)} runs hidden by the health filter.")
 
     st.subheader("Compare runs")
     ids = list(runs["run_id"])

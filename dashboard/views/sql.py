@@ -8,18 +8,31 @@ import pyarrow.parquet as pq
 import streamlit as st
 
 import chrono
-from dashboard import data
+from dashboard import data, ui
 
 st.title("SQL")
 st.caption("Read-only DuckDB over the store. Views: `runs routing tokens snapshots alerts decisions "
            "signals lifecycle`. Statements that write (CREATE, INSERT, COPY, ATTACH, SET, ...) are refused.")
 
+run = ui.selected_run()
 example = st.selectbox("Examples", list(data.SQL_EXAMPLES), index=None, placeholder="Start from an example…",
-                       key="sql_example")
-if example and st.session_state.get("sql_loaded") != example:
-    st.session_state["sql_text"] = data.SQL_EXAMPLES[example]
-    st.session_state["sql_loaded"] = example
-st.session_state.setdefault("sql_text", data.SQL_EXAMPLES["Tokens per expert (all runs)"])
+                       key="sql_example",
+                       help="Examples read the run picked in the sidebar (its id is in the SQL); "
+                            "edit or delete the WHERE clause to query all runs.")
+# Load an example when it is picked, and again when the sidebar run changes while the text is
+# still the untouched example (an edited query is never overwritten).
+loaded = st.session_state.get("sql_loaded")  # (example, run, text) last put in the box
+if example and (loaded is None or loaded[:2] != (example, run)) and (
+        loaded is None or loaded[0] != example or st.session_state.get("sql_text") == loaded[2]):
+    text = data.sql_example(example, run)
+    st.session_state["sql_text"] = text
+    st.session_state["sql_loaded"] = (example, run, text)
+    for k in ("sql_error", "sql_result"):  # an old error or result is not about this query
+        st.session_state.pop(k, None)
+if "sql_text" not in st.session_state:
+    st.session_state["sql_text"] = data.sql_example("Tokens per expert", run)
+if run:
+    st.caption(f"Sidebar run: `{run}`. Queries see every run; the examples filter `WHERE run_id = '{run}'`.")
 
 with st.form("sql_form"):
     sql = st.text_area("Query", key="sql_text", height=140)
@@ -33,12 +46,12 @@ if submitted:
         st.session_state["sql_result"] = (sql, int(limit), result)
         st.session_state.pop("sql_error", None)
     except chrono.QueryError as e:
-        st.session_state["sql_error"] = str(e)
+        st.session_state["sql_error"] = (sql, str(e))
         st.session_state.pop("sql_result", None)
 
-if "sql_error" in st.session_state:
-    st.error(f"Query refused or failed: {st.session_state['sql_error']}")
-elif "sql_result" in st.session_state:
+if "sql_error" in st.session_state and st.session_state["sql_error"][0] == sql:
+    st.error(f"Query refused or failed: {st.session_state['sql_error'][1]}")
+elif "sql_result" in st.session_state and st.session_state["sql_result"][0] == sql:
     ran, lim, result = st.session_state["sql_result"]
     more = " (row limit reached: raise it or aggregate)" if result.num_rows >= lim else ""
     st.markdown(f"**{result.num_rows:,} rows × {result.num_columns} columns**{more}")

@@ -304,10 +304,23 @@ def test_loads_sums_ranks_of_one_step_before_the_max(tmp_path):
     assert s["max_violation_across_steps"]["max"] == pytest.approx(0.25)
 
 
+def _older_manifest(root, run, model):
+    """Give the run a manifest that undercounts its experts, as a store written before the write
+    API checked rows against the manifest (issue 23) can have: today's writer refuses such rows."""
+    import json
+
+    from chrono.store import run_dir
+
+    path = run_dir(root, run) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(manifest, model=model)))
+
+
 def test_manifest_that_undercounts_experts_is_overridden_by_the_rows(tmp_path):
-    with chrono.open_run(tmp_path / "s", "r", model={"experts_per_layer": {"0": 2}}) as w:
+    with chrono.open_run(tmp_path / "s", "r") as w:
         w.log_routing(0, 0, np.array([1, 1, 6]))  # 3 experts recorded, the manifest says 2
         w.log_routing(1, 0, np.array([2, 2, 4]))
+    _older_manifest(tmp_path / "s", "r", {"experts_per_layer": {"0": 2}})
     con = chrono.connect(tmp_path / "s")
     (row,) = analyze(con, "loads", Scope("r")).table.to_pylist()
     assert row["experts"] == 3 and row["max"] == 10
@@ -318,9 +331,10 @@ def test_coactivation_sql_path_with_wide_rows_and_a_small_manifest(tmp_path):
     """70 experts recorded, a manifest that claims 8: the self-join path, not 64-bit masks."""
     from chrono.analysis.coactivation import coactivation_matrix
 
-    with chrono.open_run(tmp_path / "s", "r", model={"experts_per_layer": {"0": 8}}) as w:
+    with chrono.open_run(tmp_path / "s", "r") as w:
         w.log_tokens(0, 0, [69, 3, 65, 3], position=[1, 1, 0, 0], k=[0, 1, 0, 1])  # adjacent blocks
         w.log_tokens(1, 0, [3, 69], position=[0, 0], k=[1, 0])  # slots out of order: no fast path
+    _older_manifest(tmp_path / "s", "r", {"experts_per_layer": {"0": 8}})
     mats = coactivation_matrix(chrono.connect(tmp_path / "s"), Scope("r"))
     both = mats[0]["both"]
     assert both.shape == (70, 70) and both[3, 69] == 2 and both[3, 65] == 1 and both.sum() == 6

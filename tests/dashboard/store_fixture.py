@@ -68,7 +68,8 @@ def build(root) -> dict:
                     decisions.append({"step": step, "layer": r["layer"], "actuator": "lens", "debt": debt,
                                       "pressure": p, "heat": min(1.0, p), "forgetting": 0.02 + 0.1 * p,
                                       "lens_scale": min(p, 0.02), "backoff": 1.0, "abstain": p < 0.01,
-                                      "reason": "pressure below 0.01" if p < 0.01 else "scale from pressure",
+                                      "reason": ("abstain: pressure < 0.01 (healthy)" if p < 0.01
+                                                 else f"act: debt {debt:.3f}, pressure {p:.3f}"),
                                       "neff": r["neff"], "top2_share": r["top2_share"]})
                 w.log_rows("decisions", decisions)
                 w.flush()
@@ -92,12 +93,18 @@ def build(root) -> dict:
                                                    "experts_per_layer": {"0": 4, "1": 4}, "top_k": 1}) as w:
         tracker = AlertTracker()
         for step in range(20):
-            w.log_routing(step, np.arange(2), np.full((2, 4), 25))
-            w.log_signal(step, "loss", 2.0)
+            w.log_routing(step, np.arange(2), np.full((2, 4), 25), weight_sum=np.full((2, 4), 12.5))
+            w.log_signal(step, "loss", 2.0 - 0.01 * step)
             if (step + 1) % EVERY == 0:
                 rows = layer_rows(HEALTHY_RUN, step + 1 - EVERY, step, {0: np.full(4, 250), 1: np.full(4, 250)})
                 w.log_rows("snapshots", rows)
                 assert not tracker.update(rows)
+                # a governed healthy run: debt 0, so the controller abstains every time
+                w.log_rows("decisions", [
+                    {"step": step, "layer": l, "actuator": "lens", "debt": 0.0, "pressure": 0.0, "heat": 0.0,
+                     "forgetting": 0.02, "lens_scale": 0.0, "backoff": 1.0, "abstain": True,
+                     "reason": "abstain: pressure < 0.01 (healthy)", "neff": r["neff"],
+                     "top2_share": r["top2_share"]} for l, r in enumerate(rows[:2])])
     with chrono.open_run(root, EMPTY_RUN, model={"name": "nothing-yet"}):
         pass
     return facts

@@ -33,7 +33,7 @@ def test_runs_page(app, dash_store):
     table = at.dataframe[0].value
     assert set(table["run"]) == {MAIN_RUN, HEALTHY_RUN, "fresh-run"}
     main = table[table["run"] == MAIN_RUN].iloc[0]
-    assert main["layers × experts"] == f"{LAYERS} × {EXPERTS}"
+    assert main["layers × experts"] == f"{LAYERS} × {EXPERTS}, top-2"
     assert main["tokens routed"] == facts["tokens"]
     assert main["model"] == "fixture-moe"
     assert set(at.multiselect[0].value) == {MAIN_RUN, HEALTHY_RUN, "fresh-run"}
@@ -79,10 +79,11 @@ def test_health_page(app, dash_store):
     assert m["Top-2 share (mean)"] == f"{g['top2_share']:.1%}"
     assert m["Dead experts (all layers)"] == str(g["dead"])
     assert at.multiselect(key="health_layers").value == list(range(LAYERS))
-    assert chart_titles(at) == ["Effective experts (Neff = exp(entropy))", "Top-2 share (tokens in the 2 largest experts)",
-                                "Routing entropy",
-                                "Dead (solid) and nearly dead (dashed, < 1 % share) experts"]
-    at.multiselect(key="health_layers").set_value([-1]).run()
+    assert chart_titles(at) == [
+        "Alert state per layer over steps (grey OK, orange PRE_COLLAPSE, red COLLAPSE_CONFIRMED)",
+        "Effective experts (Neff = exp(entropy))", "Top-2 share (tokens in the 2 largest experts)",
+        "Routing entropy", "Dead (solid) and nearly dead (dashed, < 1 %) experts per layer"]
+    at.multiselect(key="health_layers").set_value([-1]).run()  # global only: no per-layer dead panels
     assert not at.exception and len(at.get("vega_lite_chart")) == 4
 
 
@@ -121,7 +122,7 @@ def test_governance_page(app, dash_store):
     assert m["Latest step"] == str(STEPS - 1)
     assert chart_titles(at) == ["Topology debt", "Pressure (EMA of debt)", "Heat (pressure clipped to 0-1)",
                                 "Lens scale s", "Harm-guard backoff",
-                                "Abstaining (share of decisions)"]
+                                "When the controller abstained (dark) or acted (light)"]
     reasons = at.dataframe[0].value
     assert reasons["decisions"].sum() == facts["decisions"]
     latest = at.dataframe[1].value
@@ -130,7 +131,7 @@ def test_governance_page(app, dash_store):
 
 def test_governance_page_without_decisions(app, dash_store):
     root, _ = dash_store
-    at = app(root, "governance", run=HEALTHY_RUN)
+    at = app(root, "governance", run="fresh-run")
     assert "No controller decisions" in at.info[0].value
 
 
@@ -140,6 +141,7 @@ def test_lifecycle_page(app, dash_store):
     m = metrics(at)
     assert m == {"prune": "1", "split": "0"}  # split was proposed only
     assert at.dataframe[0].value["event"].tolist() == ["prune", "split"]
+    assert at.dataframe[0].value["source_expert"].tolist() == ["–", "0"]  # a missing value is "–", not "None"
     assert set(at.multiselect(key="signal_names").value) == {"accuracy", "astarte.null_norm", "loss",
                                                              "var.expensive_fraction"}
     titles = chart_titles(at)

@@ -62,12 +62,11 @@ def test_steps_when_a_wrapper_bypasses_the_models_hooks(store_root):
             w(input_ids=_ids(seed=10 + i), labels=_ids(seed=10 + i)).loss.backward()
             opt.step(); opt.zero_grad()
     got = stored(store_root, "peft")
-    steps = sorted({k[0] for k in got})
-    modes = {k[0]: k[1] for k in got}
-    # 3 inference steps (one per forward), then training: the provisional step of the first
-    # training forward, then one step per optimizer step
-    assert [modes[s] for s in steps] == ["EVAL"] * 3 + ["TRAIN"] * 3
-    assert all(got[k].sum() == 2 * 8 * 2 for k in got)
+    # as with the model's own hooks: forwards before the first optimizer step are its step (0),
+    # then one step per optimizer step
+    assert sorted(k[:2] for k in got if k[2] == 0) == [(0, "EVAL"), (0, "TRAIN"), (1, "TRAIN"), (2, "TRAIN")]
+    assert got[(0, "EVAL", 0)].sum() == 3 * 2 * 8 * 2
+    assert all(got[(s, "TRAIN", 0)].sum() == 2 * 8 * 2 for s in range(3))
 
 
 def test_deepcopy_of_an_attached_model(store_root):

@@ -174,7 +174,7 @@ def test_gradient_accumulation_one_step_per_optimizer_step(store_root, kw):
 def test_auto_rule_with_a_window_shorter_than_one_step_warns_and_loses_nothing(store_root, caplog):
     with caplog.at_level(logging.WARNING, logger="probes"):
         truth, _ = _accumulation_run(store_root, "short", n_steps=2, flush_every=2)
-    assert "span a window boundary" in caplog.text
+    assert "did not fit in one window" in caplog.text
     got = stored(store_root, "short")
     for layer in (0, 1):
         want = sum(v for k, v in truth.items() if k[2] == layer)
@@ -304,3 +304,45 @@ def test_writer_refuses_duplicate_routing_keys(store_root):
             w.log_signal(1, "loss", 0.5)
         w.log_routing(2, 0, [3, 3])
     assert duplicate_keys(store_root, "w") == 0
+
+
+def test_frozen_reference_model_follows_the_policys_steps(store_root):
+    """DPO with both models attached: the reference run's steps are the policy's optimizer steps."""
+    pol = T.NativeMoE()
+    ref = copy.deepcopy(pol).eval()
+    opt = torch.optim.SGD(pol.parameters(), lr=0.1)
+    truth: dict = {}
+    with probes.attach(pol, run="pol", root=store_root) as hp, \
+            probes.attach(ref, run="ref", root=store_root, steps=hp):
+        for s in range(3):
+            (pol(_ids(seed=s)).sum() + pol(_ids(seed=50 + s)).sum()).backward()
+            with torch.no_grad():
+                for j in range(2):                      # reference log-probs of chosen and rejected
+                    cap = capture(ref, lambda: ref(_ids(seed=10 * s + j)))
+                    for layer, calls in cap.items():
+                        truth[(s, "EVAL", layer)] = truth.get((s, "EVAL", layer), 0) + count(calls, 4)
+            opt.step()
+            opt.zero_grad()
+    got = stored(store_root, "ref")
+    assert set(got) == set(truth)
+    for key in truth:
+        np.testing.assert_array_equal(got[key], truth[key], err_msg=str(key))
+    assert sorted({k[0] for k in stored(store_root, "pol")}) == [0, 1, 2]
+
+
+def test_evaluation_before_training_lands_in_the_first_training_step(store_root):
+    """steps='auto' records what steps='optimizer' would: forwards before the first update are step 0."""
+    m = T.NativeMoE()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with probes.attach(m, run="pre", root=store_root):
+        m.eval()
+        with torch.no_grad():
+            m(_ids(seed=1)); m(_ids(seed=2))            # a sanity-check evaluation
+        m.train()
+        for s in range(2):
+            for i in range(2):
+                m(_ids(seed=10 * s + i)).sum().backward()
+            opt.step(); opt.zero_grad()
+    got = stored(store_root, "pre")
+    assert sorted({(k[0], k[1]) for k in got}) == [(0, "EVAL"), (0, "TRAIN"), (1, "TRAIN")]
+    assert got[(0, "EVAL", 0)].sum() == 2 * 32 and got[(0, "TRAIN", 0)].sum() == 2 * 32

@@ -195,3 +195,18 @@ def test_inputs_embeds_token_ids_are_null_not_a_sentinel(store_root):
     rows = _token_rows(store_root, "emb")
     assert rows and all(tid is None for _, _, _, tid, _, _ in rows)
     assert {(b, p) for _, b, p, _, _, _ in rows} == {(b, p) for b in range(2) for p in range(5)}
+
+
+def test_sampled_tokens_are_the_same_at_every_layer(store_root):
+    """At tokens < 1 every layer samples the same positions, so a token can be followed across layers."""
+    m = T.mixtral().eval()
+    with torch.no_grad(), probes.attach(m, run="same", root=store_root, tokens=0.25) as h:
+        for i in range(3):
+            m(input_ids=torch.randint(1, T.VOCAB, (4, 16), generator=torch.Generator().manual_seed(i)))
+    con = chrono.connect(store_root)
+    per_layer = {}
+    for layer, step, b, p in con.execute("SELECT DISTINCT layer, step, batch_idx, position FROM tokens "
+                                         "WHERE run_id = 'same'").fetchall():
+        per_layer.setdefault(layer, set()).add((step, b, p))
+    assert set(per_layer) == {0, 1}
+    assert per_layer[0] == per_layer[1] and len(per_layer[0]) == 3 * 16   # 25 % of 64 per step

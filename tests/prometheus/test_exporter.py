@@ -95,10 +95,10 @@ def test_store_source_rereads_only_after_a_change(run_builder, monkeypatch):
 
     monkeypatch.setattr(P, "_FRESH_SECONDS", 0.0)  # trust directory mtimes at once
     src = StoreSource(run_builder.root, run_builder.run)
-    first = src.read()
-    assert src.read() is first  # nothing changed: the cached state is reused
+    (first,) = src.read()
+    assert src.read()[0] is first  # nothing changed: the cached state is reused
     run_builder.add_windows(1)
-    assert src.read() is not first
+    assert src.read()[0] is not first
 
 
 def test_compaction_keeps_counters(run_builder):
@@ -111,28 +111,85 @@ def test_compaction_keeps_counters(run_builder):
     assert after == before
 
 
-def test_without_run_follows_the_newest_run(run_builder, monkeypatch):
+def _age(root, run, seconds):
+    """Make every stamp of ``run`` (manifest, table directories) ``seconds`` older."""
     import os
 
-    import chrono.exporters.prometheus as P
+    from chrono.schema import TABLES
+    from chrono.store import run_dir, table_dirs
+
+    paths = [run_dir(root, run) / "manifest.json"]
+    paths += [d for t in TABLES for d in table_dirs(root, t, run) if d.exists()]
+    for p in paths:
+        st = os.stat(p)
+        os.utime(p, (st.st_atime, st.st_mtime - seconds))
+
+
+def test_without_run_exports_every_recent_run(run_builder, store_truth):
     from tests.prometheus.conftest import RunBuilder
 
     other = RunBuilder(run_builder.root, run="exp2", n_layers=2, seed=1)
     other.add_windows(3)
-    src = StoreSource(run_builder.root)  # no run: follow the most recently written one
+    src = StoreSource(run_builder.root, recent_s=900)  # no run: every run written in the last 15 min
+    exporter = Exporter(src)
+    got = parse(exporter.exposition())
+    assert {dict(k)["run"] for k in series(got, "chrono_neff")} == {"exp1", "exp2"}
+    for run in ("exp1", "exp2"):  # each run's series equal that run's latest snapshot in the store
+        truth = store_truth(run_builder.root, run)
+        neff = {dict(k)["layer"]: v for k, v in series(got, "chrono_neff").items() if dict(k)["run"] == run}
+        assert neff == {str(l): r["neff"] for l, r in truth["snapshot"].items()}
+        active = {(int(dict(k)["layer"]), dict(k)["alert"])
+                  for k, v in series(got, "chrono_alert_active").items() if dict(k)["run"] == run and v == 1}
+        assert active == truth["active"]
+    assert got[("chrono_exporter_runs", frozenset())] == 2.0
+    assert got[("chrono_exporter_runs_left_out", frozenset())] == 0.0
 
-    def age(run, seconds):
-        from chrono.schema import TABLES
-        from chrono.store import run_dir, table_dirs
-        paths = [run_dir(run_builder.root, run) / "manifest.json"]
-        paths += [d for t in TABLES for d in table_dirs(run_builder.root, t, run) if d.exists()]
-        for p in paths:
-            os.utime(p, (0, os.stat(p).st_mtime - seconds))
-    age("exp1", 100)
-    assert src.current_run() == "exp2"
-    assert {dict(k)["run"] for k in series(parse(Exporter(src).exposition()), "chrono_neff")} == {"exp2"}
-    age("exp2", 1000)
-    assert src.current_run() == "exp1"
+    _age(run_builder.root, "exp1", 1000)  # quiet for longer than the window: it drops out
+    got = parse(exporter.exposition())
+    assert {dict(k)["run"] for k in series(got, "chrono_neff")} == {"exp2"}
+    run_builder.add_windows(1)  # written again: back in
+    got = parse(exporter.exposition())
+    assert {dict(k)["run"] for k in series(got, "chrono_neff")} == {"exp1", "exp2"}
+    assert src.current_runs() == ["exp1", "exp2"]  # newest first
+
+
+def test_recent_runs_are_capped_newest_first(run_builder, caplog):
+    from tests.prometheus.conftest import RunBuilder
+
+    for i, run in enumerate(("a", "b", "c")):
+        RunBuilder(run_builder.root, run=run, n_layers=1, seed=i).add_windows(1)
+        _age(run_builder.root, run, 10 * (3 - i))  # c newest, then b, a
+    _age(run_builder.root, "exp1", 100)
+    src = StoreSource(run_builder.root, max_runs=2)
+    got = parse(Exporter(src).exposition())
+    assert {dict(k)["run"] for k in series(got, "chrono_neff")} == {"c", "b"}
+    assert got[("chrono_exporter_runs_left_out", frozenset())] == 2.0
+    assert "exporting the newest 2" in caplog.text
+
+
+def test_pinned_run_is_exported_however_old(run_builder):
+    _age(run_builder.root, "exp1", 10 * 86400)
+    assert StoreSource(run_builder.root, recent_s=60).current_runs() == []
+    got = parse(Exporter(StoreSource(run_builder.root, "exp1", recent_s=60)).exposition())
+    assert {dict(k)["run"] for k in series(got, "chrono_neff")} == {"exp1"}
+
+
+def test_bad_window_and_cap_are_clear_errors(store_root):
+    with pytest.raises(ExporterError, match="window must be > 0"):
+        StoreSource(store_root, recent_s=0)
+    with pytest.raises(ExporterError, match="max_runs must be >= 1"):
+        StoreSource(store_root, max_runs=0)
+
+
+def test_expert_series_cap_counts_all_runs_together(run_builder):
+    from tests.prometheus.conftest import RunBuilder
+
+    RunBuilder(run_builder.root, run="exp2", n_layers=2, seed=1).add_windows(2)
+    got = parse(Exporter(StoreSource(run_builder.root), expert_labels=True, max_expert_series=40).exposition())
+    shares = series(got, "chrono_expert_share")
+    assert len(shares) == 40  # 4x8 + 2x8 = 48 candidate series over both runs, capped at 40
+    dropped = {dict(k)["run"]: v for k, v in series(got, "chrono_expert_share_series_dropped").items()}
+    assert sum(dropped.values()) == 8
 
 
 def test_unknown_run_and_root_are_clear_errors(store_root, tmp_path):
@@ -146,7 +203,9 @@ def test_unknown_run_and_root_are_clear_errors(store_root, tmp_path):
 
 def test_empty_root_exports_only_exporter_health(store_root):
     got = parse(Exporter(StoreSource(store_root)).exposition())
-    assert {n for n, _ in got} == {"chrono_exporter_source_up", "chrono_exporter_read_errors_total"}
+    assert {n for n, _ in got} == {"chrono_exporter_source_up", "chrono_exporter_read_errors_total",
+                                   "chrono_exporter_runs", "chrono_exporter_runs_left_out"}
+    assert got[("chrono_exporter_runs", frozenset())] == 0.0
     assert got[("chrono_exporter_source_up", frozenset())] == 1.0
 
 
@@ -329,6 +388,13 @@ def test_store_source_does_not_trust_a_just_modified_directory(run_builder, monk
     # directory is younger than _FRESH_SECONDS, every scrape re-lists the parts
     monkeypatch.setattr(P, "_FRESH_SECONDS", 1e12)
     src = StoreSource(run_builder.root, run_builder.run)
-    first = src.read()
-    assert src.read() is not first
-    assert src.read().snapshot == first.snapshot
+    (first,) = src.read()
+    assert src.read()[0] is not first
+    assert src.read()[0].snapshot == first.snapshot
+
+
+def test_heat_help_says_why_it_is_exported_next_to_pressure():
+    """heat = clip(pressure, 0, 1) equals pressure under the ChronoMoE policy; its HELP says why both exist."""
+    helps = {name: doc for name, _, doc in DECISION_GAUGES}
+    assert "equals pressure" in helps["chrono_controller_heat"]
+    assert "temperature actuator" in helps["chrono_controller_heat"]

@@ -156,3 +156,58 @@ def test_promtool_accepts_the_shipped_rules_and_config():
                  ["test", "rules", str(RULES_TEST)]):
         r = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"promtool {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
+
+
+def test_serve_metrics_without_run_exports_two_concurrent_runs(run_builder, store_truth, prometheus_server):
+    """`chrono serve-metrics` (no --run) while two runs record: Prometheus holds both, each under its
+    run label with its own store values; a scratch run written later does not hide them."""
+    import os
+    import sys
+
+    from tests.prometheus.conftest import RunBuilder
+
+    root = run_builder.root
+    healthy = RunBuilder(root, run="calm", n_layers=1, seed=3)  # one layer, no drift: stays healthy
+    healthy.add_windows(2)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cli = subprocess.Popen([sys.executable, "-m", "chrono.cli", "--root", str(root), "serve-metrics",
+                            "--port", str(port), "--recent", "15m"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = cli.stdout.readline()
+        assert "written within 15m" in banner and "calm" in banner and "exp1" in banner, banner
+        base, proc = prometheus_server(f"127.0.0.1:{port}")
+
+        def steps_now():
+            return {dict(k)["run"]: v for k, v in instant(base, "chrono_snapshot_step").items()}
+
+        def expect_steps():
+            return {r: float(next(iter(store_truth(root, r)["snapshot"].values()))["step"])
+                    for r in ("exp1", "calm")}
+
+        await_condition(lambda: steps_now() == expect_steps(), what="both runs scraped", proc=proc)
+        for i in range(2):  # both runs keep recording, interleaved, while Prometheus scrapes
+            run_builder.add_windows(1)
+            healthy.add_windows(1)
+            await_condition(lambda: steps_now() == expect_steps(), what=f"round {i} of new windows", proc=proc)
+        for run in ("exp1", "calm"):
+            truth = store_truth(root, run)
+            assert instant(base, f'chrono_neff{{run="{run}"}}') == {
+                frozenset({("run", run), ("layer", str(l))}): float(r["neff"]) for l, r in truth["snapshot"].items()}
+        confirmed = {("exp1", str(l)) for l, a in store_truth(root, "exp1")["active"] if a == "COLLAPSE_CONFIRMED"}
+        assert confirmed
+        firing = await_condition(
+            lambda: {(a["labels"]["run"], a["labels"]["layer"]) for a in api(base, "/api/v1/alerts")["alerts"]
+                     if a["labels"]["alertname"] == "ChronoCollapseConfirmed" and a["state"] == "firing"},
+            what="ChronoCollapseConfirmed firing", proc=proc)
+        assert firing == confirmed  # the collapsing run alerts, the healthy one does not
+
+        scratch = RunBuilder(root, run="scratch", n_layers=1, seed=4)  # the user records a scratch run
+        scratch.add_windows(1)
+        await_condition(lambda: set(steps_now()) == {"exp1", "calm", "scratch"}, what="the scratch run", proc=proc)
+        assert {dict(k)["run"] for k in instant(base, "chrono_neff")} == {"exp1", "calm", "scratch"}
+        assert instant(base, "chrono_exporter_runs") == {frozenset(): 3.0}
+    finally:
+        cli.terminate()
+        cli.wait(timeout=20)
