@@ -10,8 +10,16 @@ away; ``forgetting`` is informational (logged only) in this version.
 Actuators that need the router's load count it themselves with a forward
 hook on the router (sync-free ``scatter_add_`` into a device buffer; read on
 the host only in ``act``/``on_step``). Routers follow the native protocol
-(``forward`` returns ``(logits, weights, indices[, dropped])``); HF-style
-routers work where the attribute an actuator needs exists (documented per class).
+(``forward`` returns ``(logits, weights, indices[, dropped])``), as HF
+transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3 routers do;
+the bias and temperature actuators reach those through ``chrono.router_hooks``
+(no edit of the model). Every hook goes through a ``HookSet`` and ``remove()``
+leaves the model exactly as found.
+
+In ``setpoint`` mode (``ControlConfig.mode``) the bias, aux and temperature
+actuators use the PI effort u in [0, 1] (the decision's ``pressure`` column) as
+the fraction of their range; in ``faithful`` mode they use
+clip(pressure / pressure_ref) as before.
 """
 from __future__ import annotations
 
@@ -21,13 +29,42 @@ from torch import nn
 from .controller import ControlDecision
 from .controller import policy
 from .lens import ChronoLens
+from .router_hooks import HookError, HookSet, InputTemperature, SelectionBias
 
 __all__ = ["Actuator", "LensActuator", "InformedLensActuator", "RouterBiasActuator",
-           "TemperatureActuator", "AuxLossActuator", "router_weight", "ActuatorError"]
+           "TemperatureActuator", "AuxLossActuator", "router_weight", "switch_aux_loss",
+           "drive", "ActuatorError"]
 
 
 class ActuatorError(ValueError):
     """The router lacks what an actuator needs (clear message, no traceback in the CLI)."""
+
+
+def drive(decision: ControlDecision, pressure_ref: float) -> float:
+    """Fraction of an actuator's range to use, in [0, 1].
+
+    setpoint mode: the PI effort (stored as ``pressure``); faithful mode:
+    clip(pressure / pressure_ref), ChronoMoE's pressure normalised by the
+    actuator's reference pressure.
+    """
+    if decision.mode == "setpoint":
+        return policy.clip(decision.pressure)
+    return policy.clip(decision.pressure / pressure_ref)
+
+
+def switch_aux_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch load-balancing loss E·Σ_i f_i·P_i (Fedus et al. 2021, arXiv:2101.03961, eq. 4).
+
+    logits [T, E] (any float dtype), indices [T, k] int (the experts really chosen);
+    f_i = share of the T·k assignments sent to expert i (no gradient), P_i = mean
+    softmax probability of expert i. Returns a float32 scalar; 1.0 when perfectly balanced.
+    """
+    E = int(n_experts)
+    idx = indices.reshape(-1).long()
+    f = torch.zeros(E, device=logits.device).scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+    f = f / max(1, idx.numel())
+    p = torch.softmax(logits.reshape(-1, E).float(), dim=-1).mean(0)
+    return E * (f.detach() * p).sum()
 
 
 def _indices(output):
@@ -53,7 +90,8 @@ class _LoadCounter:
     def __init__(self, router: nn.Module, n_experts: int):
         self.n_experts = int(n_experts)
         self.counts: torch.Tensor | None = None
-        self._handle = router.register_forward_hook(self._hook)
+        self.hooks = HookSet()
+        self.hooks.forward(router, self._hook)
 
     def _hook(self, module, args, output):
         idx = _indices(output).detach().reshape(-1)
@@ -71,7 +109,7 @@ class _LoadCounter:
         return c
 
     def remove(self):
-        self._handle.remove()
+        self.hooks.remove()
 
 
 class Actuator:
@@ -107,17 +145,20 @@ class LensActuator(Actuator):
     name = "lens"
 
     def __init__(self, router: nn.Module, layer: int, lens: nn.Module | None = None,
-                 d_model: int | None = None, hook: bool = True):
+                 d_model: int | None = None, hook: bool = True, n_experts: int | None = None):
         super().__init__(layer)
         if lens is None:
             if d_model is None:
-                d_model = router_weight(router, int(getattr(router, "n_experts"))).shape[1]
+                n = n_experts if n_experts is not None else int(getattr(router, "n_experts"))
+                d_model = router_weight(router, n).shape[1]
             lens = ChronoLens(d_model, layer_id=layer)
             p = next(router.parameters(), None)
             if p is not None:
                 lens.to(p.device)
         self.lens = lens
-        self._handle = router.register_forward_pre_hook(self._pre) if hook else None
+        self.hooks = HookSet()
+        if hook:
+            self.hooks.pre(router, self._pre)
 
     def _pre(self, module, args):
         if not args:
@@ -129,8 +170,7 @@ class LensActuator(Actuator):
         self.lens.set_scale(decision.lens_scale)
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        self.hooks.remove()
 
 
 class InformedLensActuator(Actuator):
@@ -157,7 +197,8 @@ class InformedLensActuator(Actuator):
         w = router_weight(router, self.n_experts)
         self.direction = torch.zeros(w.shape[1], device=w.device, dtype=torch.float32)
         self.scale = 0.0
-        self._handle = router.register_forward_pre_hook(self._pre)
+        self.hooks = HookSet()
+        self.hooks.pre(router, self._pre)
 
     def _pre(self, module, args):
         if self.scale == 0.0 or not args:
@@ -186,57 +227,90 @@ class InformedLensActuator(Actuator):
         self.direction.copy_(u / norm)
 
     def remove(self) -> None:
-        self._handle.remove()
+        self.hooks.remove()
         self.counter.remove()
 
 
+def _native_bias(router: nn.Module):
+    for attr in ("selection_bias", "e_score_correction_bias"):
+        b = getattr(router, attr, None)
+        if isinstance(b, torch.Tensor):
+            return b
+    return None
+
+
 class RouterBiasActuator(Actuator):
-    """Loss-free balancing: a per-expert bias added to the logits for top-k *selection* only.
+    """Loss-free balancing: a per-expert bias added to the scores for top-k *selection* only.
 
     Source: Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
     Mixture-of-Experts" (arXiv:2408.15664), used in DeepSeek-V3 (arXiv:2412.19437,
     §2.1.2): after each step, ``b_i += u·sign(mean_load − load_i)``; the gate
     weights still come from the unbiased scores, so no gradient is distorted.
-    The router must own the bias tensor: attribute ``selection_bias`` (this
-    repo's reference models) or ``e_score_correction_bias`` (HF DeepSeek-V3).
+
+    Where the bias lives: the router's own tensor when it has one
+    (``selection_bias``: this repo's native routers; ``e_score_correction_bias``:
+    HF DeepSeek-V3, on its sigmoid scores), else a ``chrono.router_hooks.SelectionBias``
+    hook in logit space (HF Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE). Any other router:
+    ActuatorError. ``remove()`` restores an owned tensor to its value at install
+    unless ``keep_bias=True`` (e.g. to save a DeepSeek-V3 checkpoint with the learnt
+    bias); a hook bias disappears with its hook.
 
     ``pressure_scaled=False`` is the paper's constant-rate rule (a baseline);
-    ``True`` makes the rate ``u·clip(pressure / pressure_ref)``, i.e. the
-    controller turns balancing up when topology debt accumulates and down when
-    routing is healthy (so balancing costs less loss where none is needed).
+    ``True`` makes the rate ``u·drive(decision)`` (faithful: clip(pressure /
+    pressure_ref); setpoint: the PI effort), so balancing is spent only while
+    and where the controller asks for it.
     """
 
     name = "bias"
     signal = "pressure"
 
     def __init__(self, router: nn.Module, layer: int, n_experts: int, rate: float = 1e-3,
-                 pressure_scaled: bool = True, pressure_ref: float = 0.1):
+                 pressure_scaled: bool = True, pressure_ref: float = 0.1, keep_bias: bool = False):
         super().__init__(layer)
-        bias = getattr(router, "selection_bias", None)
+        self.n_experts = int(n_experts)
+        bias = _native_bias(router)
+        self._override = None
         if bias is None:
-            bias = getattr(router, "e_score_correction_bias", None)
-        if not isinstance(bias, torch.Tensor):
-            raise ActuatorError(f"router {type(router).__name__} has no selection_bias / "
-                                "e_score_correction_bias tensor for loss-free balancing")
-        self.bias, self.n_experts = bias, int(n_experts)
+            try:
+                self._override = SelectionBias(router, self.n_experts)
+            except HookError as e:
+                raise ActuatorError(f"bias: {e}; native routers need a selection_bias tensor") from None
+            bias = self._override.bias
+        self.bias = bias
+        self._saved = None if (keep_bias or self._override is not None) else bias.detach().clone()
         self.rate, self.pressure_scaled, self.pressure_ref = float(rate), pressure_scaled, pressure_ref
-        self.counter = _LoadCounter(router, n_experts)
+        self.counter = _LoadCounter(router, n_experts)   # appended after the override: sees its choice
         self.current_rate = 0.0 if pressure_scaled else self.rate
+
+    @torch.no_grad()
+    def set_bias(self, values) -> None:
+        """Replace the selection bias [n_experts] (e.g. a learnt bias from a checkpoint)."""
+        self.bias.copy_(torch.as_tensor(values, dtype=self.bias.dtype, device=self.bias.device))
+        if self._override is not None:
+            self._override.set_active(bool(torch.any(self.bias != 0)))
 
     def act(self, decision: ControlDecision) -> None:
         if self.pressure_scaled:
-            self.current_rate = self.rate * policy.clip(decision.pressure / self.pressure_ref)
+            self.current_rate = self.rate * drive(decision, self.pressure_ref)
         self.last_value = self.current_rate
 
     @torch.no_grad()
     def on_step(self) -> None:
         load = self.counter.take().to(self.bias.device)
-        if self.current_rate == 0.0 or float(load.sum()) == 0.0:
+        if self.current_rate == 0.0:
             return
+        # no host sync: a step without traffic has load == mean == 0, so sign() adds nothing
         self.bias.add_(self.current_rate * torch.sign(load.mean() - load).to(self.bias.dtype))
+        if self._override is not None:
+            self._override.set_active(True)
 
+    @torch.no_grad()
     def remove(self) -> None:
         self.counter.remove()
+        if self._override is not None:
+            self._override.remove()
+        elif self._saved is not None:
+            self.bias.copy_(self._saved)
 
 
 class TemperatureActuator(Actuator):
@@ -245,9 +319,11 @@ class TemperatureActuator(Actuator):
     Reasoning (ChronoMoE computes heat but feeds it with coefficient 0, DESIGN §4):
     a hotter softmax spreads gate probability, so the gradient reaches more
     experts' logits (the softmax normalisation couples them) and aux losses on
-    probabilities see flatter P. It does not reorder top-k by itself, so it is
-    a slow actuator; measured in benchmarks/governance.py. Needs a float
-    ``temperature`` attribute on the router (logits / temperature).
+    probabilities see flatter P. It does not reorder a plain top-k by itself, so
+    it is a slow actuator. Native routers: their float ``temperature`` attribute
+    (logits / temperature), restored at ``remove()``; HF Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE, DeepSeek-V3: a pre-hook x -> x / T on the router input
+    (``chrono.router_hooks.InputTemperature``). Any other router: ActuatorError.
     """
 
     name = "temperature"
@@ -255,39 +331,80 @@ class TemperatureActuator(Actuator):
 
     def __init__(self, router: nn.Module, layer: int, t_max: float = 2.0):
         super().__init__(layer)
-        if not hasattr(router, "temperature"):
-            raise ActuatorError(f"router {type(router).__name__} has no 'temperature' attribute")
         self.router, self.t_max = router, float(t_max)
+        self._hook = None
+        self._saved = getattr(router, "temperature", None)
+        if not isinstance(self._saved, (int, float)) or isinstance(self._saved, bool):
+            self._saved = None
+            try:
+                self._hook = InputTemperature(router)
+            except HookError as e:
+                raise ActuatorError(f"temperature: {e}; native routers need a float 'temperature' "
+                                    "attribute") from None
 
     def act(self, decision: ControlDecision) -> None:
         t = 1.0 + (self.t_max - 1.0) * decision.heat
-        self.router.temperature = t
+        if self._hook is not None:
+            self._hook.temperature = t
+        else:
+            self.router.temperature = t
         self.last_value = t
 
     def remove(self) -> None:
-        self.router.temperature = 1.0
+        if self._hook is not None:
+            self._hook.remove()
+        else:
+            self.router.temperature = self._saved
 
 
 class AuxLossActuator(Actuator):
-    """A Switch load-balancing loss whose coefficient follows pressure.
+    """A Switch load-balancing loss whose coefficient follows the controller.
 
     Source: Fedus et al. 2021 (Switch Transformer, arXiv:2101.03961) aux loss
     α·E·Σ f_i·P_i; DESIGN §6 measured α = 0.01 (good loss, Neff ~4.9/8) versus
     α = 0.1 (Neff ~7.5, worse loss). Reasoning: pay for the strong coefficient
-    only while the layer is in debt: α = α_min + (α_max − α_min)·clip(pressure / pressure_ref).
-    The training loop reads ``alpha`` and adds ``alpha · aux_loss`` for the layer.
+    only while the layer needs it: α = α_min + (α_max − α_min)·drive(decision).
+    The training loop reads ``alpha`` and adds ``alpha · aux_loss`` for the layer;
+    given ``router`` and ``n_experts`` (and ``capture=True``) the actuator computes
+    that term itself from the router's outputs (a forward hook keeps each grad-enabled
+    forward's ``switch_aux_loss``, with its graph, until ``loss()`` or ``on_step()``):
+    ``loss()`` returns α·mean(aux) for HF models that expose no aux term per layer.
     """
 
     name = "aux"
     signal = "pressure"
 
     def __init__(self, layer: int, alpha_min: float = 0.01, alpha_max: float = 0.1,
-                 pressure_ref: float = 0.1):
+                 pressure_ref: float = 0.1, router: nn.Module | None = None,
+                 n_experts: int | None = None, capture: bool = True):
         super().__init__(layer)
         self.alpha_min, self.alpha_max, self.pressure_ref = alpha_min, alpha_max, pressure_ref
         self.alpha = alpha_min
+        self.n_experts = n_experts
+        self._aux: list[torch.Tensor] = []
+        self.hooks = HookSet()
+        if capture and router is not None and n_experts is not None:
+            self.hooks.forward(router, self._capture)
+
+    def _capture(self, module, args, output):
+        if torch.is_grad_enabled():
+            self._aux.append(switch_aux_loss(output[0], _indices(output), self.n_experts))
+        return None
 
     def act(self, decision: ControlDecision) -> None:
-        frac = policy.clip(decision.pressure / self.pressure_ref)
-        self.alpha = self.alpha_min + (self.alpha_max - self.alpha_min) * frac
+        self.alpha = self.alpha_min + (self.alpha_max - self.alpha_min) * drive(decision, self.pressure_ref)
         self.last_value = self.alpha
+
+    def loss(self):
+        """α times the mean aux loss of the forwards since the last call (0.0 if none); clears them."""
+        if not self._aux:
+            return 0.0
+        aux, self._aux = torch.stack(self._aux).mean(), []
+        return self.alpha * aux
+
+    def on_step(self) -> None:
+        self._aux = []   # a step whose loop never asked for loss() must not keep its graph alive
+
+    def remove(self) -> None:
+        self.hooks.remove()
+        self._aux = []

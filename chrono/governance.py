@@ -1,9 +1,10 @@
 """``chrono.govern``: wire a Controller and actuators to a probes Handle.
 
     with probes.attach(model, run="exp1", flush_every=10) as h:
-        gov = chrono.govern(model, h, actuators=("bias", "aux"))
+        gov = chrono.govern(model, h, actuators=("bias", "aux"),
+                            config=ControlConfig(mode="setpoint", neff_target=0.8))
         for batch in data:
-            loss = lm_loss + sum(gov.aux_weight(l) * aux[l] for l in aux)   # only with "aux"
+            loss = lm_loss + gov.aux_loss()      # only with "aux": α_l · Switch aux, every layer
             loss.backward(); opt.step(); h.step(); gov.step()
 
 At every snapshot (``h.on_snapshot``) the controller decides per layer, each
@@ -15,6 +16,7 @@ so ``chrono replay RUN`` can re-derive every decision from the snapshots.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -32,9 +34,12 @@ def _site(site, key):
 
 def build_actuators(name: str, router: nn.Module, layer: int, n_experts: int,
                     lens: nn.Module | None = None, **kw) -> Actuator:
-    """One actuator by name for one router (kwargs go to its constructor)."""
+    """One actuator by name for one router (kwargs go to its constructor).
+
+    Raises ActuatorError for an unknown name or a router the actuator cannot steer.
+    """
     if name == "lens":
-        return LensActuator(router, layer, lens=lens, hook=lens is None, **kw)
+        return LensActuator(router, layer, lens=lens, hook=lens is None, n_experts=n_experts, **kw)
     if name == "informed-lens":
         return InformedLensActuator(router, layer, n_experts, **kw)
     if name == "bias":
@@ -42,12 +47,18 @@ def build_actuators(name: str, router: nn.Module, layer: int, n_experts: int,
     if name == "temperature":
         return TemperatureActuator(router, layer, **kw)
     if name == "aux":
-        return AuxLossActuator(layer, **kw)
+        return AuxLossActuator(layer, router=router, n_experts=n_experts, **kw)
     raise ActuatorError(f"unknown actuator {name!r}; choose from {', '.join(ACTUATORS)}")
 
 
 class Governor:
-    """Controller + actuators for a set of routers; feed it snapshot rows with ``observe``."""
+    """Controller + actuators for a set of routers; feed it snapshot rows with ``observe``.
+
+    ``config.actuator`` is set to the actuators' label (``"bias+aux"``), so the
+    decisions say who consumed them and which signals were informational.
+    Set-up is all or nothing: if any actuator cannot be built (ActuatorError),
+    the ones already installed are removed before the error propagates.
+    """
 
     def __init__(self, routers: dict[int, tuple[nn.Module, int]], actuators=("informed-lens",),
                  config: ControlConfig | None = None, lenses: dict | None = None,
@@ -55,15 +66,24 @@ class Governor:
         names = (actuators,) if isinstance(actuators, str) else tuple(actuators)
         if not names:
             raise ActuatorError("give at least one actuator")
-        config = config or ControlConfig(actuator="+".join(names))
+        unknown = [a for a in names if a not in ACTUATORS]
+        if unknown:
+            raise ActuatorError(f"unknown actuator(s) {unknown}; choose from {', '.join(ACTUATORS)}")
+        config = replace(config or ControlConfig(), actuator="+".join(names))
         layers = sorted(routers)
         self.controller = Controller(len(layers), {l: routers[l][1] for l in layers}, config)
         self.actuators: dict[int, list[Actuator]] = {}
         kw = actuator_kwargs or {}
-        for l in layers:
-            router, n = routers[l]
-            self.actuators[l] = [build_actuators(a, router, l, n, lens=(lenses or {}).get(l),
-                                                 **kw.get(a, {})) for a in names]
+        try:
+            for l in layers:
+                router, n = routers[l]
+                self.actuators[l] = []
+                for a in names:
+                    self.actuators[l].append(build_actuators(a, router, l, n, lens=(lenses or {}).get(l),
+                                                             **kw.get(a, {})))
+        except BaseException:
+            self.remove()
+            raise
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.decisions: list[ControlDecision] = []
         if self.run_dir is not None:
@@ -80,7 +100,7 @@ class Governor:
             run_id = rows[0].get("run_id") if rows else None
             with open(self.run_dir / JSONL_NAME, "a") as f:
                 for d in decisions:
-                    f.write(json.dumps(d.as_row(run_id)) + "\n")
+                    f.write(json.dumps(d.as_record(run_id)) + "\n")
         return decisions
 
     def step(self) -> None:
@@ -93,18 +113,61 @@ class Governor:
         """Coefficient for this layer's aux loss (0 without an ``aux`` actuator)."""
         return sum(a.alpha for a in self.actuators.get(layer, ()) if isinstance(a, AuxLossActuator))
 
-    def remove(self) -> None:
+    def aux_loss(self):
+        """Σ over layers of α_l · Switch aux loss of the forwards since the last call (a scalar
+        tensor with graph; 0.0 without ``aux`` actuators). Add it to the training loss."""
+        total = 0.0
         for acts in self.actuators.values():
             for a in acts:
+                if isinstance(a, AuxLossActuator):
+                    total = total + a.loss()
+        return total
+
+    def remove(self) -> None:
+        """Remove every actuator's hooks (last installed first). Safe to call twice."""
+        for acts in reversed(list(self.actuators.values())):
+            for a in reversed(acts):
                 a.remove()
+        self.actuators = {}
+
+
+def _discard_if_empty(handle) -> None:
+    """After a failed set-up: detach ``handle`` and delete its run if the run holds nothing.
+
+    Nothing = this handle took no step and wrote no row, no part file of the run
+    exists in any table (a resumed run keeps its data) and its metadata directory
+    holds only the manifest and lock files. Multi-rank runs are never deleted.
+    """
+    from .schema import TABLES
+    from .store import delete_run, part_files
+
+    writer = getattr(handle, "writer", None)
+    root, run = getattr(writer, "root", None), getattr(writer, "run_id", None)
+    if not isinstance(root, Path) or run is None or getattr(writer, "world_size", 1) != 1:
+        return   # telemetry off (probes' null writer) or several ranks: nothing of ours to clean
+    stats = handle.stats() if hasattr(handle, "stats") else {"steps": 1}
+    if stats.get("steps") or sum((stats.get("rows_written") or {}).values()) or writer.pending_rows():
+        return
+    if any(part_files(root, t, run) for t in TABLES):
+        return
+    meta = Path(writer.path)
+    if any(p.name != "manifest.json" and not p.name.startswith(".") for p in meta.iterdir()):
+        return
+    handle.detach()
+    delete_run(root, run)
 
 
 def govern(model: nn.Module, handle, actuators=("informed-lens",), config: ControlConfig | None = None,
            lenses: dict | None = None, actuator_kwargs: dict | None = None) -> Governor:
     """Attach a governor to ``handle`` (a probes Handle) for every router it found in ``model``.
 
+    ``actuators``: names from ``ACTUATORS``; ``config``: e.g.
+    ``ControlConfig(mode="setpoint", neff_target=0.8)`` (default: the faithful policy).
     ``lenses``: lenses already applied by ``probes.attach(..., lenses=...)``; the
     ``lens`` actuator then only sets their scale instead of hooking new ones.
+    Raises ActuatorError when an actuator cannot steer a router (or is unknown);
+    then nothing is left behind: no actuator hook, and when the handle has
+    recorded nothing yet (no step, no row) it is detached and its empty run deleted.
     """
     routers = {}
     for site in handle.routers:
@@ -115,7 +178,11 @@ def govern(model: nn.Module, handle, actuators=("informed-lens",), config: Contr
     run_dir = getattr(writer, "path", None) if getattr(writer, "rank", 0) == 0 else None
     if not isinstance(run_dir, (str, Path)) or not Path(run_dir).is_dir():
         run_dir = None   # telemetry is off (probes' null writer): decisions stay in memory only
-    gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir)
+    try:
+        gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir)
+    except BaseException:
+        _discard_if_empty(handle)
+        raise
 
     def _on_snapshot(step, rows, h):
         decisions = gov.observe(step, rows)

@@ -2,7 +2,9 @@
 
 The controller is a pure function of the snapshot sequence and its config
 (``control_config.json`` in the run directory), so replaying must reproduce the
-stored ``decisions`` exactly, float for float. Exit code 0 when every decision
+stored ``decisions`` exactly, float for float, and, where the run has a
+``control_decisions.jsonl`` mirror, its extra fields too (mode, set point, PI error,
+integral, effort, informational signals). Exit code 0 when every decision
 matches, 1 when any differs (the differences are printed). Imports no torch.
 """
 from __future__ import annotations
@@ -12,16 +14,18 @@ import math
 
 DECISION_FIELDS = ("step", "layer", "actuator", "debt", "pressure", "heat", "forgetting",
                    "lens_scale", "backoff", "abstain", "reason", "neff", "top2_share")
+RECORD_FIELDS = ("mode", "target", "error", "integral", "effort", "informational")  # JSONL only
 
 
 def replay_decisions(snapshot_rows: list[dict], config) -> list[dict]:
-    """Decisions (DECISIONS rows without run_id) the policy takes over these snapshot rows."""
+    """Decisions (JSONL records without run_id: table columns + RECORD_FIELDS) the policy
+    takes over these snapshot rows."""
     from chrono.controller import Controller
     from chrono.snapshots import windows
 
     layers = sorted({int(r["layer"]) for r in snapshot_rows if int(r["layer"]) >= 0})
     ctl = Controller(len(layers), {l: 0 for l in layers}, config)
-    return [d.as_row() for window in windows(snapshot_rows) for d in ctl.update(window)]
+    return [d.as_record() for window in windows(snapshot_rows) for d in ctl.update(window)]
 
 
 def _same(a, b) -> bool:
@@ -30,7 +34,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def compare(stored: list[dict], replayed: list[dict]) -> list[str]:
+def compare(stored: list[dict], replayed: list[dict], fields=DECISION_FIELDS) -> list[str]:
     """Human-readable differences between stored and replayed decisions (empty = identical)."""
     key = lambda r: (int(r["step"]), int(r["layer"]))  # noqa: E731
     s = {key(r): r for r in stored}
@@ -42,7 +46,7 @@ def compare(stored: list[dict], replayed: list[dict]) -> list[str]:
         elif k not in p:
             diffs.append(f"step {k[0]} layer {k[1]}: stored decision, no snapshot to replay it")
         else:
-            for f in DECISION_FIELDS:
+            for f in fields:
                 if not _same(s[k].get(f), p[k].get(f)):
                     diffs.append(f"step {k[0]} layer {k[1]}: {f} stored {s[k].get(f)!r} "
                                  f"replayed {p[k].get(f)!r}")
@@ -56,7 +60,7 @@ def cmd_replay(args) -> int:
     from pathlib import Path
 
     from chrono.cli import UserError, print_table, require_store
-    from chrono.controller import CONFIG_NAME, ControlConfig
+    from chrono.controller import CONFIG_NAME, JSONL_NAME, ControlConfig
     from chrono.store import require_run
     from chrono.rules import check_run
 
@@ -79,6 +83,14 @@ def cmd_replay(args) -> int:
         raise UserError(f"run {args.run!r} has no stored decisions to compare with")
     replayed = replay_decisions(snaps, config)
     diffs = compare(stored, replayed)
+    jsonl = path / JSONL_NAME
+    if jsonl.exists():
+        try:
+            records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        except ValueError as e:
+            raise UserError(f"{jsonl}: not JSON lines ({e})") from None
+        if records and "mode" in records[0]:   # mirrors written before the setpoint mode lack these
+            diffs += [f"{JSONL_NAME}: {d}" for d in compare(records, replayed, RECORD_FIELDS)]
     if diffs:
         for line in diffs[: args.max_diffs]:
             print(line)

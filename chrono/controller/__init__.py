@@ -1,42 +1,120 @@
 """Governance controller: snapshots in, per-layer decisions out (DESIGN §4, §6).
 
 ``Controller.update(rows, lenses)`` turns one window's snapshot rows into one
-``ControlDecision`` per layer, using only the pure functions of
-:mod:`chrono.controller.policy`, and sets the scale of any lens registered for
-that layer (anything with ``set_scale(float)``). It imports no torch, keeps all
-state in ``ControlState`` and is deterministic: the same rows in the same order
-give the same decisions, which is what ``chrono replay`` checks.
+``ControlDecision`` per layer and sets the scale of any lens registered for that
+layer (anything with ``set_scale(float)``). Two modes (``ControlConfig.mode``):
+
+* ``faithful``: ChronoMoE's policy, the pure functions of :mod:`.policy` (debt ->
+  pressure -> lens scale with harm guard);
+* ``setpoint``: PI feedback of :mod:`.setpoint` regulating each layer's Neff to
+  ``neff_target · n``; the effort u in [0, 1] drives every actuator.
+
+It imports no torch, keeps all state in ``ControlState`` and is deterministic:
+the same rows in the same order give the same decisions, which is what
+``chrono replay`` checks.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from . import policy
-from ..schema import GLOBAL_LAYER
+from . import policy, setpoint
+from ..schema import DECISIONS, GLOBAL_LAYER
 
 # Files a governed run keeps in its run directory (next to the Parquet tables).
 JSONL_NAME = "control_decisions.jsonl"   # decisions mirrored one JSON object per line (ChronoMoE format)
 CONFIG_NAME = "control_config.json"      # the ControlConfig, so `chrono replay` re-derives decisions
 
-__all__ = ["JSONL_NAME", "CONFIG_NAME", "ControlConfig", "ControlState", "LayerState", "ControlDecision", "Controller", "policy"]
+MODES = ("faithful", "setpoint")
+# What each actuator reads from a decision, per mode (the rest is marked informational).
+READS = {
+    "faithful": {"lens": "lens_scale", "informed-lens": "lens_scale", "bias": "pressure",
+                 "aux": "pressure", "temperature": "heat"},
+    "setpoint": {"lens": "lens_scale", "informed-lens": "lens_scale", "bias": "pressure",
+                 "aux": "pressure", "temperature": "heat"},
+}
+# Which computed signals each signal is derived from (so consuming one consumes its inputs).
+DERIVED_FROM = {
+    "faithful": {"lens_scale": ("pressure", "backoff"), "pressure": ("debt",), "heat": ("pressure",),
+                 "forgetting": ("pressure",)},
+    "setpoint": {"lens_scale": ("effort",), "pressure": ("effort",), "heat": ("effort",),
+                 "effort": ("error", "integral"), "integral": ("error",), "forgetting": ("pressure",)},
+}
+COMPUTED = {"faithful": ("debt", "pressure", "heat", "forgetting", "lens_scale", "backoff"),
+            "setpoint": ("debt", "pressure", "heat", "forgetting", "lens_scale", "backoff",
+                         "error", "integral", "effort")}
+
+__all__ = ["JSONL_NAME", "CONFIG_NAME", "MODES", "ControlConfig", "ControlState", "LayerState",
+           "ControlDecision", "Controller", "informational", "policy", "setpoint"]
+
+
+def informational(mode: str, actuators) -> tuple[str, ...]:
+    """Signals the controller computes in ``mode`` that no actuator in ``actuators`` consumes.
+
+    ``actuators``: names (``"bias"``) or a ``"+"``-joined label (``"bias+aux"``); unknown
+    names consume nothing. Example: informational("faithful", "lens") == ("forgetting", "heat").
+    """
+    names = actuators.split("+") if isinstance(actuators, str) else list(actuators)
+    todo = [READS[mode][a] for a in names if a in READS[mode]]
+    used: set[str] = set()
+    while todo:
+        sig = todo.pop()
+        if sig not in used:
+            used.add(sig)
+            todo.extend(DERIVED_FROM[mode].get(sig, ()))
+    return tuple(sorted(s for s in COMPUTED[mode] if s not in used))
 
 
 @dataclass(frozen=True)
 class ControlConfig:
-    """Knobs of the policy. Defaults are DESIGN §4's numbers.
+    """Knobs of the policy. Defaults are DESIGN §4's numbers (faithful mode).
 
     ``actuator`` is the label written in each decision's ``actuator`` column
     (which actuators consumed the decision, e.g. ``"lens"`` or ``"bias+aux"``).
     While abstaining the applied scale is 0 (lenses become the identity).
+
+    ``mode="setpoint"`` regulates each layer's Neff to ``neff_target · n`` with PI
+    feedback (``kp``, ``ki``, ``integral_max``; see :mod:`.setpoint`).
+    ``neff_target`` is a fraction of the layer's expert count in (0, 1], one
+    float for every layer or ``{layer: fraction}`` (layers not named use
+    ``setpoint.NEFF_TARGET``). The faithful fields (warm-up, s_max) still bound
+    the lens scale in setpoint mode. Raises ValueError for an unknown mode or a
+    target outside (0, 1].
     """
 
     actuator: str = "lens"
     warmup_steps: int = policy.WARMUP_STEPS
     s_max_warmup: float = policy.S_MAX_WARMUP
     s_max: float = policy.S_MAX
+    mode: str = "faithful"
+    neff_target: float | dict = setpoint.NEFF_TARGET
+    kp: float = setpoint.KP
+    ki: float = setpoint.KI
+    integral_max: float = setpoint.INTEGRAL_MAX
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown controller mode {self.mode!r}; choose from {', '.join(MODES)}")
+        t = self.neff_target
+        if isinstance(t, dict):
+            object.__setattr__(self, "neff_target", {int(k): float(v) for k, v in t.items()})
+            values = list(self.neff_target.values())
+        else:
+            object.__setattr__(self, "neff_target", float(t))
+            values = [self.neff_target]
+        if any(not 0.0 < v <= 1.0 for v in values):
+            raise ValueError(f"neff_target is a fraction of the expert count in (0, 1], got {t!r}")
+        if self.kp < 0 or self.ki < 0 or self.integral_max < 0:
+            raise ValueError("kp, ki and integral_max must be >= 0")
+
+    def target_fraction(self, layer: int) -> float:
+        t = self.neff_target
+        return t.get(int(layer), setpoint.NEFF_TARGET) if isinstance(t, dict) else t
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if isinstance(d["neff_target"], dict):   # JSON keys are strings; from_dict turns them back
+            d["neff_target"] = {str(k): v for k, v in d["neff_target"].items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ControlConfig":
@@ -55,6 +133,7 @@ class LayerState:
     last_top2: float | None = None
     last_scale: float = 0.0
     decisions: int = 0
+    integral: float = 0.0   # setpoint mode: the PI integral
 
 
 @dataclass
@@ -64,9 +143,23 @@ class ControlState:
     layers: dict[int, LayerState] = field(default_factory=dict)
 
 
+TABLE_FIELDS = tuple(f.name for f in DECISIONS if f.name != "run_id")
+
+
 @dataclass(frozen=True)
 class ControlDecision:
-    """One layer's decision for one snapshot window (a DECISIONS row without run_id)."""
+    """One layer's decision for one snapshot window.
+
+    The first 13 fields are the ``decisions`` table's columns (DESIGN §3). Column
+    meaning per mode: ``debt`` is ChronoMoE's topology debt in both modes;
+    ``pressure`` is what drives the actuators (faithful: the EMA of debt;
+    setpoint: the PI effort u); ``heat`` = clip(pressure, 0, 1);
+    ``lens_scale`` = faithful policy / setpoint u·s_max(step); ``backoff`` is the
+    harm guard (setpoint: 1.0, no guard). The rest exist in memory and in
+    ``control_decisions.jsonl`` only: ``mode``; ``target`` (set point in experts),
+    ``error``, ``integral``, ``effort`` (setpoint mode, else None) and
+    ``informational`` (computed signals no attached actuator consumes).
+    """
 
     step: int
     layer: int
@@ -81,9 +174,24 @@ class ControlDecision:
     reason: str
     neff: float | None
     top2_share: float | None
+    mode: str = "faithful"
+    target: float | None = None
+    error: float | None = None
+    integral: float | None = None
+    effort: float | None = None
+    informational: tuple = ()
 
     def as_row(self, run_id: str | None = None) -> dict:
+        """The ``decisions`` table row (its columns only)."""
+        d = {k: getattr(self, k) for k in TABLE_FIELDS}
+        if run_id is not None:
+            d = {"run_id": run_id, **d}
+        return d
+
+    def as_record(self, run_id: str | None = None) -> dict:
+        """Every field (the JSONL mirror's line): the table row plus the setpoint terms."""
         d = asdict(self)
+        d["informational"] = list(self.informational)
         if run_id is not None:
             d = {"run_id": run_id, **d}
         return d
@@ -104,6 +212,7 @@ class Controller:
             self.n_experts = {i: int(v) for i, v in enumerate(n_experts_per_layer)}
         self.config = config or ControlConfig()
         self.state = ControlState()
+        self.informational = informational(self.config.mode, self.config.actuator)
 
     def _s_max(self, step: int) -> float:
         c = self.config
@@ -131,13 +240,20 @@ class Controller:
         st = self.state.layers.setdefault(layer, LayerState())
         n = int(row.get("n_experts") or self.n_experts.get(layer, 0))
         neff, top2, dead = float(row["neff"]), float(row["top2_share"]), int(row["dead"])
-        label = self.config.actuator
+        label, mode, info = self.config.actuator, self.config.mode, self.informational
         if int(row.get("token_count", 1)) == 0:
             st.last_scale = 0.0
+            extra = {}
+            if mode == "setpoint":
+                extra = dict(target=setpoint.target(self.config.target_fraction(layer), n),
+                             error=None, integral=st.integral, effort=0.0)
             return ControlDecision(step, layer, label, 0.0, st.pressure, policy.heat(st.pressure),
                                    policy.forgetting(st.pressure), 0.0, st.backoff, True,
-                                   "idle: no traffic in window", neff, top2)
+                                   "idle: no traffic in window", neff, top2, mode=mode,
+                                   informational=info, **extra)
         debt = policy.topology_debt(neff, top2, dead, n)
+        if mode == "setpoint":
+            return self._decide_setpoint(st, step, layer, n, neff, top2, debt)
         st.pressure = policy.next_pressure(st.pressure, debt)
         st.backoff = policy.next_backoff(st.backoff, st.last_top2, top2, st.last_scale)
         s = policy.clip(min(st.pressure, policy.SCALE_CAP), 0.0, self._s_max(step)) * st.backoff
@@ -151,4 +267,22 @@ class Controller:
         st.decisions += 1
         return ControlDecision(step, layer, label, debt, st.pressure, policy.heat(st.pressure),
                                policy.forgetting(st.pressure), s, st.backoff, abstain, reason,
-                               neff, top2)
+                               neff, top2, informational=self.informational)
+
+    def _decide_setpoint(self, st: LayerState, step: int, layer: int, n: int, neff: float,
+                         top2: float, debt: float) -> ControlDecision:
+        c = self.config
+        tgt = setpoint.target(c.target_fraction(layer), n)
+        err = setpoint.error(neff, tgt)
+        st.integral, u = setpoint.pi_step(st.integral, err, c.kp, c.ki, c.integral_max)
+        st.pressure, st.backoff = u, 1.0
+        s = u * self._s_max(step)
+        abstain = u == 0.0
+        reason = ("abstain: at or above the Neff target" if abstain else
+                  f"act: Neff {neff:.2f} vs target {tgt:.2f}, effort {u:.3f}")
+        st.last_top2, st.last_scale = top2, s
+        st.decisions += 1
+        return ControlDecision(step, layer, c.actuator, debt, u, policy.heat(u), policy.forgetting(u),
+                               s, 1.0, abstain, reason, neff, top2, mode="setpoint", target=tgt,
+                               error=err, integral=st.integral, effort=u,
+                               informational=self.informational)

@@ -30,7 +30,8 @@ def test_replay_reproduces_stored_decisions(store_root, tiny_model, fake_handle,
     meta = run_dir(store_root, "gov1")
     assert json.loads((meta / CONFIG_NAME).read_text())["actuator"] == "lens+bias"
     jsonl = [json.loads(l) for l in (meta / JSONL_NAME).read_text().splitlines()]
-    assert jsonl == h.decisions                       # JSONL mirrors the decisions table
+    assert [{k: r[k] for k in h.decisions[0]} for r in jsonl] == h.decisions   # JSONL mirrors the table
+    assert {r["mode"] for r in jsonl} == {"faithful"} and jsonl[0]["informational"] == ["forgetting", "heat"]
     rc = main(["--root", str(store_root), "replay", "gov1"])
     out = capsys.readouterr().out
     assert rc == 0, out
