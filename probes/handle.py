@@ -1,5 +1,8 @@
 """``probes.attach``: one call that hooks every router of a model and records routing.
 
+(Over 400 lines: the Handle still holds install, hooks, step handling and the window sink;
+splitting it by concept with typed records is issue 17, item 3.)
+
 What happens where:
 
 * router forward hook (hot path): parse the router's own output, then
