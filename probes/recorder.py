@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-MODES = ("TRAIN", "EVAL", "INFER")
-TRAIN, EVAL, INFER = 0, 1, 2
+from chrono.schema import MODES   # the one owner of the mode names; indices below follow it
+
+TRAIN, EVAL, INFER = (MODES.index(m) for m in ("TRAIN", "EVAL", "INFER"))
 TOKENS, WEIGHT, DROPPED, SCALARS = 0, 1, 2, 3
 N_KINDS = 4
 LOGIT_SUM, PADDING = 0, 1   # columns of the per-slot SCALARS kind
