@@ -23,6 +23,7 @@ Alert rules (DESIGN §4), per layer, over consecutive snapshots of that layer:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -38,28 +39,35 @@ CONFIRMED_PERSIST = 5
 MIN_EXPERTS_TO_ALERT = 2  # fewer experts than this: routing cannot be imbalanced, no alert
 
 
+def _pre_collapse(row: dict) -> bool:
+    """Neff < 0.6 n or Top2 > 0.75 (DESIGN §4, ChronoMoE)."""
+    return row["neff"] < PRE_NEFF_FRACTION * row["n_experts"] or row["top2_share"] > PRE_TOP2
+
+
+def _collapse_confirmed(row: dict) -> bool:
+    """dead >= 1 and Top2 > 0.85 (DESIGN §4, ChronoMoE)."""
+    return row["dead"] >= 1 and row["top2_share"] > CONFIRMED_TOP2
+
+
 @dataclass(frozen=True)
 class AlertRule:
     name: str
     persist: int
+    condition: Callable[[dict], bool]
 
     def holds(self, row: dict) -> bool:
         """Whether the rule's condition holds for one snapshot row (never when n < 2)."""
-        n = row["n_experts"]
-        if n < MIN_EXPERTS_TO_ALERT:
-            return False
-        if self.name == "PRE_COLLAPSE":
-            return row["neff"] < PRE_NEFF_FRACTION * n or row["top2_share"] > PRE_TOP2
-        return row["dead"] >= 1 and row["top2_share"] > CONFIRMED_TOP2
+        return row["n_experts"] >= MIN_EXPERTS_TO_ALERT and self.condition(row)
 
 
-RULES = (AlertRule("PRE_COLLAPSE", PRE_PERSIST), AlertRule("COLLAPSE_CONFIRMED", CONFIRMED_PERSIST))
+RULES = (AlertRule("PRE_COLLAPSE", PRE_PERSIST, _pre_collapse),
+         AlertRule("COLLAPSE_CONFIRMED", CONFIRMED_PERSIST, _collapse_confirmed))
 
 
 def window_bounds(step: int, every: int) -> tuple[int, int]:
     """Window ``[start, end]`` of K=every steps containing ``step``."""
     if every < 1:
-        raise ValueError("--every must be >= 1")
+        raise ValueError(f"window length `every` must be >= 1 step, got {every!r}")
     start = (step // every) * every
     return start, start + every - 1
 
@@ -120,7 +128,7 @@ def build_snapshots(run_id: str, routing: pa.Table, every: int) -> pa.Table:
     summarised in one batched call per distinct expert count.
     """
     if every < 1:
-        raise ValueError("--every must be >= 1")
+        raise ValueError(f"window length `every` must be >= 1 step, got {every!r}")
     if routing.num_rows == 0:
         return SNAPSHOTS.empty_table()
     step = routing.column("step").to_numpy()
