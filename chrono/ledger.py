@@ -45,15 +45,17 @@ def _part_max_step(path: str) -> int | None:
     if "step" not in names or md.num_rows == 0:
         return None
     j = names.index("step")
-    best = None
-    for g in range(md.num_row_groups):
-        col = md.row_group(g).column(j)
-        st = col.statistics
-        if st is None or not st.has_min_max:
-            v = pc.max(pq.read_table(path, columns=["step"])["step"]).as_py()
-            return v if best is None or (v is not None and v > best) else best
-        best = st.max if best is None else max(best, st.max)
-    return None if best is None else int(best)
+    stats = [md.row_group(g).column(j).statistics for g in range(md.num_row_groups)]
+    if all(st is not None and st.has_min_max for st in stats):
+        return int(max(st.max for st in stats))
+    v = pc.max(pq.read_table(path, columns=["step"])["step"]).as_py()
+    return None if v is None else int(v)
+
+
+def _reaches(path: str, step: int) -> bool:
+    """Whether the part holds a row with ``step`` or later (a part of step 0 only holds step 0)."""
+    top = _part_max_step(path)
+    return top is not None and top >= step
 
 
 def next_step(root, run: str, rank: int) -> int:
@@ -82,7 +84,7 @@ def truncate(writer, from_step: int) -> dict[str, int]:
     removed: dict[str, int] = {}
     for table in TABLES:
         files = _rank_parts(writer.root, writer.run_id, table, writer.rank)
-        hit = [f for f in files if (lambda v: v is not None and v >= from_step)(_part_max_step(f))]
+        hit = [f for f in files if _reaches(f, from_step)]
         if not hit:
             continue
         data = pa.concat_tables([conform(table, pq.read_table(f)) for f in hit])

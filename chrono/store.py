@@ -437,8 +437,6 @@ class RunWriter:
                              f"{np.shape(expert_offset)} must broadcast to counts' leading shape "
                              f"{lead}") from None
         rows = int(np.prod(lead, dtype=np.int64)) * n
-        self._check_floor("routing", step_a.reshape(-1))
-        self._check_routing_order(_MODE_CODE[mode], step_a.reshape(-1), layer_a.reshape(-1))
         cols = {
             "step": np.repeat(step_a.reshape(-1), n),
             "mode": np.full(rows, _MODE_CODE[mode], dtype=np.int8),
@@ -454,7 +452,10 @@ class RunWriter:
         }
         if cols["weight_sum"] is None:
             cols["weight_sum"] = pa.nulls(rows, pa.float32())
-        self._append("routing", cols)
+        with self._lock:   # check, append, then remember: one key can never pass twice
+            last = self._routing_order(_MODE_CODE[mode], step_a.reshape(-1), layer_a.reshape(-1))
+            self._append("routing", cols)   # refuses steps stored by an earlier session
+            self._last_routing.update(last)
 
     def _check_floor(self, table: str, steps) -> None:
         """Refuse rows whose step this rank stored in an earlier session (``chrono.ledger``)."""
@@ -468,10 +469,13 @@ class RunWriter:
                 f">= {self._floor}, or truncate first (RunWriter.truncate(N), or probes.attach(..., "
                 f"start_step=N, overwrite=True))")
 
-    def _check_routing_order(self, mode: int, steps: np.ndarray, layers: np.ndarray) -> None:
-        """Routing steps of one (mode, layer) strictly increase across calls (no key twice)."""
+    def _routing_order(self, mode: int, steps: np.ndarray, layers: np.ndarray) -> dict:
+        """Routing steps of one (mode, layer) strictly increase across calls (no key twice).
+
+        Raises ``StoreError``; returns the ``{(mode, layer): last step}`` this call would leave.
+        """
         if not len(steps):
-            return
+            return {}
         order = np.lexsort((steps, layers))
         s, l = steps[order], layers[order]
         same = l[1:] == l[:-1]
@@ -481,16 +485,14 @@ class RunWriter:
                              f"given twice in one call")
         firsts = np.flatnonzero(np.r_[True, ~same])
         lasts = np.r_[firsts[1:] - 1, len(l) - 1]
-        with self._lock:
-            for i, j in zip(firsts, lasts):
-                prev = self._last_routing.get((mode, int(l[i])))
-                if prev is not None and s[i] <= prev:
-                    raise StoreError(
-                        f"run {self.run_id!r} rank {self.rank}: routing for step {int(s[i])} layer "
-                        f"{int(l[i])} mode {MODES[mode]} comes after step {prev} was written; steps of "
-                        f"one (mode, layer) must increase (each key is written once)")
-            for i, j in zip(firsts, lasts):
-                self._last_routing[(mode, int(l[i]))] = int(s[j])
+        for i in firsts:
+            prev = self._last_routing.get((mode, int(l[i])))
+            if prev is not None and s[i] <= prev:
+                raise StoreError(
+                    f"run {self.run_id!r} rank {self.rank}: routing for step {int(s[i])} layer "
+                    f"{int(l[i])} mode {MODES[mode]} comes after step {prev} was written; steps of "
+                    f"one (mode, layer) must increase (each key is written once)")
+        return {(mode, int(l[i])): int(s[j]) for i, j in zip(firsts, lasts)}
 
     def truncate(self, from_step: int) -> dict[str, int]:
         """Remove this rank's rows with ``step >= from_step`` from every table (see chrono.ledger).

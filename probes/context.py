@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .recorder import EVAL, INFER, TRAIN
+from .recorder import EVAL, TRAIN, mode_index
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
@@ -63,11 +63,10 @@ def forward_mode(module: nn.Module) -> int:
     grad is enabled, or when grad is off only because a reentrant activation
     checkpoint runs its first forward; EVAL otherwise.
     """
-    if torch.is_inference_mode_enabled():
-        return INFER
-    if module.training and (torch.is_grad_enabled() or _in_reentrant_checkpoint()):
+    mode = mode_index(module)
+    if mode == EVAL and module.training and _in_reentrant_checkpoint():
         return TRAIN
-    return EVAL
+    return mode
 
 
 @dataclass

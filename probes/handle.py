@@ -18,6 +18,7 @@ What happens where:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -318,18 +319,13 @@ class Handle:
                         st.root_mode if st.root_mode is not None else mode_index(module))
                 h._dirty = True
                 mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
-                if compiling:   # (a lock cannot be traced; compiled serving from threads is not supported)
+                # in-place adds from two threads would race: serialise them (~0.1 us); a lock cannot
+                # be traced, so compiled code runs unguarded (compiled serving from threads: unsupported)
+                with contextlib.nullcontext() if compiling else h._lock:
                     rec.record(mode, slot, routed.indices, routed.weights, routed.dropped, routed.logits,
                                mask, pad)
-                else:           # in-place adds from two threads would race: serialise them (~0.1 us)
-                    with h._lock:
-                        rec.record(mode, slot, routed.indices, routed.weights, routed.dropped,
-                                   routed.logits, mask, pad)
-                        if sampler is not None:
-                            sampler.sample(site.layer, mode, routed.indices, routed.weights,
-                                           routed.dropped, ctx)
-                if compiling and sampler is not None:
-                    sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
+                    if sampler is not None:
+                        sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
             except Exception as e:  # telemetry must never break the forward
                 h._fault(f"router {site.name}", e)
             if not compiling:
@@ -402,26 +398,23 @@ class Handle:
         self._tls.user_mask, self._tls.mask_used = mask, False
 
     def _merge_provisional(self, first_step, split: bool = False) -> None:
-        with self._lock:
-            self._merge_provisional_locked(first_step, split)
-
-    def _merge_provisional_locked(self, first_step, split: bool = False) -> None:
         """The first optimizer step arrived ("auto" rule): the forwards since ``first_step`` were
         one training step, not one step each. Fold them into the open step."""
-        try:
-            if split:
-                self._warn_once("split", "probes: forwards before the first optimizer step did not fit "
-                                "in one window (flush_every=%d): those already written stay one step "
-                                "each; use steps='optimizer' for exact steps from the start",
-                                self.flush_every)
-            if first_step is not None:
-                self._fold_from(first_step)
-                for ref in list(self._followers):
-                    f = ref()
-                    if f is not None and not f._detached:
-                        f._fold_from(first_step)
-        except Exception as e:
-            self._fault("step merge", e)
+        with self._lock:
+            try:
+                if split:
+                    self._warn_once("split", "probes: forwards before the first optimizer step did not fit "
+                                    "in one window (flush_every=%d): those already written stay one step "
+                                    "each; use steps='optimizer' for exact steps from the start",
+                                    self.flush_every)
+                if first_step is not None:
+                    self._fold_from(first_step)
+                    for ref in list(self._followers):
+                        f = ref()
+                        if f is not None and not f._detached:
+                            f._fold_from(first_step)
+            except Exception as e:
+                self._fault("step merge", e)
 
     def _fold_from(self, first_step: int) -> None:
         """Fold the window's steps ``>= first_step`` and the open step into one open step."""
@@ -448,35 +441,32 @@ class Handle:
     @torch._dynamo.disable
     def _advance(self, next_step: int | None = None, close: bool = True) -> None:
         with self._lock:
-            self._advance_locked(next_step, close)
-
-    def _advance_locked(self, next_step: int | None, close: bool) -> None:
-        if self._detached:
-            return
-        self._dirty = False
-        self._clock.step_ended()
-        try:
-            slot = len(self._slot_steps)
-            self._rec.end_step(slot)
-            if self._sampler is not None:
-                self._sampler.end_step(self._step)
-            self._slot_steps.append(self._step)
-            self._counters["steps"] += 1
-            self._step = self._step + 1 if next_step is None else int(next_step)
-            for ref in list(self._followers):    # handles following this one end their step too
-                f = ref()
-                if f is None or f._detached:
-                    self._followers.remove(ref)
-                elif f._step < self._step:
-                    f._advance(self._step)
-            if close and len(self._slot_steps) >= self.flush_every:
-                self._close_window()
-                # durability over latency (issue #11): the window is on disk before training goes
-                # on, so a crash loses at most one flush interval. Costs one Parquet write of the
-                # window's aggregate rows (milliseconds) per flush_every steps.
-                self._bg.wait()
-        except Exception as e:
-            self._fault("step", e)
+            if self._detached:
+                return
+            self._dirty = False
+            self._clock.step_ended()
+            try:
+                slot = len(self._slot_steps)
+                self._rec.end_step(slot)
+                if self._sampler is not None:
+                    self._sampler.end_step(self._step)
+                self._slot_steps.append(self._step)
+                self._counters["steps"] += 1
+                self._step = self._step + 1 if next_step is None else int(next_step)
+                for ref in list(self._followers):    # handles following this one end their step too
+                    f = ref()
+                    if f is None or f._detached:
+                        self._followers.remove(ref)
+                    elif f._step < self._step:
+                        f._advance(self._step)
+                if close and len(self._slot_steps) >= self.flush_every:
+                    self._close_window()
+                    # durability over latency (issue #11): the window is on disk before training goes
+                    # on, so a crash loses at most one flush interval. Costs one Parquet write of the
+                    # window's aggregate rows (milliseconds) per flush_every steps.
+                    self._bg.wait()
+            except Exception as e:
+                self._fault("step", e)
 
     # ----------------------------------------------------------------- window
     def _experts(self) -> list[int]:
