@@ -32,6 +32,7 @@ import streamlit as st
 
 import chrono
 from chrono.health import ACTIVE_ALERTS_SQL, health_of
+from chrono.queries import LATEST_SNAPSHOTS_SQL, RUNS_SQL  # noqa: F401  (shared queries, used by pages)
 from chrono.store import default_root, list_runs, run_stamps
 
 ROOT_ENV = "CHRONO_ROOT"
@@ -157,24 +158,7 @@ def bin_width(lo, hi, budget: int) -> int:
 
 
 # ---------------------------------------------------------------------- SQL
-RUNS_SQL = """
-SELECT r.run_id, r.model, r.n_layers, r.n_experts, r.top_k, r.adapter, r.world_size,
-       r.created_at, r.updated_at,
-       s.steps, s.first_step, s.last_step, s.tokens,
-       coalesce(a.raised, 0) AS alerts_raised, coalesce(act.active, 0) AS alerts_active
-FROM runs r
-LEFT JOIN (SELECT run_id, count(DISTINCT step) AS steps, min(step) AS first_step,
-                  max(step) AS last_step, sum(tokens) AS tokens
-           FROM routing GROUP BY run_id) s USING (run_id)
-LEFT JOIN (SELECT run_id, count(*) FILTER (WHERE transition = 'raised') AS raised
-           FROM alerts GROUP BY run_id) a USING (run_id)
-LEFT JOIN (SELECT run_id, count(*) AS active
-           FROM (SELECT run_id, layer, alert, arg_max(transition, step) AS last
-                 FROM alerts GROUP BY ALL)
-           WHERE last = 'raised' GROUP BY run_id) act USING (run_id)
-ORDER BY r.updated_at DESC NULLS LAST, r.run_id
-"""
-
+# Queries other readers run too (RUNS_SQL, LATEST_SNAPSHOTS_SQL) live in chrono.queries.
 # Global (layer -1) health of several runs, binned per run to the line budget.
 COMPARE_SQL = """
 WITH s AS (SELECT run_id, step, neff, n_experts, top2_share, dead FROM snapshots
@@ -249,12 +233,6 @@ SELECT layer, min(window_start) AS x_start, max(step) + 1 AS x_end, min(step) AS
        avg(neff) AS neff, avg(top2_share) AS top2_share, max(dead) AS dead, max(nearly_dead) AS nearly_dead
 FROM snapshots WHERE run_id = $run AND layer >= 0
 GROUP BY layer, (step - $lo) // $w ORDER BY layer, step_start
-"""
-
-LATEST_SNAPSHOTS_SQL = """
-SELECT * FROM snapshots WHERE run_id = $run AND step IN (
-    SELECT DISTINCT step FROM snapshots WHERE run_id = $run ORDER BY step DESC LIMIT 2)
-ORDER BY step, layer
 """
 
 ALERTS_SQL = """
