@@ -116,16 +116,16 @@ class Follower:
     """Tracks a store's runs and their visible parts across ``poll()`` calls.
 
     ``root``: the store root. ``tables``: tables to follow (default: all).
-    ``fresh_s``: the racy-stamp window above (0 trusts every stamp at once:
-    only for tests that need a poll to do nothing). A run is a directory with
+    ``fresh_s``: the racy-stamp window above (default ``FRESH_SECONDS``; 0
+    trusts every stamp at once: only for tests that need a poll to do nothing). A run is a directory with
     a manifest (``chrono.store.list_runs``); deleting a run removes its
     manifest first, so it is gone from the next poll on.
     """
 
-    def __init__(self, root, tables: Iterable[str] = tuple(TABLES), fresh_s: float = FRESH_SECONDS):
+    def __init__(self, root, tables: Iterable[str] = tuple(TABLES), fresh_s: float | None = None):
         self.root = root
         self.tables = tuple(tables)
-        self.fresh_ns = int(float(fresh_s) * 1e9)
+        self.fresh_ns = int(float(FRESH_SECONDS if fresh_s is None else fresh_s) * 1e9)
         self._runs: dict[str, _Run] = {}
 
     # ------------------------------------------------------------------ reading the result
