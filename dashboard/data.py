@@ -3,12 +3,12 @@
 One DuckDB connection per store root (``chrono.connect``, sandboxed and
 read-only) is kept with ``st.cache_resource``; query results are kept with
 ``st.cache_data``. A result's cache key includes a *version* of the run it
-reads: a fingerprint of the modification times of that run's manifest and
-table directories (a new part file is a rename into its table directory, so
-the directory's mtime moves). A live page that re-runs every few seconds
-therefore costs one ``stat`` per table while nothing is written, and sees new
-parts as soon as they land; when the fingerprint changes, ``chrono.refresh``
-rebuilds the views so the new parts are included.
+reads, from the store's follower (``chrono.follow.Follower``): it changes when
+the run's visible parts or its manifest change, including two parts landing
+in one mtime tick and parts superseded by compaction or truncation. A live
+page that re-runs every few seconds therefore costs a few ``stat`` calls per
+run while nothing is written, and sees new parts as soon as they land; when
+the follower reports a change, ``chrono.refresh`` rebuilds the views.
 
 Big runs never reach the browser row by row: step axes are binned in SQL to a
 pixel budget (``STEP_BINS`` columns for heatmaps, ``LINE_POINTS`` points per
@@ -20,7 +20,6 @@ user-typed is formatted into SQL except on the SQL page, which goes through
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import threading
@@ -33,12 +32,13 @@ import streamlit as st
 import chrono
 from chrono.health import ACTIVE_ALERTS_SQL, health_of
 from chrono.queries import LATEST_SNAPSHOTS_SQL, RUNS_SQL  # noqa: F401  (shared queries, used by pages)
-from chrono.store import default_root, list_runs, run_stamps
+from chrono.follow import Follower
+from chrono.store import default_root
 
 ROOT_ENV = "CHRONO_ROOT"
 STEP_BINS = 300  # heatmap columns: about one per 3 px of a wide chart
 LINE_POINTS = 500  # points per line series
-CHECK_EVERY_S = 1.0  # how often the store fingerprint is re-read (live pages)
+CHECK_EVERY_S = 1.0  # how often the store is polled for changes (live pages)
 SQL_ROW_LIMIT = 10_000  # default rows returned by the SQL page
 
 
@@ -48,26 +48,19 @@ def store_root() -> Path:
 
 
 # --------------------------------------------------------------- connection
-def _fingerprint(root: Path) -> dict[str, tuple]:
-    """{run_id: (manifest mtime, mtime of each table directory)}; cheap stats only."""
-    return {run: run_stamps(root, run) for run in list_runs(root)}
-
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class Store:
-    """A read-only connection plus the fingerprint of what its views cover.
+    """A read-only connection plus the follower that says what its views cover.
 
     DuckDB connections are not safe for concurrent use; Streamlit serves each
-    browser session on its own thread, so every statement holds ``lock``.
+    browser session on its own thread, so every statement (and every poll of
+    the follower) holds ``lock``.
     """
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.lock = threading.RLock()
-        self.fingerprint = _fingerprint(self.root)  # taken before the views: never stale-new
+        self.follower = Follower(self.root)
+        self.follower.poll()  # before the views: what they cover is never older than the version
         self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
         self.checked_at = time.monotonic()
 
@@ -76,17 +69,20 @@ class Store:
         with self.lock:
             if not force and time.monotonic() - self.checked_at < CHECK_EVERY_S:
                 return
-            fp = _fingerprint(self.root)
+            changed = self.follower.poll()
             self.checked_at = time.monotonic()
-            if force or fp != self.fingerprint:
-                self.fingerprint = fp
+            if force or changed:
                 chrono.refresh(self.con)
 
     def version(self, run: str | None) -> str:
         """Changes whenever anything the given run (or, for None, any run) reads changes."""
-        if run is None:
-            return _digest(sorted(self.fingerprint.items()))
-        return _digest(self.fingerprint.get(run))
+        with self.lock:
+            return self.follower.version(run)
+
+    def runs(self) -> set[str]:
+        """The runs in the store at the last look."""
+        with self.lock:
+            return set(self.follower.runs())
 
     def fetch(self, sql: str, params: dict | None = None) -> pd.DataFrame:
         with self.lock:
@@ -347,12 +343,12 @@ def _json(s):
 
 
 def run_set(root: Path | None = None) -> set[str]:
-    """The runs in the store now, from the fingerprint ``sync`` keeps (stat calls, no SQL)."""
-    return set(get_store(root).fingerprint)
+    """The runs in the store now, from the follower ``sync`` polls (stat calls, no SQL)."""
+    return get_store(root).runs()
 
 
 def run_ids() -> list[str]:
-    """Run ids, newest first (cheap: one cached query keyed on the store fingerprint)."""
+    """Run ids, newest first (cheap: one cached query keyed on the store's version)."""
     return list(query(RUNS_SQL)["run_id"])
 
 
