@@ -80,8 +80,10 @@ class StoreRun:
         self.window += 1
 
     def newest_mtime(self) -> float:
-        d = self.root / self.run
-        return max(os.stat(p).st_mtime for p in [d, *d.iterdir()])
+        """Newest mtime (s) of the run's manifest and table directories (hive layout)."""
+        from chrono.store import run_stamps
+
+        return max(t for t in run_stamps(self.root, self.run) if t is not None) / 1e9
 
 
 class LiveStandIn:
