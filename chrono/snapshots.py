@@ -63,6 +63,14 @@ class AlertRule:
 RULES = (AlertRule("PRE_COLLAPSE", PRE_PERSIST, _pre_collapse),
          AlertRule("COLLAPSE_CONFIRMED", CONFIRMED_PERSIST, _collapse_confirmed))
 
+# Each rule in words, from the constants above (what pages and help texts print).
+RULE_TEXT = {
+    "PRE_COLLAPSE": f"Neff < {PRE_NEFF_FRACTION:g}·n or Top-2 > {PRE_TOP2:g} "
+                    f"for {PRE_PERSIST} consecutive snapshots",
+    "COLLAPSE_CONFIRMED": f"≥ 1 dead expert and Top-2 > {CONFIRMED_TOP2:g} "
+                          f"for {CONFIRMED_PERSIST} consecutive snapshots",
+}
+
 
 def window_bounds(step: int, every: int) -> tuple[int, int]:
     """Window ``[start, end]`` of K=every steps containing ``step``."""
