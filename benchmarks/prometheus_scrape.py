@@ -81,9 +81,9 @@ class StoreRun:
 
     def newest_mtime(self) -> float:
         """Newest mtime (s) of the run's manifest and table directories (hive layout)."""
-        from chrono.store import run_stamps
+        from chrono.follow import Follower
 
-        return max(t for t in run_stamps(self.root, self.run) if t is not None) / 1e9
+        return Follower(self.root).stamps()[self.run] / 1e9
 
 
 class LiveStandIn:
