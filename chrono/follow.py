@@ -127,6 +127,7 @@ class Follower:
         self.tables = tuple(tables)
         self.fresh_ns = int(float(FRESH_SECONDS if fresh_s is None else fresh_s) * 1e9)
         self._runs: dict[str, _Run] = {}
+        self._versions: dict = {}   # {run or None: digest}, dropped when the run changes
 
     # ------------------------------------------------------------------ reading the result
     def runs(self) -> list[str]:
@@ -145,18 +146,31 @@ class Follower:
         return r.newest_ns if r is not None else 0
 
     def version(self, run: str | None = None) -> str:
-        """A digest that changes whenever what the run (None: any run) shows changes."""
-        h = hashlib.sha1()
-        for name in ([run] if run is not None else sorted(self._runs)):
-            r = self._runs.get(name)
-            h.update(f"run {name}\n".encode())
-            if r is None:
-                continue
-            h.update(f"manifest {r.manifest_digest}\n".encode())
-            for table in sorted(r.tables):
-                for p in r.tables[table].parts:
-                    h.update(f"{table} {p.path} {p.size} {p.mtime_ns} {p.ino}\n".encode())
-        return h.hexdigest()[:16]
+        """A digest that changes whenever what the run (None: any run) shows changes.
+
+        Cached between polls: a page asking for it on every query pays one dict lookup.
+        """
+        v = self._versions.get(run)
+        if v is None:
+            h = hashlib.sha1()
+            for name in ([run] if run is not None else sorted(self._runs)):
+                h.update(f"run {name} {self._run_digest(name)}\n".encode())
+            v = self._versions[run] = h.hexdigest()[:16]
+        return v
+
+    def _run_digest(self, run: str) -> str:
+        key = ("run", run)
+        v = self._versions.get(key)
+        if v is None:
+            h = hashlib.sha1()
+            r = self._runs.get(run)
+            if r is not None:
+                h.update(f"manifest {r.manifest_digest}\n".encode())
+                for table in sorted(r.tables):
+                    for p in r.tables[table].parts:
+                        h.update(f"{table} {p.path} {p.size} {p.mtime_ns} {p.ino}\n".encode())
+            v = self._versions[key] = h.hexdigest()
+        return v
 
     # ------------------------------------------------------------------ polling
     def stamps(self) -> dict[str, int]:
@@ -184,16 +198,23 @@ class Follower:
         gone = tuple(sorted(r for r in self._runs if r not in present))
         for r in set(self._runs) - wanted:
             del self._runs[r]
+            self._forget_version(r)
         appeared, changed = [], {}
         for run in sorted(wanted):
             state = self._runs.get(run)
             if state is None:
                 state = self._runs[run] = _Run()
                 appeared.append(run)
+                self._forget_version(run)
             change = self._poll_run(run, state)
             if change is not None:
                 changed[run] = change
+                self._forget_version(run)
         return Changes(tuple(appeared), gone, changed)
+
+    def _forget_version(self, run: str) -> None:
+        for key in (run, ("run", run), None):
+            self._versions.pop(key, None)
 
     def _poll_run(self, run: str, state: _Run) -> RunChange | None:
         listed_at = time.time_ns()   # before any listing: a change after it is never trusted away
