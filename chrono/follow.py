@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .schema import TABLES
-from .store import MANIFEST, list_runs, part_files, run_meta_dir, table_dirs
+from .store import MANIFEST, legacy_run_dir, list_runs, part_files, run_dir, table_dir, table_dirs
 
 # A stamp younger than this (seconds) at listing time may hide a second change in the same
 # tick: 1 s covers Linux's coarse clock (a few ms) and filesystems with 1 s mtimes.
@@ -180,11 +180,24 @@ class Follower:
         """
         out = {}
         for run in list_runs(self.root):
-            meta = run_meta_dir(self.root, run)
-            ns = [_stat_ns(meta / MANIFEST)] if meta is not None else []
-            ns += [_stat_ns(d) for t in self.tables for d in table_dirs(self.root, t, run)]
+            manifest, dirs = self._paths(run)
+            ns = [_stat_ns(manifest)] + [_stat_ns(d) for t in self.tables for d in dirs[t]]
             out[run] = max((n for n in ns if n is not None), default=0)
         return out
+
+    def _paths(self, run: str):
+        """(manifest path, {table: directories that may hold its parts}) of ``run``.
+
+        The pre-hive (legacy) location is looked at only when the run has one: one ``stat``
+        instead of one per table for every run of a current store.
+        """
+        legacy = legacy_run_dir(self.root, run)
+        if os.path.isdir(legacy):
+            manifest = run_dir(self.root, run) / MANIFEST
+            if not manifest.is_file():
+                manifest = legacy / MANIFEST
+            return manifest, {t: table_dirs(self.root, t, run) for t in self.tables}
+        return run_dir(self.root, run) / MANIFEST, {t: [table_dir(self.root, t, run)] for t in self.tables}
 
     def poll(self, runs: Iterable[str] | None = None) -> Changes:
         """Look at the store now; return what changed since the previous poll.
@@ -218,11 +231,12 @@ class Follower:
 
     def _poll_run(self, run: str, state: _Run) -> RunChange | None:
         listed_at = time.time_ns()   # before any listing: a change after it is never trusted away
-        manifest = self._poll_manifest(run, state, listed_at)
+        path, dirs = self._paths(run)
+        manifest = self._poll_manifest(path, state, listed_at)
         added, removed, newest = {}, {}, state.manifest[0] if state.manifest else 0
         for table in self.tables:
             t = state.tables.setdefault(table, _Table())
-            stamp = tuple(_stat_ns(d) for d in table_dirs(self.root, table, run))
+            stamp = tuple(_stat_ns(d) for d in dirs[table])
             top = max((n for n in stamp if n is not None), default=0)
             newest = max(newest, top)
             if stamp == t.stamp and t.trusted:
@@ -241,20 +255,19 @@ class Follower:
             return RunChange(run, added, removed, manifest)
         return None
 
-    def _poll_manifest(self, run: str, state: _Run, listed_at: int) -> bool:
+    def _poll_manifest(self, path, state: _Run, listed_at: int) -> bool:
         """Whether the run's manifest content changed (stat first; content while the stamp is fresh)."""
-        meta = run_meta_dir(self.root, run)
         try:
-            st = os.stat(meta / MANIFEST) if meta is not None else None
+            st = os.stat(path)
         except OSError:
             st = None
         sig = (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else ()
         if sig == state.manifest and state.manifest_trusted:
             return False
         try:
-            with open(meta / MANIFEST, "rb") as f:
+            with open(path, "rb") as f:
                 digest = hashlib.sha1(f.read()).hexdigest()
-        except (OSError, TypeError):
+        except OSError:
             digest = ""
         state.manifest, state.manifest_trusted = sig, bool(sig) and listed_at - sig[0] >= self.fresh_ns
         if digest == state.manifest_digest:

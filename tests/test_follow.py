@@ -221,3 +221,22 @@ def test_version_changes_with_every_new_part(store_root, fresh_s):
         assert _names(f.parts("r", "routing")) == _names_on_disk(store_root, "routing", "r")
     assert len(seen) == 4
     w.close()
+
+
+def test_legacy_layout_and_a_part_moved_by_migrate(tmp_path):
+    """A pre-hive store (<root>/<run>/<table>/) is followed; a part moved to its hive place moves too."""
+    root = tmp_path / "store"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "store_v1"), root)
+    legacy = root / "v1-run" / "routing"
+    f = Follower(root)
+    ch = f.poll()
+    assert ch.appeared == ("v1-run",) and ch.runs["v1-run"].manifest
+    assert _names(f.parts("v1-run", "routing")) == {n for n in os.listdir(legacy) if n.endswith(".parquet")}
+    assert f.stamps()["v1-run"] > 0
+    name = sorted(os.listdir(legacy))[0]
+    hive = table_dir(root, "routing", "v1-run")
+    hive.mkdir(parents=True)
+    os.replace(legacy / name, hive / name)   # what `chrono migrate` does, one part at a time
+    ch = f.poll().runs["v1-run"]
+    assert [p.path for p in ch.removed["routing"]] == [str(legacy / name)]
+    assert [p.path for p in ch.added["routing"]] == [str(hive / name)]
