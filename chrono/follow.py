@@ -117,9 +117,10 @@ class Follower:
 
     ``root``: the store root. ``tables``: tables to follow (default: all).
     ``fresh_s``: the racy-stamp window above (default ``FRESH_SECONDS``; 0
-    trusts every stamp at once: only for tests that need a poll to do nothing). A run is a directory with
-    a manifest (``chrono.store.list_runs``); deleting a run removes its
-    manifest first, so it is gone from the next poll on.
+    trusts every stamp at once: only for tests that need a poll to do
+    nothing). A run is a directory with a manifest (``chrono.store.list_runs``);
+    deleting a run removes its manifest first, so it is gone from the next
+    poll on. Errors: none of its own; an unreadable directory reads as empty.
     """
 
     def __init__(self, root, tables: Iterable[str] = tuple(TABLES), fresh_s: float | None = None):
