@@ -270,13 +270,15 @@ class Handle:
         return dict(self._stage.transitions)
 
     def stats(self) -> dict:
-        c = self._faults.counters
+        c, sink = self._faults.counters, self._sink.stats()
         return {
             "steps": c["steps"],
             "tokens_total": dict(self._window.tokens_total),
             "hook_seconds": self._hook_seconds,
             "hook_calls": self._hook_calls,
-            **{k: v for k, v in self._sink.stats().items() if k != "last_error"},
+            "rows_written": sink["rows_written"],
+            "write_errors": sink["write_errors"],
+            "rows_dropped": sink["rows_dropped"],
             "nonfinite": c["nonfinite"],
             "invalid_indices": c["invalid"],
             "padding_excluded": c["padding_excluded"],
@@ -285,7 +287,7 @@ class Handle:
             "callback_errors": c["callback_errors"],
             "windows": self._window.closes,
             "tokens_sampled": 0 if self._window.sampler is None else self._window.sampler.sampled,
-            "last_error": self._sink.stats()["last_error"],
+            "last_error": sink["last_error"],
             "distributed": None if self._dist is None else self._dist.stats(),
         }
 
