@@ -125,13 +125,13 @@ class Governor:
         except BaseException:
             self.remove()
             raise
-        if hooks is not None:
-            hooks.adopt(self)
-            self._parent = hooks
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.decisions: list[ControlDecision] = []
         if self.run_dir is not None:
             (self.run_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+        if hooks is not None:   # the handle's detach removes the governor too
+            hooks.adopt(self)
+            self._parent = hooks
 
     def observe(self, step: int, rows: list[dict]) -> list[ControlDecision]:
         """Decide for one snapshot window and apply every decision."""
