@@ -101,6 +101,7 @@ class Handle:
         self._lock = threading.RLock()   # recorder buffers: router calls of several threads, step ends
         self._faults = Faults()
         self.hooks = HookRegistry()      # every hook on the model, probes' and registered actuators'
+        stack_paths, stack_of = C.find_stacks(model, [s.name for s in self.routers])
         cap = max(s.n_experts for s in self.routers)
         sampler = TokenSampler(float(tokens), max_tokens_per_step, seed) if tokens else None
         self._window = Window(self.routers, Recorder(len(self.routers), cap, flush_every,
@@ -123,7 +124,6 @@ class Handle:
                             weakref.WeakMethod(self._window_full))
         if self._leader is not None:
             self._steps.follow(self._leader._steps)
-        stack_paths, stack_of = C.find_stacks(model, [s.name for s in self.routers])
         self._fwd = Forwards(stack_paths, self._steps, self._faults, padding == "exclude")
         self.metrics_server = None
         try:
