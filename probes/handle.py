@@ -69,7 +69,16 @@ def _check_options(model, flush_every, tokens, padding, steps, start_step):
 
 
 class Handle:
-    """Returned by ``probes.attach``; a context manager. See the module docstring."""
+    """Returned by ``probes.attach``; a context manager. See the module docstring.
+
+    Public: ``routers`` (``RouterSite`` list), ``run_id``, ``writer`` (the run's
+    ``RunWriter``), ``flush_every``, ``hooks`` (``chrono.hooks.HookRegistry``: register
+    hooks here to have detach remove them), ``metrics_server``, ``current_step``; methods
+    ``step set_mask flush metrics on_snapshot record_decisions latest_snapshot
+    latest_expert_counts latest_decisions active_alerts alert_transitions load_cursor
+    stats serve_metrics detach``. It satisfies ``chrono.governance.GovernedHandle``,
+    ``chrono.router_loads.RouterLoads`` and ``chrono.exporters.live.LiveRouting``.
+    """
 
     def __init__(self, model: nn.Module, run: str, root=None, tokens: float = 0.0,
                  flush_every: int = 50, lenses=None, distributed=None, metrics_port=None,
