@@ -86,7 +86,7 @@ class SelectionBias:
         device = w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
         self.bias = torch.zeros(int(n_experts), dtype=torch.float32, device=device)
         self.active = False
-        self.hooks = HookSet()
+        self.hooks = HookRegistry()
         self.hooks.forward(router, self._hook, prepend=True)
 
     def set_active(self, on: bool) -> None:
@@ -119,7 +119,7 @@ class InputTemperature:
             raise HookError(f"router {type(router).__name__} has no known linear logits for a "
                             f"temperature (known: {', '.join(LINEAR_ROUTERS)})")
         self.temperature = 1.0
-        self.hooks = HookSet()
+        self.hooks = HookRegistry()
         self.hooks.pre(router, self._pre)
 
     def _pre(self, module, args):
