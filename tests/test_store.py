@@ -195,7 +195,7 @@ def test_readonly_sql_refuses_writes(store_root):
 def test_write_failure_counted_not_raised_and_recovers(store_root, monkeypatch):
     w = chrono.open_run(store_root, "faulty", on_error="count")
     w.log_signal(0, "loss", 1.0)
-    import chrono.store as store_mod
+    import chrono.store.writer as store_mod
 
     real = store_mod.pq.write_table
 

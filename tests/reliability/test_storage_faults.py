@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import chrono
-import chrono.store as store
+import chrono.store.writer as store_writer
 from chrono.store import delete_run, run_dir, table_dir
 
 ROWS = 8  # routing rows per logged step below
@@ -55,9 +55,9 @@ def _fail_with(monkeypatch, target, name, err, partial=False):
 
 FAULTS = {
     # (module to patch, function, error, leave a half-written temp file)
-    "disk_full": (lambda: store.pq, "write_table", OSError(errno.ENOSPC, "No space left on device"), True),
-    "read_only_fs": (lambda: store.pq, "write_table", OSError(errno.EROFS, "Read-only file system"), False),
-    "permission_denied": (lambda: store.os, "replace", PermissionError(errno.EACCES, "Permission denied"),
+    "disk_full": (lambda: store_writer.pq, "write_table", OSError(errno.ENOSPC, "No space left on device"), True),
+    "read_only_fs": (lambda: store_writer.pq, "write_table", OSError(errno.EROFS, "Read-only file system"), False),
+    "permission_denied": (lambda: store_writer.os, "replace", PermissionError(errno.EACCES, "Permission denied"),
                           False),
 }
 
@@ -91,7 +91,7 @@ def test_fault_is_counted_logged_once_and_recovered(store_root, monkeypatch, cap
 def test_on_error_raise_is_the_default_for_direct_users(store_root, monkeypatch):
     with chrono.open_run(store_root, "r") as w:
         _log(w, 0)
-        state = _fail_with(monkeypatch, store.pq, "write_table", OSError(errno.ENOSPC, "full"))
+        state = _fail_with(monkeypatch, store_writer.pq, "write_table", OSError(errno.ENOSPC, "full"))
         with pytest.raises(OSError):
             w.flush()
         state["on"] = False
@@ -99,7 +99,7 @@ def test_on_error_raise_is_the_default_for_direct_users(store_root, monkeypatch)
 
 def test_persistent_fault_bounds_memory_and_counts_dropped_rows(store_root, monkeypatch):
     with chrono.open_run(store_root, "r", on_error="count", max_pending_rows=20) as w:
-        state = _fail_with(monkeypatch, store.pq, "write_table", OSError(errno.ENOSPC, "full"))
+        state = _fail_with(monkeypatch, store_writer.pq, "write_table", OSError(errno.ENOSPC, "full"))
         for step in range(10):
             _log(w, step)
             w.flush()
