@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
-from .store import StoreError, default_root, list_runs, part_columns, part_files, run_manifest
+from .store import StoreError, list_runs, part_columns, part_files, run_manifest
 from .store.catalog import CACHE_PARTS, file_version
 from .rules import invalid_sql
 
@@ -176,6 +176,8 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False) -> duck
     version or another tool) out of those views, and show them in views
     ``invalid_<table>`` instead (what the dashboard uses).
     """
+    from .store import default_root
+
     root = Path(root if root is not None else default_root()).absolute()
     con = duckdb.connect(":memory:")
     con.execute("SET threads TO 2")

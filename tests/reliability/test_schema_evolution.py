@@ -15,7 +15,6 @@ import pytest
 
 import chrono
 import chrono.store as store
-from chrono.store import writer as store_writer
 from chrono.cli import main as cli_main
 from chrono.schema import SCHEMA_VERSION, TABLES, schema_for, table_schema
 
@@ -140,7 +139,7 @@ def test_migrate_interrupted_before_old_parts_are_deleted_shows_no_duplicates(v1
 
     before = _everything(v1_root)
     move_layout(v1_root, RUN)   # the layout move (its own crash points are tested below)
-    monkeypatch.setattr(store_writer.os, "unlink", lambda *a, **k: None)  # "crash" before the deletes
+    monkeypatch.setattr(os, "unlink", lambda *a, **k: None)  # "crash" before the deletes
     assert cli_main(["--root", str(v1_root), "migrate"]) == 0
     monkeypatch.undo()
     assert len(list(store.table_dir(v1_root, "routing", RUN).glob("part-*.parquet"))) == 6  # old + new
