@@ -19,6 +19,7 @@ Imports neither pyarrow nor numpy: finding and listing runs costs a few
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -199,16 +200,21 @@ def _json_default(o):
     return repr(o)
 
 
-def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``:
-    a reader sees the old content or the new, never a mix. Raises ``OSError``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+@contextlib.contextmanager
+def replacing(path: Path, tmp: Path, fsync: bool = False):
+    """Write ``tmp`` inside the block; then (``fsync`` and) ``os.replace`` it onto ``path``.
+
+    On any error ``tmp`` is removed and the error propagates, so ``path`` holds
+    the old content or the new, never a mix. ``tmp`` must be in ``path``'s directory.
+    """
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -216,6 +222,13 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (``replacing``); raises ``OSError``."""
+    with replacing(path, path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"),
+                   fsync) as tmp:
+        tmp.write_bytes(data)
 
 
 _atomic_write_bytes = atomic_write_bytes   # the name chrono/commands/migrate.py imports

@@ -36,7 +36,8 @@ from .buffers import (MODE_CODE, TableBuffer, internal_schema, routing_columns, 
                       token_columns)
 from .catalog import REPLACES_KEY, SCHEMA_VERSION_KEY, TABLE_KEY
 from .layout import (MANIFEST, PART_RE, StoreError, is_legacy_run, legacy_run_dir, meta_dir,
-                     part_rank, read_manifest, table_dir, validate_run_id, write_manifest)
+                     part_rank, read_manifest, replacing, table_dir, validate_run_id,
+                     write_manifest)
 
 log = logging.getLogger("chrono.store")
 
@@ -306,27 +307,12 @@ class RunWriter:
         d = self.table_dir(table)
         d.mkdir(parents=True, exist_ok=True)
         name = f"part-{self.rank:05d}-{self._seq:08d}.parquet"
-        final = d / name
-        tmp = d / f".{name}.tmp"
         meta = {SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: table.encode()}
         if replaces:
             meta[REPLACES_KEY] = json.dumps(replaces).encode()
         t = t.replace_schema_metadata(meta)
-        try:
+        with replacing(d / name, d / f".{name}.tmp", self.fsync) as tmp:
             pq.write_table(t, tmp, compression=self.compression)
-            if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
         self._seq += 1
         return name
 
