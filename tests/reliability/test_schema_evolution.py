@@ -91,7 +91,7 @@ def test_migrate_upgrades_and_readers_see_the_same_data(v1_root, capsys):
         table = p.parent.parent.name
         assert pq.read_schema(p).names == table_schema(table).names
         assert pq.read_metadata(p).metadata[b"chrono.schema_version"] == str(SCHEMA_VERSION).encode()
-    manifest = json.loads((store.run_dir(v1_root, RUN) / "manifest.json").read_text())
+    manifest = json.loads((store.meta_dir(v1_root, RUN) / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["world_size"] == 2
     assert manifest["model"]["name"] == "fixture"  # kept
     assert cli_main(["--root", str(v1_root), "migrate"]) == 0  # idempotent

@@ -14,7 +14,7 @@ import pytest
 
 import chrono
 import chrono.store.writer as store_writer
-from chrono.store import delete_run, run_dir, table_dir
+from chrono.store import delete_run, meta_dir, table_dir
 
 ROWS = 8  # routing rows per logged step below
 
@@ -142,7 +142,7 @@ def test_run_directory_replaced_by_a_file_then_restored(store_root, caplog):
         _log(w, 0)
         w.flush()
         delete_run(store_root, "r")
-        run_paths = [run_dir(store_root, "r")] + [table_dir(store_root, t, "r") for t in ("routing", "signals")]
+        run_paths = [meta_dir(store_root, "r")] + [table_dir(store_root, t, "r") for t in ("routing", "signals")]
         for p in run_paths:
             p.write_text("not a directory")
         for step in (1, 2):
