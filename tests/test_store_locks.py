@@ -88,3 +88,39 @@ def test_a_refused_writer_leaves_the_holder_named(store_root):
         with pytest.raises(StoreError):
             chrono.open_run(store_root, "r")
         assert locks.holder(path) == f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _rm_module():
+    try:   # the CLI is moving into chrono_cli (issue 17); either place
+        from chrono_cli.commands import rm
+    except ImportError:
+        from chrono.commands import rm
+    return rm
+
+
+def test_rm_lock_holding_refuses_a_busy_run_and_frees_every_lock(store_root, monkeypatch):
+    rm = _rm_module()
+    with chrono.open_run(store_root, "r", rank=1, world_size=2):
+        with chrono.open_run(store_root, "r"):
+            pass                                     # rank 0's lock file exists, free
+        with pytest.raises(StoreError, match=rf"run 'r' is being written by {os.getpid()}@.*"
+                                             r"\(\.writer-1\.lock held\).*nothing was deleted"):
+            with rm.hold_writer_locks(store_root, "r"):
+                pytest.fail("entered while rank 1 is being written")
+        with chrono.open_run(store_root, "r"):       # rank 0's lock was let go after the refusal
+            pass
+    with rm.hold_writer_locks(store_root, "r"):      # nobody writes: every lock is held by rm ...
+        for rank in (0, 1):
+            with pytest.raises(StoreError, match="already being written"):
+                chrono.open_run(store_root, "r", rank=rank, world_size=2)
+    with chrono.open_run(store_root, "r"):           # ... and released after
+        pass
+
+    def no_permission(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(locks, "try_lock", no_permission)
+    with pytest.raises(StoreError, match=r"cannot take .*\.writer-0\.lock \(Permission denied\); "
+                                         r"nothing was deleted"):
+        with rm.hold_writer_locks(store_root, "r"):
+            pass

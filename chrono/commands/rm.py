@@ -64,7 +64,10 @@ def hold_writer_locks(root, run: str):
             if not path.exists():   # its writer closed and the run went away meanwhile
                 continue
             who = holder(path)      # read first: filelock < 4.3 empties the file on a refused try
-            lock = try_lock(path)
+            try:
+                lock = try_lock(path)
+            except OSError as e:   # e.g. another user's lock file: refuse, one line
+                raise StoreError(f"cannot take {path} ({e.strerror or e}); nothing was deleted") from None
             if lock is None:
                 by = f" by {who}" if who else ""
                 raise StoreError(f"run {run!r} is being written{by} ({path.name} held); "
