@@ -26,7 +26,6 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..schema import MODES, TABLES, conform
@@ -109,6 +108,8 @@ def _part_max_step(path: str) -> int | None:
     stats = [md.row_group(g).column(j).statistics for g in range(md.num_row_groups)]
     if all(st is not None and st.has_min_max for st in stats):
         return int(max(st.max for st in stats))
+    import pyarrow.compute as pc   # ~0.1 s to import; only footers without statistics need it
+
     v = pc.max(pq.read_table(path, columns=["step"])["step"]).as_py()
     return None if v is None else int(v)
 
@@ -140,6 +141,8 @@ def truncate(writer, from_step: int) -> dict[str, int]:
     are flushed first so they are truncated too. Rank 0 also filters the
     ``control_decisions.jsonl`` mirror.
     """
+    import pyarrow.compute as pc
+
     from_step = int(from_step)
     writer.flush()
     removed: dict[str, int] = {}
