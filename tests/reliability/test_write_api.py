@@ -12,7 +12,7 @@ import pytest
 
 import chrono
 from chrono.cli import main as cli_main
-from chrono.store import meta_dir
+from chrono.store import run_dir
 from chrono.validate import InvalidInputError
 
 MODEL = {"layers": [0, 1], "experts_per_layer": {"0": 4, "1": 2}, "top_k": 2}
@@ -115,7 +115,7 @@ def test_growth_goes_through_an_explicit_declaration(tmp_path, w):
     with pytest.raises(ValueError, match="n_experts"):
         w.declare_experts(0, 0)
     w.flush()
-    m = json.loads((meta_dir(tmp_path, "r") / "manifest.json").read_text())["model"]
+    m = json.loads((run_dir(tmp_path, "r") / "manifest.json").read_text())["model"]
     assert m["experts_per_layer"] == {"0": 6, "1": 2} and m["declared_experts"]["0"] == [4, 6]
     w.close()
     with chrono.open_run(tmp_path, "r", model=MODEL) as w2:   # reopened with the attach-time model
@@ -133,7 +133,7 @@ def test_a_manifest_without_counts_learns_each_layer_from_its_first_call(tmp_pat
         w.log_routing(0, 1, [4, 4])
         with pytest.raises(InvalidInputError, match="layer 2 is not declared"):
             w.log_routing(0, 2, [4, 4])
-    m = json.loads((meta_dir(tmp_path, "open") / "manifest.json").read_text())["model"]
+    m = json.loads((run_dir(tmp_path, "open") / "manifest.json").read_text())["model"]
     assert m["experts_per_layer"] == {"3": 3, "5": 2} and m["layers_learned"] is True
 
 
@@ -254,7 +254,7 @@ def test_lifecycle_events_declare_the_new_count(tmp_path):
         record_event(w, 1, 0, "grow", 2, 3, reason="stage 1")
         w.log_routing(1, 0, [3, 3, 2])
         assert w.stats.calls_refused == 0
-    assert json.loads((meta_dir(tmp_path, "bio") / "manifest.json").read_text())["model"][
+    assert json.loads((run_dir(tmp_path, "bio") / "manifest.json").read_text())["model"][
         "experts_per_layer"] == {"0": 3}
 
 
@@ -275,7 +275,7 @@ def test_probes_declare_routers_that_grow_and_shrink(tmp_path, moe_tiny):
     with probes.attach(model, run="life", root=tmp_path, flush_every=4) as h:
         moe_tiny.train_steps(model, 14, batch=8, on_step=change)
     assert h.writer.stats.calls_refused == 0 and h.stats()["write_errors"] == 0
-    m = json.loads((meta_dir(tmp_path, "life") / "manifest.json").read_text())["model"]
+    m = json.loads((run_dir(tmp_path, "life") / "manifest.json").read_text())["model"]
     assert m["experts_per_layer"]["1"] == 3 and m["declared_experts"]["1"] == [3, 4, 6]
     per_step = dict(chrono.connect(tmp_path).execute(
         "SELECT step, count(*) FROM routing WHERE layer = 1 GROUP BY step").fetchall())
