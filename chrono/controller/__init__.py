@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 from . import policy, setpoint
 from ..schema import DECISIONS, GLOBAL_LAYER
+from ..store.layout import DECISIONS_JSONL
 
 # Files a governed run keeps in its run directory (next to the Parquet tables).
-JSONL_NAME = "control_decisions.jsonl"   # decisions mirrored one JSON object per line (ChronoMoE format)
+JSONL_NAME = DECISIONS_JSONL   # decisions mirrored one JSON object per line (ChronoMoE format)
 CONFIG_NAME = "control_config.json"      # the ControlConfig, so `chrono replay` re-derives decisions
 
 MODES = ("faithful", "setpoint")
