@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -98,6 +99,15 @@ def match_centroids(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- router
+class RouterTrace(NamedTuple):
+    """One router forward's internals, appended to the ``trace`` list a caller passes down
+    (distillation and evaluation read them; nothing is kept on the module)."""
+    layer: int
+    teacher: torch.Tensor    # [T, E] teacher logits (-distance² / tau)
+    student: torch.Tensor    # [T, E] student logits, with graph to the student's weights
+    idx: torch.Tensor        # [T, k] experts chosen
+
+
 class MeaningSpace(nn.Module):
     """x [T, d_model] -> unit semantic vectors z [T, d_meaning] (frozen projection)."""
 
@@ -131,7 +141,6 @@ class SemanticRouter(nn.Module):
         self.recluster_iters = 5   # warm-started re-fits move centroids gently
         self._reservoir: list[np.ndarray] = []
         self._reservoir_rows = 0
-        self.last: dict = {}
 
     def semantic(self, x):
         return x.detach() if self.meaning is None else self.meaning(x)
@@ -140,8 +149,9 @@ class SemanticRouter(nn.Module):
         # -||z - c||^2 / tau : nearest centroid has the largest score
         return -torch.cdist(z, self.centroids).pow(2) / self.cfg.teacher_tau
 
-    def forward(self, x):
-        # x: [T, d_model]
+    def forward(self, x, trace: list | None = None):
+        """x [T, d_model] -> (scores [T, E], weights [T, k], indices [T, k]); appends a
+        ``RouterTrace`` to ``trace`` when given."""
         z = self.semantic(x)                                   # [T, dm]
         t_logits = self.teacher_logits(z)                      # [T, E]
         s_logits = self.student(x.detach())                    # [T, E]
@@ -163,7 +173,8 @@ class SemanticRouter(nn.Module):
                 m = self.cfg.load_momentum
                 self.load_ema.mul_(m).add_((1 - m) * share)
                 self._remember(z)
-        self.last = {"teacher": t_logits, "student": s_logits, "z": z, "idx": idx}
+        if trace is not None:
+            trace.append(RouterTrace(self.layer_id, t_logits, s_logits, idx))
         return scores, weights, idx
 
     # ---- reservoir + clustering
@@ -216,7 +227,7 @@ class SemanticRouter(nn.Module):
         rows = [(w[i], b[i]) for i in keep] + list(extra_student)
         n = len(cents)
         self.centroids = torch.stack(cents)
-        lin = nn.Linear(w.shape[1], n).to(device=dev, dtype=w.dtype)
+        lin = nn.utils.skip_init(nn.Linear, w.shape[1], n, device=dev, dtype=w.dtype)  # no RNG draw
         lin.weight.data.copy_(torch.stack([r[0] for r in rows]))
         lin.bias.data.copy_(torch.stack([r[1] for r in rows]))
         self.student = lin
@@ -244,10 +255,10 @@ class MoEFFN(nn.Module):
         self.router = SemanticRouter(cfg, layer_id)
         self.experts = nn.ModuleList(ExpertMLP(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts))
 
-    def forward(self, x):
+    def forward(self, x, trace: list | None = None):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)                         # [N, D]
-        _, w, idx = self.router(flat)                      # [N, k], [N, k]
+        _, w, idx = self.router(flat, trace=trace)         # [N, k], [N, k]
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             tok, slot = torch.nonzero(idx == e, as_tuple=True)
@@ -301,8 +312,10 @@ class MoEFFN(nn.Module):
             c_new = zt[far]
         else:
             c_new = torch.zeros_like(r.centroids[0])
-        torch.manual_seed(seed)
-        ex = ExpertMLP(self.cfg.d_model, self.cfg.d_ff).to(r.centroids.device)
+        with torch.random.fork_rng(devices=[]):   # the new expert's weights depend on seed only
+            torch.manual_seed(seed)
+            ex = ExpertMLP(self.cfg.d_model, self.cfg.d_ff)
+        ex = ex.to(r.centroids.device)
         self.experts.append(ex)
         r._resize(list(range(r.n_experts)), [c_new],
                   [(r.student.weight.data.mean(0), r.student.bias.data.mean(0))])
@@ -347,7 +360,7 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.mlp = ExpertMLP(cfg.d_model, cfg.top_k * cfg.d_ff)
 
-    def forward(self, x):
+    def forward(self, x, trace: list | None = None):
         return self.mlp(x)
 
 
@@ -375,18 +388,22 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = DenseFFN(cfg) if cfg.dense else MoEFFN(cfg, layer_id)
 
-    def forward(self, x):
+    def forward(self, x, trace: list | None = None):
         x = x + self.attn(self.ln1(x))
-        return x + self.ffn(self.ln2(x))
+        return x + self.ffn(self.ln2(x), trace)
 
 
 class SemanticMoELM(nn.Module):
-    """Byte-level LM: tokens [B, T] -> logits [B, T, vocab]."""
+    """Byte-level LM: tokens [B, T] -> logits [B, T, vocab].
+
+    Weights are drawn from torch's global RNG, which the caller seeds (``train`` calls
+    ``set_seed(config.seed)`` first); ``cfg.seed`` seeds the frozen MeaningSpace projections
+    and lifecycle surgery through local generators.
+    """
 
     def __init__(self, cfg: SemanticMoEConfig):
         super().__init__()
         self.cfg = cfg
-        torch.manual_seed(cfg.seed)
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.block_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -396,11 +413,13 @@ class SemanticMoELM(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)  # small logits at init (nanoGPT's init)
         nn.init.normal_(self.pos.weight, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, trace: list | None = None):
+        """idx [B, T] int64 (targets [B, T] optional) -> (logits [B, T, V], loss or None).
+        With a list ``trace``, each MoE layer appends its ``RouterTrace`` (layer order)."""
         B, T = idx.shape
         x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))   # [B, T, D]
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, trace)
         logits = self.head(self.ln_f(x))                                    # [B, T, V]
         loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                             targets.reshape(-1))
