@@ -32,6 +32,7 @@ from chrono.controller import ControlConfig
 from chrono.governance import Governor
 from chrono.router_hooks import HookSet
 from chrono.snapshots import AlertTracker, layer_rows
+from reference_models.moe import mix_experts
 
 
 # ----------------------------------------------------------------- byte-moe model
@@ -79,11 +80,7 @@ class ByteMoE(nn.Module):
         B, S, d = x.shape
         flat = x.reshape(-1, d)
         _, w, idx = self.router(route_x.reshape(-1, d))
-        out = torch.zeros_like(flat)
-        for e in range(self.w1.shape[0]):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if tok.numel():
-                out.index_add_(0, tok, (F.gelu(flat[tok] @ self.w1[e]) @ self.w2[e]) * w[tok, slot, None])
+        out = mix_experts(flat, idx, w, lambda e, h: F.gelu(h @ self.w1[e]) @ self.w2[e], self.w1.shape[0])
         return out.reshape(B, S, d)
 
 

@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..moe import mix_experts
+
 
 @dataclass
 class SemanticMoEConfig:
@@ -259,11 +261,7 @@ class MoEFFN(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)                         # [N, D]
         _, w, idx = self.router(flat, trace=trace)         # [N, k], [N, k]
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.nonzero(idx == e, as_tuple=True)
-            if tok.numel():
-                out.index_add_(0, tok, w[tok, slot, None] * expert(flat[tok]))
+        out = mix_experts(flat, idx, w, lambda e, rows: self.experts[e](rows), len(self.experts))
         return out.reshape(B, T, D)
 
     # ---- lifecycle surgery; each returns the index holding the result

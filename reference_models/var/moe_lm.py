@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from chrono.actuators import switch_aux_loss
 
+from ..moe import mix_experts
+
 
 @dataclass
 class MoEConfig:
@@ -76,12 +78,7 @@ class MoE(nn.Module):
             w, ind = route(self.layer_id, h, idx_tokens)
             self.last_aux = torch.zeros((), device=h.device)
         self.last_indices = ind.detach()
-        out = torch.zeros_like(h)
-        for e in range(E):                               # 8 experts: a short loop, no per-token loop
-            sel = (ind[:, 0] == e).nonzero(as_tuple=True)[0]
-            if sel.numel():
-                y = F.gelu(h[sel] @ self.w1[e]) @ self.w2[e]
-                out.index_add_(0, sel, y * w[sel])
+        out = mix_experts(h, ind, w, lambda e, rows: F.gelu(rows @ self.w1[e]) @ self.w2[e], E)
         return out.view(B, T, D)
 
 
