@@ -16,8 +16,6 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..routing import Routed  # noqa: F401  (re-exported for adapter modules)
-
 
 def _attr(module: nn.Module, names, default=None):
     for n in names:

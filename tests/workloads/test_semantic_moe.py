@@ -52,7 +52,7 @@ def test_weights_follow_the_callers_seed_and_surgery_leaves_the_global_rng_alone
 
 
 def test_distillation_target_is_passed_back_not_kept():
-    from reference_models.semantic_moe.model import RouterTrace
+    from reference_models.semantic_moe.router import RouterTrace
 
     m = quick_model(n_layer=2)
     fill_and_fit(m)

@@ -138,7 +138,6 @@ def test_batch_path_equals_per_token_path():
     var_a, var_b = VAR(model, stats, cfg, clock_a), VAR(model, stats, cfg, clock_b)
     assert var_a.eligible.any() and not var_a.eligible.all()
     for step, idx in enumerate(batches):
-        got, want = [], []
         cap_a, cap_b = {}, {}
 
         def route_a(layer, h, idx_):
