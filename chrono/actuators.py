@@ -35,7 +35,7 @@ from .router_loads import HookLoads, LoadCursor, routed_indices
 
 __all__ = ["Actuator", "LensActuator", "InformedLensActuator", "RouterBiasActuator",
            "TemperatureActuator", "AuxLossActuator", "router_weight", "switch_aux_loss",
-           "drive", "ActuatorError"]
+           "switch_balance_loss", "drive", "ActuatorError"]
 
 
 class ActuatorError(ValueError):
@@ -54,19 +54,31 @@ def drive(decision: ControlDecision, pressure_ref: float) -> float:
     return policy.clip(decision.pressure / pressure_ref)
 
 
-def switch_aux_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch load-balancing loss E·Σ_i f_i·P_i (Fedus et al. 2021, arXiv:2101.03961, eq. 4).
+def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                        alpha: float = 1.0) -> torch.Tensor:
+    """Switch load-balancing loss α·E·Σ_i f_i·P_i (Fedus et al. 2021, arXiv:2101.03961, eq. 4);
+    the one implementation every chrono actuator and reference model trains with.
 
-    logits [T, E] (any float dtype), indices [T, k] int (the experts really chosen);
-    f_i = share of the T·k assignments sent to expert i (no gradient), P_i = mean
-    softmax probability of expert i. Returns a float32 scalar; 1.0 when perfectly balanced.
+    probs [T, E] float: the router's probability of each expert per token (with graph: the
+    gradient flows through P only); indices [T, k] int in [0, E): the experts really chosen
+    (pass ``indices[:, :1]`` for the paper's top-1 f). f_i = share of the T·k assignments sent
+    to expert i (no gradient), P_i = mean probability of expert i over the T tokens. Returns a
+    scalar of ``probs``' dtype; α when perfectly balanced, α·E when one expert takes every
+    assignment with probability 1.
     """
     E = int(n_experts)
     idx = indices.reshape(-1).long()
-    f = torch.zeros(E, device=logits.device).scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+    f = torch.zeros(E, device=probs.device).scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
     f = f / max(1, idx.numel())
-    p = torch.softmax(logits.reshape(-1, E).float(), dim=-1).mean(0)
-    return E * (f.detach() * p).sum()
+    p = probs.reshape(-1, E).mean(0)
+    return (alpha * E) * (f.detach() * p).sum()
+
+
+def switch_aux_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """``switch_balance_loss`` of ``softmax(logits)``: logits [T, E] (any float dtype, taken
+    as float32), indices [T, k]. Returns a float32 scalar; 1.0 when perfectly balanced."""
+    E = int(n_experts)
+    return switch_balance_loss(torch.softmax(logits.reshape(-1, E).float(), dim=-1), indices, E)
 
 
 def router_weight(router: nn.Module, n_experts: int) -> torch.Tensor:
