@@ -129,7 +129,8 @@ class Handle:
         cap = max(s.n_experts for s in self.routers)
         self._rec = Recorder(len(self.routers), cap, flush_every, _first_device(model))
         self._window_experts = [0] * len(self.routers)  # largest n_experts seen per router this window
-        self._sampler = TokenSampler(float(tokens), max_tokens_per_step, seed) if tokens else None
+        self._sampler = TokenSampler(float(tokens), max_tokens_per_step, seed,
+                                     device=_first_device(model)) if tokens else None
         self._exclude_padding = padding == "exclude"
         stack_paths, self._stack_of = C.find_stacks(model, [s.name for s in self.routers])
         self._stack_paths = stack_paths
