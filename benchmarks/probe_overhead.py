@@ -118,12 +118,12 @@ class SGLangStyle(HookArm):
     """Masked ``scatter_add_`` into a fixed int32 [layers, experts] buffer; per step, the buffer
     is appended to a device ring of steps and zeroed (SGLang's stat-mode idea, our code)."""
 
-    def __init__(self, model, ring=64):
+    def __init__(self, model, ring=64, device="cpu"):
         super().__init__(model)
-        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int32)
-        self.ring = torch.zeros(ring, LAYERS, EXPERTS, dtype=torch.int32)
+        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int32, device=device)
+        self.ring = torch.zeros(ring, LAYERS, EXPERTS, dtype=torch.int32, device=device)
         self.n = 0
-        self.total = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
+        self.total = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64, device=device)
 
     def _count(self, layer, idx):
         ids = idx.reshape(-1)
@@ -137,19 +137,19 @@ class SGLangStyle(HookArm):
         self.n += 1
 
     def counts(self):
-        return (self.total + self.buf).numpy()
+        return (self.total + self.buf).cpu().numpy()
 
 
 class BincountFloor(HookArm):
-    def __init__(self, model):
+    def __init__(self, model, device="cpu"):
         super().__init__(model)
-        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
+        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64, device=device)
 
     def _count(self, layer, idx):
         self.buf[layer] += torch.bincount(idx.reshape(-1), minlength=EXPERTS)
 
     def counts(self):
-        return self.buf.numpy()
+        return self.buf.cpu().numpy()
 
 
 class NaiveJson(HookArm):
@@ -196,9 +196,9 @@ class HFRouterLogits(Arm):
 
     forward_kwargs = {"output_router_logits": True}
 
-    def __init__(self):
+    def __init__(self, device="cpu"):
         super().__init__()
-        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
+        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64, device=device)
 
     def after_forward(self, out):
         t0 = CLOCK()
@@ -208,7 +208,7 @@ class HFRouterLogits(Arm):
         self.post_seconds += CLOCK() - t0
 
     def counts(self):
-        return self.buf.numpy()
+        return self.buf.cpu().numpy()
 
 
 class ChronoArm(Arm):
@@ -248,19 +248,25 @@ class ChronoArm(Arm):
         return out
 
 
-def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: int) -> dict:
-    """One (shape, mode): the correctness forward, then ``rounds`` interleaved rounds of all arms."""
-    model = build(**SHAPES[shape])
+def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: int, device="cpu") -> dict:
+    """One (shape, mode): the correctness forward, then ``rounds`` interleaved rounds of all arms.
+
+    On CUDA, step times include a ``torch.cuda.synchronize()`` at the end of each step; in-hook
+    time is then the host time of the hooks (kernel launches), which is what blocks the
+    training thread."""
+    device = torch.device(device)
+    model = build(**SHAPES[shape]).to(device)
     model.train(mode == "train")
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tmp = tempfile.mkdtemp(prefix="probe_overhead_")
     bracket = HookBracket(routers(model))
     arms = {"none_a": Arm(), "none_b": Arm(),
             "chrono_aggregate": ChronoArm(model, tmp, "aggregate", 0.0),
             "chrono_tokens_1pct": ChronoArm(model, tmp, "tokens", 0.01),
-            "sglang_style": SGLangStyle(model), "bincount_floor": BincountFloor(model),
-            "hf_router_logits": HFRouterLogits(), "naive_json": NaiveJson(model, os.path.join(tmp, "ev.jsonl"))}
+            "sglang_style": SGLangStyle(model, device=device), "bincount_floor": BincountFloor(model, device),
+            "hf_router_logits": HFRouterLogits(device), "naive_json": NaiveJson(model, os.path.join(tmp, "ev.jsonl"))}
     bracket.close()
 
     def forward(kwargs):
@@ -292,11 +298,13 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
     def one_step(name):
         a = arms[name]
         a.active = True
+        sync()
         b0, p0, c0 = bracket.seconds, a.post_seconds, CLOCK()
         t0 = time.perf_counter()
         out = forward(a.forward_kwargs)
         a.after_forward(out)
         a.end_step()
+        sync()
         dt = time.perf_counter() - t0
         a.active = False
         return dt, bracket.seconds - b0 + a.post_seconds - p0, CLOCK() - c0
@@ -340,7 +348,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
         for ref in ("sglang_style", "bincount_floor"):
             d = res[ref]["in_hook_net_ms"]
             res[n][f"in_hook_ratio_vs_{ref}"] = res[n]["in_hook_net_ms"] / d if d > 0 else None
-    return {"shape": shape, "mode": mode, **SHAPES[shape], "layers": LAYERS, "experts": EXPERTS,
+    return {"shape": shape, "mode": mode, "device": str(device), **SHAPES[shape], "layers": LAYERS, "experts": EXPERTS,
             "top_k": TOP_K, "batch": batch, "seq": seq, "rounds": rounds, "warmup": warmup,
             "counts_equal_floor": check, "arms": res, "loadavg_before": load_before,
             "loadavg_after": load_after, "uptime_after": uptime()}
@@ -371,6 +379,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (benchmarks/gpu_check.py runs it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: in-hook CPU time "
                    "is then all in the training thread)")
     p.add_argument("--quick", action="store_true",
@@ -389,12 +398,12 @@ def main(argv=None) -> dict:
     cells = []
     for shape in a.shapes:
         for mode in a.modes:
-            f = cache / f"{shape}_{mode}_{a.batch}x{a.seq}_r{a.rounds}.json"
+            f = cache / f"{shape}_{mode}_{a.batch}x{a.seq}_r{a.rounds}{'' if a.device == 'cpu' else '_' + a.device}.json"
             if not a.quick and f.exists():
                 cell = json.loads(f.read_text())
                 print(f"(cached: {f})")
             else:
-                cell = run_cell(shape, mode, a.rounds, a.warmup, a.batch, a.seq)
+                cell = run_cell(shape, mode, a.rounds, a.warmup, a.batch, a.seq, a.device)
                 if not a.quick:
                     f.write_text(json.dumps(cell, indent=1))
             print(table(cell), flush=True)
