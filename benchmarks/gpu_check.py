@@ -160,7 +160,7 @@ def sync_error_check(build_model, ids, root, dev, steps=3) -> dict:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         bracket = SyncErrorBracket([model, model.model, *routers(model)], on=True)
-        err, faults = None, None
+        faults = None
         try:
             h = probes.attach(model, run=f"sync-error-{name}", root=root, flush_every=10_000, tokens=tokens)
             bracket.close()

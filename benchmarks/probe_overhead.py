@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import chrono  # noqa: E402
 import probes  # noqa: E402
-from benchmarks._common import machine, uptime  # noqa: E402
+from benchmarks._common import cached, fmt, uptime, write_json  # noqa: E402
 from benchmarks.hook_cpu_time import CLOCK, HookBracket  # noqa: E402
 
 SHAPES = {"small": {"hidden": 128, "ffn": 256}, "mixtral_like": {"hidden": 512, "ffn": 1024}}
@@ -361,9 +361,8 @@ def table(cell: dict) -> str:
              f"{all(v for k, v in cell['counts_equal_floor'].items() if k != 'floor_tokens')}",
              f"{'arm':<20} {'step ms':>8} {'vs none_a':>9} {'in-hook ms':>10} {'net ms':>8} {'% step':>7} "
              f"{'/sglang':>8} {'/floor':>7} {'h.step ms':>9}"]
+    f = fmt
     for n, a in cell["arms"].items():
-        def f(x, w, p=2):
-            return f"{x:{w}.{p}f}" if x is not None else " " * (w - 1) + "-"
         lines.append(f"{n:<20} {a['step_ms']:8.1f} {a['step_ratio_vs_none_a']:9.3f} {a['in_hook_ms']:10.3f} "
                      f"{a['in_hook_net_ms']:8.3f} {a['in_hook_net_pct_of_step']:6.2f}% "
                      f"{f(a['in_hook_ratio_vs_sglang_style'], 8)} {f(a['in_hook_ratio_vs_bincount_floor'], 7)} "
@@ -392,31 +391,17 @@ def main(argv=None) -> dict:
     if a.quick:
         a.rounds, a.warmup, a.batch, a.seq, a.shapes = 2, 1, 2, 32, ["small"]
     torch.set_num_threads(a.threads)
-    cache = Path(a.cache)
-    if not a.quick:
-        cache.mkdir(parents=True, exist_ok=True)
     cells = []
     for shape in a.shapes:
         for mode in a.modes:
-            f = cache / f"{shape}_{mode}_{a.batch}x{a.seq}_r{a.rounds}{'' if a.device == 'cpu' else '_' + a.device}.json"
-            if not a.quick and f.exists():
-                cell = json.loads(f.read_text())
-                print(f"(cached: {f})")
-            else:
-                cell = run_cell(shape, mode, a.rounds, a.warmup, a.batch, a.seq, a.device)
-                if not a.quick:
-                    f.write_text(json.dumps(cell, indent=1))
+            dev = "" if a.device == "cpu" else "_" + a.device
+            path = Path(a.cache) / f"{shape}_{mode}_{a.batch}x{a.seq}_r{a.rounds}{dev}.json"
+            cell = cached(path, lambda: run_cell(shape, mode, a.rounds, a.warmup, a.batch, a.seq, a.device),
+                          use_cache=not a.quick)
             print(table(cell), flush=True)
             cells.append(cell)
-    res = {"benchmark": "probe_overhead", "quick": a.quick,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "uptime": uptime(),
-           "in_hook_clock": "time.thread_time (thread CPU time), HookBracket", "cells": cells}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
-    return res
+    return write_json(a.out, "probe_overhead", {"cells": cells}, quick=a.quick,
+                      in_hook_clock="time.thread_time (thread CPU time), HookBracket")
 
 
 if __name__ == "__main__":

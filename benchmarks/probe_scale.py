@@ -35,7 +35,6 @@ usage: nice -n 10 python benchmarks/probe_scale.py [--quick] [--shapes deepseek_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import probes  # noqa: E402
-from benchmarks._common import machine, uptime  # noqa: E402
+from benchmarks._common import cached, fmt, uptime, write_json  # noqa: E402
 from benchmarks.hook_cpu_time import HookBracket  # noqa: E402
 
 SHAPES = {
@@ -192,12 +191,11 @@ def table(cells) -> str:
     head = (f"{'shape':<12} {'flush':>5} {'steps':>5} {'in-hook ms':>10} {'fwd ms':>7} {'h.step ms':>9} "
             f"{'stall med':>9} {'stall max':>9} {'buffers MiB':>11} {'Parquet B/step':>14}")
     rows = [head]
+    f = fmt
     for c in cells:
-        def f(x, w, p=1):
-            return f"{x:{w}.{p}f}" if x is not None else " " * (w - 1) + "-"
         rows.append(f"{c['shape']:<12} {c['flush_every']:>5} {c['steps']:>5} {f(c['in_hook_ms_per_step'], 10, 2)} "
-                    f"{f(c['forward_ms_per_step'], 7)} {f(c['h_step_ms'], 9, 3)} "
-                    f"{f(c['window_close_stall_ms_median'], 9)} {f(c['window_close_stall_ms_max'], 9)} "
+                    f"{f(c['forward_ms_per_step'], 7, 1)} {f(c['h_step_ms'], 9, 3)} "
+                    f"{f(c['window_close_stall_ms_median'], 9, 1)} {f(c['window_close_stall_ms_max'], 9, 1)} "
                     f"{f(None if c['device_buffer_bytes'] is None else c['device_buffer_bytes'] / 2**20, 11, 2)} "
                     f"{c['parquet_bytes_per_step_total']:14.0f}")
     return "\n".join(rows)
@@ -219,30 +217,15 @@ def main(argv=None) -> dict:
     if a.quick:
         a.shapes, a.flush, a.windows, a.min_steps = ["tiny"], [1, 2], 2, 4
     torch.set_num_threads(a.threads)
-    cache = Path(a.cache)
     cells = []
     for shape in a.shapes:
         for f in a.flush:
-            path = cache / f"{shape}_f{f}_w{a.windows}.json"
-            if not a.quick and path.exists():
-                cell = json.loads(path.read_text())
-            else:
-                cell = run_cell(shape, f, a.windows, a.min_steps, a.variants)
-                if not a.quick:
-                    cache.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(cell, indent=1))
-            cells.append(cell)
-            print(table([cell]).splitlines()[-1], flush=True)
+            path = Path(a.cache) / f"{shape}_f{f}_w{a.windows}.json"
+            cells.append(cached(path, lambda: run_cell(shape, f, a.windows, a.min_steps, a.variants),
+                                use_cache=not a.quick))
+            print(table([cells[-1]]).splitlines()[-1], flush=True)
     print("\n" + STAND_IN + "\n" + table(cells))
-    res = {"benchmark": "probe_scale", "quick": a.quick, "model": STAND_IN,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "uptime": uptime(),
-           "cells": cells}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
-    return res
+    return write_json(a.out, "probe_scale", {"cells": cells}, quick=a.quick, model=STAND_IN)
 
 
 if __name__ == "__main__":
