@@ -22,7 +22,9 @@ forwards under ``torch.no_grad`` (mode EVAL), ``h.step()`` after each:
   ``benchmarks/hook_cpu_time.py``), median over steps;
 * ``h.step()`` ms (wall) of steps that close no window, median;
 * window-close stall: wall ms of the ``h.step()`` calls that close a window (the training
-  thread waits for them), median and max;
+  thread waits for them), median and max; and the training thread's CPU ms in them (load-proof:
+  wall time on a loaded machine includes time descheduled, CPU time excludes the wait for the
+  background writer's Parquet write, which the wall time includes);
 * device-buffer bytes of the recorder (``acc`` + ``hist``: 4 kinds x 3 modes x layers x
   (experts + 2) float64, x (flush_every + 1));
 * Parquet bytes per step, by table, after detach.
@@ -49,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import probes  # noqa: E402
 from benchmarks._common import cached, fmt, uptime, write_json  # noqa: E402
-from benchmarks.hook_cpu_time import HookBracket  # noqa: E402
+from benchmarks.hook_cpu_time import CLOCK, HookBracket  # noqa: E402
 
 SHAPES = {
     "deepseek_v3": {"layers": 61, "experts": 256, "top_k": 8, "tokens": 4096, "router": "DeepseekV3TopkRouter"},
@@ -150,7 +152,7 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
     h = probes.attach(model, run=run, root=root, flush_every=flush_every, steps="manual")
     bracket.close()
     buf_bytes = recorder_bytes(h)
-    hook_ms, step_ms, stall_ms, fwd_ms = [], [], [], []
+    hook_ms, step_ms, stall_ms, stall_cpu_ms, fwd_ms = [], [], [], [], []
     load_before = os.getloadavg()
     with torch.no_grad():
         for i in range(steps):
@@ -159,11 +161,16 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
             model(i)
             t1 = time.perf_counter()
             w0 = h.stats()["windows"]
+            c1 = CLOCK()
             h.step()
             t2 = time.perf_counter()
             hook_ms.append(1e3 * (bracket.seconds - b0))
             fwd_ms.append(1e3 * (t1 - t0))
-            (stall_ms if h.stats()["windows"] != w0 else step_ms).append(1e3 * (t2 - t1))
+            if h.stats()["windows"] != w0:
+                stall_ms.append(1e3 * (t2 - t1))
+                stall_cpu_ms.append(1e3 * (CLOCK() - c1))
+            else:
+                step_ms.append(1e3 * (t2 - t1))
     stats = h.stats()
     h.detach()
     bracket.remove()
@@ -178,6 +185,8 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
         "forward_ms_per_step": med(fwd_ms),
         "h_step_ms": med(step_ms), "h_step_ms_max": max(step_ms) if step_ms else None,
         "window_close_stall_ms_median": med(stall_ms), "window_close_stall_ms_max": max(stall_ms) if stall_ms else None,
+        "window_close_cpu_ms_median": med(stall_cpu_ms),
+        "window_close_cpu_ms_max": max(stall_cpu_ms) if stall_cpu_ms else None,
         "device_buffer_bytes": buf_bytes,
         "parquet_bytes_per_step": {t: b / steps for t, b in sorted(pq.items())},
         "parquet_bytes_per_step_total": sum(pq.values()) / steps,
@@ -189,13 +198,14 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
 
 def table(cells) -> str:
     head = (f"{'shape':<12} {'flush':>5} {'steps':>5} {'in-hook ms':>10} {'fwd ms':>7} {'h.step ms':>9} "
-            f"{'stall med':>9} {'stall max':>9} {'buffers MiB':>11} {'Parquet B/step':>14}")
+            f"{'stall med':>9} {'stall max':>9} {'close CPU med':>13} {'buffers MiB':>11} {'Parquet B/step':>14}")
     rows = [head]
     f = fmt
     for c in cells:
         rows.append(f"{c['shape']:<12} {c['flush_every']:>5} {c['steps']:>5} {f(c['in_hook_ms_per_step'], 10, 2)} "
                     f"{f(c['forward_ms_per_step'], 7, 1)} {f(c['h_step_ms'], 9, 3)} "
                     f"{f(c['window_close_stall_ms_median'], 9, 1)} {f(c['window_close_stall_ms_max'], 9, 1)} "
+                    f"{f(c.get('window_close_cpu_ms_median'), 13, 1)} "
                     f"{f(None if c['device_buffer_bytes'] is None else c['device_buffer_bytes'] / 2**20, 11, 2)} "
                     f"{c['parquet_bytes_per_step_total']:14.0f}")
     return "\n".join(rows)

@@ -55,6 +55,7 @@ def test_probe_scale_quick(tmp_path):
         assert c["steps"] == 4 and c["windows_closed"] == 4 // c["flush_every"]
         assert len(c["stall_ms"]) == c["windows_closed"]
         assert c["window_close_stall_ms_max"] >= c["window_close_stall_ms_median"] > 0
+        assert c["window_close_cpu_ms_max"] >= c["window_close_cpu_ms_median"] > 0
         assert c["in_hook_ms_per_step"] > 0 and c["write_errors"] == 0
         # acc + hist: 4 kinds x 3 modes x layers x (experts + 2) float64, x (1 + flush_every)
         assert c["device_buffer_bytes"] == 4 * 3 * shape["layers"] * (shape["experts"] + 2) * 8 * (1 + c["flush_every"])
