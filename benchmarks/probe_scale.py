@@ -121,12 +121,20 @@ class RoutingOnly(nn.Module):
             block.mlp.gate(None)
 
 
-def recorder_bytes(h) -> int | None:
-    """Bytes of the handle's on-device count buffers (the recorder's ``acc`` + ``hist``)."""
-    for obj in vars(h).values():
-        acc, hist = getattr(obj, "acc", None), getattr(obj, "hist", None)
-        if torch.is_tensor(acc) and torch.is_tensor(hist):
-            return acc.nbytes + hist.nbytes
+def recorder_bytes(h, depth: int = 3) -> int | None:
+    """Bytes of the handle's on-device count buffers: the first object found among the handle's
+    attributes (searched ``depth`` levels deep) that holds ``acc`` and ``hist`` tensors (the
+    recorder); None when there is none."""
+    level = [h]
+    for _ in range(depth):
+        nxt = []
+        for obj in level:
+            acc, hist = getattr(obj, "acc", None), getattr(obj, "hist", None)
+            if torch.is_tensor(acc) and torch.is_tensor(hist):
+                return acc.nbytes + hist.nbytes
+            if hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, torch.Tensor, type)):
+                nxt += list(vars(obj).values())
+        level = nxt
     return None
 
 
