@@ -4,8 +4,8 @@ All recorders are attached to one HF Mixtral model (random weights, from a confi
 process; only one arm is active per timed step and the arm order rotates every round, so
 load drift hits every arm alike. Shapes: ``small`` (hidden 128, FFN 256) and
 ``mixtral_like`` (hidden 512, FFN 1024), both 4 layers x 8 experts, top-2, batch 8 x 128
-tokens; modes ``train`` (forward + backward + SGD) and ``infer`` (forward under
-``torch.inference_mode``). Arms:
+tokens (``mixtral_like``: 8 x 64 by default, to bound its CPU time); modes ``train``
+(forward + backward + SGD) and ``infer`` (forward under ``torch.inference_mode``). Arms:
 
 * ``none_a`` / ``none_b``  nothing active: two identical arms, the A/A control (the noise)
 * ``chrono_aggregate``     ``probes.attach(tokens=0)``, the default
@@ -55,6 +55,9 @@ from benchmarks._common import cached, fmt, uptime, write_json  # noqa: E402
 from benchmarks.hook_cpu_time import CLOCK, HookBracket  # noqa: E402
 
 SHAPES = {"small": {"hidden": 128, "ffn": 256}, "mixtral_like": {"hidden": 512, "ffn": 1024}}
+# default (seq, rounds) per shape: a Mixtral-like training step of 8 x 128 tokens costs ~3.5 s of
+# CPU here, so that shape runs 8 x 64 tokens and 10 rounds unless --seq / --rounds say otherwise
+DEFAULTS = {"small": (128, 14), "mixtral_like": (64, 10)}
 LAYERS, EXPERTS, TOP_K, VOCAB = 4, 8, 2, 1024
 ARMS = ["none_a", "none_b", "chrono_aggregate", "chrono_tokens_1pct", "sglang_style",
         "bincount_floor", "hf_router_logits", "naive_json"]
@@ -374,10 +377,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    p.add_argument("--rounds", type=int, default=14, help="timed rounds of all arms (default 14)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds of all arms (default 14 small, 10 mixtral_like)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 128 small, 64 mixtral_like)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (benchmarks/gpu_check.py runs it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: in-hook CPU time "
                    "is then all in the training thread)")
@@ -395,8 +399,9 @@ def main(argv=None) -> dict:
     for shape in a.shapes:
         for mode in a.modes:
             dev = "" if a.device == "cpu" else "_" + a.device
-            path = Path(a.cache) / f"{shape}_{mode}_{a.batch}x{a.seq}_r{a.rounds}{dev}.json"
-            cell = cached(path, lambda: run_cell(shape, mode, a.rounds, a.warmup, a.batch, a.seq, a.device),
+            seq, rounds = a.seq or DEFAULTS[shape][0], a.rounds or DEFAULTS[shape][1]
+            path = Path(a.cache) / f"{shape}_{mode}_{a.batch}x{seq}_r{rounds}{dev}.json"
+            cell = cached(path, lambda: run_cell(shape, mode, rounds, a.warmup, a.batch, seq, a.device),
                           use_cache=not a.quick)
             print(table(cell), flush=True)
             cells.append(cell)
