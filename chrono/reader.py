@@ -42,6 +42,10 @@ class QueryError(Exception):
     """A user's SQL was refused or failed; the message is one readable line."""
 
 
+class ThreadsError(QueryError, ValueError):
+    """A bad DuckDB thread count (``threads=`` / ``$CHRONO_DUCKDB_THREADS``); one readable line."""
+
+
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
@@ -166,7 +170,26 @@ def _build_views(con: duckdb.DuckDBPyConnection, root: Path, skip_invalid: bool 
     con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _runs_arrow")
 
 
-def connect(root=None, sandbox: bool = True, skip_invalid: bool = False) -> duckdb.DuckDBPyConnection:
+def duckdb_threads(threads=None) -> int | None:
+    """Worker threads for a DuckDB connection: ``threads``, else ``$CHRONO_DUCKDB_THREADS``,
+    else None (DuckDB's own default: every core of the machine). Raises ThreadsError (a ValueError)
+    unless an int >= 1."""
+    src = "threads"
+    if threads is None:
+        threads, src = os.environ.get("CHRONO_DUCKDB_THREADS") or None, "$CHRONO_DUCKDB_THREADS"
+        if threads is None:
+            return None
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(threads, bool) or n < 1 or (isinstance(threads, float) and threads != n):
+        raise ThreadsError(f"{src} must be an integer >= 1 (DuckDB worker threads), got {threads!r}")
+    return n
+
+
+def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
+            threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """Read-only DuckDB connection with views ``runs routing tokens snapshots alerts
     decisions signals lifecycle`` over all runs under ``root``.
 
@@ -175,12 +198,16 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False) -> duck
     negative counts, unknown modes, non-finite metrics...; written by an older
     version or another tool) out of those views, and show them in views
     ``invalid_<table>`` instead (what the dashboard uses).
+    ``threads``: DuckDB worker threads (default ``$CHRONO_DUCKDB_THREADS``, else DuckDB's
+    default, one per core); ThreadsError (a ValueError) unless an int >= 1.
     """
     from .store import default_root
 
     root = Path(root if root is not None else default_root()).absolute()
+    n_threads = duckdb_threads(threads)
     con = duckdb.connect(":memory:")
-    con.execute("SET threads TO 2")
+    if n_threads is not None:
+        con.execute(f"SET threads TO {n_threads}")
     con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root, "
                 f"{bool(skip_invalid)} AS skip_invalid")
     _build_views(con, root, skip_invalid)
