@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -235,13 +236,17 @@ class _Buffer:
                 cols.append(_const_str(self.run_id, t.num_rows))
             elif f.name == "mode":
                 codes = t.column("mode").combine_chunks()
-                cols.append(pa.DictionaryArray.from_arrays(codes, _MODE_DICT).cast(pa.string()))
+                cols.append(pa.DictionaryArray.from_arrays(codes, _mode_dict()).cast(pa.string()))
             else:
                 cols.append(t.column(f.name))
         return pa.Table.from_arrays(cols, schema=schema)
 
 
-_MODE_DICT = pa.array(list(MODES))
+@functools.cache
+def _mode_dict() -> pa.Array:  # built on first use: pa.array imports pandas (CLI start-up, issue 17)
+    return pa.array(list(MODES))
+
+
 _MODE_CODE = {m: i for i, m in enumerate(MODES)}
 
 

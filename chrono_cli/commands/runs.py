@@ -53,15 +53,15 @@ ORDER BY r.updated_at DESC, r.run_id
 
 
 def cmd_runs(args) -> int:
-    import pyarrow as pa
-
     from chrono.health import OK, run_health
 
     con = _connect(args)
-    t = con.sql(RUNS_SQL).to_arrow_table()
+    rel = con.execute(RUNS_SQL)   # plain rows, not Arrow: pyarrow from Python objects imports pandas
+    cols = [d[0] for d in rel.description]
+    rows = rel.fetchall()
     health = run_health(con)
-    labels = [health[r].label() if r in health else OK for r in t.column("run_id").to_pylist()]
-    print_table(t.add_column(1, "health", pa.array(labels, pa.string())))
+    labels = [health[r[0]].label() if r[0] in health else OK for r in rows]
+    print_table((cols[:1] + ["health"] + cols[1:], [r[:1] + (h,) + r[1:] for r, h in zip(rows, labels)]))
     return 0
 
 
