@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from chrono_cli.common import UserError, plural, print_table, invocation, require_store
+from chrono_cli.common import UserError, invocation, plural, print_table, require_store
 
 
 def _root(args) -> Path:
