@@ -61,7 +61,7 @@ def instrument(model, run: str, root, flush_every: int = 50, model_info: dict | 
     cfg = dict(config or {})
     if model_info:
         cfg["workload"] = model_info
-    # a workload trains from step 0: an existing run with steps is refused (chrono.ledger), never appended to
+    # a workload trains from step 0: an existing run with steps is refused (chrono.store.ledger), never appended to
     return probes.attach(model, run=run, root=root, flush_every=flush_every, config=cfg, start_step=0)
 
 

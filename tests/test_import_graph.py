@@ -171,15 +171,10 @@ def module_circles(root: Path = REPO) -> list[list[str]]:
     return out
 
 
-# Circles another change of issue 17 removes (item 4 splits chrono/store.py); delete the entry
-# when it lands. Nothing else may be added here.
-PENDING_CIRCLES = [["chrono.ledger", "chrono.store"]]
-
-
 def test_no_module_import_circle():
     """No circle of imports between modules (also through imports inside functions)."""
     edges = module_edges()
-    bad = [c for c in module_circles() if c not in PENDING_CIRCLES]
+    bad = module_circles()
     detail = ["{}: {}".format(" <-> ".join(c), "; ".join(
         f"{a} -> {b} at {edges[a][b]}" for a in c for b in c if b in edges.get(a, {}))) for c in bad]
     assert not bad, "module import circles:\n" + "\n".join(detail)
