@@ -236,20 +236,14 @@ def summary(root, run: str, model_run: str | None, steps: int, model_steps: int,
     first = dict(con.execute(
         "SELECT alert, min(step) FROM alerts WHERE run_id = ? AND transition = 'raised' GROUP BY 1",
         [run]).fetchall())
-    final = con.execute(
-        "SELECT layer, round(neff, 2), round(top2_share, 3), dead FROM snapshots "
-        "WHERE run_id = ? AND layer >= 0 AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) "
-        "ORDER BY layer", [run, run]).fetchall()
+    final = _final_layers(con, run)
     print(f"\nrecorded run '{run}' ({steps} steps, {N_LAYERS} layers x {N_EXPERTS} experts) under {root}")
     for name in ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED"):
         print(f"  first {name:<19} at step {first.get(name, 'never')}")
     for layer, neff, top2, dead in final:
         print(f"  layer {layer}: final Neff {neff} of {N_EXPERTS}, Top2 {top2}, dead {dead}")
     if model_run is not None:
-        rows = con.execute(
-            "SELECT layer, round(neff, 2), round(top2_share, 3), dead FROM snapshots WHERE run_id = ? "
-            "AND layer >= 0 AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) ORDER BY layer",
-            [model_run, model_run]).fetchall()
+        rows = _final_layers(con, model_run)
         alerts = con.execute("SELECT count(*) FROM alerts WHERE run_id = ? AND transition = 'raised'",
                              [model_run]).fetchall()[0][0]
         print(f"\nrecorded run '{model_run}' (tiny HF Mixtral, {model_steps} steps on pydoc text, "
@@ -261,6 +255,15 @@ def summary(root, run: str, model_run: str | None, steps: int, model_steps: int,
     print("\nNeff = exp(entropy of the expert shares): 8 of 8 is perfectly even routing, 1 means one expert "
           "takes everything.\nTop2 = share of the two busiest experts; dead = experts that got no token "
           "in the last window.")
+
+
+def _final_layers(con, run: str) -> list[tuple]:
+    """(layer, Neff, Top-2 share, dead) of the run's latest snapshot, per layer (no global row)."""
+    from chrono.queries import LATEST_SNAPSHOTS_SQL
+
+    return con.execute("SELECT layer, round(neff, 2), round(top2_share, 3), dead "
+                       f"FROM ({LATEST_SNAPSHOTS_SQL}) WHERE layer >= 0 ORDER BY layer",
+                       {"run": run, "windows": 1}).fetchall()
 
 
 def hints(root, run: str) -> None:

@@ -40,23 +40,12 @@ def _connect(args):
 
 
 # ------------------------------------------------------------------ commands
-RUNS_SQL = """
-SELECT r.run_id, r.n_layers AS layers, r.n_experts AS experts, r.top_k, r.adapter,
-       s.steps, s.last_step, a.raised AS alerts_raised, r.updated_at
-FROM runs r
-LEFT JOIN (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS last_step
-           FROM routing GROUP BY run_id) s USING (run_id)
-LEFT JOIN (SELECT run_id, count(*) FILTER (WHERE transition = 'raised') AS raised
-           FROM alerts GROUP BY run_id) a USING (run_id)
-ORDER BY r.updated_at DESC, r.run_id
-"""
-
-
 def cmd_runs(args) -> int:
     from chrono.health import OK, run_health
+    from chrono.queries import RUNS_TABLE_SQL
 
     con = _connect(args)
-    rel = con.execute(RUNS_SQL)   # plain rows, not Arrow: pyarrow from Python objects imports pandas
+    rel = con.execute(RUNS_TABLE_SQL)   # plain rows, not Arrow: pyarrow from Python objects imports pandas
     cols = [d[0] for d in rel.description]
     rows = rel.fetchall()
     health = run_health(con)
@@ -94,6 +83,7 @@ def _model_line(model: dict) -> str:
 
 def cmd_show(args) -> int:
     from chrono.health import run_health
+    from chrono.queries import LATEST_SNAPSHOTS_SQL
     from chrono.schema import TABLES
     from chrono.store import read_manifest, require_run
 
@@ -132,9 +122,9 @@ def cmd_show(args) -> int:
     print(f"health   {health.label() if health else 'OK (no active alert)'}")
     latest = con.sql(
         "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
-        "round(top2_share, 3) AS top2_share, dead, nearly_dead FROM snapshots "
-        "WHERE run_id = ? AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) ORDER BY layer",
-        params=[args.run, args.run]).to_arrow_table()
+        "round(top2_share, 3) AS top2_share, dead, nearly_dead "
+        f"FROM ({LATEST_SNAPSHOTS_SQL}) ORDER BY layer",
+        params={"run": args.run, "windows": 1}).to_arrow_table()
     if latest.num_rows:
         print("\nlatest snapshot (layer -1: all layers):")
         print_table(latest)
