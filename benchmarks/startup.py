@@ -8,7 +8,10 @@ two identical arms is the noise floor). ``--before DIR`` adds the same two
 commands from another checkout (e.g. the tree before issue 17,
 ``chrono.cli``) as a competitor, read from the same store.
 
-Each arm is also run once with ``-X importtime`` to record which heavy packages
+Each run's CPU time (user + system, ``getrusage`` of the child) is recorded
+next to its wall time: on a loaded machine the wall time grows with the queue
+for a core while the CPU time stays near the idle wall time of a single-threaded
+start-up. Each arm is also run once with ``-X importtime`` to record which heavy packages
 it imports (pandas, pyarrow, duckdb, polars, torch, numpy).
 
     nice -n 10 python benchmarks/startup.py [--rounds 20] [--before /path/to/old/checkout]
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -84,14 +88,21 @@ def arms(store: Path, before: Path | None) -> dict[str, tuple[list[str], dict]]:
     return out
 
 
-def wall(cmd: list[str], env: dict) -> float:
+def wall(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one run of ``cmd``.
+
+    CPU time is what start-up costs without waiting for a core: on a loaded machine
+    it stays close to the idle wall time while the wall time grows with the load.
+    """
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=env["BENCH_CWD"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
     dt = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
-    return dt
+    return dt, (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
 
 
 def imports(cmd: list[str], env: dict) -> dict:
@@ -125,31 +136,38 @@ def main() -> None:
         for name, (cmd, env) in table.items():   # warm the file cache once, untimed
             wall(cmd, env)
         times: dict[str, list[float]] = {name: [] for name in table}
+        cpu: dict[str, list[float]] = {name: [] for name in table}
         rng = random.Random(args.seed)
         for _ in range(args.rounds):
             order = list(table)
             rng.shuffle(order)
             for name in order:
-                times[name].append(wall(*table[name]))
+                w, c = wall(*table[name])
+                times[name].append(w)
+                cpu[name].append(c)
         probe = {name: imports(*table[name]) for name in table}
     load_after = uptime()
 
     base = statistics.median(times["python -c pass"])
     results = {}
-    print(f"{'arm':<26} {'min s':>7} {'median s':>9} {'- pass s':>9}  heavy imports")
+    print(f"{'arm':<26} {'min s':>7} {'median s':>9} {'- pass s':>9} {'CPU med s':>10}  heavy imports")
     for name, ts in times.items():
         heavy = [h for h, on in probe[name]["imports"].items() if on]
         results[name] = {"min_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
                          "median_minus_pass_s": round(statistics.median(ts) - base, 4),
-                         "runs": len(ts), **probe[name]}
-        print(f"{name:<26} {min(ts):7.3f} {statistics.median(ts):9.3f} {statistics.median(ts) - base:9.3f}  "
-              f"{', '.join(heavy) or '-'}")
+                         "cpu_median_s": round(statistics.median(cpu[name]), 4),
+                         "cpu_min_s": round(min(cpu[name]), 4), "runs": len(ts), **probe[name]}
+        print(f"{name:<26} {min(ts):7.3f} {statistics.median(ts):9.3f} {statistics.median(ts) - base:9.3f} "
+              f"{statistics.median(cpu[name]):10.3f}  {', '.join(heavy) or '-'}")
     aa = statistics.median(times["python -c pass (A/A)"]) / base
     print(f"A/A control: median ratio of the two identical 'python -c pass' arms = {aa:.3f}")
     print(f"load: before {load_before}\n      after  {load_after}")
-    goals = {"chrono --help <= 0.15 s (median)": results["chrono --help"]["median_s"] <= 0.15,
+    # wall time is the goal on an idle machine; on a loaded one the CPU time is the closer estimate
+    goals = {"chrono --help <= 0.15 s (median wall)": results["chrono --help"]["median_s"] <= 0.15,
+             "chrono --help <= 0.15 s (median CPU)": results["chrono --help"]["cpu_median_s"] <= 0.15,
              "chrono --help imports no pandas": not results["chrono --help"]["imports"]["pandas"],
-             "chrono runs <= 0.35 s (median)": results["chrono runs"]["median_s"] <= 0.35}
+             "chrono runs <= 0.35 s (median wall)": results["chrono runs"]["median_s"] <= 0.35,
+             "chrono runs <= 0.35 s (median CPU)": results["chrono runs"]["cpu_median_s"] <= 0.35}
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
     if not args.no_write:
