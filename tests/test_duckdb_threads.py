@@ -5,10 +5,7 @@ import duckdb
 import pytest
 
 import chrono
-try:   # the CLI moves to chrono_cli (issue 17, h-layers); the lead keeps one import after the merge
-    from chrono_cli.main import main
-except ImportError:
-    from chrono.cli import main
+from chrono_cli.main import main
 from chrono.reader import ThreadsError
 
 

@@ -143,29 +143,6 @@ def list_runs(root) -> list[str]:
     return sorted(runs)
 
 
-def run_stamps(root, run_id: str, tables=None) -> tuple:
-    """Modification times (ns) of the run's manifest and table directories (None where missing).
-
-    ``tables`` defaults to every table. A new part is a rename into its table
-    directory, which moves that directory's mtime: live readers (dashboard,
-    exporter) compare stamps to notice new data with a few ``stat`` calls and
-    no listing.
-    """
-    if tables is None:
-        from ..schema import TABLES as tables
-    paths = [meta_dir(root, run_id) / MANIFEST] + [table_dir(root, t, run_id) for t in tables]
-    legacy = legacy_run_dir(root, run_id)
-    if legacy.is_dir():   # a store from before the hive layout (or a half-finished migrate)
-        paths += [legacy / MANIFEST] + [legacy / t for t in tables]
-    out = []
-    for p in paths:
-        try:
-            out.append(os.stat(p).st_mtime_ns)
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
 # ---------------------------------------------------------------- manifest files
 def read_manifest(path: Path) -> dict | None:
     """The manifest in metadata directory ``path``; None when it is missing or not JSON."""
@@ -231,4 +208,3 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
         tmp.write_bytes(data)
 
 
-_atomic_write_bytes = atomic_write_bytes   # the name chrono_cli/commands/migrate.py imports

@@ -86,7 +86,7 @@ def move_layout(root, run: str) -> int:
     import shutil
 
     from chrono.schema import TABLES
-    from chrono.store import (MANIFEST, PART_RE, PARTITION_KEY, StoreError, _atomic_write_bytes,
+    from chrono.store import (MANIFEST, PART_RE, PARTITION_KEY, StoreError, atomic_write_bytes,
                               legacy_run_dir, run_dir, table_dir)
     from chrono.store.locks import is_lock_name as is_lock, try_lock
 
@@ -103,7 +103,7 @@ def move_layout(root, run: str) -> int:
                 locks.append(lock)
         meta.mkdir(parents=True, exist_ok=True)
         if (legacy / MANIFEST).is_file() and not (meta / MANIFEST).is_file():
-            _atomic_write_bytes(meta / MANIFEST, (legacy / MANIFEST).read_bytes())
+            atomic_write_bytes(meta / MANIFEST, (legacy / MANIFEST).read_bytes())
         moved = 0
         for table in TABLES:
             src = legacy / table

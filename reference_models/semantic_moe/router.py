@@ -6,15 +6,14 @@ Follows chrono's native router protocol: ``chrono_router = True``, ``n_experts``
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .model import SemanticMoEConfig
+from .config import SemanticMoEConfig
 
 
 # ---------------------------------------------------------------- clustering (FAISS)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from chrono.lifecycle import LifecycleConfig, LifecyclePolicy, apply_proposals
 
-from .model import PRESETS, SemanticMoEConfig, SemanticMoELM
+from .config import PRESETS, SemanticMoEConfig
+from .model import SemanticMoELM
 
 
 @dataclass

@@ -11,7 +11,7 @@ from chrono.lifecycle import Proposal, apply_proposals
 from reference_models.corpus import byte_batches, split_bytes, text_bytes
 from reference_models.semantic_moe import (SemanticMoEConfig, SemanticMoELM, TrainingConfig,
                                            run_workload, spherical_kmeans, train)
-from reference_models.semantic_moe.model import PRESETS
+from reference_models.semantic_moe.config import PRESETS
 
 
 def quick_model(seed: int = 0, **kw) -> SemanticMoELM:
