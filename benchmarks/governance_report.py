@@ -57,7 +57,7 @@ def records(cache: Path, wls: dict, G, sel_seeds, heldout):
     baselines, candidates = G.BASELINES, G.CANDIDATES
     recs, runs = [], []
     for w in wls:
-        for name, c in [*candidates.items(), (G.REFERENCE, baselines[G.REFERENCE])]:
+        for name, c in [*((k, candidates[k]) for k in G.candidates_for(w)), (G.REFERENCE, baselines[G.REFERENCE])]:
             rs = G.load_cached(cache, w, name, sel_seeds)
             runs += rs
             recs.append(summarise(rs, w, name, c["family"], c["setting"], "selection", sel_seeds))
