@@ -138,22 +138,32 @@ def _sem(xs) -> float:
     return float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
 
 
+def eligibility(cache: Path, workload: str) -> dict[str, bool] | None:
+    """Round 2: {candidate: eligible} (mean selection val loss within one SE of the reference's),
+    or None until every selection run (candidates of both rounds and the reference) exists."""
+    n = len(_ACTIVE_SELECTION)
+    ref = [r["val_loss"] for r in load_cached(cache, workload, REFERENCE, _ACTIVE_SELECTION)]
+    runs = {c: load_cached(cache, workload, c, _ACTIVE_SELECTION) for c in candidates_for(workload)}
+    if len(ref) < n or any(len(rs) < n for rs in runs.values()):
+        return None
+    out = {}
+    for name, rs in runs.items():
+        loss = [r["val_loss"] for r in rs]
+        out[name] = bool(np.mean(loss) <= np.mean(ref) + np.sqrt(_sem(loss) ** 2 + _sem(ref) ** 2))
+    return out
+
+
 def select(cache: Path, workload: str) -> str | None:
     """Round 2's chosen candidate for ``workload`` by SELECTION_RULE_R2, or None until every
     selection run (candidates of both rounds and the reference) exists."""
-    n = len(_ACTIVE_SELECTION)
-    ref = load_cached(cache, workload, REFERENCE, _ACTIVE_SELECTION)
-    if len(ref) < n:
+    ok = eligibility(cache, workload)
+    if ok is None:
         return None
-    ref_loss = [r["val_loss"] for r in ref]
     scored = []
-    for name in candidates_for(workload):
+    for name, eligible in ok.items():
         rs = load_cached(cache, workload, name, _ACTIVE_SELECTION)
-        if len(rs) < n:
-            return None
-        loss = [r["val_loss"] for r in rs]
-        ok = np.mean(loss) <= np.mean(ref_loss) + np.sqrt(_sem(loss) ** 2 + _sem(ref_loss) ** 2)
-        scored.append((name, bool(ok), float(np.mean([min(r["final_neff"]) for r in rs])), float(np.mean(loss))))
+        scored.append((name, eligible, float(np.mean([min(r["final_neff"]) for r in rs])),
+                       float(np.mean([r["val_loss"] for r in rs]))))
     eligible = [c for c in scored if c[1]]
     return max(eligible, key=lambda c: c[2])[0] if eligible else min(scored, key=lambda c: c[3])[0]
 

@@ -62,6 +62,11 @@ def records(cache: Path, wls: dict, G, sel_seeds, heldout):
             runs += rs
             recs.append(summarise(rs, w, name, c["family"], c["setting"], "selection", sel_seeds))
         chosen, chosen1, cdir = G.select(cache, w), G.select_r1(cache, w), G.chrono_dir(cache, w)
+        ok = G.eligibility(cache, w) or {}
+        for r in recs:
+            if r["workload"] == w and r["split"] == "selection" and r["family"] == "chrono":
+                r.update(eligible_r2=ok.get(r["arm"]), chosen_r2=r["arm"] == chosen,
+                         chosen_r1=r["arm"] == chosen1)
         for arm, b in baselines.items():
             rs = G.load_cached(cache, w, arm, heldout)
             runs += rs
@@ -122,13 +127,17 @@ def _f(x, nd=3):
 def selection_markdown(recs: list[dict]) -> str:
     """The candidates on the selection seeds (what the choice of chrono's setting saw)."""
     lines = ["| workload | candidate | seeds | final Neff (mean of layers) | worst layer | val loss ± sem "
-             "| mean effort u | COLLAPSE_CONFIRMED runs |", "|---|---|---|---|---|---|---|---|"]
+             "| mean effort u | COLLAPSE_CONFIRMED runs | round 2: within 1 SE of aux0.1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         if r["split"] == "selection":
-            lines.append(f"| {r['workload']} | {r['arm']} | {','.join(map(str, r['seeds']))} | "
+            mark = " **(chosen, round 2)**" if r.get("chosen_r2") else ""
+            mark += " (chosen, round 1)" if r.get("chosen_r1") else ""
+            elig = {True: "yes", False: "no"}.get(r.get("eligible_r2"), "reference" if r["family"] != "chrono" else "–")
+            lines.append(f"| {r['workload']} | {r['arm']}{mark} | {','.join(map(str, r['seeds']))} | "
                          f"{_f(r['final_neff_mean'], 2)} | {_f(r['final_neff_worst_layer'], 2)} | "
                          f"{_f(r['val_loss_mean'], 4)} ± {_f(r['val_loss_sem'], 4)} | {_f(r['mean_effort'])} | "
-                         f"{r['collapse_confirmed_runs']} |")
+                         f"{r['collapse_confirmed_runs']} | {elig} |")
     return "\n".join(lines)
 
 
