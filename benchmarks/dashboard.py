@@ -111,7 +111,7 @@ def child(root: str, page: str) -> None:
     else:
         rng = con.execute(data.SNAPSHOT_RANGE_SQL, {"run": RUN}).df()
         lo, hi = int(rng["lo"][0]), int(rng["hi"][0])
-        con.execute(data.LATEST_SNAPSHOTS_SQL, {"run": RUN}).df()
+        con.execute(data.LATEST_SNAPSHOTS_SQL, {"run": RUN, "windows": 2}).df()
         con.execute(data.HEALTH_SQL, {"run": RUN, "lo": lo, "w": data.bin_width(lo, hi, data.LINE_POINTS)}).df()
         con.execute(data.ALERTS_SQL, {"run": RUN}).df()
     raw = time.perf_counter() - t

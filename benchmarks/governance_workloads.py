@@ -7,7 +7,8 @@
   config, offline; 2 layers, 8 experts, top-2, hidden 64) with its stock router and
   init, not built to collapse, trained on the same bytes.
 
-Both train on ``pydoc_data.topics`` (90/10 split, same batches per seed for every arm).
+Both train on the shared corpus ``reference_models.corpus`` (Python's ``pydoc_data.topics``,
+90/10 split, same batches per seed for every arm).
 Routing is counted by a forward hook on each router (appended after any chrono
 override, so it sees the experts really used), turned into snapshot rows every
 ``every`` steps (``chrono.snapshots.layer_rows``), fed to ``AlertTracker`` and, for
@@ -31,6 +32,7 @@ from chrono.controller import ControlConfig
 from chrono.governance import Governor
 from chrono.router_hooks import HookSet
 from chrono.snapshots import AlertTracker, layer_rows
+from reference_models.moe import mix_experts
 
 
 # ----------------------------------------------------------------- byte-moe model
@@ -78,11 +80,7 @@ class ByteMoE(nn.Module):
         B, S, d = x.shape
         flat = x.reshape(-1, d)
         _, w, idx = self.router(route_x.reshape(-1, d))
-        out = torch.zeros_like(flat)
-        for e in range(self.w1.shape[0]):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if tok.numel():
-                out.index_add_(0, tok, (F.gelu(flat[tok] @ self.w1[e]) @ self.w2[e]) * w[tok, slot, None])
+        out = mix_experts(flat, idx, w, lambda e, h: F.gelu(h @ self.w1[e]) @ self.w2[e], self.w1.shape[0])
         return out.reshape(B, S, d)
 
 
@@ -164,12 +162,10 @@ def workloads(quick: bool) -> dict[str, Workload]:
 
 
 def load_text() -> tuple[torch.Tensor, torch.Tensor]:
-    from pydoc_data.topics import topics
+    """(train, val) int64 byte tensors of the shared corpus (``reference_models.corpus``, 90/10)."""
+    from reference_models.corpus import split_bytes, text_bytes
 
-    data = "\n".join(topics[k] for k in sorted(topics)).encode("utf-8", errors="replace")
-    t = torch.tensor(list(data), dtype=torch.long)
-    cut = int(len(t) * 0.9)
-    return t[:cut], t[cut:]
+    return split_bytes(torch.from_numpy(text_bytes().astype(np.int64)))
 
 
 def batch(data: torch.Tensor, bs: int, seq: int, gen: torch.Generator):

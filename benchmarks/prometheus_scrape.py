@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import chrono  # noqa: E402
 from chrono.exporters import prometheus as P  # noqa: E402
+from chrono.follow import FRESH_SECONDS  # noqa: E402
 from chrono.snapshots import AlertTracker, layer_rows  # noqa: E402
 
 from _common import write_result  # noqa: E402
@@ -79,8 +80,10 @@ class StoreRun:
         self.window += 1
 
     def newest_mtime(self) -> float:
-        d = self.root / self.run
-        return max(os.stat(p).st_mtime for p in [d, *d.iterdir()])
+        """Newest mtime (s) of the run's manifest and table directories (hive layout)."""
+        from chrono.follow import Follower
+
+        return Follower(self.root).stamps()[self.run] / 1e9
 
 
 class LiveStandIn:
@@ -202,7 +205,7 @@ def main() -> int:
                 results[name] = time_scrapes(s.url, reps, before_each=run.add_window)
         with P.serve(str(run.root), port=0, run=run.run) as s:
             # the cache is trusted once the newest file is older than _FRESH_SECONDS: wait for that
-            wait = run.newest_mtime() + P._FRESH_SECONDS + 0.05 - time.time()
+            wait = run.newest_mtime() + FRESH_SECONDS + 0.05 - time.time()
             if wait > 0:
                 time.sleep(wait)
             results["store, unchanged"] = time_scrapes(s.url, reps)

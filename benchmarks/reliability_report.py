@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import chrono  # noqa: E402
 import chrono.store as store  # noqa: E402
+import chrono.store.writer as store_writer  # noqa: E402
 from benchmarks._common import write_result  # noqa: E402
 
 
@@ -75,11 +76,11 @@ def _storage_fault(kind, root):
     with chrono.open_run(root, "r", on_error="count") as w:
         patches = {
             "disk full (ENOSPC on write)": lambda: mock.patch.object(
-                store.pq, "write_table", side_effect=OSError(errno.ENOSPC, "No space left on device")),
+                store_writer.pq, "write_table", side_effect=OSError(errno.ENOSPC, "No space left on device")),
             "read-only file system (EROFS)": lambda: mock.patch.object(
-                store.pq, "write_table", side_effect=OSError(errno.EROFS, "Read-only file system")),
+                store_writer.pq, "write_table", side_effect=OSError(errno.EROFS, "Read-only file system")),
             "permission denied (EACCES on rename)": lambda: mock.patch.object(
-                store.os, "replace", side_effect=PermissionError(errno.EACCES, "Permission denied")),
+                store_writer.os, "replace", side_effect=PermissionError(errno.EACCES, "Permission denied")),
         }
         for step in range(6):
             try:

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from reference_models.common import byte_batches, fixed_val_batches, split_bytes, text_bytes
+from reference_models.corpus import byte_batches, fixed_val_batches, split_bytes, text_bytes
 from reference_models.semantic_moe import TrainingConfig, train
 
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import reference_models.var.var as var_mod  # noqa: E402
+import reference_models.var.cache as var_mod  # noqa: E402  (the cached tier: patched per arm)
+from reference_models.var.var import VARConfig  # noqa: E402
 from benchmarks._common import uptime, write_result  # noqa: E402
 
 SETTINGS = ((4, 1000), (4, 16000), (3, 4000), (1, 250))       # (context, cache size)
@@ -50,7 +51,7 @@ ARMS = {"loop": (loop_prefix_count_leq, var_mod.DENSE_LIMIT), "vectorised": (CUR
 
 def streams(stats, val, context: int, cache_size: int, n_batches: int = 16):
     """Per (batch, layer): the context keys of the tokens that miss the fast path."""
-    cfg = var_mod.VARConfig(context=context, cache_size=cache_size)
+    cfg = VARConfig(context=context, cache_size=cache_size)
     elig = stats.eligible(cfg)
     out = []
     for b in range(n_batches):

@@ -7,14 +7,14 @@ hook it added away. Each actuator reads one signal the policy computes
 (``lens_scale``, ``pressure`` or ``heat``) so no signal is computed and thrown
 away; ``forgetting`` is informational (logged only) in this version.
 
-Actuators that need the router's load count it themselves with a forward
-hook on the router (sync-free ``scatter_add_`` into a device buffer; read on
-the host only in ``act``/``on_step``). Routers follow the native protocol
-(``forward`` returns ``(logits, weights, indices[, dropped])``), as HF
-transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3 routers do;
-the bias and temperature actuators reach those through ``chrono.router_hooks``
-(no edit of the model). Every hook goes through a ``HookSet`` and ``remove()``
-leaves the model exactly as found.
+Actuators that need the router's load read it through a ``chrono.router_loads.
+LoadCursor`` (``loads=``): under ``chrono.govern(model, handle)`` the counts the probes
+handle already keeps; without one, a shared counting hook (``HookLoads``). Routers
+follow the native protocol (``forward`` returns ``(logits, weights, indices[,
+dropped])``), as HF transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3
+routers do; the bias and temperature actuators reach those through
+``chrono.router_hooks`` (no edit of the model). Every hook goes through a
+``chrono.hooks.HookRegistry`` and ``remove()`` leaves the model exactly as found.
 
 In ``setpoint`` mode (``ControlConfig.mode``) the bias, aux and temperature
 actuators use the PI effort u in [0, 1] (the decision's ``pressure`` column) as
@@ -28,12 +28,14 @@ from torch import nn
 
 from .controller import ControlDecision
 from .controller import policy
+from .hooks import HookRegistry
 from .lens import ChronoLens
-from .router_hooks import HookError, HookSet, InputTemperature, SelectionBias
+from .router_hooks import HookError, InputTemperature, SelectionBias, lens_pre_hook
+from .router_loads import HookLoads, LoadCursor, routed_indices
 
 __all__ = ["Actuator", "LensActuator", "InformedLensActuator", "RouterBiasActuator",
            "TemperatureActuator", "AuxLossActuator", "router_weight", "switch_aux_loss",
-           "drive", "ActuatorError"]
+           "switch_balance_loss", "drive", "ActuatorError"]
 
 
 class ActuatorError(ValueError):
@@ -52,25 +54,31 @@ def drive(decision: ControlDecision, pressure_ref: float) -> float:
     return policy.clip(decision.pressure / pressure_ref)
 
 
-def switch_aux_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch load-balancing loss E·Σ_i f_i·P_i (Fedus et al. 2021, arXiv:2101.03961, eq. 4).
+def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                        alpha: float = 1.0) -> torch.Tensor:
+    """Switch load-balancing loss α·E·Σ_i f_i·P_i (Fedus et al. 2021, arXiv:2101.03961, eq. 4);
+    the one implementation every chrono actuator and reference model trains with.
 
-    logits [T, E] (any float dtype), indices [T, k] int (the experts really chosen);
-    f_i = share of the T·k assignments sent to expert i (no gradient), P_i = mean
-    softmax probability of expert i. Returns a float32 scalar; 1.0 when perfectly balanced.
+    probs [T, E] float: the router's probability of each expert per token (with graph: the
+    gradient flows through P only); indices [T, k] int in [0, E): the experts really chosen
+    (pass ``indices[:, :1]`` for the paper's top-1 f). f_i = share of the T·k assignments sent
+    to expert i (no gradient), P_i = mean probability of expert i over the T tokens. Returns a
+    scalar of ``probs``' dtype; α when perfectly balanced, α·E when one expert takes every
+    assignment with probability 1.
     """
     E = int(n_experts)
     idx = indices.reshape(-1).long()
-    f = torch.zeros(E, device=logits.device).scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+    f = torch.zeros(E, device=probs.device).scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
     f = f / max(1, idx.numel())
-    p = torch.softmax(logits.reshape(-1, E).float(), dim=-1).mean(0)
-    return E * (f.detach() * p).sum()
+    p = probs.reshape(-1, E).mean(0)
+    return (alpha * E) * (f.detach() * p).sum()
 
 
-def _indices(output):
-    if isinstance(output, (tuple, list)) and len(output) >= 3:
-        return output[2]
-    raise ActuatorError("router output is not (logits, weights, indices[, dropped])")
+def switch_aux_loss(logits: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """``switch_balance_loss`` of ``softmax(logits)``: logits [T, E] (any float dtype, taken
+    as float32), indices [T, k]. Returns a float32 scalar; 1.0 when perfectly balanced."""
+    E = int(n_experts)
+    return switch_balance_loss(torch.softmax(logits.reshape(-1, E).float(), dim=-1), indices, E)
 
 
 def router_weight(router: nn.Module, n_experts: int) -> torch.Tensor:
@@ -84,32 +92,10 @@ def router_weight(router: nn.Module, n_experts: int) -> torch.Tensor:
     raise ActuatorError(f"router {type(router).__name__} has no [n_experts={n_experts}, d] weight")
 
 
-class _LoadCounter:
-    """Counts (token, k) assignments per expert with a forward hook, on the router's device."""
-
-    def __init__(self, router: nn.Module, n_experts: int):
-        self.n_experts = int(n_experts)
-        self.counts: torch.Tensor | None = None
-        self.hooks = HookSet()
-        self.hooks.forward(router, self._hook)
-
-    def _hook(self, module, args, output):
-        idx = _indices(output).detach().reshape(-1)
-        if self.counts is None or self.counts.device != idx.device:
-            self.counts = torch.zeros(self.n_experts, dtype=torch.int64, device=idx.device)
-        self.counts.scatter_add_(0, idx.long(), torch.ones_like(idx, dtype=torch.int64))
-        return None  # a hook that returns a value would replace the router's output
-
-    def take(self) -> torch.Tensor:
-        """Counts since the last take (float on the counter's device), then reset."""
-        if self.counts is None:
-            return torch.zeros(self.n_experts)
-        c = self.counts.to(torch.float32)
-        self.counts.zero_()
-        return c
-
-    def remove(self):
-        self.hooks.remove()
+def _own_loads(router: nn.Module, n_experts: int):
+    """A cursor on a counting hook of the actuator's own (no probes handle given)."""
+    own = HookLoads({0: (router, int(n_experts))})
+    return own.load_cursor(0), own
 
 
 class Actuator:
@@ -156,14 +142,9 @@ class LensActuator(Actuator):
             if p is not None:
                 lens.to(p.device)
         self.lens = lens
-        self.hooks = HookSet()
+        self.hooks = HookRegistry()
         if hook:
-            self.hooks.pre(router, self._pre)
-
-    def _pre(self, module, args):
-        if not args:
-            return None
-        return (self.lens(args[0]),) + tuple(args[1:])
+            self.hooks.pre(router, lens_pre_hook(lens))
 
     def act(self, decision: ControlDecision) -> None:
         self.last_value = decision.lens_scale
@@ -186,18 +167,26 @@ class InformedLensActuator(Actuator):
     (a rank-1, norm-gated version); it only touches the router input, never
     the experts' input. Source of the geometry: the router is a linear map, see
     e.g. Fedus et al. 2021 (Switch Transformer) §2.1.
+
+    ``loads``: a ``LoadCursor`` over this router (the probes handle's counts under
+    ``chrono.govern``); None: a counting hook of its own. The shares are those of
+    the assignments since the previous ``act``.
     """
 
     name = "informed-lens"
 
-    def __init__(self, router: nn.Module, layer: int, n_experts: int, gain: float = 1.0):
+    def __init__(self, router: nn.Module, layer: int, n_experts: int, gain: float = 1.0,
+                 loads: LoadCursor | None = None):
         super().__init__(layer)
         self.router, self.n_experts, self.gain = router, int(n_experts), float(gain)
-        self.counter = _LoadCounter(router, n_experts)
         w = router_weight(router, self.n_experts)
         self.direction = torch.zeros(w.shape[1], device=w.device, dtype=torch.float32)
         self.scale = 0.0
-        self.hooks = HookSet()
+        self.hooks = HookRegistry()
+        if loads is None:
+            loads, own = _own_loads(router, n_experts)
+            self.hooks.adopt(own)
+        self.loads = loads
         self.hooks.pre(router, self._pre)
 
     def _pre(self, module, args):
@@ -210,7 +199,7 @@ class InformedLensActuator(Actuator):
 
     @torch.no_grad()
     def act(self, decision: ControlDecision) -> None:
-        counts = self.counter.take()
+        counts = self.loads.take()
         total = float(counts.sum())
         self.scale = 0.0 if decision.abstain else decision.lens_scale * self.gain
         self.last_value = self.scale
@@ -228,7 +217,6 @@ class InformedLensActuator(Actuator):
 
     def remove(self) -> None:
         self.hooks.remove()
-        self.counter.remove()
 
 
 def _native_bias(router: nn.Module):
@@ -259,13 +247,19 @@ class RouterBiasActuator(Actuator):
     ``True`` makes the rate ``u·drive(decision)`` (faithful: clip(pressure /
     pressure_ref); setpoint: the PI effort), so balancing is spent only while
     and where the controller asks for it.
+
+    ``loads``: a ``LoadCursor`` over this router (the probes handle's counts under
+    ``chrono.govern``); None: a counting hook of its own, installed after the override
+    so it sees the choice the bias made. The load of a step is that since the previous
+    ``on_step``.
     """
 
     name = "bias"
     signal = "pressure"
 
     def __init__(self, router: nn.Module, layer: int, n_experts: int, rate: float = 1e-3,
-                 pressure_scaled: bool = True, pressure_ref: float = 0.1, keep_bias: bool = False):
+                 pressure_scaled: bool = True, pressure_ref: float = 0.1, keep_bias: bool = False,
+                 loads: LoadCursor | None = None):
         super().__init__(layer)
         self.n_experts = int(n_experts)
         bias = _native_bias(router)
@@ -279,7 +273,10 @@ class RouterBiasActuator(Actuator):
         self.bias = bias
         self._saved = None if (keep_bias or self._override is not None) else bias.detach().clone()
         self.rate, self.pressure_scaled, self.pressure_ref = float(rate), pressure_scaled, pressure_ref
-        self.counter = _LoadCounter(router, n_experts)   # appended after the override: sees its choice
+        self._own = None
+        if loads is None:
+            loads, self._own = _own_loads(router, n_experts)
+        self.loads = loads
         self.current_rate = 0.0 if pressure_scaled else self.rate
 
     @torch.no_grad()
@@ -296,7 +293,7 @@ class RouterBiasActuator(Actuator):
 
     @torch.no_grad()
     def on_step(self) -> None:
-        load = self.counter.take().to(self.bias.device)
+        load = self.loads.take().to(self.bias.device)
         if self.current_rate == 0.0:
             return
         # no host sync: a step without traffic has load == mean == 0, so sign() adds nothing
@@ -306,7 +303,8 @@ class RouterBiasActuator(Actuator):
 
     @torch.no_grad()
     def remove(self) -> None:
-        self.counter.remove()
+        if self._own is not None:
+            self._own.remove()
         if self._override is not None:
             self._override.remove()
         elif self._saved is not None:
@@ -382,13 +380,13 @@ class AuxLossActuator(Actuator):
         self.alpha = alpha_min
         self.n_experts = n_experts
         self._aux: list[torch.Tensor] = []
-        self.hooks = HookSet()
+        self.hooks = HookRegistry()
         if capture and router is not None and n_experts is not None:
             self.hooks.forward(router, self._capture)
 
     def _capture(self, module, args, output):
         if torch.is_grad_enabled():
-            self._aux.append(switch_aux_loss(output[0], _indices(output), self.n_experts))
+            self._aux.append(switch_aux_loss(output[0], routed_indices(output), self.n_experts))
         return None
 
     def act(self, decision: ControlDecision) -> None:

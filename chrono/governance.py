@@ -12,20 +12,48 @@ actuator of that layer applies the decision, and the decisions are logged to
 the store (``h.record_decisions``) and mirrored to ``control_decisions.jsonl``
 in the run directory. The policy config goes to ``control_config.json`` there,
 so ``chrono replay RUN`` can re-derive every decision from the snapshots.
+
+What ``govern`` needs from the handle is the ``GovernedHandle`` protocol (a probes
+``Handle`` satisfies it; chrono never imports probes). A handle that is also a
+``chrono.router_loads.RouterLoads`` hands the bias and informed-lens actuators the
+router loads it already counts (no counting hook of theirs), and one with a ``hooks``
+registry (``chrono.hooks.HookRegistry``) unwinds the governor with its own hooks at detach.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from torch import nn
 
 from .actuators import (Actuator, ActuatorError, AuxLossActuator, InformedLensActuator,
                         LensActuator, RouterBiasActuator, TemperatureActuator)
 from .controller import CONFIG_NAME, JSONL_NAME, ControlConfig, ControlDecision, Controller
+from .hooks import HookRegistry
+from .router_loads import HookLoads, RouterLoads
 
 ACTUATORS = ("lens", "informed-lens", "bias", "temperature", "aux")
+NEEDS_LOAD = ("informed-lens", "bias")   # actuators that read a LoadCursor
+
+
+class GovernedHandle(Protocol):
+    """What ``govern`` uses of a probes ``Handle`` (tests use a fake one).
+
+    ``routers``: objects or dicts with ``layer``, ``name`` (dotted module path) and
+    ``n_experts``; ``run_id``; ``writer`` (optional: the store writer, whose ``path`` and
+    ``rank`` say where decisions are mirrored); ``on_snapshot(fn)`` registers
+    ``fn(step, rows, handle)``; ``record_decisions(rows)`` logs DECISIONS rows. Optional:
+    ``load_cursor(layer)`` (``RouterLoads``) and ``hooks`` (``HookRegistry``).
+    """
+
+    routers: list
+    run_id: str
+
+    def on_snapshot(self, fn): ...
+
+    def record_decisions(self, rows: list[dict]) -> None: ...
 
 
 def _site(site, key):
@@ -33,17 +61,19 @@ def _site(site, key):
 
 
 def build_actuators(name: str, router: nn.Module, layer: int, n_experts: int,
-                    lens: nn.Module | None = None, **kw) -> Actuator:
+                    lens: nn.Module | None = None, loads=None, **kw) -> Actuator:
     """One actuator by name for one router (kwargs go to its constructor).
 
+    ``loads``: a ``chrono.router_loads.LoadCursor`` over this router for the actuators
+    in ``NEEDS_LOAD`` (None: they count with a hook of their own).
     Raises ActuatorError for an unknown name or a router the actuator cannot steer.
     """
     if name == "lens":
         return LensActuator(router, layer, lens=lens, hook=lens is None, n_experts=n_experts, **kw)
     if name == "informed-lens":
-        return InformedLensActuator(router, layer, n_experts, **kw)
+        return InformedLensActuator(router, layer, n_experts, loads=loads, **kw)
     if name == "bias":
-        return RouterBiasActuator(router, layer, n_experts, **kw)
+        return RouterBiasActuator(router, layer, n_experts, loads=loads, **kw)
     if name == "temperature":
         return TemperatureActuator(router, layer, **kw)
     if name == "aux":
@@ -58,11 +88,17 @@ class Governor:
     decisions say who consumed them and which signals were informational.
     Set-up is all or nothing: if any actuator cannot be built (ActuatorError),
     the ones already installed are removed before the error propagates.
+
+    ``loads``: where load-reading actuators get router loads (``RouterLoads``, e.g. a
+    probes handle); None: one shared counting hook per router (``HookLoads``).
+    ``hooks``: a registry that adopts the governor, so its ``remove()`` (a probes
+    handle's detach) removes the governor too.
     """
 
     def __init__(self, routers: dict[int, tuple[nn.Module, int]], actuators=("informed-lens",),
                  config: ControlConfig | None = None, lenses: dict | None = None,
-                 actuator_kwargs: dict | None = None, run_dir: Path | None = None):
+                 actuator_kwargs: dict | None = None, run_dir: Path | None = None,
+                 loads: RouterLoads | None = None, hooks: HookRegistry | None = None):
         names = (actuators,) if isinstance(actuators, str) else tuple(actuators)
         if not names:
             raise ActuatorError("give at least one actuator")
@@ -73,14 +109,19 @@ class Governor:
         layers = sorted(routers)
         self.controller = Controller(len(layers), {l: routers[l][1] for l in layers}, config)
         self.actuators: dict[int, list[Actuator]] = {}
+        self._own_loads = None
+        if loads is None and any(a in NEEDS_LOAD for a in names):
+            loads = self._own_loads = HookLoads(routers)
         kw = actuator_kwargs or {}
+        self._parent = None
         try:
             for l in layers:
                 router, n = routers[l]
                 self.actuators[l] = []
                 for a in names:
+                    cursor = loads.load_cursor(l) if a in NEEDS_LOAD else None
                     self.actuators[l].append(build_actuators(a, router, l, n, lens=(lenses or {}).get(l),
-                                                             **kw.get(a, {})))
+                                                             loads=cursor, **kw.get(a, {})))
         except BaseException:
             self.remove()
             raise
@@ -91,6 +132,9 @@ class Governor:
         self.decisions: list[ControlDecision] = []
         if self.run_dir is not None:
             (self.run_dir / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+        if hooks is not None:   # the handle's detach removes the governor too
+            hooks.adopt(self)
+            self._parent = hooks
 
     def observe(self, step: int, rows: list[dict]) -> list[ControlDecision]:
         """Decide for one snapshot window and apply every decision."""
@@ -132,6 +176,11 @@ class Governor:
             for a in reversed(acts):
                 a.remove()
         self.actuators = {}
+        if self._own_loads is not None:
+            self._own_loads.remove()
+        if self._parent is not None:
+            self._parent.release(self)
+            self._parent = None
 
 
 def _discard_if_empty(handle) -> None:
@@ -160,9 +209,13 @@ def _discard_if_empty(handle) -> None:
     delete_run(root, run)
 
 
-def govern(model: nn.Module, handle, actuators=("informed-lens",), config: ControlConfig | None = None,
-           lenses: dict | None = None, actuator_kwargs: dict | None = None) -> Governor:
+def govern(model: nn.Module, handle: GovernedHandle, actuators=("informed-lens",),
+           config: ControlConfig | None = None, lenses: dict | None = None,
+           actuator_kwargs: dict | None = None) -> Governor:
     """Attach a governor to ``handle`` (a probes Handle) for every router it found in ``model``.
+
+    The actuators read router loads from the handle when it offers them (``load_cursor``),
+    and the handle's detach removes the governor when it has a ``hooks`` registry.
 
     ``actuators``: names from ``ACTUATORS``; ``config``: e.g.
     ``ControlConfig(mode="setpoint", neff_target=0.8)`` (default: the faithful policy).
@@ -182,7 +235,9 @@ def govern(model: nn.Module, handle, actuators=("informed-lens",), config: Contr
     if not isinstance(run_dir, (str, Path)) or not Path(run_dir).is_dir():
         run_dir = None   # telemetry is off (probes' null writer): decisions stay in memory only
     try:
-        gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir)
+        loads = handle if isinstance(handle, RouterLoads) else None
+        gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir, loads=loads,
+                       hooks=getattr(handle, "hooks", None))
     except BaseException:
         _discard_if_empty(handle)
         raise

@@ -14,6 +14,7 @@ them so a long-lived reader (dashboard, exporter) sees parts written since.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
 from .store import StoreError, list_runs, part_columns, part_files, run_manifest
+from .store.catalog import CACHE_PARTS, file_version
 from .rules import invalid_sql
 
 RUNS_SCHEMA = pa.schema([
@@ -95,38 +97,31 @@ def runs_table(root) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
-_scanned: dict[tuple, bool] = {}
-
-
 def part_has_invalid_rows(path: str, table: str) -> bool:
     """Whether a part of ``table`` holds a row the write API would refuse (``chrono.rules``).
 
-    Parts are immutable, so each is scanned once (the columns the rules read) and the answer
-    cached by (path, size, mtime); a part that cannot be scanned counts as suspect.
+    Parts are immutable, so each file version is scanned once (the columns the rules
+    read) and the answer kept in an LRU cache keyed like the store's footer cache
+    (``chrono.store.catalog.file_version``); a part that cannot be scanned counts as suspect.
     """
+    version = file_version(path)
+    return True if version is None else _scan_invalid(path, table, version)
+
+
+@functools.lru_cache(maxsize=CACHE_PARTS)
+def _scan_invalid(path: str, table: str, version: tuple) -> bool:
     import pyarrow.parquet as pq
 
     from .rules import invalid_mask
 
     try:
-        st = os.stat(path)
-    except OSError:
+        with pq.ParquetFile(path) as f:
+            cols = [c for c in f.schema_arrow.names if c in TABLES[table].names and c != "run_id"
+                    and not _stats_prove_valid(f.metadata, table, c)]
+            t = f.read(columns=cols) if cols else None
+        return t is not None and bool(invalid_mask(table, t)[0].any())
+    except Exception:
         return True
-    key = (path, table, st.st_size, st.st_mtime_ns)
-    hit = _scanned.get(key)
-    if hit is None:
-        try:
-            with pq.ParquetFile(path) as f:
-                cols = [c for c in f.schema_arrow.names if c in TABLES[table].names and c != "run_id"
-                        and not _stats_prove_valid(f.metadata, table, c)]
-                t = f.read(columns=cols) if cols else None
-            hit = t is not None and bool(invalid_mask(table, t)[0].any())
-        except Exception:
-            hit = True
-        if len(_scanned) > 200_000:
-            _scanned.clear()
-        _scanned[key] = hit
-    return hit
 
 
 def _stats_prove_valid(md, table: str, column: str) -> bool:
@@ -271,10 +266,10 @@ def read(root, table: str, run: str | None = None):
     """The same rows as the DuckDB view ``table``, as a ``polars.LazyFrame``."""
     import polars as pl
 
+    if table == "runs":   # before table_schema, which refuses it as an unknown table
+        raise StoreError("use chrono.connect(root) for the runs view")
     schema = table_schema(table)
     pl_schema = pl.from_arrow(schema.empty_table()).schema
-    if table == "runs":
-        raise StoreError("use chrono.connect(root) for the runs view")
     files = part_files(root, table, run)
     if not files:
         return pl.LazyFrame(schema=pl_schema)

@@ -1,8 +1,9 @@
 """Hooks that change what a router decides, on routers we may not edit (HF transformers).
 
-Everything is installed through ``HookSet`` (one owner's hooks, removed in
-reverse order by ``remove()``), the one place a later hook registry can take
-over. Two overrides, both exact no-ops until switched on:
+Everything is installed through a ``chrono.hooks.HookRegistry`` (``HookSet`` is its
+old name): one owner's hooks, removed last first by ``remove()``, optionally nested
+under a probes handle's registry so that detach unwinds them too. Two overrides,
+both exact no-ops until switched on:
 
 * ``SelectionBias``: loss-free balancing on routers that own no bias tensor. A
   forward hook, *prepended* so probes and load counters see the decision the
@@ -26,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hooks import HookRegistry
+
 # class name -> when top-k weights are renormalised: "always" or the name of a bool attribute
 SOFTMAX_TOPK = {
     "MixtralTopKRouter": "always",
@@ -48,28 +51,20 @@ def family(router: nn.Module, known=LINEAR_ROUTERS) -> str | None:
     return None
 
 
-class HookSet:
-    """The hooks one owner installed; ``remove()`` takes them away, last first. Idempotent."""
+HookSet = HookRegistry   # the name benchmarks and earlier code use
 
-    def __init__(self):
-        self._handles: list = []
 
-    def forward(self, module: nn.Module, fn, prepend: bool = False):
-        h = module.register_forward_hook(fn, prepend=prepend)
-        self._handles.append(h)
-        return h
+def lens_pre_hook(lens: nn.Module):
+    """Forward pre-hook applying ``lens`` to a router's first positional input (x -> lens(x)).
 
-    def pre(self, module: nn.Module, fn, prepend: bool = False):
-        h = module.register_forward_pre_hook(fn, prepend=prepend)
-        self._handles.append(h)
-        return h
-
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    def __len__(self) -> int:
-        return len(self._handles)
+    The one place a lens meets a router: ``probes.attach(lenses=...)`` and
+    ``chrono.actuators.LensActuator`` both install this.
+    """
+    def apply_lens(module, args):
+        if not args:
+            return None
+        return (lens(args[0]),) + tuple(args[1:])
+    return apply_lens
 
 
 class SelectionBias:
@@ -91,7 +86,7 @@ class SelectionBias:
         device = w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
         self.bias = torch.zeros(int(n_experts), dtype=torch.float32, device=device)
         self.active = False
-        self.hooks = HookSet()
+        self.hooks = HookRegistry()
         self.hooks.forward(router, self._hook, prepend=True)
 
     def set_active(self, on: bool) -> None:
@@ -124,7 +119,7 @@ class InputTemperature:
             raise HookError(f"router {type(router).__name__} has no known linear logits for a "
                             f"temperature (known: {', '.join(LINEAR_ROUTERS)})")
         self.temperature = 1.0
-        self.hooks = HookSet()
+        self.hooks = HookRegistry()
         self.hooks.pre(router, self._pre)
 
     def _pre(self, module, args):

@@ -63,6 +63,14 @@ class AlertRule:
 RULES = (AlertRule("PRE_COLLAPSE", PRE_PERSIST, _pre_collapse),
          AlertRule("COLLAPSE_CONFIRMED", CONFIRMED_PERSIST, _collapse_confirmed))
 
+# Each rule in words, from the constants above (what pages and help texts print).
+RULE_TEXT = {
+    "PRE_COLLAPSE": f"Neff < {PRE_NEFF_FRACTION:g}·n or Top-2 > {PRE_TOP2:g} "
+                    f"for {PRE_PERSIST} consecutive snapshots",
+    "COLLAPSE_CONFIRMED": f"≥ 1 dead expert and Top-2 > {CONFIRMED_TOP2:g} "
+                          f"for {CONFIRMED_PERSIST} consecutive snapshots",
+}
+
 
 def window_bounds(step: int, every: int) -> tuple[int, int]:
     """Window ``[start, end]`` of K=every steps containing ``step``."""
@@ -191,8 +199,31 @@ class AlertTracker:
         self._layers: dict[int, _LayerState] = {}
 
     def active(self) -> dict[int, set[str]]:
+        """``{layer: {alert, ...}}`` raised and not cleared since (layers without one left out)."""
         return {l: {k for k, v in s.active.items() if v} for l, s in self._layers.items()
                 if any(s.active.values())}
+
+    @classmethod
+    def from_transitions(cls, transitions) -> "AlertTracker":
+        """A tracker whose ``active()`` is what the stored ``transitions`` left raised.
+
+        ``transitions``: alerts-table rows (dicts with step, layer, alert,
+        transition) or ``(step, layer, alert, transition)`` tuples, any order;
+        identical rows (ranks repeat them) count once. Applied in (step, layer,
+        alert, transition) order, so the last transition of each (layer, alert)
+        decides. Persistence counters are not stored and restart at 0: a
+        restored tracker raises an inactive alert again only after ``persist``
+        more windows, and clears an active one at the first healthy window.
+        """
+        rows = {(int(t["step"]), int(t["layer"]), str(t["alert"]), str(t["transition"]))
+                if isinstance(t, dict) else (int(t[0]), int(t[1]), str(t[2]), str(t[3]))
+                for t in transitions}
+        tracker = cls()
+        for _step, layer, alert, kind in sorted(rows):
+            state = tracker._layers.setdefault(layer, _LayerState())
+            if alert in state.active:
+                state.active[alert] = kind == "raised"
+        return tracker
 
     def update(self, rows: list[dict]) -> list[dict]:
         by_layer = {r["layer"]: r for r in rows if r["layer"] != GLOBAL_LAYER}

@@ -31,10 +31,11 @@ import re
 
 import numpy as np
 
+from .arguments import Call, as_array, as_floats, as_ints, broadcast, check_mode, no_bool, scalar_int
 from .declared import Layout
 from .rules import ENUMS, INT_MAX as _INT_MAX, LOSS_NAME_RE, MAX_COUNT, UNIT_SIGNALS, InvalidInputError, \
     bounds, finite_required
-from .schema import COLUMN_DEFAULTS, MODES, TABLES
+from .schema import COLUMN_DEFAULTS, TABLES
 
 log = logging.getLogger("chrono.store")
 
@@ -42,156 +43,30 @@ MAX_NAME_LEN = 256
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-# ============================================================== the write side
-def _raw(v):
-    try:
-        a = np.asarray(v)
-        return a if a.dtype.kind in "iufb" else None
-    except Exception:
-        return None
-
-
-def _fmt(x) -> str:
-    x = x.item() if isinstance(x, np.generic) else x
-    if isinstance(x, float) and x.is_integer() and abs(x) < 2 ** 63:
-        return str(int(x))
-    return repr(x)
-
-
-class _Call:
-    """Names the run, the method and (once known) the step and layer of each row in errors."""
-
-    def __init__(self, w, method: str):
-        self.run, self.method = getattr(w, "run_id", "?"), method
-        self.steps = self.layers = None
-
-    def where(self, row: int | None):
-        def pick(a):
-            if a is None or row is None or not np.size(a):
-                return "?"
-            return _fmt(np.ravel(a)[min(row, np.size(a) - 1)])
-        return pick(self.steps), pick(self.layers)
-
-    def known(self, step, layer) -> None:
-        """Name these (raw, not yet checked) step and layer values in errors until checked ones are set."""
-        self.steps, self.layers = _raw(step), _raw(layer)
-
-    def fail(self, arg: str, problem: str, row: int | None = 0):
-        step, layer = self.where(row)
-        raise InvalidInputError(f"run {self.run!r}: {self.method} refused at step {step}, layer {layer}: "
-                                f"{arg} {problem}; nothing was written")
-
-
-def _array(call: _Call, name: str, value, shape=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``value`` as a numeric array (+ its null mask for masked arrays); refuses non-numbers."""
-    mask = None
-    if np.ma.isMaskedArray(value):
-        mask = np.ma.getmaskarray(value)
-        value = np.ma.getdata(value)
-    try:
-        a = np.asarray(value)
-    except Exception as e:
-        call.fail(name, f"cannot be read as numbers ({type(e).__name__}: {str(e)[:80]})")
-    if a.dtype.kind not in "iuf":
-        what = {"b": "booleans", "O": "objects (mixed types, None, or integers beyond int64)",
-                "U": "strings", "S": "bytes", "c": "complex numbers"}.get(a.dtype.kind, f"{a.dtype}")
-        if a.size or a.dtype.kind in "bUSc":
-            call.fail(name, f"must be real numbers, got {what}")
-        a = a.astype(np.float64)   # an empty list: no values to check
-    if shape is not None and a.shape != shape:
-        call.fail(name, f"has shape {a.shape}, expected {shape} (the shape of counts)")
-    return a, mask
-
-
-def _ints(call: _Call, name: str, value, lo: int, hi: int, per: int = 1, shape=None) -> np.ndarray:
-    """``value`` as an integer array after checking every element is an integer in [lo, hi].
-
-    Reductions first (min / max / all), element masks only to name a failure: the
-    check costs a few passes over the data and no copy for integer input.
-    """
-    a, mask = _array(call, name, value, shape)
-    if mask is not None and mask.any():
-        call.fail(name, "has missing (masked) values", int(np.argmax(mask.ravel())) // per)
-    flat = a.reshape(-1)
-    if not flat.size:
-        return a.astype(np.int64)
-    kind = a.dtype.kind
-    if kind == "f":
-        if not np.isfinite(flat).all():
-            i = int(np.argmax(~np.isfinite(flat)))
-            call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not finite", i // per)
-        if (np.floor(flat) != flat).any():
-            i = int(np.argmax(np.floor(flat) != flat))
-            call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not an integer", i // per)
-    info = np.iinfo(a.dtype) if kind in "iu" else None   # the dtype's own range may make a side moot
-    mn = flat.min() if info is None or info.min < lo else lo
-    mx = flat.max() if info is None or info.max > hi else hi
-    if mn < lo or mx > hi or (kind == "f" and mx >= 2.0 ** 63):
-        i = int(np.argmax(flat < lo)) if mn < lo else int(np.argmax(flat == mx))
-        rule = f"must be >= {lo}" if mn < lo else f"must be <= {hi}"
-        call.fail(_at(name, a, i), f"= {_fmt(flat[i])} out of range ({rule})", i // per)
-    return a if kind in "iu" and a.dtype != np.uint64 else a.astype(np.int64)
-
-
-def _at(name: str, a: np.ndarray, i: int) -> str:
-    if a.ndim == 0:
-        return name
-    return f"{name}[{', '.join(str(int(x)) for x in np.unravel_index(i, a.shape))}]"
-
-
-def _floats(call: _Call, name: str, value, shape=None, finite: bool = True, per: int = 1) -> np.ndarray:
-    a, mask = _array(call, name, value, shape)
-    if finite and not np.isfinite(a).all():
-        flat = a.reshape(-1)
-        i = int(np.argmax(~np.isfinite(flat)))
-        call.fail(_at(name, a, i), f"= {_fmt(flat[i])} is not finite", i // per)
-    return a if a.dtype.kind == "f" else a.astype(np.float64)
-
-
-def _scalar_int(call: _Call, name: str, value, lo: int = 0, hi: int = _INT_MAX[64]) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        call.fail(name, f"must be an integer, got {value!r}")
-    a = _ints(call, name, value, lo, hi)
-    if a.ndim != 0:
-        call.fail(name, f"must be a single integer, got shape {a.shape}")
-    return int(a)
-
-
-def _mode(call: _Call, mode) -> None:
-    if not isinstance(mode, str) or mode not in MODES:
-        call.fail("mode", f"{mode!r} is not one of {', '.join(MODES)}")
-
-
-def _broadcast(call: _Call, name: str, a: np.ndarray, shape: tuple) -> np.ndarray:
-    try:
-        return np.broadcast_to(a, shape)
-    except ValueError:
-        call.fail(name, f"has shape {a.shape}, which does not broadcast to counts' leading shape {shape}")
-
-
+# ============================================================== the checks, one per write method
 def check_routing(w, step, layer, counts, mode, weight_sum, rank, dropped, expert_offset) -> dict:
-    call = _Call(w, "log_routing")
+    call = Call(w, "log_routing")
     call.known(step, layer)
-    _mode(call, mode)
-    c, cmask = _array(call, "counts", counts)
+    check_mode(call, mode)
+    c, cmask = as_array(call, "counts", counts)
     if c.ndim == 0:
         call.fail("counts", "is a scalar; it needs a trailing expert dimension [..., n_experts]")
     lead, n = c.shape[:-1], c.shape[-1]
-    step_a = _broadcast(call, "step", _ints(call, "step", _no_bool(call, "step", step), 0, _INT_MAX[64]),
+    step_a = broadcast(call, "step", as_ints(call, "step", no_bool(call, "step", step), 0, _INT_MAX[64]),
                         lead)
     call.steps = step_a.reshape(-1)
-    layer_a = _broadcast(call, "layer", _ints(call, "layer", _no_bool(call, "layer", layer), 0,
+    layer_a = broadcast(call, "layer", as_ints(call, "layer", no_bool(call, "layer", layer), 0,
                                               _INT_MAX[32]), lead)
     call.layers = layer_a.reshape(-1)
-    offset_a = None if expert_offset is None else _broadcast(
-        call, "expert_offset", _ints(call, "expert_offset", expert_offset, 0, _INT_MAX[32]), lead)
+    offset_a = None if expert_offset is None else broadcast(
+        call, "expert_offset", as_ints(call, "expert_offset", expert_offset, 0, _INT_MAX[32]), lead)
     if rank is not None:
-        rank = _scalar_int(call, "rank", rank, 0, _INT_MAX[32])
-    counts_i = _ints(call, "counts", np.ma.array(c, mask=cmask) if cmask is not None else c,
+        rank = scalar_int(call, "rank", rank, 0, _INT_MAX[32])
+    counts_i = as_ints(call, "counts", np.ma.array(c, mask=cmask) if cmask is not None else c,
                      0, MAX_COUNT, per=max(n, 1))
-    ws = None if weight_sum is None else _floats(call, "weight_sum", weight_sum, c.shape, finite=False,
+    ws = None if weight_sum is None else as_floats(call, "weight_sum", weight_sum, c.shape, finite=False,
                                                  per=max(n, 1))
-    dr = None if dropped is None else _ints(call, "dropped", dropped, 0, MAX_COUNT, per=max(n, 1),
+    dr = None if dropped is None else as_ints(call, "dropped", dropped, 0, MAX_COUNT, per=max(n, 1),
                                             shape=c.shape)
     learn = {}
     if call.layers.size:
@@ -222,25 +97,19 @@ def check_routing(w, step, layer, counts, mode, weight_sum, rank, dropped, exper
                 dropped=dr, expert_offset=0 if offset_a is None else offset_a)
 
 
-def _no_bool(call: _Call, name: str, v):
-    if isinstance(v, (bool, np.bool_)) or (isinstance(v, np.ndarray) and v.dtype.kind == "b"):
-        call.fail(name, f"must be integers, got booleans ({v!r:.40})")
-    return v
-
-
 def check_tokens(w, step, layer, expert, weight, batch_idx, position, k, token_id, mode, rank) -> dict:
-    call = _Call(w, "log_tokens")
+    call = Call(w, "log_tokens")
     call.known(step, layer)
-    _mode(call, mode)
+    check_mode(call, mode)
     if step is None or layer is None:
         call.fail("step" if step is None else "layer", "is required")
-    e = _ints(call, "expert", _no_bool(call, "expert", expert), 0, _INT_MAX[32]).reshape(-1)
+    e = as_ints(call, "expert", no_bool(call, "expert", expert), 0, _INT_MAX[32]).reshape(-1)
     rows = e.shape[0]
 
     def col(name, v, lo, hi):
         if v is None:
             return None
-        a = _ints(call, name, _no_bool(call, name, v), lo, hi)
+        a = as_ints(call, name, no_bool(call, name, v), lo, hi)
         if a.ndim and a.size != rows:
             call.fail(name, f"has {a.size} values for {rows} rows (expert has {rows}); give a scalar "
                       f"or one value per row")
@@ -253,10 +122,10 @@ def check_tokens(w, step, layer, expert, weight, batch_idx, position, k, token_i
     b, p, kk = (col("batch_idx", batch_idx, 0, _INT_MAX[32]), col("position", position, 0, _INT_MAX[32]),
                 col("k", k, 0, _INT_MAX[16]))
     if rank is not None:
-        rank = _scalar_int(call, "rank", rank, 0, _INT_MAX[32])
+        rank = scalar_int(call, "rank", rank, 0, _INT_MAX[32])
     wt = None
     if weight is not None:
-        wt = _floats(call, "weight", weight, finite=False)
+        wt = as_floats(call, "weight", weight, finite=False)
         if wt.ndim and wt.size != rows:
             call.fail("weight", f"has {wt.size} values for {rows} rows")
         wt = wt.reshape(-1) if wt.ndim else wt
@@ -282,7 +151,7 @@ def check_tokens(w, step, layer, expert, weight, batch_idx, position, k, token_i
                 mode=mode, rank=rank)
 
 
-def _token_ids(call: _Call, token_id, rows: int):
+def _token_ids(call: Call, token_id, rows: int):
     """None, the ids as an array, or a pyarrow int64 array when some are unknown (None, masked
     or Arrow nulls: stored as NULL)."""
     if token_id is None:
@@ -300,7 +169,7 @@ def _token_ids(call: _Call, token_id, rows: int):
         token_id = np.ma.array([0 if v is None else v for v in token_id], mask=mask)
     mask = np.ma.getmaskarray(token_id) if np.ma.isMaskedArray(token_id) else None
     data = token_id if mask is None else np.where(mask, 0, np.ma.getdata(token_id))  # masked: unknown
-    a = _ints(call, "token_id", _no_bool(call, "token_id", data), 0, _INT_MAX[64])
+    a = as_ints(call, "token_id", no_bool(call, "token_id", data), 0, _INT_MAX[64])
     if a.ndim and a.size != rows:
         call.fail("token_id", f"has {a.size} values for {rows} rows")
     if mask is None or not mask.any():
@@ -309,7 +178,7 @@ def _token_ids(call: _Call, token_id, rows: int):
     return pa.array(a, type=pa.int64(), mask=np.broadcast_to(mask.reshape(-1) if mask.ndim else mask, (rows,)))
 
 
-def check_signal_value(call: _Call, name, value, arg: str = "value", row: int | None = 0):
+def check_signal_value(call: Call, name, value, arg: str = "value", row: int | None = 0):
     """The value of signal ``name`` as a float (None stays None); see the module docstring."""
     if not isinstance(name, str) or not name:
         call.fail("name", f"must be a non-empty string, got {name!r:.60}", row)
@@ -336,22 +205,22 @@ def check_signal_value(call: _Call, name, value, arg: str = "value", row: int | 
 
 
 def check_signal(w, step, name, value, layer, rank) -> dict:
-    call = _Call(w, "log_signal")
+    call = Call(w, "log_signal")
     call.known(step, layer)
-    step = _scalar_int(call, "step", step)
+    step = scalar_int(call, "step", step)
     call.steps = np.array([step])
     if layer is not None:
-        layer = _scalar_int(call, "layer", layer, 0, _INT_MAX[32])
+        layer = scalar_int(call, "layer", layer, 0, _INT_MAX[32])
         call.layers = np.array([layer])
     if rank is not None:
-        rank = _scalar_int(call, "rank", rank, 0, _INT_MAX[32])
+        rank = scalar_int(call, "rank", rank, 0, _INT_MAX[32])
     value = check_signal_value(call, name, value)
     return dict(step=step, name=name, value=value, layer=layer, rank=rank)
 
 
 def check_rows(w, table, rows) -> dict:
     """``log_rows``: every row a dict of the table's columns, each value within its rule."""
-    call = _Call(w, "log_rows")
+    call = Call(w, "log_rows")
     if not isinstance(table, str) or table not in TABLES:
         call.fail("table", f"{table!r} is not one of {', '.join(TABLES)}", None)
     call.method = f"log_rows({table!r})"
@@ -394,7 +263,7 @@ def check_rows(w, table, rows) -> dict:
     return dict(table=table, rows=out)
 
 
-def _cell(call: _Call, table: str, f, v, i: int):
+def _cell(call: Call, table: str, f, v, i: int):
     import pyarrow as pa
 
     arg, t = f"rows[{i}][{f.name!r}]", f.type
@@ -414,12 +283,12 @@ def _cell(call: _Call, table: str, f, v, i: int):
     if pa.types.is_integer(t):
         lo, hi = bounds(table, f.name) or (-_INT_MAX[t.bit_width] - 1, None)
         hi = _INT_MAX[t.bit_width] if hi is None else hi
-        return int(_ints(call, arg, v, lo, hi))
+        return int(as_ints(call, arg, v, lo, hi))
     finite = finite_required(table, f.name)
-    return float(_floats(call, arg, v, finite=finite))
+    return float(as_floats(call, arg, v, finite=finite))
 
 
-def _cell_vs_manifest(call: _Call, lay: Layout, table: str, row: dict, i: int) -> None:
+def _cell_vs_manifest(call: Call, lay: Layout, table: str, row: dict, i: int) -> None:
     l, e = row["layer"], row["expert"]
     if lay.layers is not None and l not in lay.layers:
         call.fail(f"rows[{i}]['layer']", f"= {l} is not declared in the run's manifest "

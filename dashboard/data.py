@@ -3,12 +3,12 @@
 One DuckDB connection per store root (``chrono.connect``, sandboxed and
 read-only) is kept with ``st.cache_resource``; query results are kept with
 ``st.cache_data``. A result's cache key includes a *version* of the run it
-reads: a fingerprint of the modification times of that run's manifest and
-table directories (a new part file is a rename into its table directory, so
-the directory's mtime moves). A live page that re-runs every few seconds
-therefore costs one ``stat`` per table while nothing is written, and sees new
-parts as soon as they land; when the fingerprint changes, ``chrono.refresh``
-rebuilds the views so the new parts are included.
+reads, from the store's follower (``chrono.follow.Follower``): it changes when
+the run's visible parts or its manifest change, including two parts landing
+in one mtime tick and parts superseded by compaction or truncation. A live
+page that re-runs every few seconds therefore costs a few ``stat`` calls per
+run while nothing is written, and sees new parts as soon as they land; when
+the follower reports a change, ``chrono.refresh`` rebuilds the views.
 
 Big runs never reach the browser row by row: step axes are binned in SQL to a
 pixel budget (``STEP_BINS`` columns for heatmaps, ``LINE_POINTS`` points per
@@ -20,7 +20,6 @@ user-typed is formatted into SQL except on the SQL page, which goes through
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import threading
@@ -32,12 +31,14 @@ import streamlit as st
 
 import chrono
 from chrono.health import ACTIVE_ALERTS_SQL, health_of
-from chrono.store import default_root, list_runs, run_stamps
+from chrono.queries import LATEST_SNAPSHOTS_SQL, RUNS_SQL  # noqa: F401  (shared queries, used by pages)
+from chrono.follow import Follower
+from chrono.store import default_root
 
 ROOT_ENV = "CHRONO_ROOT"
 STEP_BINS = 300  # heatmap columns: about one per 3 px of a wide chart
 LINE_POINTS = 500  # points per line series
-CHECK_EVERY_S = 1.0  # how often the store fingerprint is re-read (live pages)
+CHECK_EVERY_S = 1.0  # how often the store is polled for changes (live pages)
 SQL_ROW_LIMIT = 10_000  # default rows returned by the SQL page
 
 
@@ -47,26 +48,19 @@ def store_root() -> Path:
 
 
 # --------------------------------------------------------------- connection
-def _fingerprint(root: Path) -> dict[str, tuple]:
-    """{run_id: (manifest mtime, mtime of each table directory)}; cheap stats only."""
-    return {run: run_stamps(root, run) for run in list_runs(root)}
-
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class Store:
-    """A read-only connection plus the fingerprint of what its views cover.
+    """A read-only connection plus the follower that says what its views cover.
 
     DuckDB connections are not safe for concurrent use; Streamlit serves each
-    browser session on its own thread, so every statement holds ``lock``.
+    browser session on its own thread, so every statement (and every poll of
+    the follower) holds ``lock``.
     """
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.lock = threading.RLock()
-        self.fingerprint = _fingerprint(self.root)  # taken before the views: never stale-new
+        self.follower = Follower(self.root)
+        self.follower.poll()  # before the views: what they cover is never older than the version
         self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
         self.checked_at = time.monotonic()
 
@@ -75,17 +69,20 @@ class Store:
         with self.lock:
             if not force and time.monotonic() - self.checked_at < CHECK_EVERY_S:
                 return
-            fp = _fingerprint(self.root)
+            changed = self.follower.poll()
             self.checked_at = time.monotonic()
-            if force or fp != self.fingerprint:
-                self.fingerprint = fp
+            if force or changed:
                 chrono.refresh(self.con)
 
     def version(self, run: str | None) -> str:
         """Changes whenever anything the given run (or, for None, any run) reads changes."""
-        if run is None:
-            return _digest(sorted(self.fingerprint.items()))
-        return _digest(self.fingerprint.get(run))
+        with self.lock:
+            return self.follower.version(run)
+
+    def runs(self) -> set[str]:
+        """The runs in the store at the last look."""
+        with self.lock:
+            return set(self.follower.runs())
 
     def fetch(self, sql: str, params: dict | None = None) -> pd.DataFrame:
         with self.lock:
@@ -157,24 +154,7 @@ def bin_width(lo, hi, budget: int) -> int:
 
 
 # ---------------------------------------------------------------------- SQL
-RUNS_SQL = """
-SELECT r.run_id, r.model, r.n_layers, r.n_experts, r.top_k, r.adapter, r.world_size,
-       r.created_at, r.updated_at,
-       s.steps, s.first_step, s.last_step, s.tokens,
-       coalesce(a.raised, 0) AS alerts_raised, coalesce(act.active, 0) AS alerts_active
-FROM runs r
-LEFT JOIN (SELECT run_id, count(DISTINCT step) AS steps, min(step) AS first_step,
-                  max(step) AS last_step, sum(tokens) AS tokens
-           FROM routing GROUP BY run_id) s USING (run_id)
-LEFT JOIN (SELECT run_id, count(*) FILTER (WHERE transition = 'raised') AS raised
-           FROM alerts GROUP BY run_id) a USING (run_id)
-LEFT JOIN (SELECT run_id, count(*) AS active
-           FROM (SELECT run_id, layer, alert, arg_max(transition, step) AS last
-                 FROM alerts GROUP BY ALL)
-           WHERE last = 'raised' GROUP BY run_id) act USING (run_id)
-ORDER BY r.updated_at DESC NULLS LAST, r.run_id
-"""
-
+# Queries other readers run too (RUNS_SQL, LATEST_SNAPSHOTS_SQL) live in chrono.queries.
 # Global (layer -1) health of several runs, binned per run to the line budget.
 COMPARE_SQL = """
 WITH s AS (SELECT run_id, step, neff, n_experts, top2_share, dead FROM snapshots
@@ -249,12 +229,6 @@ SELECT layer, min(window_start) AS x_start, max(step) + 1 AS x_end, min(step) AS
        avg(neff) AS neff, avg(top2_share) AS top2_share, max(dead) AS dead, max(nearly_dead) AS nearly_dead
 FROM snapshots WHERE run_id = $run AND layer >= 0
 GROUP BY layer, (step - $lo) // $w ORDER BY layer, step_start
-"""
-
-LATEST_SNAPSHOTS_SQL = """
-SELECT * FROM snapshots WHERE run_id = $run AND step IN (
-    SELECT DISTINCT step FROM snapshots WHERE run_id = $run ORDER BY step DESC LIMIT 2)
-ORDER BY step, layer
 """
 
 ALERTS_SQL = """
@@ -369,12 +343,12 @@ def _json(s):
 
 
 def run_set(root: Path | None = None) -> set[str]:
-    """The runs in the store now, from the fingerprint ``sync`` keeps (stat calls, no SQL)."""
-    return set(get_store(root).fingerprint)
+    """The runs in the store now, from the follower ``sync`` polls (stat calls, no SQL)."""
+    return get_store(root).runs()
 
 
 def run_ids() -> list[str]:
-    """Run ids, newest first (cheap: one cached query keyed on the store fingerprint)."""
+    """Run ids, newest first (cheap: one cached query keyed on the store's version)."""
     return list(query(RUNS_SQL)["run_id"])
 
 

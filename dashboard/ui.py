@@ -132,7 +132,7 @@ def welcome() -> None:
     @st.fragment(run_every=timedelta(seconds=3))
     def _watch():
         data.get_store().sync(force=True)
-        if data._fingerprint(root):
+        if data.run_set():
             data.reload()
             st.rerun(scope="app")
 

@@ -44,7 +44,7 @@ class StepClock:
         self.first_step = None          # auto, before training is known: first provisional step
         self.optimizer_steps = 0
         self.split = False              # provisional steps of the first optimizer step were written
-        self._on_first_update = on_first_update
+        self.on_first_update = on_first_update
         self._param_ids = frozenset(id(p) for p in model.parameters())
         self._owned: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._hook = None
@@ -71,8 +71,8 @@ class StepClock:
         self.updated = True
         if not self.training:
             self.training = True
-            if self._on_first_update is not None:
-                self._on_first_update(self.first_step, self.split)
+            if self.on_first_update is not None:
+                self.on_first_update(self.first_step, self.split)
             self.first_step = None
 
     def forward_starts(self, mode: int, open_step: int) -> bool:

@@ -25,6 +25,18 @@ from .routing import ProbeError, Routed, from_protocol
 log = logging.getLogger("probes")
 
 
+def describe(model: nn.Module, routers: list) -> dict:
+    """The manifest's model description: layers, experts per layer, top-k, adapters, sites."""
+    return {
+        "name": type(model).__name__,
+        "layers": [s.layer for s in routers],
+        "experts_per_layer": {str(s.layer): s.n_experts for s in routers},
+        "top_k": max(s.top_k for s in routers),
+        "adapter": ",".join(sorted({s.adapter for s in routers})),
+        "sites": [s.as_dict() for s in routers],
+    }
+
+
 @dataclass(frozen=True)
 class RouterSpec:
     """Tell probes where a router is and how to read it.

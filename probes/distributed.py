@@ -285,6 +285,18 @@ class DistributedSync:
                 ints[sel, 6] += off
         return ints, weights
 
+    def metrics_port(self, port: int) -> int:
+        """``metrics_port`` for this process: several ranks on one node must not share a port.
+
+        ``port + LOCAL_RANK`` (torchrun sets it; without it, ``port + rank``), so a node
+        with 8 ranks serves ``port .. port+7``. ``0`` (any free port) stays 0.
+        """
+        if int(port) == 0:
+            return 0
+        local = os.environ.get("LOCAL_RANK")
+        offset = int(local) if local is not None and local.isdigit() else self.global_rank
+        return int(port) + offset
+
     def stats(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "reduces": self.reduces,
                 "bytes_reduced": self.bytes_reduced, "reduce_seconds": self.seconds,

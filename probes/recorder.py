@@ -21,10 +21,22 @@ import torch
 
 from chrono.schema import MODES   # the one owner of the mode names; indices below follow it
 
+from .records import WindowArrays
+from .routing import Routed
+
 TRAIN, EVAL, INFER = (MODES.index(m) for m in ("TRAIN", "EVAL", "INFER"))
 TOKENS, WEIGHT, DROPPED, SCALARS = 0, 1, 2, 3
 N_KINDS = 4
 LOGIT_SUM, PADDING = 0, 1   # columns of the per-slot SCALARS kind
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (else buffer, else CPU): where the buffers start."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
 
 
 def mode_index(module: torch.nn.Module) -> int:
@@ -73,13 +85,15 @@ class Recorder:
             t = self._ones[n] = torch.ones(n, dtype=torch.float64, device=self.device)
         return t
 
-    def record(self, mode: int, slot: int, indices, weights=None, dropped=None, logits=None,
-               mask=None, pad=None) -> None:
+    def record(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
         """Add one router call. Sync-free: no ``.item()``, no host copy, fixed shapes.
 
-        ``indices [T, k]``; ``mask`` (optional) ``[T]`` float64, 0 for padding tokens, which
-        are then not counted; ``pad`` the 0-d number of those tokens (``T - mask.sum()``).
+        ``routed``: the call's ``probes.routing.Routed`` (``indices [T, k]`` long, optional
+        ``weights [T, k]``, ``dropped [T, k]`` bool, ``logits [T, E]``); ``mask`` (optional)
+        ``[T]`` float64, 0 for padding tokens, which are then not counted; ``pad`` the 0-d
+        number of those tokens (``T - mask.sum()``).
         """
+        indices, weights, dropped, logits = routed
         col = (indices.detach().reshape(-1) + 1).clamp_(0, self.capacity + 1)
         if col.dtype != torch.int64:
             col = col.long()
@@ -115,13 +129,11 @@ class Recorder:
         if n > first:
             self.acc.add_(self.hist[first:n].sum(0))
 
-    def take(self, n: int, include_current: bool = False) -> dict:
+    def take(self, n: int, include_current: bool = False) -> WindowArrays:
         """Host arrays for history rows ``[:n]`` (+ the unfinished step): one device->host copy.
 
         ``.to("cpu", copy=True)``: on CPU ``.cpu()`` would alias the buffer we reuse.
-        Returns ``counts / weight / dropped [n, mode, slot, capacity]`` (experts),
-        ``invalid [n, mode, slot]``, ``nonfinite [n, mode, slot]`` and ``padding [n, mode, slot]``
-        (assignments of padding tokens, not counted).
+        Returns a ``probes.records.WindowArrays`` (shapes and dtypes documented there).
         """
         x = self.hist[:n]
         if include_current:
@@ -130,12 +142,12 @@ class Recorder:
         cap = self.capacity
         weight = x[:, WEIGHT, ..., 1: cap + 1]
         nonfinite = (~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, SCALARS, ..., LOGIT_SUM]))
-        return {
-            "counts": np.rint(x[:, TOKENS, ..., 1: cap + 1]).astype(np.int64),
-            "dropped": np.rint(x[:, DROPPED, ..., 1: cap + 1]).astype(np.int64),
-            "weight": weight,
-            "invalid": np.rint(x[:, TOKENS, ..., 0] + x[:, TOKENS, ..., cap + 1]
-                               + x[:, DROPPED, ..., 0] + x[:, DROPPED, ..., cap + 1]).astype(np.int64),
-            "nonfinite": nonfinite.astype(np.int64),
-            "padding": np.rint(x[:, SCALARS, ..., PADDING]).astype(np.int64),
-        }
+        return WindowArrays(
+            counts=np.rint(x[:, TOKENS, ..., 1: cap + 1]).astype(np.int64),
+            dropped=np.rint(x[:, DROPPED, ..., 1: cap + 1]).astype(np.int64),
+            weight=weight,
+            invalid=np.rint(x[:, TOKENS, ..., 0] + x[:, TOKENS, ..., cap + 1]
+                            + x[:, DROPPED, ..., 0] + x[:, DROPPED, ..., cap + 1]).astype(np.int64),
+            nonfinite=nonfinite.astype(np.int64),
+            padding=np.rint(x[:, SCALARS, ..., PADDING]).astype(np.int64),
+        )

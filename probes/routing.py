@@ -4,7 +4,9 @@ Adapters read the router module's own outputs (never recompute top-k from
 logits: biased / grouped routing and capacity drops make that wrong) and
 return a ``Routed``: ``indices [T, k]`` (long), optional ``weights [T, k]``,
 optional ``dropped [T, k]`` (bool, assignment routed but not processed) and
-optional ``logits [T, E]`` (only used to flag non-finite values).
+optional ``logits [T, E]`` (only used to flag non-finite values). ``T`` is the
+router call's tokens, ``k`` its top-k. A ``Routed`` is the typed record of one router
+call, from the hook to ``Recorder.record`` (the later records: ``probes.records``).
 """
 from __future__ import annotations
 

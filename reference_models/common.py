@@ -1,6 +1,7 @@
-"""Helpers shared by the reference workloads: real data that ships with Python or
-scikit-learn, byte tokenisation, and instrumentation through ``probes.attach`` (the models'
-routers follow the native router protocol, so no adapter code is needed)."""
+"""Helpers shared by the reference workloads: the digits data that ships with scikit-learn,
+instrumentation through ``probes.attach`` (the models' routers follow the native router
+protocol, so no adapter code is needed), seeding and the printed summary. The text corpus and
+its byte batches live in ``reference_models.corpus``."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,34 +9,8 @@ import torch
 
 
 # ------------------------------------------------------------------ text data
-def text_bytes() -> np.ndarray:
-    """Python's own documentation topics (pydoc_data.topics) as a uint8 array (~1 MB)."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-
-
-def split_bytes(data: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """First (1 - val_fraction) for training, the rest for validation (fixed, no shuffle)."""
-    cut = int(len(data) * (1.0 - val_fraction))
-    return data[:cut], data[cut:]
-
-
-def byte_batches(data: np.ndarray, block: int, batch: int, seed: int, steps: int):
-    """Yield ``steps`` random (inputs [B, T], targets [B, T]) int64 batches of ``data``."""
-    g = np.random.default_rng(seed)
-    d = torch.from_numpy(data.astype(np.int64))
-    for _ in range(steps):
-        ix = g.integers(0, len(data) - block - 1, size=batch)
-        x = torch.stack([d[i:i + block] for i in ix])
-        y = torch.stack([d[i + 1:i + 1 + block] for i in ix])
-        yield x, y
-
-
-def fixed_val_batches(data: np.ndarray, block: int, batch: int, n_batches: int, seed: int = 1234):
-    """A fixed list of validation batches (same every call for a given seed)."""
-    return list(byte_batches(data, block, batch, seed, n_batches))
+# owned by reference_models.corpus; these names stay importable from here for existing callers
+from .corpus import byte_batches, fixed_val_batches, split_bytes, text_bytes  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------ digits data
@@ -61,7 +36,7 @@ def instrument(model, run: str, root, flush_every: int = 50, model_info: dict | 
     cfg = dict(config or {})
     if model_info:
         cfg["workload"] = model_info
-    # a workload trains from step 0: an existing run with steps is refused (chrono.ledger), never appended to
+    # a workload trains from step 0: an existing run with steps is refused (chrono.store.ledger), never appended to
     return probes.attach(model, run=run, root=root, flush_every=flush_every, config=cfg, start_step=0)
 
 

@@ -158,3 +158,30 @@ def test_single_expert_layer_never_alerts():
 
 def test_two_expert_layer_still_alerts():
     assert feed([[95, 5]] * 3) == [(2, "PRE_COLLAPSE", "raised")]
+
+
+def test_tracker_from_stored_transitions_matches_the_live_one(store_root):
+    """Active alerts restored from transitions (shuffled, repeated as ranks do) = the live tracker's,
+    and = what chrono.health's SQL reads from the same rows in a store."""
+    import chrono
+    from chrono.health import run_health
+
+    rng = np.random.default_rng(7)
+    live, seen = AlertTracker(), []
+    with chrono.open_run(store_root, "r") as w:
+        for win in range(60):
+            counts = {l: rng.multinomial(400, rng.dirichlet(np.ones(4) * (0.05 if (win // 8 + l) % 2 else 5)))
+                      for l in range(3)}
+            if win % 13 == 5:
+                counts[2] = np.zeros(4, int)   # idle window clears
+            t = live.update(layer_rows("r", win * 5, win * 5 + 4, counts))
+            seen.extend(t)
+            w.log_rows("alerts", t)
+            shuffled = [seen[i] for i in rng.permutation(len(seen))] + seen[: len(seen) // 2]
+            assert AlertTracker.from_transitions(shuffled).active() == live.active()
+    kinds = {t["transition"] for t in seen}
+    assert kinds == {"raised", "cleared"} and live.active()   # the data exercises both ways
+    health = run_health(chrono.connect(store_root), "r")["r"]
+    assert set(health.active) == {(l, a) for l, s in live.active().items() for a in s}
+    tuples = [(t["step"], t["layer"], t["alert"], t["transition"]) for t in seen]
+    assert AlertTracker.from_transitions(tuples).active() == live.active()

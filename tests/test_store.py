@@ -13,7 +13,7 @@ import pytest
 
 import chrono
 from chrono.schema import TABLES
-from chrono.store import StoreError, compact, part_files, run_dir, table_dir
+from chrono.store import StoreError, compact, part_files, meta_dir, table_dir
 
 MODEL = {"layers": [0, 1], "experts_per_layer": {"0": 4, "1": 4}, "top_k": 2, "adapter": "test"}
 
@@ -79,7 +79,7 @@ def test_empty_store_views_have_columns(tmp_path):
 
 def test_manifest_and_runs_view(store_root):
     write_run(store_root)
-    m = json.loads((run_dir(store_root, "r1") / "manifest.json").read_text())
+    m = json.loads((meta_dir(store_root, "r1") / "manifest.json").read_text())
     assert m["schema_version"] == chrono.SCHEMA_VERSION and m["model"] == MODEL
     con = chrono.connect(store_root)
     assert con.execute("SELECT run_id, n_layers, n_experts, top_k FROM runs").fetchall() == [("r1", 2, 4, 2)]
@@ -126,7 +126,7 @@ def test_second_writer_same_run_refused(store_root):
 def test_resume_continues_part_numbers_and_steps(store_root):
     write_run(store_root, steps=10)
     with pytest.raises(StoreError, match="would duplicate steps already stored"):
-        write_run(store_root, steps=10)            # the same steps again: refused (chrono.ledger)
+        write_run(store_root, steps=10)            # the same steps again: refused (chrono.store.ledger)
     total2 = write_run(store_root, steps=10, start=10)
     names = [os.path.basename(p) for p in part_files(store_root, "routing")]
     assert len(names) == len(set(names)) == 4
@@ -195,7 +195,7 @@ def test_readonly_sql_refuses_writes(store_root):
 def test_write_failure_counted_not_raised_and_recovers(store_root, monkeypatch):
     w = chrono.open_run(store_root, "faulty", on_error="count")
     w.log_signal(0, "loss", 1.0)
-    import chrono.store as store_mod
+    import chrono.store.writer as store_mod
 
     real = store_mod.pq.write_table
 

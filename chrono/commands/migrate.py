@@ -83,29 +83,24 @@ def move_layout(root, run: str) -> int:
     Refuses (StoreError) while an older chrono still writes the run (its
     writer lock in the legacy directory is held).
     """
-    import fcntl
     import shutil
 
     from chrono.schema import TABLES
     from chrono.store import (MANIFEST, PART_RE, PARTITION_KEY, StoreError, _atomic_write_bytes,
                               legacy_run_dir, run_dir, table_dir)
+    from chrono.store.locks import is_lock_name as is_lock, try_lock
 
     legacy, meta = legacy_run_dir(root, run), run_dir(root, run)
-
-    def is_lock(name: str) -> bool:   # RunWriter's ".writer-<rank>.lock"
-        return name.startswith(".writer-") and name.endswith(".lock")
 
     locks = []
     try:
         for entry in (os.scandir(legacy) if legacy.is_dir() else []):
             if is_lock(entry.name):
-                f = open(entry.path, "a+")
-                locks.append(f)
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
+                lock = try_lock(entry.path)
+                if lock is None:
                     raise StoreError(f"run {run!r} is being written (lock {entry.path} held); "
-                                     f"stop its writer, then migrate") from None
+                                     f"stop its writer, then migrate")
+                locks.append(lock)
         meta.mkdir(parents=True, exist_ok=True)
         if (legacy / MANIFEST).is_file() and not (meta / MANIFEST).is_file():
             _atomic_write_bytes(meta / MANIFEST, (legacy / MANIFEST).read_bytes())
@@ -134,11 +129,11 @@ def move_layout(root, run: str) -> int:
             if not (meta / name).exists():
                 shutil.move(entry.path, meta / name)
         (legacy / MANIFEST).unlink(missing_ok=True)
-        for f in locks:
-            os.unlink(f.name)
+        for lock in locks:
+            os.unlink(lock.lock_file)
     finally:
-        for f in locks:
-            f.close()
+        for lock in locks:
+            lock.release()
     try:
         legacy.rmdir()   # only if empty: a legacy run named like a table keeps that table's partitions
     except OSError:

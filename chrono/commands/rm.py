@@ -6,7 +6,7 @@ tokens, snapshots, alerts, decisions, signals, lifecycle), in the current and
 the pre-hive layout (``chrono.store.delete_run``).
 
 A run that a live writer holds is refused: every ``.writer-<rank>.lock`` of
-the run is taken (``flock``, non-blocking) before anything is deleted and held
+the run is taken (``chrono.store.locks``, non-blocking) before anything is deleted and held
 until the deletion is done, so a writer cannot start on the run half-way
 through. A held lock means a process (training, ``chrono snapshot``, ...) is
 writing it: one error line naming the holder, exit 2, nothing deleted.
@@ -15,8 +15,6 @@ Imports no torch.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import sys
 from pathlib import Path
@@ -38,6 +36,7 @@ def register(sub) -> None:
 def _lock_files(root, run: str) -> list[Path]:
     """Every writer lock file of the run (current metadata directory and legacy directory)."""
     from chrono.store import legacy_run_dir, run_dir
+    from chrono.store.locks import is_lock_name
 
     out = []
     for d in (run_dir(root, run), legacy_run_dir(root, run)):
@@ -45,16 +44,8 @@ def _lock_files(root, run: str) -> list[Path]:
             names = sorted(os.listdir(d))
         except OSError:
             continue
-        out += [d / n for n in names if n.startswith(".writer-") and n.endswith(".lock")]
+        out += [d / n for n in names if is_lock_name(n)]
     return out
-
-
-def _holder(path: Path) -> str:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        text = ""
-    return f" by {text}" if text else ""
 
 
 @contextlib.contextmanager
@@ -65,26 +56,27 @@ def hold_writer_locks(root, run: str):
     one is held by a live writer; nothing is held afterwards in that case.
     """
     from chrono.store import StoreError
+    from chrono.store.locks import holder, try_lock
 
     held = []
     try:
         for path in _lock_files(root, run):
-            try:
-                f = open(path, "r")
-            except FileNotFoundError:   # its writer closed and the run went away meanwhile
+            if not path.exists():   # its writer closed and the run went away meanwhile
                 continue
-            held.append(f)
+            who = holder(path)      # read first: filelock < 4.3 empties the file on a refused try
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise StoreError(f"run {run!r} is being written{_holder(path)} ({path.name} held); "
-                                 f"stop that writer first, nothing was deleted") from None
+                lock = try_lock(path)
+            except OSError as e:   # e.g. another user's lock file: refuse, one line
+                raise StoreError(f"cannot take {path} ({e.strerror or e}); nothing was deleted") from None
+            if lock is None:
+                by = f" by {who}" if who else ""
+                raise StoreError(f"run {run!r} is being written{by} ({path.name} held); "
+                                 f"stop that writer first, nothing was deleted")
+            held.append(lock)
         yield
     finally:
-        for f in held:
-            f.close()   # closing the descriptor drops its flock
+        for lock in held:
+            lock.release()
 
 
 def _summary(root, run: str) -> str:

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 from . import policy, setpoint
 from ..schema import DECISIONS, GLOBAL_LAYER
+from ..store.layout import DECISIONS_JSONL
 
 # Files a governed run keeps in its run directory (next to the Parquet tables).
-JSONL_NAME = "control_decisions.jsonl"   # decisions mirrored one JSON object per line (ChronoMoE format)
+JSONL_NAME = DECISIONS_JSONL   # decisions mirrored one JSON object per line (ChronoMoE format)
 CONFIG_NAME = "control_config.json"      # the ControlConfig, so `chrono replay` re-derives decisions
 
 MODES = ("faithful", "setpoint")
@@ -220,9 +221,10 @@ class Controller:
         self.state = ControlState()
         self.informational = informational(self.config.mode, self.config.actuator)
 
-    def _s_max(self, step: int) -> float:
+    def _bounds(self) -> dict:
+        """The lens-scale bounds of ``policy.s_max`` / ``policy.lens_scale`` from the config."""
         c = self.config
-        return c.s_max_warmup if step < c.warmup_steps else c.s_max
+        return dict(warmup_steps=c.warmup_steps, warmup_max=c.s_max_warmup, late_max=c.s_max)
 
     def _new_layer(self) -> LayerState:
         c = self.config
@@ -286,7 +288,7 @@ class Controller:
             return self._decide_setpoint(st, step, layer, n, neff, top2, debt)
         st.pressure = policy.next_pressure(st.pressure, debt)
         st.backoff = policy.next_backoff(st.backoff, st.last_top2, top2, st.last_scale)
-        s = policy.clip(min(st.pressure, policy.SCALE_CAP), 0.0, self._s_max(step)) * st.backoff
+        s = policy.lens_scale(st.pressure, step, st.backoff, **self._bounds())
         reason = policy.abstain_reason(st.backoff, st.pressure)
         abstain = reason is not None
         if abstain:
@@ -306,7 +308,7 @@ class Controller:
         err = setpoint.error(neff, tgt)
         st.integral, u = setpoint.pi_step(st.integral, err, c.kp, c.ki, c.integral_max)
         st.pressure, st.backoff = u, 1.0
-        s = u * self._s_max(step)
+        s = u * policy.s_max(step, **self._bounds())
         abstain = u == 0.0
         reason = ("abstain: at or above the Neff target" if abstain else
                   f"act: Neff {neff:.2f} vs target {tgt:.2f}, effort {u:.3f}")

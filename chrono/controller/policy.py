@@ -14,8 +14,9 @@ Every formula follows ChronoMoE's controller as specified in DESIGN §4:
 """
 from __future__ import annotations
 
-PRE_NEFF_FRACTION = 0.6
-TOP2_KNEE = 0.75
+# The debt's knees are the PRE_COLLAPSE thresholds; chrono.snapshots (the alert rules) owns them.
+from ..snapshots import PRE_NEFF_FRACTION, PRE_TOP2 as TOP2_KNEE
+
 PRESSURE_DECAY = 0.8
 WARMUP_STEPS = 100
 S_MAX_WARMUP = 0.02
@@ -60,14 +61,21 @@ def forgetting(pressure: float) -> float:
     return 0.02 + 0.10 * float(pressure)
 
 
-def s_max(step: int) -> float:
-    """Largest lens scale allowed at ``step``: 0.02 during warm-up (< 100), then 0.5."""
-    return S_MAX_WARMUP if int(step) < WARMUP_STEPS else S_MAX
+def s_max(step: int, warmup_steps: int = WARMUP_STEPS, warmup_max: float = S_MAX_WARMUP,
+          late_max: float = S_MAX) -> float:
+    """Largest lens scale allowed at ``step``: ``warmup_max`` before ``warmup_steps``, then ``late_max``.
+
+    Defaults are ChronoMoE's (0.02 before step 100, then 0.5); ``ControlConfig``
+    passes its own ``warmup_steps`` / ``s_max_warmup`` / ``s_max``.
+    """
+    return warmup_max if int(step) < warmup_steps else late_max
 
 
-def lens_scale(pressure: float, step: int, backoff: float) -> float:
-    """s = clip(min(pressure, 0.5), 0, s_max(step)) · backoff."""
-    return clip(min(float(pressure), SCALE_CAP), 0.0, s_max(step)) * float(backoff)
+def lens_scale(pressure: float, step: int, backoff: float, warmup_steps: int = WARMUP_STEPS,
+               warmup_max: float = S_MAX_WARMUP, late_max: float = S_MAX) -> float:
+    """s = clip(min(pressure, 0.5), 0, s_max(step)) · backoff (bounds as in ``s_max``)."""
+    limit = s_max(step, warmup_steps, warmup_max, late_max)
+    return clip(min(float(pressure), SCALE_CAP), 0.0, limit) * float(backoff)
 
 
 def next_backoff(backoff: float, prev_top2: float | None, top2: float, prev_scale: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from chrono.snapshots import RULE_TEXT
 from dashboard import charts, data, status, ui
 
 st.title("Alerts")
@@ -51,8 +52,8 @@ def body():
         "top2_share": st.column_config.NumberColumn("Top-2 share", format="%.3f"),
         "dead": st.column_config.NumberColumn("dead experts"),
     })
-    st.caption("PRE_COLLAPSE: Neff < 0.6·experts or Top-2 > 0.75 for 3 consecutive snapshots. "
-               "COLLAPSE_CONFIRMED: ≥ 1 dead expert and Top-2 > 0.85 for 5. Values are those of the "
+    st.caption(f"PRE_COLLAPSE: {RULE_TEXT['PRE_COLLAPSE']}. "
+               f"COLLAPSE_CONFIRMED: {RULE_TEXT['COLLAPSE_CONFIRMED']}. Values are those of the "
                "snapshot at the transition.")
 
 

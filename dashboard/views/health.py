@@ -48,7 +48,7 @@ def body():
         return
     lo, hi = int(rng["lo"].iloc[0]), int(rng["hi"].iloc[0])
     all_layers = [int(x) for x in rng["layers"].iloc[0]]
-    _cards(data.query(data.LATEST_SNAPSHOTS_SQL, run=run))
+    _cards(data.query(data.LATEST_SNAPSHOTS_SQL, run=run, windows=2))
 
     per_layer = [l for l in all_layers if l >= 0]
     alerts_all = data.query(data.ALERTS_SQL, run=run)

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from chrono.health import STATUSES
+from chrono.snapshots import RULE_TEXT
 from dashboard import charts, data, status, ui
 
 st.title("Runs")
@@ -50,11 +51,10 @@ def body():
     c = st.columns(5)
     c[0].metric("Runs", len(runs))
     c[1].metric("Collapse confirmed", int(counts.get("COLLAPSE_CONFIRMED", 0)),
-                help="Runs with a COLLAPSE_CONFIRMED alert active now (≥ 1 dead expert and Top-2 > 0.85 "
-                     "for 5 snapshots in a row, in some layer).")
+                help=f"Runs with a COLLAPSE_CONFIRMED alert active now ({RULE_TEXT['COLLAPSE_CONFIRMED']}, "
+                     "in some layer).")
     c[2].metric("Pre-collapse", int(counts.get("PRE_COLLAPSE", 0)),
-                help="Runs whose worst active alert is PRE_COLLAPSE (Neff < 0.6·n or Top-2 > 0.75 for 3 "
-                     "snapshots in a row).")
+                help=f"Runs whose worst active alert is PRE_COLLAPSE ({RULE_TEXT['PRE_COLLAPSE']}).")
     c[3].metric("Alerts raised (all runs)", ui.fmt_int(runs["alerts_raised"].sum()))
     c[4].metric("Routing steps (all runs)", ui.fmt_int(runs["steps"].fillna(0).sum()))
 

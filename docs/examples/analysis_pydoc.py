@@ -23,7 +23,7 @@ def train(root: Path, steps: int, seed: int) -> None:
 
     import probes
     from chrono.store import run_meta_dir
-    from reference_models.common import byte_batches, split_bytes, text_bytes
+    from reference_models.corpus import byte_batches, split_bytes, text_bytes
 
     if run_meta_dir(root, RUN) is not None:
         print(f"{RUN} already recorded under {root}; reusing it")

@@ -1,7 +1,9 @@
 """Adapter registry: how to read one kind of router module.
 
 String-keyed by module class name (so registering a family never imports
-transformers), one small module per model family. An adapter says how to
+transformers). Families that follow the transformers ``*TopKRouter`` convention are rows
+of the table in ``conventions``; a family that needs parsing of its own (Switch, JetMoE,
+DBRX, Llama-4) has its own module. An adapter says how to
 parse the router's own output into a ``probes.routing.Routed`` and how to
 read its expert count and top-k from the module. ``install`` is only set for
 families whose router module does not return the decision itself (DBRX).
@@ -13,8 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import nn
-
-from ..routing import Routed  # noqa: F401  (re-exported for adapter modules)
 
 
 def _attr(module: nn.Module, names, default=None):
@@ -53,10 +53,9 @@ class Adapter:
 
 _REGISTRY: dict[str, Adapter] = {}
 
-FAMILIES = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers",
-    "phimoe", "granitemoe", "jetmoe", "dbrx", "llama4", "ernie4_5_moe", "qwen3_next",
-)
+# modules that register adapters: ``conventions`` holds the table of families that share the
+# (logits, weights, indices) convention; each other module is a family with its own parsing
+MODULES = ("conventions", "switch_transformers", "jetmoe", "dbrx", "llama4")
 
 
 def register(adapter: Adapter) -> Adapter:
@@ -80,5 +79,5 @@ def registered() -> dict[str, str]:
     return {c: a.name for c, a in sorted(_REGISTRY.items())}
 
 
-for _family in FAMILIES:
-    importlib.import_module(f".{_family}", __name__)
+for _module in MODULES:
+    importlib.import_module(f".{_module}", __name__)

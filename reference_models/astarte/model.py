@@ -52,13 +52,6 @@ MODES = ("intended", "faithful")
 
 
 # ------------------------------------------------------------------------ data
-def pydoc_bytes() -> bytes:
-    """The shipped text corpus: Python's own help topics (stdlib ``pydoc_data``)."""
-    import pydoc_data.topics as topics
-
-    return "\n".join(topics.topics[k] for k in sorted(topics.topics)).encode("utf-8")
-
-
 class RollingChunks:
     """Fixed-length chunks rolling over a byte stream, in a deterministic order.
 

@@ -17,16 +17,10 @@ import numpy as np
 import torch
 
 from ..common import WorkloadSummary
-from .model import (Astarte, AstarteConfig, RollingChunks, generate, pydoc_bytes,
-                    save_checkpoint)
+from ..corpus import pydoc_bytes, split_bytes
+from .model import Astarte, AstarteConfig, RollingChunks, generate, save_checkpoint
 
 CHECKPOINT = Path("checkpoints") / "astarte.pt"
-
-
-def split_text(val_fraction: float = 0.1):
-    data = pydoc_bytes()
-    cut = int(len(data) * (1 - val_fraction))
-    return data[:cut], data[cut:]
 
 
 @torch.no_grad()
@@ -95,7 +89,7 @@ def run(root, run_id: str, mode: str = "intended", steps: int = 300, seed: int =
     torch.manual_seed(seed)
     model = Astarte(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    train_text, val_text = split_text()
+    train_text, val_text = split_bytes(pydoc_bytes())
     data = RollingChunks(train_text, cfg.seq_len, batch_size, stride=cfg.seq_len // 2 + 1)
     val = RollingChunks(val_text, cfg.seq_len, batch_size, stride=cfg.seq_len)
     eval_every = min(eval_every, max(1, steps // 2))

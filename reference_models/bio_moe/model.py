@@ -19,7 +19,6 @@ The router follows chrono's native router protocol (``chrono_router``, ``n_exper
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, replace
 

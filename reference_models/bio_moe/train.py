@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chrono.actuators import switch_balance_loss
 from chrono.lifecycle import (LifecycleConfig, LifecyclePolicy, Proposal, apply_proposals,
                               record_event)
 
@@ -241,9 +242,8 @@ def train_bio(config: BioTrainConfig) -> BioResult:
             probs, idx = r.last["probs"], r.last["idx"]
             n = r.n_experts
             top1 = idx[:, 0]
-            if not faithful and config.balance_weight > 0 and n > 1:
-                f = torch.bincount(top1, minlength=n)[:n].float() / len(top1)
-                loss = loss + config.balance_weight * n * (f * probs.mean(0)).sum()
+            if not faithful and config.balance_weight > 0 and n > 1:   # Switch aux loss, top-1 f
+                loss = loss + switch_balance_loss(probs, top1, n, alpha=config.balance_weight)
             if distilling and config.distill_alpha > 0:
                 h = model.last_hidden.detach()
                 for s, t in distilling.items():

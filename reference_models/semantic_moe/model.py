@@ -1,4 +1,4 @@
-"""Semantic MoE language model (the ASTRA-X design), nanoGPT style in one file.
+"""Semantic MoE language model (the ASTRA-X design), nanoGPT style; the router is in ``router.py``.
 
 A tiny causal transformer over bytes whose feed-forward layers are mixtures of MLP
 experts. Each MoE layer routes with a ``SemanticRouter``:
@@ -28,13 +28,14 @@ signal, selection is a greedy top-1 argmax whose expert output is not weighted b
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..moe import mix_experts
+from .router import SemanticRouter, spherical_kmeans
 
 
 @dataclass
@@ -65,168 +66,6 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------- clustering (FAISS)
-def spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20,
-                     init: np.ndarray | None = None) -> np.ndarray:
-    """FAISS spherical k-means, single-threaded so the result depends only on (x, k, seed)
-    (and ``init``: warm-start centroids, used by periodic re-clustering)."""
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed), spherical=True, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=100000)
-        km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, np.float32))
-        c = np.array(km.centroids, dtype=np.float32)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-8)
-
-
-def match_centroids(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """Reorder ``new`` so row i is the new centroid closest to old row i (Hungarian on cosine)."""
-    from scipy.optimize import linear_sum_assignment
-
-    if not np.any(old):
-        return new
-    rows, cols = linear_sum_assignment(-(old @ new.T))
-    out = np.empty_like(new)
-    out[rows] = new[cols]
-    return out
-
-
-# ---------------------------------------------------------------- router
-class MeaningSpace(nn.Module):
-    """x [T, d_model] -> unit semantic vectors z [T, d_meaning] (frozen projection)."""
-
-    def __init__(self, d_model: int, d_meaning: int, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        q, _ = torch.linalg.qr(torch.randn(d_model, max(d_model, d_meaning), generator=g))
-        self.register_buffer("proj", q[:, :d_meaning].contiguous())
-
-    def forward(self, x):
-        return F.normalize(x.detach() @ self.proj, dim=-1)
-
-
-class SemanticRouter(nn.Module):
-    chrono_router = True
-
-    def __init__(self, cfg: SemanticMoEConfig, layer_id: int):
-        super().__init__()
-        self.cfg = cfg
-        self.layer_id = layer_id
-        self.n_experts = cfg.n_experts
-        self.top_k = 1 if cfg.faithful else cfg.top_k
-        dm = cfg.d_model if cfg.faithful else cfg.d_meaning  # seed: semantic vector = hidden state
-        self.meaning = None if cfg.faithful else MeaningSpace(cfg.d_model, cfg.d_meaning, cfg.seed + 101 * layer_id)
-        self.student = nn.Linear(cfg.d_model, cfg.n_experts)
-        self.register_buffer("centroids", torch.zeros(cfg.n_experts, dm))
-        self.register_buffer("load_ema", torch.full((cfg.n_experts,), 1.0 / cfg.n_experts))
-        self.register_buffer("window_counts", torch.zeros(cfg.n_experts, dtype=torch.long))
-        self.alpha = 0.0           # weight of the student in the hybrid, set by the schedule
-        self.teacher_ready = False
-        self.recluster_iters = 5   # warm-started re-fits move centroids gently
-        self._reservoir: list[np.ndarray] = []
-        self._reservoir_rows = 0
-        self.last: dict = {}
-
-    def semantic(self, x):
-        return x.detach() if self.meaning is None else self.meaning(x)
-
-    def teacher_logits(self, z):
-        # -||z - c||^2 / tau : nearest centroid has the largest score
-        return -torch.cdist(z, self.centroids).pow(2) / self.cfg.teacher_tau
-
-    def forward(self, x):
-        # x: [T, d_model]
-        z = self.semantic(x)                                   # [T, dm]
-        t_logits = self.teacher_logits(z)                      # [T, E]
-        s_logits = self.student(x.detach())                    # [T, E]
-        # the student learns only from the teacher (distillation), not from the LM loss
-        p = (1 - self.alpha) * F.softmax(t_logits, -1) + self.alpha * F.softmax(s_logits.detach(), -1)
-        over = F.relu(self.load_ema * self.n_experts - 1.0)    # [E] overload above fair share
-        scores = torch.log(p + 1e-9) - self.cfg.load_penalty * over
-        top_w, idx = torch.topk(scores, self.top_k, dim=-1)    # [T, k]
-        if self.cfg.faithful:
-            weights = torch.ones_like(top_w)                    # seed: output not weighted
-        else:
-            weights = torch.gather(p, -1, idx)
-            weights = weights / weights.sum(-1, keepdim=True)
-        if self.training:
-            with torch.no_grad():
-                counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)[: self.n_experts]
-                self.window_counts += counts
-                share = counts.float() / max(1, idx.numel())
-                m = self.cfg.load_momentum
-                self.load_ema.mul_(m).add_((1 - m) * share)
-                self._remember(z)
-        self.last = {"teacher": t_logits, "student": s_logits, "z": z, "idx": idx}
-        return scores, weights, idx
-
-    # ---- reservoir + clustering
-    def _remember(self, z, per_step: int = 256):
-        zz = z.detach()
-        if zz.shape[0] > per_step:
-            sel = torch.randperm(zz.shape[0], generator=torch.Generator().manual_seed(
-                self._reservoir_rows))[:per_step]
-            zz = zz[sel.to(zz.device)]
-        self._reservoir.append(zz.float().cpu().numpy())
-        self._reservoir_rows += zz.shape[0]
-        while self._reservoir_rows - self._reservoir[0].shape[0] >= self.cfg.reservoir:
-            self._reservoir_rows -= self._reservoir.pop(0).shape[0]
-
-    def reservoir(self) -> np.ndarray:
-        if not self._reservoir:
-            return np.zeros((0, self.centroids.shape[1]), np.float32)
-        return np.concatenate(self._reservoir)[-self.cfg.reservoir:]
-
-    def fit_teacher(self, seed: int) -> float:
-        """(Re)fit the teacher's centroids on the reservoir; returns mean cosine shift."""
-        x = self.reservoir()
-        if x.shape[0] < self.n_experts:
-            raise ValueError(f"need at least {self.n_experts} meaning vectors, have {x.shape[0]}")
-        old = self.centroids.to("cpu", copy=True).numpy()
-        warm = old if self.teacher_ready and np.any(old) else None
-        new = match_centroids(old, spherical_kmeans(x, self.n_experts, seed, niter=self.recluster_iters
-                                                    if warm is not None else 20, init=warm))
-        shift = float(1 - np.mean(np.sum(old * new, 1))) if np.any(old) else 1.0
-        self.centroids.copy_(torch.from_numpy(new))
-        self.teacher_ready = True
-        return shift
-
-    def save_centroids(self, path) -> None:
-        np.savez(path, centroids=self.centroids.cpu().numpy(), layer=self.layer_id)
-
-    def load_centroids(self, path) -> None:
-        c = np.load(path)["centroids"]
-        if c.shape != tuple(self.centroids.shape):
-            raise ValueError(f"centroids {c.shape} do not fit this router {tuple(self.centroids.shape)}")
-        self.centroids.copy_(torch.from_numpy(c))
-        self.teacher_ready = True
-
-    # ---- expert-set surgery (rows of student / centroids / loads)
-    def _resize(self, keep: list[int], extra_centroids: list[torch.Tensor], extra_student: list[tuple]):
-        dev = self.centroids.device
-        cents = [self.centroids[i] for i in keep] + [c.to(dev) for c in extra_centroids]
-        w = self.student.weight.data
-        b = self.student.bias.data
-        rows = [(w[i], b[i]) for i in keep] + list(extra_student)
-        n = len(cents)
-        self.centroids = torch.stack(cents)
-        lin = nn.Linear(w.shape[1], n).to(device=dev, dtype=w.dtype)
-        lin.weight.data.copy_(torch.stack([r[0] for r in rows]))
-        lin.bias.data.copy_(torch.stack([r[1] for r in rows]))
-        self.student = lin
-        loads = [self.load_ema[i] for i in keep] + [torch.tensor(1.0 / n, device=dev)] * len(extra_centroids)
-        self.load_ema = torch.stack(loads).float()
-        self.window_counts = torch.zeros(n, dtype=torch.long, device=dev)
-        self.n_experts = n
-        self.top_k = min(self.top_k, n)
-
-
 class ExpertMLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -244,15 +83,11 @@ class MoEFFN(nn.Module):
         self.router = SemanticRouter(cfg, layer_id)
         self.experts = nn.ModuleList(ExpertMLP(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts))
 
-    def forward(self, x):
+    def forward(self, x, trace: list | None = None):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)                         # [N, D]
-        _, w, idx = self.router(flat)                      # [N, k], [N, k]
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.nonzero(idx == e, as_tuple=True)
-            if tok.numel():
-                out.index_add_(0, tok, w[tok, slot, None] * expert(flat[tok]))
+        _, w, idx = self.router(flat, trace=trace)         # [N, k], [N, k]
+        out = mix_experts(flat, idx, w, lambda e, rows: self.experts[e](rows), len(self.experts))
         return out.reshape(B, T, D)
 
     # ---- lifecycle surgery; each returns the index holding the result
@@ -301,8 +136,10 @@ class MoEFFN(nn.Module):
             c_new = zt[far]
         else:
             c_new = torch.zeros_like(r.centroids[0])
-        torch.manual_seed(seed)
-        ex = ExpertMLP(self.cfg.d_model, self.cfg.d_ff).to(r.centroids.device)
+        with torch.random.fork_rng(devices=[]):   # the new expert's weights depend on seed only
+            torch.manual_seed(seed)
+            ex = ExpertMLP(self.cfg.d_model, self.cfg.d_ff)
+        ex = ex.to(r.centroids.device)
         self.experts.append(ex)
         r._resize(list(range(r.n_experts)), [c_new],
                   [(r.student.weight.data.mean(0), r.student.bias.data.mean(0))])
@@ -347,7 +184,7 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.mlp = ExpertMLP(cfg.d_model, cfg.top_k * cfg.d_ff)
 
-    def forward(self, x):
+    def forward(self, x, trace: list | None = None):
         return self.mlp(x)
 
 
@@ -375,18 +212,22 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = DenseFFN(cfg) if cfg.dense else MoEFFN(cfg, layer_id)
 
-    def forward(self, x):
+    def forward(self, x, trace: list | None = None):
         x = x + self.attn(self.ln1(x))
-        return x + self.ffn(self.ln2(x))
+        return x + self.ffn(self.ln2(x), trace)
 
 
 class SemanticMoELM(nn.Module):
-    """Byte-level LM: tokens [B, T] -> logits [B, T, vocab]."""
+    """Byte-level LM: tokens [B, T] -> logits [B, T, vocab].
+
+    Weights are drawn from torch's global RNG, which the caller seeds (``train`` calls
+    ``set_seed(config.seed)`` first); ``cfg.seed`` seeds the frozen MeaningSpace projections
+    and lifecycle surgery through local generators.
+    """
 
     def __init__(self, cfg: SemanticMoEConfig):
         super().__init__()
         self.cfg = cfg
-        torch.manual_seed(cfg.seed)
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.block_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -396,11 +237,13 @@ class SemanticMoELM(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)  # small logits at init (nanoGPT's init)
         nn.init.normal_(self.pos.weight, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, trace: list | None = None):
+        """idx [B, T] int64 (targets [B, T] optional) -> (logits [B, T, V], loss or None).
+        With a list ``trace``, each MoE layer appends its ``RouterTrace`` (layer order)."""
         B, T = idx.shape
         x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))   # [B, T, D]
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, trace)
         logits = self.head(self.ln_f(x))                                    # [B, T, V]
         loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                             targets.reshape(-1))

@@ -116,15 +116,15 @@ def evaluate(model: SemanticMoELM, batches) -> dict:
     losses, agree, total = [], {}, {}
     counts: dict[int, np.ndarray] = {}
     for x, y in batches:
-        _, loss = model(x, y)
+        trace = []
+        _, loss = model(x, y, trace=trace)
         losses.append(float(loss))
-        for r in model.routers():
-            t = r.last["teacher"].argmax(-1)
-            s = r.last["student"].argmax(-1)
-            agree[r.layer_id] = agree.get(r.layer_id, 0) + int((t == s).sum())
-            total[r.layer_id] = total.get(r.layer_id, 0) + int(t.numel())
-            c = torch.bincount(r.last["idx"].reshape(-1), minlength=r.n_experts)[: r.n_experts].cpu().numpy()
-            counts[r.layer_id] = counts.get(r.layer_id, 0) + c
+        for tr in trace:
+            t, s, n = tr.teacher.argmax(-1), tr.student.argmax(-1), tr.teacher.shape[-1]
+            agree[tr.layer] = agree.get(tr.layer, 0) + int((t == s).sum())
+            total[tr.layer] = total.get(tr.layer, 0) + int(t.numel())
+            c = torch.bincount(tr.idx.reshape(-1), minlength=n)[:n].cpu().numpy()
+            counts[tr.layer] = counts.get(tr.layer, 0) + c
     model.train()
     out = {"val_loss": float(np.mean(losses)), "counts": counts}
     if total:
@@ -187,7 +187,6 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
         nonlocal opt
         counts = {r.layer_id: r.window_counts.to("cpu", copy=True).numpy() for r in model.routers()}
         for r in model.routers():
-            r.last_window = counts[r.layer_id]
             r.window_counts.zero_()
         if not config.lifecycle or config.faithful:
             return
@@ -210,12 +209,13 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
                 break
             for r in model.routers():
                 r.alpha = _alpha(config, step, steps)
-            _, lm_loss = model(x, y)
+            trace = []
+            _, lm_loss = model(x, y, trace=trace)
             loss = lm_loss
             distill = torch.zeros(())
-            if not config.faithful and config.distill_weight > 0:
-                for r in model.routers():
-                    distill = distill + F.cross_entropy(r.last["student"], r.last["teacher"].argmax(-1))
+            if not config.faithful and config.distill_weight > 0:   # student learns the teacher's top-1
+                for tr in trace:
+                    distill = distill + F.cross_entropy(tr.student, tr.teacher.argmax(-1))
                 loss = loss + config.distill_weight * distill
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,7 +1,7 @@
 """``chrono workload semantic-moe``: train on pydoc_data text with telemetry, print a summary."""
 from __future__ import annotations
 
-from reference_models.common import byte_batches, fixed_val_batches, split_bytes, text_bytes
+from reference_models.corpus import byte_batches, fixed_val_batches, split_bytes, text_bytes
 
 from .train import TrainingConfig, train
 

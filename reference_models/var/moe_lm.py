@@ -3,7 +3,7 @@
 Why: VAR must route a real trained MoE on real text. This is a nanoGPT-style
 decoder (causal attention + top-1 MoE FFN per layer, Switch-style gate weight
 = router probability of the chosen expert, Switch aux loss α·E·Σ f_i·P_i from
-Fedus et al. 2021) trained on ``pydoc_data`` text in seconds on a CPU.
+Fedus et al. 2021, ``chrono.actuators.switch_aux_loss``) trained on ``pydoc_data`` text in seconds on a CPU.
 
 Each MoE layer's router is its own module following chrono's native router
 protocol (``chrono_router = True``; returns logits, weights, indices). A
@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from chrono.actuators import switch_aux_loss
+
+from ..moe import mix_experts
 
 
 @dataclass
@@ -69,19 +73,12 @@ class MoE(nn.Module):
         E = self.w1.shape[0]
         if route is None:
             logits, w, ind = self.router(h)
-            # Switch aux loss: E · Σ_i f_i · P_i (f: fraction routed to i, P: mean router prob of i)
-            frac = torch.bincount(ind[:, 0], minlength=E).to(h.dtype) / h.shape[0]
-            self.last_aux = E * (frac * logits.float().softmax(-1).mean(0)).sum()
+            self.last_aux = switch_aux_loss(logits, ind, E)   # E · Σ_i f_i · P_i, top-1 f
         else:                                            # someone else (VAR) decides; own router not run
             w, ind = route(self.layer_id, h, idx_tokens)
             self.last_aux = torch.zeros((), device=h.device)
         self.last_indices = ind.detach()
-        out = torch.zeros_like(h)
-        for e in range(E):                               # 8 experts: a short loop, no per-token loop
-            sel = (ind[:, 0] == e).nonzero(as_tuple=True)[0]
-            if sel.numel():
-                y = F.gelu(h[sel] @ self.w1[e]) @ self.w2[e]
-                out.index_add_(0, sel, y * w[sel])
+        out = mix_experts(h, ind, w, lambda e, rows: F.gelu(rows @ self.w1[e]) @ self.w2[e], E)
         return out.view(B, T, D)
 
 

@@ -34,11 +34,10 @@ PRESETS = {
 
 
 def _text():
-    from reference_models.astarte.model import RollingChunks, pydoc_bytes
+    from reference_models.astarte.model import RollingChunks
+    from reference_models.corpus import pydoc_bytes, split_bytes
 
-    data = pydoc_bytes()
-    cut = int(len(data) * 0.9)
-    return RollingChunks, data[:cut], data[cut:]
+    return (RollingChunks, *split_bytes(pydoc_bytes()))
 
 
 def prepare(steps: int, seed: int = 0, preset: str | None = None, batch_size: int | None = None,

@@ -53,3 +53,39 @@ def test_dashboard_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_part_landing_in_the_same_mtime_tick_reaches_the_pages(store_root, monkeypatch):
+    """Two parts in one mtime tick: the second one must still show (it did not before the follower)."""
+    import os
+
+    from chrono.store import table_dir
+
+    monkeypatch.setattr(data, "CHECK_EVERY_S", 0.0)
+    w = chrono.open_run(store_root, "tick")
+    w.log_routing(0, 0, np.array([3, 4]))
+    w.flush()
+    sql = "SELECT sum(tokens) AS n FROM routing WHERE run_id = $run"
+    assert data.query(sql, run="tick", root=store_root)["n"].iloc[0] == 7
+    d = table_dir(store_root, "routing", "tick")
+    st = os.stat(d)
+    w.log_routing(1, 0, np.array([10, 20]))
+    w.flush()
+    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))   # the rename left the directory's mtime as it was
+    assert data.query(sql, run="tick", root=store_root)["n"].iloc[0] == 37
+    w.close()
+
+
+def test_runs_appear_and_disappear(store_root, monkeypatch):
+    from chrono.store import delete_run
+
+    monkeypatch.setattr(data, "CHECK_EVERY_S", 0.0)
+    with chrono.open_run(store_root, "a") as w:
+        w.log_routing(0, 0, np.array([1, 1]))
+    assert data.run_set(store_root) == {"a"}
+    with chrono.open_run(store_root, "b") as w:
+        w.log_routing(0, 0, np.array([1, 1]))
+    assert data.run_set(store_root) == {"a", "b"}
+    delete_run(store_root, "a")
+    assert data.run_set(store_root) == {"b"}
+    assert data.query("SELECT DISTINCT run_id FROM routing", root=store_root)["run_id"].tolist() == ["b"]

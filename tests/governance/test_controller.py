@@ -80,3 +80,41 @@ def test_closed_loop_raises_lens_scale_after_alert(tiny_model, fake_handle):
     assert max(after) > max(before) and max(after) > 0.1
     assert all(d["run_id"] == "run" for d in h.decisions)
     gov.remove()
+
+
+def _faithful_by_hand(windows, warmup_steps, s_warm, s_late):
+    """DESIGN §4's faithful policy written out independently: {(step, layer): lens scale}."""
+    def clip(x, lo=0.0, hi=1.0):
+        return max(lo, min(hi, x))
+
+    state, out = {}, {}
+    for rows in windows:
+        for r in rows:
+            if r["layer"] < 0 or r["token_count"] == 0:
+                continue
+            n, neff, top2, dead = r["n_experts"], r["neff"], r["top2_share"], r["dead"]
+            debt = clip(0.4 * clip((0.6 * n - neff) / (0.6 * n)) + 0.4 * clip((top2 - 0.75) / 0.25)
+                        + 0.2 * clip(dead / max(1, n - 1)))
+            p, b, last_top2, last_s = state.get(r["layer"], (0.0, 1.0, None, 0.0))
+            p = 0.8 * p + 0.2 * debt
+            b = 0.5 * b if last_top2 is not None and last_s > 0.01 and top2 - last_top2 > 0.02 \
+                else b + 0.2 * (1 - b)
+            cap = s_warm if r["step"] < warmup_steps else s_late
+            s = 0.0 if (b < 0.15 or p < 0.01) else clip(min(p, 0.5), 0.0, cap) * b
+            state[r["layer"]] = (p, b, top2, s)
+            out[(r["step"], r["layer"])] = s
+    return out
+
+
+@pytest.mark.parametrize("bounds", [(100, 0.02, 0.5), (40, 0.05, 0.3), (0, 0.1, 0.1)])
+def test_lens_scale_uses_the_configured_bounds(bounds):
+    """The controller's lens scale is policy.lens_scale under ControlConfig's warm-up and s_max."""
+    warmup, s_warm, s_late = bounds
+    ctl = Controller(2, 4, ControlConfig(warmup_steps=warmup, s_max_warmup=s_warm, s_max=s_late))
+    windows = _windows(40, seed=3)
+    got = {(d.step, d.layer): d.lens_scale for rows in windows for d in ctl.update(rows)
+           if not d.reason.startswith("idle")}
+    want = _faithful_by_hand(windows, warmup, s_warm, s_late)
+    assert got.keys() == want.keys()
+    assert got == pytest.approx(want, abs=1e-12)
+    assert any(v > 0 for v in got.values())   # the workload makes it act

@@ -91,9 +91,9 @@ def test_store_source_follows_new_windows(run_builder, store_truth):
 
 
 def test_store_source_rereads_only_after_a_change(run_builder, monkeypatch):
-    import chrono.exporters.prometheus as P
+    import chrono.follow
 
-    monkeypatch.setattr(P, "_FRESH_SECONDS", 0.0)  # trust directory mtimes at once
+    monkeypatch.setattr(chrono.follow, "FRESH_SECONDS", 0.0)  # trust directory mtimes at once
     src = StoreSource(run_builder.root, run_builder.run)
     (first,) = src.read()
     assert src.read()[0] is first  # nothing changed: the cached state is reused
@@ -282,10 +282,10 @@ def test_live_exposition_equals_handle():
 def test_live_snapshot_timestamp_moves_with_new_windows(monkeypatch):
     import types
 
-    import chrono.exporters.prometheus as P
+    import chrono.exporters.sources as S
 
     clock = [1000.0]
-    monkeypatch.setattr(P, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(S, "time", types.SimpleNamespace(time=lambda: clock[0]))
     h = FakeHandle()
     exporter = Exporter(h)
     assert series(parse(exporter.exposition()), "chrono_last_snapshot_timestamp_seconds") == {
@@ -381,16 +381,22 @@ def test_close_frees_the_port():
         assert fetch(again.url)[("chrono_exporter_source_up", frozenset())] == 1.0
 
 
-def test_store_source_does_not_trust_a_just_modified_directory(run_builder, monkeypatch):
-    import chrono.exporters.prometheus as P
+def test_store_source_sees_a_part_renamed_in_within_the_same_mtime_tick(run_builder):
+    """A new part that leaves the directory's mtime unchanged (same tick) is still exported."""
+    import os
 
-    # a part renamed in within the same mtime tick would not change the signature: while the newest
-    # directory is younger than _FRESH_SECONDS, every scrape re-lists the parts
-    monkeypatch.setattr(P, "_FRESH_SECONDS", 1e12)
+    from chrono.store import table_dir
+
     src = StoreSource(run_builder.root, run_builder.run)
     (first,) = src.read()
-    assert src.read()[0] is not first
-    assert src.read()[0].snapshot == first.snapshot
+    dirs = [table_dir(run_builder.root, t, run_builder.run) for t in StoreSource._WATCHED]
+    stamps = {d: os.stat(d) for d in dirs if d.is_dir()}
+    run_builder.add_windows(1)
+    for d, st in stamps.items():   # as if every rename had landed in the tick of the previous one
+        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (after,) = src.read()
+    assert after.snapshot_step == first.snapshot_step + 5
+    assert sum(after.rows_stored.values()) > sum(first.rows_stored.values())
 
 
 def test_heat_help_says_why_it_is_exported_next_to_pressure():

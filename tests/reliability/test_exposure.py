@@ -77,7 +77,7 @@ def test_storage_fault_is_exported_as_a_metric(tmp_path, monkeypatch, moe_tiny):
     """A write failure under probes shows up in the Prometheus exposition."""
     import errno
 
-    import chrono.store as store
+    import chrono.store.writer as store
     from chrono.exporters.prometheus import Exporter
     import probes
 

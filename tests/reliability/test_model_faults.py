@@ -157,7 +157,7 @@ def test_storage_fault_under_probes_is_counted_and_recovers(tmp_path, monkeypatc
     once the disk has room again."""
     import errno
 
-    import chrono.store as store
+    import chrono.store.writer as store
 
     caplog.set_level(logging.WARNING)
     real = store.pq.write_table

@@ -91,7 +91,7 @@ def test_migrate_upgrades_and_readers_see_the_same_data(v1_root, capsys):
         table = p.parent.parent.name
         assert pq.read_schema(p).names == table_schema(table).names
         assert pq.read_metadata(p).metadata[b"chrono.schema_version"] == str(SCHEMA_VERSION).encode()
-    manifest = json.loads((store.run_dir(v1_root, RUN) / "manifest.json").read_text())
+    manifest = json.loads((store.meta_dir(v1_root, RUN) / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["world_size"] == 2
     assert manifest["model"]["name"] == "fixture"  # kept
     assert cli_main(["--root", str(v1_root), "migrate"]) == 0  # idempotent
@@ -139,7 +139,7 @@ def test_migrate_interrupted_before_old_parts_are_deleted_shows_no_duplicates(v1
 
     before = _everything(v1_root)
     move_layout(v1_root, RUN)   # the layout move (its own crash points are tested below)
-    monkeypatch.setattr(store.os, "unlink", lambda *a, **k: None)  # "crash" before the deletes
+    monkeypatch.setattr(os, "unlink", lambda *a, **k: None)  # "crash" before the deletes
     assert cli_main(["--root", str(v1_root), "migrate"]) == 0
     monkeypatch.undo()
     assert len(list(store.table_dir(v1_root, "routing", RUN).glob("part-*.parquet"))) == 6  # old + new

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import chrono
-import chrono.store as store
-from chrono.store import delete_run, run_dir, table_dir
+import chrono.store.writer as store_writer
+from chrono.store import delete_run, meta_dir, table_dir
 
 ROWS = 8  # routing rows per logged step below
 
@@ -55,9 +55,9 @@ def _fail_with(monkeypatch, target, name, err, partial=False):
 
 FAULTS = {
     # (module to patch, function, error, leave a half-written temp file)
-    "disk_full": (lambda: store.pq, "write_table", OSError(errno.ENOSPC, "No space left on device"), True),
-    "read_only_fs": (lambda: store.pq, "write_table", OSError(errno.EROFS, "Read-only file system"), False),
-    "permission_denied": (lambda: store.os, "replace", PermissionError(errno.EACCES, "Permission denied"),
+    "disk_full": (lambda: store_writer.pq, "write_table", OSError(errno.ENOSPC, "No space left on device"), True),
+    "read_only_fs": (lambda: store_writer.pq, "write_table", OSError(errno.EROFS, "Read-only file system"), False),
+    "permission_denied": (lambda: store_writer.os, "replace", PermissionError(errno.EACCES, "Permission denied"),
                           False),
 }
 
@@ -91,7 +91,7 @@ def test_fault_is_counted_logged_once_and_recovered(store_root, monkeypatch, cap
 def test_on_error_raise_is_the_default_for_direct_users(store_root, monkeypatch):
     with chrono.open_run(store_root, "r") as w:
         _log(w, 0)
-        state = _fail_with(monkeypatch, store.pq, "write_table", OSError(errno.ENOSPC, "full"))
+        state = _fail_with(monkeypatch, store_writer.pq, "write_table", OSError(errno.ENOSPC, "full"))
         with pytest.raises(OSError):
             w.flush()
         state["on"] = False
@@ -99,7 +99,7 @@ def test_on_error_raise_is_the_default_for_direct_users(store_root, monkeypatch)
 
 def test_persistent_fault_bounds_memory_and_counts_dropped_rows(store_root, monkeypatch):
     with chrono.open_run(store_root, "r", on_error="count", max_pending_rows=20) as w:
-        state = _fail_with(monkeypatch, store.pq, "write_table", OSError(errno.ENOSPC, "full"))
+        state = _fail_with(monkeypatch, store_writer.pq, "write_table", OSError(errno.ENOSPC, "full"))
         for step in range(10):
             _log(w, step)
             w.flush()
@@ -142,7 +142,7 @@ def test_run_directory_replaced_by_a_file_then_restored(store_root, caplog):
         _log(w, 0)
         w.flush()
         delete_run(store_root, "r")
-        run_paths = [run_dir(store_root, "r")] + [table_dir(store_root, t, "r") for t in ("routing", "signals")]
+        run_paths = [meta_dir(store_root, "r")] + [table_dir(store_root, t, "r") for t in ("routing", "signals")]
         for p in run_paths:
             p.write_text("not a directory")
         for step in (1, 2):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from reference_models.astarte.model import (Astarte, AstarteConfig, RollingChunks, generate,
-                                            load_checkpoint, pydoc_bytes, save_checkpoint)
+                                            load_checkpoint, save_checkpoint)
+from reference_models.corpus import pydoc_bytes
 from reference_models.astarte.workload import train_chunks
 
 TINY = dict(d_state=8, n_cycles=2, d_model=16, n_layers=2, n_heads=2, seq_len=16)

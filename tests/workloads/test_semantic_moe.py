@@ -4,17 +4,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import chrono
 from chrono.lifecycle import Proposal, apply_proposals
-from reference_models.common import byte_batches, split_bytes, text_bytes
+from reference_models.corpus import byte_batches, split_bytes, text_bytes
 from reference_models.semantic_moe import (SemanticMoEConfig, SemanticMoELM, TrainingConfig,
                                            run_workload, spherical_kmeans, train)
 from reference_models.semantic_moe.model import PRESETS
 
 
-def quick_model(**kw) -> SemanticMoELM:
+def quick_model(seed: int = 0, **kw) -> SemanticMoELM:
     cfg = SemanticMoEConfig(**{**PRESETS["quick"], **kw})
+    torch.manual_seed(seed)          # the caller seeds the weights (the constructor does not)
     return SemanticMoELM(cfg)
 
 
@@ -35,6 +37,37 @@ def test_router_follows_native_protocol():
     assert logits.shape == (10, 4) and w.shape == (10, 4) and idx.shape == (10, 4)
     assert idx.dtype == torch.long and torch.allclose(w.sum(-1), torch.ones(10))
     assert sorted(idx[0].tolist()) == [0, 1, 2, 3]
+
+
+def test_weights_follow_the_callers_seed_and_surgery_leaves_the_global_rng_alone():
+    a, b, c = quick_model(seed=1), quick_model(seed=1), quick_model(seed=2)
+    assert torch.equal(a.tok.weight, b.tok.weight) and not torch.equal(a.tok.weight, c.tok.weight)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    layer = a.moe_layers()[0]
+    layer.spawn(seed=7)
+    assert torch.equal(torch.get_rng_state(), state)   # spawn draws from its own seed only
+    b.moe_layers()[0].spawn(seed=7)
+    assert torch.equal(layer.experts[-1].fc.weight, b.moe_layers()[0].experts[-1].fc.weight)
+
+
+def test_distillation_target_is_passed_back_not_kept():
+    from reference_models.semantic_moe.router import RouterTrace
+
+    m = quick_model(n_layer=2)
+    fill_and_fit(m)
+    x = torch.randint(0, 256, (3, 16))
+    trace = []
+    m(x, trace=trace)
+    assert [t.layer for t in trace] == [0, 1] and all(isinstance(t, RouterTrace) for t in trace)
+    assert trace[0].teacher.shape == trace[0].student.shape == (48, 4) and trace[0].idx.shape == (48, 2)
+    assert not any(hasattr(r, "last") for r in m.routers())
+    m(x)                                                   # no trace: nothing appended anywhere
+    assert len(trace) == 2
+    loss = sum(F.cross_entropy(t.student, t.teacher.argmax(-1)) for t in trace)
+    loss.backward()                                        # the student learns from the teacher only
+    assert m.routers()[0].student.weight.grad.abs().sum() > 0
+    assert m.routers()[0].centroids.grad is None and m.tok.weight.grad is None
 
 
 def test_faiss_kmeans_is_deterministic_under_a_seed():

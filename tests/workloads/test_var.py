@@ -138,7 +138,6 @@ def test_batch_path_equals_per_token_path():
     var_a, var_b = VAR(model, stats, cfg, clock_a), VAR(model, stats, cfg, clock_b)
     assert var_a.eligible.any() and not var_a.eligible.all()
     for step, idx in enumerate(batches):
-        got, want = [], []
         cap_a, cap_b = {}, {}
 
         def route_a(layer, h, idx_):
@@ -207,7 +206,7 @@ def test_quick_workload_lands_in_store(store_root):
 
 
 def test_prefix_count_leq_equals_brute_force():
-    from reference_models.var.var import prefix_count_leq
+    from reference_models.var.cache import prefix_count_leq
 
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
@@ -225,7 +224,7 @@ def test_prefix_count_leq_equals_brute_force():
 def test_batch_cache_equals_sequential_cache_large(seed, dense_limit, monkeypatch):
     """Bigger caches and batches than the capacity: many accesses need their stack distance
     (counted by the merge-sort tree, dense_limit 0, and by the dense mask)."""
-    import reference_models.var.var as var_mod
+    import reference_models.var.cache as var_mod
 
     monkeypatch.setattr(var_mod, "DENSE_LIMIT", dense_limit)
     rnd = random.Random(100 + seed)

@@ -1,5 +1,0 @@
-"""transformers `mixtral`: `MixtralTopKRouter` returns (router_logits, top_k_weights, top_k_index)."""
-from ..routing import topk_triple
-from . import Adapter, register
-
-ADAPTER = register(Adapter(name="hf.mixtral", classes=("MixtralTopKRouter",), parse=topk_triple))
