@@ -242,9 +242,9 @@ class Controller:
         if c.mode != "setpoint" or c.integral_init <= 0:
             return []
         u = setpoint.initial_effort(c.integral_init)
-        return [ControlDecision(-1, layer, c.actuator, 0.0, u, policy.heat(u), policy.forgetting(u),
-                                u * self._s_max(0), 1.0, False, f"initial: integral preset, effort {u:.3f}",
-                                None, None, mode="setpoint",
+        s = u * policy.s_max(0, **self._bounds())
+        return [ControlDecision(-1, layer, c.actuator, 0.0, u, policy.heat(u), policy.forgetting(u), s, 1.0,
+                                False, f"initial: integral preset, effort {u:.3f}", None, None, mode="setpoint",
                                 target=setpoint.target(c.target_fraction(layer), n),
                                 error=0.0, integral=c.integral_init, effort=u,
                                 informational=self.informational)

@@ -45,6 +45,7 @@ def test_initial_decisions_and_bumpless_first_update():
     assert [(d.step, d.layer) for d in init] == [(-1, 0), (-1, 1)]
     assert all(d.effort == d.pressure == 0.3 and d.integral == 0.3 and d.error == 0.0 for d in init)
     assert init[0].target == pytest.approx(3.4) and not init[0].abstain
+    assert init[0].lens_scale == pytest.approx(0.3 * 0.02)      # u0 · s_max during warm-up
     # a first window exactly at the target (error 0): the output does not jump
     t = 0.85 * 4
     rows = [dict(r, neff=t) if r["layer"] == 0 else r for r in _rows(1, UNIFORM)]
