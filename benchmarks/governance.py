@@ -11,8 +11,11 @@ Arms, all declared before any result was seen:
   bias<u>         loss-free bias balancing, constant rate u in {0.005, 0.02, 0.08} logit units
                   per step (Wang et al. 2024 / DeepSeek-V3)
   lens            faithful ChronoLens under ChronoMoE's policy (DESIGN §4)
-  chrono          the chrono setpoint controller, chosen among CANDIDATES on seeds 0-2 only
-                  by SELECTION_RULE, then run on the held-out seeds like every other arm
+  chrono          the chrono setpoint controller, chosen among CANDIDATES (two rounds) on seeds
+                  0-2 only by SELECTION_RULE_R2 (reference: aux0.1 on the same seeds), then run on
+                  the held-out seeds like every other arm (cache dir chrono-r2, or round 1's chrono
+                  when both rounds chose the same); round 1's choice (SELECTION_RULE) is reported
+                  too, as chrono-r1
 
 Protocol: candidates run on seeds 0-2 (split "selection"); every arm (baselines and the
 selected chrono setting) runs on held-out seeds 3-7 (split "heldout"), and only held-out
