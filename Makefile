@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/query.py
 	$(PY) benchmarks/probe_overhead.py
 	$(PY) benchmarks/prometheus_scrape.py
+	$(PY) benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV) chrono_runs .pytest_cache

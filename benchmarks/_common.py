@@ -55,3 +55,36 @@ def fresh_root(root: Path, run: str) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
+
+
+def fmt(x, width: int, places: int = 2) -> str:
+    """``x`` right-aligned in ``width`` with ``places`` decimals, or ``-`` when it is None."""
+    return f"{x:{width}.{places}f}" if x is not None else " " * (width - 1) + "-"
+
+
+def cached(path: Path, compute, use_cache: bool = True) -> dict:
+    """One cell of a resumable benchmark: read from ``path`` when there (and ``use_cache``), else
+    ``compute()`` and, when ``use_cache``, write it there. Delete the file to rerun the cell."""
+    if use_cache and path.exists():
+        print(f"(cached: {path})")
+        return json.loads(path.read_text())
+    cell = compute()
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell, indent=1))
+    return cell
+
+
+def write_json(path, name: str, payload: dict, **extra) -> dict:
+    """Write a benchmark's JSON to ``path`` with what it ran on (date, machine, torch, threads,
+    ``uptime``); returns the written dict."""
+    import torch
+
+    res = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "uptime": uptime(),
+           **extra, **payload}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    print(f"wrote {path}")
+    return res

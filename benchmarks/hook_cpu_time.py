@@ -1,24 +1,68 @@
-"""Run ``benchmarks/probe_overhead.py`` with in-hook time measured as thread CPU time.
+"""In-hook time as thread CPU time: the one mechanism the probe benchmarks share.
 
 On a shared, loaded machine the wall time spent inside a hook includes time the
-thread was descheduled; thread CPU time (``time.thread_time``) does not. With
-``--threads 1`` all hook work runs in the training thread, so the in-hook CPU
-time is the cost of the hooks themselves. Used to compare two checkouts
-(alternating processes) when the machine is not quiet; step times in the
-output are still wall times.
+thread was descheduled; thread CPU time (``time.thread_time``, user + system
+time of the calling thread) does not. With ``torch.set_num_threads(1)`` all
+hook work runs in the training thread, so the in-hook CPU time is the cost of
+the hooks themselves.
+
+``HookBracket`` measures it the same way for every recorder: it registers a
+forward hook on each router *before* any recorder attaches (it runs first and
+reads the clock) and one *after* all of them (it runs last and adds the
+elapsed thread CPU time). Everything between the two, i.e. every recorder's
+router hook, is timed with one instrument, whoever wrote the hook; hooks that
+are installed later than ``close()`` (transformers' own output capture) are
+outside the bracket.
 
 usage: python benchmarks/hook_cpu_time.py [probe_overhead.py options]
+(kept for old command lines: probe_overhead.py measures thread CPU time itself)
 """
-import runpy
-import sys
+from __future__ import annotations
+
 import time
-import types
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import probes.router_hook as H  # noqa: E402  (the router hook times itself there)
+CLOCK = time.thread_time
 
-H.time = types.SimpleNamespace(perf_counter=time.thread_time)
-sys.argv = ["probe_overhead.py"] + sys.argv[1:]
-runpy.run_path(str(ROOT / "benchmarks" / "probe_overhead.py"), run_name="__main__")
+
+class HookBracket:
+    """Thread CPU seconds spent in the router forward hooks registered between ``open`` and ``close``.
+
+    ``routers``: the router modules. ``seconds`` accumulates; ``calls`` counts bracketed router calls.
+    Hooks return None (a returned value would replace the router's output).
+    """
+
+    def __init__(self, routers):
+        self.routers = list(routers)
+        self.seconds = 0.0
+        self.calls = 0
+        self._t0 = None
+        self._handles = [r.register_forward_hook(self._start) for r in self.routers]
+
+    def _start(self, module, args, output):
+        self._t0 = CLOCK()
+        return None
+
+    def _stop(self, module, args, output):
+        if self._t0 is not None:
+            self.seconds += CLOCK() - self._t0
+            self.calls += 1
+            self._t0 = None
+        return None
+
+    def close(self) -> None:
+        """Register the closing hooks: call after every recorder under test has attached."""
+        self._handles += [r.register_forward_hook(self._stop) for r in self.routers]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+if __name__ == "__main__":
+    import runpy
+    import sys
+    from pathlib import Path
+
+    sys.argv = ["probe_overhead.py"] + sys.argv[1:]
+    runpy.run_path(str(Path(__file__).resolve().parent / "probe_overhead.py"), run_name="__main__")

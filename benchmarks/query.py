@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -67,17 +68,19 @@ def child(engine: str, query: str, root: str) -> None:
     """Run one query once (cold) and twice more (warm); print JSON with timings and peak RSS."""
     import chrono
 
-    times = []
+    times, threads = [], None
     for _ in range(3):
         t0 = time.perf_counter()
         if engine == "duckdb":
             con = chrono.connect(root)
             out = con.sql(COUNTS_SQL if query == "counts" else ENTROPY_SQL).to_arrow_table()
             n = out.num_rows
+            threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
         else:
             import polars as pl
 
             lf = chrono.read(root, "tokens")
+            threads = pl.thread_pool_size()
             if query == "counts":
                 q = lf.group_by("layer", "expert").agg(pl.len().alias("n"))
             else:
@@ -86,7 +89,7 @@ def child(engine: str, query: str, root: str) -> None:
                       .group_by("step", "layer").agg((-(pl.col("p") * pl.col("p").log())).sum().alias("entropy")))
             n = q.collect(engine="streaming").height
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"rows_out": n, "seconds": times,
+    print(json.dumps({"rows_out": n, "seconds": times, "threads": threads,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -95,6 +98,9 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 100_000_000])
     ap.add_argument("--data-dir", default="/tmp/chrono-query-bench")
     ap.add_argument("--quick", action="store_true", help="1M rows only, to check the script runs")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="DuckDB worker threads (sets $CHRONO_DUCKDB_THREADS for the queries; default: "
+                         "chrono.connect's default, one per core); recorded per result as 'threads'")
     ap.add_argument("--child", nargs=3, metavar=("ENGINE", "QUERY", "ROOT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -108,19 +114,23 @@ def main():
         generate(root, size)
         for query in ("counts", "entropy"):
             for engine in ("duckdb", "polars"):
+                env = dict(os.environ)
+                if args.threads is not None:
+                    env["CHRONO_DUCKDB_THREADS"] = str(args.threads)
                 proc = subprocess.run([sys.executable, __file__, "--child", engine, query, str(root)],
-                                      capture_output=True, text=True, check=True)
+                                      capture_output=True, text=True, check=True, env=env)
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 r.update(rows=size, engine=engine, query=query, best_s=min(r["seconds"]), cold_s=r["seconds"][0])
                 results.append(r)
                 print(f"{size / 1e6:6.0f}M rows  {query:<8} {engine:<7} cold {r['cold_s']:7.3f}s  "
-                      f"warm {r['best_s']:7.3f}s  peak RSS {r['peak_rss_mib']:7.0f} MiB")
+                      f"warm {r['best_s']:7.3f}s  peak RSS {r['peak_rss_mib']:7.0f} MiB  threads {r['threads']}")
         for query in ("counts", "entropy"):
             d = next(r for r in results if r["rows"] == size and r["query"] == query and r["engine"] == "duckdb")
             p = next(r for r in results if r["rows"] == size and r["query"] == query and r["engine"] == "polars")
             print(f"{size / 1e6:6.0f}M rows  {query:<8} polars/duckdb warm time ratio x{p['best_s'] / d['best_s']:.2f}")
     if not args.quick:
-        print("wrote", write_result("query", {"results": results}))
+        from benchmarks._common import uptime
+        print("wrote", write_result("query", {"results": results, "uptime": uptime()}))
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def user_input():
             w.log_routing(0, 0, np.ones(4))
         before = sorted(str(p) for p in Path(d).rglob("*"))
         for argv in cases:
-            p = subprocess.run([sys.executable, "-m", "chrono.cli", "--root", d, *argv], capture_output=True,
+            p = subprocess.run([sys.executable, "-m", "chrono_cli", "--root", d, *argv], capture_output=True,
                                env=env, cwd=str(REPO))
             ok += p.returncode == 2 and p.stderr.count(b"\n") == 1 and b"Traceback" not in p.stderr
         changed = sorted(str(p) for p in Path(d).rglob("*")) != before

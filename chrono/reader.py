@@ -27,19 +27,26 @@ from .store import StoreError, list_runs, part_columns, part_files, run_manifest
 from .store.catalog import CACHE_PARTS, file_version
 from .rules import invalid_sql
 
-RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("created_at", pa.timestamp("s")),
-    ("updated_at", pa.timestamp("s")), ("schema_version", pa.int32()),
-    ("n_layers", pa.int32()), ("n_experts", pa.int32()), ("top_k", pa.int32()),
-    ("adapter", pa.string()), ("model", pa.string()), ("config", pa.string()),
-    ("host", pa.string()), ("world_size", pa.int32()),
-])
+# The ``runs`` view, one row per run from its manifest: (column, SQL type, SQL of the bound value).
+# Built in DuckDB, not as an Arrow table: pyarrow arrays from Python objects import pandas,
+# which was most of ``chrono runs``' start-up (issue 17).
+RUNS_COLUMNS = (
+    ("run_id", "VARCHAR", "?"), ("created_at", "TIMESTAMP_S", "make_timestamp(?::BIGINT * 1000000)"),
+    ("updated_at", "TIMESTAMP_S", "make_timestamp(?::BIGINT * 1000000)"), ("schema_version", "INTEGER", "?"),
+    ("n_layers", "INTEGER", "?"), ("n_experts", "INTEGER", "?"), ("top_k", "INTEGER", "?"),
+    ("adapter", "VARCHAR", "?"), ("model", "VARCHAR", "?"), ("config", "VARCHAR", "?"),
+    ("host", "VARCHAR", "?"), ("world_size", "INTEGER", "?"),
+)
 
 READ_ONLY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
 
 
 class QueryError(Exception):
     """A user's SQL was refused or failed; the message is one readable line."""
+
+
+class ThreadsError(QueryError, ValueError):
+    """A bad DuckDB thread count (``threads=`` / ``$CHRONO_DUCKDB_THREADS``); one readable line."""
 
 
 def _sql_str(s: str) -> str:
@@ -72,7 +79,8 @@ def _view_sql(table: str, files: list[str]) -> str:
     return f"SELECT {', '.join(cols)} FROM read_parquet({file_list}, union_by_name=true, hive_partitioning=false)"
 
 
-def runs_table(root) -> pa.Table:
+def runs_rows(root) -> list[tuple]:
+    """One tuple per run, in ``RUNS_COLUMNS`` order (times as Unix seconds), from the manifests."""
     rows = []
     for r in list_runs(root):
         m = run_manifest(root, r)
@@ -80,21 +88,30 @@ def runs_table(root) -> pa.Table:
         epl = model.get("experts_per_layer") or {}
         n_exp = max((int(v) for v in epl.values()), default=None) if isinstance(epl, dict) else None
         layers = model.get("layers")
-        rows.append({
-            "run_id": r,
-            "created_at": int(m["created_at"]) if m.get("created_at") else None,
-            "updated_at": int(m["updated_at"]) if m.get("updated_at") else None,
-            "schema_version": m.get("schema_version"),
-            "n_layers": len(layers) if isinstance(layers, list) else (len(epl) or None),
-            "n_experts": n_exp,
-            "top_k": model.get("top_k"),
-            "adapter": model.get("adapter"),
-            "model": json.dumps(model) if model else None,
-            "config": json.dumps(m.get("config")) if m.get("config") is not None else None,
-            "host": m.get("host"),
-            "world_size": m.get("world_size"),
-        })
-    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+        rows.append((
+            r,
+            int(m["created_at"]) if m.get("created_at") else None,
+            int(m["updated_at"]) if m.get("updated_at") else None,
+            m.get("schema_version"),
+            len(layers) if isinstance(layers, list) else (len(epl) or None),
+            n_exp,
+            model.get("top_k"),
+            model.get("adapter"),
+            json.dumps(model) if model else None,
+            json.dumps(m.get("config")) if m.get("config") is not None else None,
+            m.get("host"),
+            m.get("world_size"),
+        ))
+    return rows
+
+
+def _build_runs_view(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    rows = runs_rows(root)
+    con.execute("CREATE OR REPLACE TABLE _runs ({})".format(", ".join(f"{c} {t}" for c, t, _ in RUNS_COLUMNS)))
+    if rows:
+        one = "(" + ", ".join(v for _, _, v in RUNS_COLUMNS) + ")"
+        con.execute(f"INSERT INTO _runs VALUES {', '.join([one] * len(rows))}", [v for r in rows for v in r])
+    con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _runs")
 
 
 def part_has_invalid_rows(path: str, table: str) -> bool:
@@ -162,11 +179,29 @@ def _build_views(con: duckdb.DuckDBPyConnection, root: Path, skip_invalid: bool 
             con.execute(f"CREATE OR REPLACE VIEW invalid_{table} AS "
                         f"SELECT * FROM ({_view_sql(table, suspect)}) WHERE {bad}")
         con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
-    con.register("_runs_arrow", runs_table(root))
-    con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _runs_arrow")
+    _build_runs_view(con, root)
 
 
-def connect(root=None, sandbox: bool = True, skip_invalid: bool = False) -> duckdb.DuckDBPyConnection:
+def duckdb_threads(threads=None) -> int | None:
+    """Worker threads for a DuckDB connection: ``threads``, else ``$CHRONO_DUCKDB_THREADS``,
+    else None (DuckDB's own default: every core of the machine). Raises ThreadsError (a ValueError)
+    unless an int >= 1."""
+    src = "threads"
+    if threads is None:
+        threads, src = os.environ.get("CHRONO_DUCKDB_THREADS") or None, "$CHRONO_DUCKDB_THREADS"
+        if threads is None:
+            return None
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(threads, bool) or n < 1 or (isinstance(threads, float) and threads != n):
+        raise ThreadsError(f"{src} must be an integer >= 1 (DuckDB worker threads), got {threads!r}")
+    return n
+
+
+def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
+            threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """Read-only DuckDB connection with views ``runs routing tokens snapshots alerts
     decisions signals lifecycle`` over all runs under ``root``.
 
@@ -175,12 +210,16 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False) -> duck
     negative counts, unknown modes, non-finite metrics...; written by an older
     version or another tool) out of those views, and show them in views
     ``invalid_<table>`` instead (what the dashboard uses).
+    ``threads``: DuckDB worker threads (default ``$CHRONO_DUCKDB_THREADS``, else DuckDB's
+    default, one per core); ThreadsError (a ValueError) unless an int >= 1.
     """
     from .store import default_root
 
     root = Path(root if root is not None else default_root()).absolute()
+    n_threads = duckdb_threads(threads)
     con = duckdb.connect(":memory:")
-    con.execute("SET threads TO 2")
+    if n_threads is not None:
+        con.execute(f"SET threads TO {n_threads}")
     con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root, "
                 f"{bool(skip_invalid)} AS skip_invalid")
     _build_views(con, root, skip_invalid)

@@ -39,6 +39,13 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A port on ``host`` the system reports free now (bind to port 0 and read it back)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def command(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> list[str]:
     """The ``streamlit run`` command line (the store comes from ``$CHRONO_ROOT``)."""
     return [sys.executable, "-m", "streamlit", "run", str(APP),
@@ -54,10 +61,13 @@ def serve(root, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, wait: bool =
           timeout: float = 60.0, log_file=None) -> subprocess.Popen:
     """Start the dashboard on ``host:port`` reading the store at ``root``.
 
-    Returns the running process (stop it with ``.terminate()``). With
+    Returns the running process (stop it with ``.terminate()``); its ``port``
+    attribute is the port served (``port=0``: one the system picked as free). With
     ``wait`` the call returns only once ``/_stcore/health`` answers ``ok``.
     ``log_file``: a path for the server's output (default: inherit ours).
     """
+    if port == 0:
+        port = free_port(host)
     if not port_free(host, port):
         raise ServeError(f"port {port} on {host} is already in use; pick another with --port")
     env = dict(os.environ, CHRONO_ROOT=str(Path(root).absolute()))
@@ -68,6 +78,7 @@ def serve(root, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, wait: bool =
     finally:
         if out:
             out.close()
+    proc.port = port
     if wait:
         try:
             wait_ready(proc, host, port, timeout)

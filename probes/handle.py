@@ -112,7 +112,8 @@ class Handle:
         self.hooks = HookRegistry()      # every hook on the model, probes' and registered actuators'
         stack_paths, stack_of = C.find_stacks(model, [s.name for s in self.routers])
         cap = max(s.n_experts for s in self.routers)
-        sampler = TokenSampler(float(tokens), max_tokens_per_step, seed) if tokens else None
+        sampler = TokenSampler(float(tokens), max_tokens_per_step, seed,
+                               device=model_device(model)) if tokens else None
         self._window = Window(self.routers, Recorder(len(self.routers), cap, flush_every,
                                                      model_device(model)), sampler, self._dist)
         cfg = {"probes": {"tokens": float(tokens), "flush_every": flush_every, "steps": steps,

@@ -2,14 +2,19 @@
 
 For a router call over ``T`` tokens with rate ``p`` we take ``n = min(ceil(p*T),
 budget)`` tokens by systematic sampling: positions ``off + i*stride`` with
-``stride = T // n`` and a random offset drawn on the device (no host sync;
-each token's inclusion probability is n / (n*stride), uniform over the first
-n*stride tokens). The i-th call of every layer in a step uses the same offset,
-so at equal token counts all layers sample the same tokens. The budget is ``max_tokens_per_step`` per layer per step,
-counted on the host from shapes only. Sampled values stay on the device until
-the window is flushed, then are copied to the host in two concatenated copies.
-Under ``torch.compile`` sampling runs outside the graph (a graph break per
-router call when tokens > 0); aggregate counting stays inside it.
+``stride = T // n`` and a random offset (no host sync; each token's inclusion
+probability is n / (n*stride), uniform over the first n*stride tokens). The
+i-th call of every layer in a step uses the same random word, so at equal token
+counts all layers sample the same tokens. The budget is ``max_tokens_per_step``
+per layer per step, counted on the host from shapes only. Sampled values stay on
+the device until the window is flushed, then are copied to the host in two
+concatenated copies.
+
+Under ``torch.compile`` sampling is traced into the graph (no graph break; issue
+19): the offset is a tensor op on random words that ``end_step`` redraws in
+place on the device once per step (``Tensor.random_`` with the sampler's own
+generator, outside any compiled region), so no generator is created or
+advanced inside the graph. Same seed, same samples, eager or compiled.
 """
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ import math
 import numpy as np
 import torch
 
+OFFSET_SLOTS = 64  # random words per step: router calls of one layer beyond 64 in a step reuse them
 N_INT_COLS = 10  # step, layer, mode, batch_idx, position, k, expert, token_id (-1: none), dropped, padding
 
 
 class TokenSampler:
-    def __init__(self, rate: float, max_tokens_per_step: int, seed: int = 0):
+    def __init__(self, rate: float, max_tokens_per_step: int, seed: int = 0, device=None):
         if not (0.0 < rate <= 1.0):
             raise ValueError("tokens must be 0 (off) or a fraction in (0, 1]")
         if max_tokens_per_step < 1:
@@ -30,23 +36,26 @@ class TokenSampler:
         self.rate = float(rate)
         self.max_tokens_per_step = int(max_tokens_per_step)
         self.seed = int(seed)
-        self._gens: dict = {}
         self._used: dict[int, int] = {}
         self._calls: dict[int, int] = {}     # router calls per layer in the open step
-        self._offsets: dict = {}             # (call, T, n, device) -> shared offset
         self._pending: list = []
         self._ready: list = []
         self.sampled = 0
-
-    def _gen(self, device) -> torch.Generator:
-        g = self._gens.get(device)
-        if g is None:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._gens[device] = g
-        return g
+        self._draw_on(torch.device(device or "cpu"))
 
     @torch._dynamo.disable
+    def _draw_on(self, device) -> None:
+        """(Re)create the generator and the step's random words on ``device`` (at init, or when the
+        model moved: the only place a generator is created, never inside a compiled region)."""
+        self._gen = torch.Generator(device=device)
+        self._gen.manual_seed(self.seed)
+        self._rand = torch.empty(OFFSET_SLOTS, dtype=torch.int64, device=device)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        # one device op per step: new random words for the next step's calls (no host sync)
+        self._rand.random_(0, 2 ** 62, generator=self._gen)
+
     def sample(self, layer: int, mode: int, indices, weights=None, dropped=None, ctx=None) -> None:
         """Sample this router call's tokens. ``ctx``: the ``probes.context.ForwardContext`` of the
         call when it describes these tokens (``T == B*S``), else None (flat positions, no ids)."""
@@ -65,10 +74,11 @@ class TokenSampler:
         # tokens (layer-to-layer analyses can follow a token) while each token stays equally likely
         call = self._calls.get(layer, 0)
         self._calls[layer] = call + 1
-        key = (call, T, n, dev)
-        off = self._offsets.get(key)
-        if off is None:
-            off = self._offsets[key] = torch.randint(0, stride, (1,), device=dev, generator=self._gen(dev))
+        if self._rand.device != dev:
+            self._draw_on(dev)
+        # offset in [0, stride): the step's random word of this call index modulo the stride
+        # (2**62 words: the modulo bias is < stride / 2**62); a tensor op, so it stays in the graph
+        off = torch.remainder(self._rand[call % OFFSET_SLOTS], stride)
         pos = torch.arange(n, device=dev).mul_(stride).add_(off)      # [n]
         if ctx is not None:
             seq = ctx.seq
@@ -105,7 +115,7 @@ class TokenSampler:
         self._pending = []
         self._used = {}
         self._calls = {}
-        self._offsets = {}
+        self._redraw()
 
     def take(self) -> tuple[np.ndarray, np.ndarray] | None:
         """All finished steps' rows as host arrays, or None.

@@ -1,8 +1,8 @@
 """Workload registry: ``chrono workload NAME`` looks NAME up here.
 
-Each entry maps a workload name to ``"module:function"``; the function is called with the
-keywords it accepts among ``mode, steps, run`` (or ``run_id``) ``, seed, root, progress``
-(``steps`` only when the user gave ``--steps``) and returns an object with ``.summary()``,
+Each entry maps a workload name to ``"module:function"``; every function has one signature
+and is called as ``fn(mode=, steps=, run=, seed=, root=, progress=)`` (``steps=None``: the
+workload's own default) and returns an object with ``.summary()``,
 or a dict (printed as ``key: value`` lines). Other workload modules add themselves with
 ``register`` (or an entry below) without touching the CLI.
 """

@@ -7,7 +7,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.store import run_dir
 
 
@@ -79,7 +79,7 @@ def test_runs_has_a_health_column(demo_root, tmp_path, capsys):
 
 
 def test_plural_grammar(demo_root, capsys):
-    from chrono.cli import plural
+    from chrono_cli.common import plural
 
     assert [plural(n, "alert") for n in (0, 1, 2)] == ["0 alerts", "1 alert", "2 alerts"]
     assert run_cli("snapshot", "demo", "--every", "200", root=demo_root) == 0  # one window, 0 alerts
@@ -135,7 +135,7 @@ def test_compact(demo_root, capsys):
 ])
 def test_user_mistakes_are_one_line_exit_2(demo_root, args, needle):
     before = sorted(p.name for p in demo_root.rglob("*"))
-    proc = subprocess.run([sys.executable, "-m", "chrono.cli", "--root", str(demo_root), *args],
+    proc = subprocess.run([sys.executable, "-m", "chrono_cli", "--root", str(demo_root), *args],
                           capture_output=True, text=True, cwd=os.getcwd())
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()
@@ -161,14 +161,14 @@ def test_a_file_as_root_is_not_a_store(tmp_path, capsys):
 
 
 def test_query_commands_do_not_import_torch(demo_root):
-    code = ("import sys; from chrono.cli import main; main(['--root', sys.argv[1], 'runs']); "
+    code = ("import sys; from chrono_cli.main import main; main(['--root', sys.argv[1], 'runs']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code, str(demo_root)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_help_lists_commands():
-    proc = subprocess.run([sys.executable, "-m", "chrono.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "chrono_cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     for cmd in ("runs", "show", "query", "snapshot", "alerts", "compact", "demo"):
         assert cmd in proc.stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import chrono
-from chrono.cli import main as cli_main
+from chrono_cli.main import main as cli_main
 from chrono.schema import TABLES
 from chrono.store import (PART_RE, StoreError, compact, delete_run, is_legacy_run, list_runs, part_files,
                           run_dir, table_dir)

@@ -91,10 +91,8 @@ def test_a_refused_writer_leaves_the_holder_named(store_root):
 
 
 def _rm_module():
-    try:   # the CLI is moving into chrono_cli (issue 17); either place
-        from chrono_cli.commands import rm
-    except ImportError:
-        from chrono.commands import rm
+    from chrono_cli.commands import rm
+
     return rm
 
 

@@ -231,4 +231,4 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
         tmp.write_bytes(data)
 
 
-_atomic_write_bytes = atomic_write_bytes   # the name chrono/commands/migrate.py imports
+_atomic_write_bytes = atomic_write_bytes   # the name chrono_cli/commands/migrate.py imports

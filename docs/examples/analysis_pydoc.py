@@ -67,7 +67,7 @@ def main() -> None:
     ]
     for c in commands:
         print(f"\n$ chrono {' '.join(c)}", flush=True)
-        subprocess.run([sys.executable, "-m", "chrono.cli", "--root", str(root), *c], check=True)
+        subprocess.run([sys.executable, "-m", "chrono_cli", "--root", str(root), *c], check=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 
 import chrono
 from chrono.analysis import Scope, analyze
-from chrono.cli import main
+from chrono_cli.main import main
 from tests.analysis.hand_store import AGG_RUN, RUN, build
 
 KINDS = ["coactivation", "vocabulary", "transitions", "drift", "loads"]
@@ -103,7 +103,7 @@ def test_plan_placement_errors(root, capsys):
 
 
 def test_analysis_commands_do_not_import_torch(root, tmp_path):
-    code = ("import sys; from chrono.cli import main\n"
+    code = ("import sys; from chrono_cli.main import main\n"
             "for argv in (['analyze', 'hand', k, '--format', 'json'] for k in %r):\n"
             "    assert main(['--root', sys.argv[1]] + argv) == 0\n"
             "assert main(['--root', sys.argv[1], 'plan-placement', 'hand', '--gpus', '2', '-o', sys.argv[2]]) == 0\n"

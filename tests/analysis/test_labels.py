@@ -5,7 +5,7 @@ import json
 
 import chrono
 from chrono.analysis.labels import byte_label, token_labeler
-from chrono.cli import main
+from chrono_cli.main import main
 from tests.analysis import spec_store
 
 

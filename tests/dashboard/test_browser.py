@@ -66,7 +66,7 @@ def server(tmp_path):
     facts = build(root)
     port = free_port()
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "chrono.cli", "--root", str(root), "dashboard",
+    proc = subprocess.Popen([sys.executable, "-m", "chrono_cli", "--root", str(root), "dashboard",
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, "127.0.0.1", port, timeout=90)

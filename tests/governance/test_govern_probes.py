@@ -6,7 +6,7 @@ import torch
 
 import chrono
 import chrono.actuators
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.governance import JSONL_NAME
 from chrono.store import list_runs, run_dir
 

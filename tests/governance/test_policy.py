@@ -70,7 +70,7 @@ def test_abstain_rules():
 def test_policy_imports_no_torch():
     import subprocess
 
-    code = ("import sys; import chrono.controller, chrono.controller.policy, chrono.commands.replay; "
+    code = ("import sys; import chrono.controller, chrono.controller.policy, chrono_cli.commands.replay; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -79,7 +79,7 @@ def test_replay_command_runs_without_torch(tmp_path):
     """`chrono replay` on a missing run fails cleanly (exit 2) and never loads torch."""
     import subprocess
 
-    code = ("import sys; from chrono.cli import main; rc = main(['--root', sys.argv[1], 'replay', 'nope']); "
+    code = ("import sys; from chrono_cli.main import main; rc = main(['--root', sys.argv[1], 'replay', 'nope']); "
             "sys.exit(10 + rc if 'torch' not in sys.modules else 99)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 12, r.stderr

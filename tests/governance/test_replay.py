@@ -4,7 +4,7 @@ import pyarrow as pa
 import torch
 
 import chrono
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.governance import CONFIG_NAME, JSONL_NAME, govern
 from chrono.store import run_dir
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import chrono
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.controller import ControlConfig, Controller, informational, setpoint
 from chrono.governance import JSONL_NAME, govern
 from chrono.snapshots import layer_rows

@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 import chrono
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.schema import SNAPSHOTS
 from chrono.snapshots import alerts_for, build_snapshots
 
@@ -150,7 +150,7 @@ def test_export_and_rm_import_no_torch(store, tmp_path):
 
     root = tmp_path / "copy"
     shutil.copytree(store, root)
-    code = ("import sys\nfrom chrono.cli import main\n"
+    code = ("import sys\nfrom chrono_cli.main import main\n"
             f"assert main(['--root', {str(root)!r}, 'export', 'tensorboard', 'exp', '--logdir', "
             f"{str(tmp_path / 'tb')!r}]) == 0\n"
             f"assert main(['--root', {str(root)!r}, 'rm', 'exp', '--yes']) == 0\n"

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 import chrono
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.schema import TABLES
 from chrono.store import list_runs
 
@@ -59,7 +59,7 @@ def test_rm_unknown_or_invalid_run_is_one_line_exit_2(store_root, capsys):
 def test_rm_without_yes_and_without_terminal_refuses(store_root):
     _make_run(store_root, "a")
     before = _files(store_root)
-    p = subprocess.run([sys.executable, "-m", "chrono.cli", "--root", str(store_root), "rm", "a"],
+    p = subprocess.run([sys.executable, "-m", "chrono_cli", "--root", str(store_root), "rm", "a"],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert p.returncode == 2, p.stderr
@@ -81,7 +81,7 @@ def test_rm_refuses_a_run_a_live_writer_holds(store_root):
     try:
         assert writer.stdout.readline().strip() == "ready"
         before = _files(store_root)
-        p = subprocess.run([sys.executable, "-m", "chrono.cli", "--root", str(store_root), "rm", "a",
+        p = subprocess.run([sys.executable, "-m", "chrono_cli", "--root", str(store_root), "rm", "a",
                             "--yes"], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": os.getcwd()})
         assert p.returncode == 2

@@ -178,7 +178,7 @@ def test_run_id_from_names(name, rid):
 
 
 def test_governance_decides_at_every_window_and_replays(tmp_path, capsys):
-    from chrono.cli import main
+    from chrono_cli.main import main
 
     root = tmp_path / "store"
     cb = ChronoCallback(root=root, flush_every=2, govern="informed-lens")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.store import StoreError
 from field_truth import duplicate_keys, stored
 from probe_models import tiny_workload

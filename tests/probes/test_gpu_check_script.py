@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py stays runnable: its CPU dry run passes every check that needs no CUDA."""
+"""benchmarks/gpu_check.py stays runnable: its CPU dry run passes every check that needs no CUDA
+(exact counts, per-layer compile with zero graph breaks, the overhead table's count checks)."""
 from __future__ import annotations
 
 import importlib.util
@@ -26,3 +27,14 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert c["padding_excluded"]["tokens"] < c["eager_tokens"]
     assert c["checkpoint_offload"] == "skipped: cpu"
     assert c["host_syncs_per_step"]["aggregate"] == "skipped: cpu"
+    assert c["sync_error"] == {"aggregate": "skipped: cpu", "tokens_1pct": "skipped: cpu"}
+    pl = c["compiled_per_layer"]
+    assert pl["backend"] == "eager"
+    for name, rows in (("aggregate", 0), ("tokens_1pct", 3 * 2 * 2)):   # ceil(1 % of 32) = 1 token, top-2
+        assert pl[name] == {"graph_breaks": 0, "counts_equal_eager": True, "token_rows_equal_eager": True,
+                            "token_rows": rows}, pl[name]
+    cells = res["overhead"]
+    assert [(x["shape"], x["mode"], x["device"]) for x in cells] == [("small", "train", "cpu"), ("small", "infer", "cpu")]
+    for cell in cells:
+        check = dict(cell["counts_equal_floor"])
+        assert check.pop("floor_tokens") == 2 * 16 * 2 * 4 and all(check.values()), check

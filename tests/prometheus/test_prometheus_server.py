@@ -171,7 +171,7 @@ def test_serve_metrics_without_run_exports_two_concurrent_runs(run_builder, stor
     healthy.add_windows(2)
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cli = subprocess.Popen([sys.executable, "-m", "chrono.cli", "--root", str(root), "serve-metrics",
+    cli = subprocess.Popen([sys.executable, "-m", "chrono_cli", "--root", str(root), "serve-metrics",
                             "--port", str(port), "--recent", "15m"],
                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.exporters.prometheus import serve
 from tests.conftest import free_port
 
@@ -40,7 +40,7 @@ def test_serve_metrics_process_serves_the_run_and_stops_on_sigterm(run_builder):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chrono.cli", "--root", str(run_builder.root), "serve-metrics",
+        [sys.executable, "-m", "chrono_cli", "--root", str(run_builder.root), "serve-metrics",
          "--run", run_builder.run, "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

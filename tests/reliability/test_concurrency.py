@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import chrono
-from chrono.cli import main as cli_main
+from chrono_cli.main import main as cli_main
 from chrono.reader import run_readonly_sql
 from chrono.store import StoreError, compact
 

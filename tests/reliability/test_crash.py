@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import chrono
-from chrono.cli import main as cli_main
+from chrono_cli.main import main as cli_main
 
 EVERY, LAYERS, EXPERTS = 5, 4, 64
 

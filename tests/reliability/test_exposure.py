@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import chrono
-from chrono.cli import build_parser
+from chrono_cli.main import build_parser
 from chrono.reader import QueryError
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chrono
-from chrono.cli import main as cli_main
+from chrono_cli.main import main as cli_main
 from chrono.schema import TABLES
 from chrono.store import table_dir
 

@@ -15,7 +15,7 @@ import pytest
 
 import chrono
 import chrono.store as store
-from chrono.cli import main as cli_main
+from chrono_cli.main import main as cli_main
 from chrono.schema import SCHEMA_VERSION, TABLES, schema_for, table_schema
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "store_v1"
@@ -120,7 +120,7 @@ def test_migrate_refuses_a_legacy_run_an_older_chrono_is_writing(v1_root, capsys
 
 
 def test_migrate_refuses_a_run_being_written(v1_root, capsys):
-    from chrono.commands.migrate import move_layout
+    from chrono_cli.commands.migrate import move_layout
 
     assert move_layout(v1_root, RUN) == 6   # layout first; the schema upgrade is still to do
     with chrono.open_run(v1_root, RUN, rank=1, world_size=2):
@@ -135,7 +135,7 @@ def test_migrate_refuses_a_run_being_written(v1_root, capsys):
 
 
 def test_migrate_interrupted_before_old_parts_are_deleted_shows_no_duplicates(v1_root, monkeypatch, capsys):
-    from chrono.commands.migrate import move_layout
+    from chrono_cli.commands.migrate import move_layout
 
     before = _everything(v1_root)
     move_layout(v1_root, RUN)   # the layout move (its own crash points are tested below)
@@ -152,7 +152,7 @@ def test_migrate_interrupted_before_old_parts_are_deleted_shows_no_duplicates(v1
 def test_layout_move_interrupted_midway_loses_and_duplicates_nothing(v1_root, monkeypatch, moves_before_crash):
     """A crash at any point of the file-by-file move: readers see every row exactly once
     (they read the partition and the legacy directory), and the next migrate finishes."""
-    import chrono.commands.migrate as migrate
+    import chrono_cli.commands.migrate as migrate
 
     before = _everything(v1_root)
     real, calls = os.replace, []

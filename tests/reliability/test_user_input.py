@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import chrono
-from chrono.cli import main as cli_main
+from chrono_cli.main import main as cli_main
 from chrono.reader import QueryError, run_readonly_sql
 from chrono.store import StoreError, validate_run_id
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 import chrono
-from chrono.cli import main as cli_main
+from chrono_cli.main import main as cli_main
 from chrono.store import run_dir
 from chrono.validate import InvalidInputError
 

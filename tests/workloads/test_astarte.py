@@ -129,7 +129,7 @@ def test_dreaming_and_prompted_generation_leave_state_alone():
 
 def test_quick_workload_lands_in_store_and_cli_generates(store_root):
     import chrono
-    from chrono.cli import main
+    from chrono_cli.main import main
     from reference_models import registry
 
     run = registry.resolve("astarte")                 # what `chrono workload astarte` calls

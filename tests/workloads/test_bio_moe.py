@@ -156,7 +156,7 @@ def test_faithful_freezes_router_and_routes_per_batch():
 
 
 def test_chrono_workload_cli(store_root, capsys):
-    from chrono.cli import main
+    from chrono_cli.main import main
 
     assert main(["--root", str(store_root), "workload", "bio-moe", "--steps", "63", "--run", "cli-bio"]) == 0
     out = capsys.readouterr().out

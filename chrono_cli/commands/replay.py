@@ -59,7 +59,7 @@ def cmd_replay(args) -> int:
     import chrono
     from pathlib import Path
 
-    from chrono.cli import UserError, print_table, require_store
+    from chrono_cli.common import UserError, print_table, require_store
     from chrono.controller import CONFIG_NAME, JSONL_NAME, ControlConfig
     from chrono.store import require_run
     from chrono.rules import check_run

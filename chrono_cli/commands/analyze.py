@@ -45,7 +45,7 @@ def _json_default(v):
 def cmd_analyze(args) -> int:
     import chrono
     from chrono.analysis import AnalysisError, Scope, analyze, parse_steps
-    from chrono.cli import UserError, print_table
+    from chrono_cli.common import UserError, print_table
     from chrono.store import require_run
 
     require_run(args.root, args.run)

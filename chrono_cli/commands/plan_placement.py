@@ -18,7 +18,7 @@ def cmd_plan_placement(args) -> int:
     from chrono.analysis import AnalysisError, Scope, parse_steps
     from chrono.analysis.placement_io import (chrono_json, plan_run, sglang_json, vllm_initial_map,
                                               vllm_json)
-    from chrono.cli import UserError, print_table
+    from chrono_cli.common import UserError, print_table
     from chrono.store import require_run
 
     require_run(args.root, args.run)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _checkpoint(args) -> Path:
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
     from chrono.store import run_dir, run_meta_dir, validate_run_id
 
     if args.checkpoint:
@@ -29,7 +29,7 @@ def _checkpoint(args) -> Path:
 
 
 def _check(args) -> None:
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
 
     if args.length < 1 or args.length > 100_000:
         raise UserError("--length must be between 1 and 100000")
@@ -38,7 +38,7 @@ def _check(args) -> None:
 
 
 def cmd_astarte(args) -> int:
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
 
     _check(args)
     path = _checkpoint(args)

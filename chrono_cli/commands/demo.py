@@ -19,14 +19,19 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
+from chrono_cli.common import UserError, invocation, plural
 
 N_LAYERS, N_EXPERTS, TOP_K, TOKENS_PER_STEP = 4, 8, 2, 2048
 SNAPSHOT_EVERY = 10
 
 
-def synthetic_counts(rng: np.random.Generator, step: int, steps: int) -> np.ndarray:
-    """Counts ``[layers, experts]`` of (token, k) assignments at ``step``."""
+def synthetic_counts(rng, step: int, steps: int):
+    """Counts ``[layers, experts]`` (int64 ndarray) of (token, k) assignments at ``step``.
+
+    ``rng``: a ``numpy.random.Generator``.
+    """
+    import numpy as np
+
     out = np.zeros((N_LAYERS, N_EXPERTS), dtype=np.int64)
     progress = step / max(1, steps - 1)
     for layer in range(N_LAYERS):
@@ -69,6 +74,8 @@ class Stages:
 
 
 def record(root, run: str, steps: int, seed: int, progress: bool = True) -> None:
+    import numpy as np
+
     import chrono
     from chrono.snapshots import AlertTracker, layer_rows
 
@@ -77,7 +84,7 @@ def record(root, run: str, steps: int, seed: int, progress: bool = True) -> None
              "experts_per_layer": {str(l): N_EXPERTS for l in range(N_LAYERS)},
              "top_k": TOP_K, "adapter": "synthetic"}
     tracker = AlertTracker()
-    window: dict[int, np.ndarray] = {}
+    window: dict = {}  # layer -> counts summed over the window
     with chrono.open_run(root, run, model=model, config={"steps": steps, "seed": seed, "demo": True}) as w:
         for step in _bar(range(steps), steps, f"recording {run}", progress):
             counts = synthetic_counts(rng, step, steps)
@@ -135,24 +142,21 @@ def _serve(root) -> int:
 
     from chrono.exporters.prometheus import ExporterError
     from chrono.exporters.prometheus import serve as serve_metrics
-    from dashboard.server import ServeError, port_free
+    from dashboard.server import ServeError
     from dashboard.server import serve as serve_dashboard
     from dashboard.server import stop, url
 
-    dash_port = next(p for p in range(8501, 8600) if port_free("127.0.0.1", p))
-    try:
-        proc = serve_dashboard(root, port=dash_port)
+    try:  # port 0: the system picks free ports (no scanning)
+        proc = serve_dashboard(root, port=0)
     except ServeError as e:
         print(f"chrono: dashboard not started: {e}", file=sys.stderr)
         return 1
-    metrics = None
-    for port in range(9108, 9200):
-        try:
-            metrics = serve_metrics(root, port=port)
-            break
-        except ExporterError:
-            continue
-    print(f"\ndashboard:  {url('127.0.0.1', dash_port)}")
+    try:
+        metrics = serve_metrics(root, port=0)
+    except ExporterError as e:
+        print(f"chrono: metrics endpoint not started: {e}", file=sys.stderr)
+        metrics = None
+    print(f"\ndashboard:  {url('127.0.0.1', proc.port)}")
     if metrics is not None:
         print(f"prometheus: {metrics.url}")
     print("press Ctrl-C to stop")
@@ -176,7 +180,6 @@ def _clear_previous(root, runs: list[str]) -> None:
     Only runs that ``chrono demo`` itself wrote (``config.demo`` in the
     manifest) are removed; a user's run of the same name is an error.
     """
-    from chrono.cli import UserError
     from chrono.schema import TABLES
     from chrono.store import delete_run, run_manifest, run_meta_dir, table_dirs
 
@@ -196,12 +199,8 @@ def run_demo(args) -> int:
 
     validate_run_id(args.run)
     if args.steps < SNAPSHOT_EVERY:
-        from chrono.cli import UserError
-
         raise UserError(f"--steps must be >= {SNAPSHOT_EVERY}")
     if args.model_steps and args.model_steps < SNAPSHOT_EVERY:
-        from chrono.cli import UserError
-
         raise UserError(f"--model-steps must be 0 or >= {SNAPSHOT_EVERY}")
     root = args.root
     progress = True  # tqdm: live on a terminal, a line every 5 s in a log
@@ -232,26 +231,19 @@ def run_demo(args) -> int:
 def summary(root, run: str, model_run: str | None, steps: int, model_steps: int, trained: dict | None) -> None:
     """Print what the demo runs show: first alerts, final Neff / Top-2 / dead per layer."""
     import chrono
-    from chrono.cli import plural
 
     con = chrono.connect(root)
     first = dict(con.execute(
         "SELECT alert, min(step) FROM alerts WHERE run_id = ? AND transition = 'raised' GROUP BY 1",
         [run]).fetchall())
-    final = con.execute(
-        "SELECT layer, round(neff, 2), round(top2_share, 3), dead FROM snapshots "
-        "WHERE run_id = ? AND layer >= 0 AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) "
-        "ORDER BY layer", [run, run]).fetchall()
+    final = _final_layers(con, run)
     print(f"\nrecorded run '{run}' ({steps} steps, {N_LAYERS} layers x {N_EXPERTS} experts) under {root}")
     for name in ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED"):
         print(f"  first {name:<19} at step {first.get(name, 'never')}")
     for layer, neff, top2, dead in final:
         print(f"  layer {layer}: final Neff {neff} of {N_EXPERTS}, Top2 {top2}, dead {dead}")
     if model_run is not None:
-        rows = con.execute(
-            "SELECT layer, round(neff, 2), round(top2_share, 3), dead FROM snapshots WHERE run_id = ? "
-            "AND layer >= 0 AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) ORDER BY layer",
-            [model_run, model_run]).fetchall()
+        rows = _final_layers(con, model_run)
         alerts = con.execute("SELECT count(*) FROM alerts WHERE run_id = ? AND transition = 'raised'",
                              [model_run]).fetchall()[0][0]
         print(f"\nrecorded run '{model_run}' (tiny HF Mixtral, {model_steps} steps on pydoc text, "
@@ -265,11 +257,19 @@ def summary(root, run: str, model_run: str | None, steps: int, model_steps: int,
           "in the last window.")
 
 
+def _final_layers(con, run: str) -> list[tuple]:
+    """(layer, Neff, Top-2 share, dead) of the run's latest snapshot, per layer (no global row)."""
+    from chrono.queries import LATEST_SNAPSHOTS_SQL
+
+    return con.execute("SELECT layer, round(neff, 2), round(top2_share, 3), dead "
+                       f"FROM ({LATEST_SNAPSHOTS_SQL}) WHERE layer >= 0 ORDER BY layer",
+                       {"run": run, "windows": 1}).fetchall()
+
+
 def hints(root, run: str) -> None:
     """Commands to look further, spelled so that they run in the user's shell."""
     from pathlib import Path
 
-    from chrono.cli import invocation
 
     exe = invocation()
     print("\nlook at it:")
@@ -282,3 +282,19 @@ def hints(root, run: str) -> None:
     activate = Path(exe).parent / "activate"  # next to the entry point in a venv's bin/
     if exe != "chrono" and activate.is_file():
         print(f"  (or 'source {activate}' once, then plain 'chrono ...')")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("demo", help="record demo runs (synthetic collapse + a governed tiny HF Mixtral), "
+                                    "then serve the dashboard and metrics",
+                       description="Records RUN (synthetic routing drifting into collapse) and RUN-mixtral "
+                                   "(a tiny Hugging Face Mixtral trained on Python's docs with probes and the "
+                                   "governance controller), prints a summary, then serves the dashboard and "
+                                   "the Prometheus endpoint on 127.0.0.1 (free ports) until Ctrl-C.")
+    s.add_argument("--run", default="demo", help="run id (default: demo)")
+    s.add_argument("--steps", type=int, default=300, help="steps of the synthetic run (default 300)")
+    s.add_argument("--model-steps", type=int, default=200,
+                   help="training steps of the Mixtral run (default 200; 0 skips it)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-serve", action="store_true", help="do not start the dashboard afterwards")
+    s.set_defaults(func=run_demo)

@@ -55,7 +55,7 @@ def cmd_serve_metrics(args) -> int:
     import threading
     from pathlib import Path
 
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
     from chrono.exporters.prometheus import (DEFAULT_MAX_EXPERT_SERIES, DEFAULT_MAX_RUNS, ExporterError,
                                              StoreSource, serve)
 

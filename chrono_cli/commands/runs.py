@@ -1,119 +1,20 @@
-"""The ``chrono`` command line.
+"""The commands over the store itself: ``runs``, ``show``, ``query``, ``snapshot``, ``alerts``, ``compact``.
 
-Every user mistake (unknown run, bad SQL, bad id, missing root, bad option)
-prints one line ``chrono: error: ...`` and exits with code 2, never a
-traceback. Commands that only read the store never import torch.
-
-Subcommands beyond the core live in ``chrono.commands.<name>`` modules that
-expose ``register(subparsers)``; they are listed in ``EXTENSIONS``.
+They only read the store (``snapshot`` and ``compact`` also rewrite derived
+tables and parts through ``chrono.store``); none imports torch.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
-
-# Subcommand modules added by later parts of the product (each has register(sub)).
-EXTENSIONS: tuple[str, ...] = (
-    "chrono.commands.replay",
-    "chrono.commands.astarte",
-    "chrono.commands.dashboard",
-    "chrono.commands.serve_metrics",
-    "chrono.commands.workload",
-    "chrono.commands.migrate",
-    "chrono.commands.rm",
-    "chrono.commands.export",
-    "chrono.commands.analyze",
-    "chrono.commands.plan_placement",
-)
-
-
-class UserError(Exception):
-    """A mistake by the user: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        self.exit(EXIT_USER_ERROR, f"chrono: error: {message} (see 'chrono --help')\n")
+from chrono_cli.common import UserError, invocation, plural, print_table, require_store
 
 
 def _root(args) -> Path:
     """The store root of a command that reads an existing store (UserError if it is missing)."""
-    return require_store(Path(args.root))
-
-
-def plural(n: int, noun: str, many: str | None = None) -> str:
-    """'1 alert', '0 alerts', '3 alerts' (``many`` for irregular plurals)."""
-    return f"{n:,} {noun if n == 1 else (many or noun + 's')}"
-
-
-def invocation() -> str:
-    """How to run chrono again from the user's shell, for printed hints.
-
-    'chrono' when that name on $PATH is this installation; otherwise the path the
-    user started it by (``.venv/bin/chrono`` after ``make demo``, relative when
-    under the current directory); otherwise ``python -m chrono.cli``.
-    """
-    def same(a, b) -> bool:
-        try:
-            return Path(a).resolve() == Path(b).resolve()
-        except OSError:
-            return False
-
-    on_path = shutil.which("chrono")
-    candidates = [Path(sys.argv[0])] if Path(sys.argv[0]).name == "chrono" else []
-    candidates.append(Path(sys.prefix) / "bin" / "chrono")
-    for exe in candidates:
-        if exe.is_file():
-            if on_path and same(on_path, exe):
-                return "chrono"
-            rel = os.path.relpath(exe.absolute())
-            return rel if not rel.startswith("..") else str(exe.absolute())
-    return f"{sys.executable} -m chrono.cli"
-
-
-def require_store(root: Path) -> Path:
-    """``root`` if it is a directory; a UserError saying the store does not exist otherwise."""
-    if not root.is_dir():
-        what = "is not a directory" if root.exists() else "does not exist"
-        raise UserError(f"store {root} {what} (set --root or $CHRONO_ROOT; "
-                        f"'{invocation()} --root {root} demo --no-serve' records a first run there)")
-    return root
-
-
-def _fmt_cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def print_table(table, out=None, max_rows: int | None = None) -> None:
-    """Print an Arrow table as aligned text columns."""
-    out = out or sys.stdout
-    rows = table.to_pylist()
-    if max_rows is not None and len(rows) > max_rows:
-        hidden = len(rows) - max_rows
-        rows = rows[:max_rows]
-    else:
-        hidden = 0
-    cols = table.column_names
-    cells = [[_fmt_cell(r[c]) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    out.write("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip() + "\n")
-    for row in cells:
-        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
-    if hidden:
-        out.write(f"... {hidden} more rows (use --format csv/json/parquet --output F for all)\n")
-    if not rows:
-        out.write("(no rows)\n")
+    return require_store(args.root)
 
 
 def _json_value(v):
@@ -139,28 +40,17 @@ def _connect(args):
 
 
 # ------------------------------------------------------------------ commands
-RUNS_SQL = """
-SELECT r.run_id, r.n_layers AS layers, r.n_experts AS experts, r.top_k, r.adapter,
-       s.steps, s.last_step, a.raised AS alerts_raised, r.updated_at
-FROM runs r
-LEFT JOIN (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS last_step
-           FROM routing GROUP BY run_id) s USING (run_id)
-LEFT JOIN (SELECT run_id, count(*) FILTER (WHERE transition = 'raised') AS raised
-           FROM alerts GROUP BY run_id) a USING (run_id)
-ORDER BY r.updated_at DESC, r.run_id
-"""
-
-
 def cmd_runs(args) -> int:
-    import pyarrow as pa
-
     from chrono.health import OK, run_health
+    from chrono.queries import RUNS_TABLE_SQL
 
     con = _connect(args)
-    t = con.sql(RUNS_SQL).to_arrow_table()
+    rel = con.execute(RUNS_TABLE_SQL)   # plain rows, not Arrow: pyarrow from Python objects imports pandas
+    cols = [d[0] for d in rel.description]
+    rows = rel.fetchall()
     health = run_health(con)
-    labels = [health[r].label() if r in health else OK for r in t.column("run_id").to_pylist()]
-    print_table(t.add_column(1, "health", pa.array(labels, pa.string())))
+    labels = [health[r[0]].label() if r[0] in health else OK for r in rows]
+    print_table((cols[:1] + ["health"] + cols[1:], [r[:1] + (h,) + r[1:] for r, h in zip(rows, labels)]))
     return 0
 
 
@@ -193,6 +83,7 @@ def _model_line(model: dict) -> str:
 
 def cmd_show(args) -> int:
     from chrono.health import run_health
+    from chrono.queries import LATEST_SNAPSHOTS_SQL
     from chrono.schema import TABLES
     from chrono.store import read_manifest, require_run
 
@@ -231,9 +122,9 @@ def cmd_show(args) -> int:
     print(f"health   {health.label() if health else 'OK (no active alert)'}")
     latest = con.sql(
         "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
-        "round(top2_share, 3) AS top2_share, dead, nearly_dead FROM snapshots "
-        "WHERE run_id = ? AND step = (SELECT max(step) FROM snapshots WHERE run_id = ?) ORDER BY layer",
-        params=[args.run, args.run]).to_arrow_table()
+        "round(top2_share, 3) AS top2_share, dead, nearly_dead "
+        f"FROM ({LATEST_SNAPSHOTS_SQL}) ORDER BY layer",
+        params={"run": args.run, "windows": 1}).to_arrow_table()
     if latest.num_rows:
         print("\nlatest snapshot (layer -1: all layers):")
         print_table(latest)
@@ -359,23 +250,9 @@ def cmd_compact(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from chrono.demo import run_demo
-
-    return run_demo(args)
 
 
-# ------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="chrono",
-        description="Routing telemetry and governance for Mixture-of-Experts models. "
-                    "Reads and writes a store of Parquet files (one directory per run).",
-    )
-    p.add_argument("--root", default=os.environ.get("CHRONO_ROOT") or "chrono_runs",
-                   help="store root directory (default: $CHRONO_ROOT, else ./chrono_runs)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
+def register(sub) -> None:
     s = sub.add_parser("runs", help="list runs with layers, experts, steps and alerts")
     s.set_defaults(func=cmd_runs)
 
@@ -411,66 +288,3 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compact", help="merge a run's small part files into one per table and rank")
     s.add_argument("run")
     s.set_defaults(func=cmd_compact)
-
-    s = sub.add_parser("demo", help="record demo runs (synthetic collapse + a governed tiny HF Mixtral), "
-                                    "then serve the dashboard and metrics",
-                       description="Records RUN (synthetic routing drifting into collapse) and RUN-mixtral "
-                                   "(a tiny Hugging Face Mixtral trained on Python's docs with probes and the "
-                                   "governance controller), prints a summary, then serves the dashboard and "
-                                   "the Prometheus endpoint on 127.0.0.1 until Ctrl-C.")
-    s.add_argument("--run", default="demo", help="run id (default: demo)")
-    s.add_argument("--steps", type=int, default=300, help="steps of the synthetic run (default 300)")
-    s.add_argument("--model-steps", type=int, default=200,
-                   help="training steps of the Mixtral run (default 200; 0 skips it)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-serve", action="store_true", help="do not start the dashboard afterwards")
-    s.set_defaults(func=cmd_demo)
-
-    for mod in EXTENSIONS:
-        importlib.import_module(mod).register(sub)
-    return p
-
-
-def main(argv=None) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return EXIT_USER_ERROR
-    from chrono.reader import QueryError
-    from chrono.store import StoreError
-    from chrono.rules import InvalidRowsError
-
-    try:
-        return int(args.func(args) or 0)
-    except (UserError, StoreError, QueryError, InvalidRowsError) as e:
-        print(f"chrono: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except BrokenPipeError:
-        return 0
-    except OSError as e:  # unreadable root, output file not writable, ...
-        print(f"chrono: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Exception as e:
-        import duckdb
-
-        if not isinstance(e, duckdb.Error):
-            raise
-        # e.g. a part file whose pages are corrupt (its footer parsed, so it was listed)
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"chrono: error: reading the store failed: {msg}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("chrono: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    # run the imported module's main so UserError raised by extensions (which import
-    # chrono.cli) is the class main() catches, also under `python -m chrono.cli`
-    from chrono.cli import main as _main
-
-    sys.exit(_main())

@@ -30,7 +30,6 @@ import os
 import time
 from pathlib import Path
 
-from chrono.integrations.health import layer_tag, metric_name
 
 EVENT_SUFFIX = ".chrono"   # our event files end with it: --overwrite removes only those
 SNAPSHOT_SKIP = ("run_id", "step", "window_start", "window_end", "layer")
@@ -63,17 +62,23 @@ def register(sub) -> None:
 
 def snapshot_tags(row: dict) -> dict[str, float]:
     """``{tag: value}`` of one snapshot row: every numeric column but the keys."""
+    from chrono.integrations.health import metric_name
+
     return {metric_name(k, row["layer"]): float(v) for k, v in row.items()
             if k not in SNAPSHOT_SKIP and isinstance(v, (int, float)) and v is not None}
 
 
 def decision_tags(row: dict, with_actuator: bool) -> dict[str, float]:
+    from chrono.integrations.health import layer_tag
+
     base = f"chrono/decision/{row['actuator']}" if with_actuator else "chrono/decision"
     lt = layer_tag(row["layer"])
     return {f"{base}/{f}/{lt}": float(row[f]) for f in DECISION_FIELDS if row.get(f) is not None}
 
 
 def signal_tag(row: dict, with_rank: bool) -> str:
+    from chrono.integrations.health import layer_tag
+
     tag = f"chrono/signal/{row['name']}"
     if row.get("layer") is not None:
         tag += f"/{layer_tag(row['layer'])}"
@@ -192,7 +197,7 @@ def export_tensorboard(root, run: str, logdir, overwrite: bool = False, progress
 def cmd_export_tensorboard(args) -> int:
     import sys
 
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
 
     logdir = Path(args.logdir)
     if logdir.exists() and not logdir.is_dir():

@@ -88,7 +88,7 @@ def _summary(root, run: str) -> str:
 
 
 def cmd_rm(args) -> int:
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
     from chrono.store import delete_run, require_run
 
     root, run = Path(args.root), args.run

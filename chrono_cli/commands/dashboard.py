@@ -13,17 +13,17 @@ def register(sub) -> None:
                     "store read-only and refreshes by itself while runs are written. Ctrl-C stops it.")
     p.add_argument("--root", default=argparse.SUPPRESS,
                    help="store root directory (same as the global --root; default $CHRONO_ROOT, else ./chrono_runs)")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501; 0: a free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; anything else exposes the store to the network)")
     p.set_defaults(func=cmd_dashboard)
 
 
 def cmd_dashboard(args) -> int:
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
 
-    if not 0 < args.port < 65536:
-        raise UserError("--port must be between 1 and 65535")
+    if not 0 <= args.port < 65536:
+        raise UserError("--port must be between 0 and 65535")
     try:
         import streamlit  # noqa: F401
     except ImportError:
@@ -36,7 +36,7 @@ def cmd_dashboard(args) -> int:
         proc = serve(args.root, port=args.port, host=args.host)
     except ServeError as e:
         raise UserError(str(e)) from None
-    print(f"chrono dashboard: {url(args.host, args.port)}  (store {args.root}; Ctrl-C to stop)", flush=True)
+    print(f"chrono dashboard: {url(args.host, proc.port)}  (store {args.root}; Ctrl-C to stop)", flush=True)
 
     def _terminated(signum, frame):  # `kill PID` stops the server too, not only Ctrl-C
         raise KeyboardInterrupt

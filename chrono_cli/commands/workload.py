@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 
+from chrono_cli.common import UserError, invocation
+
 
 def cmd_workload(args) -> int:
-    from chrono.cli import UserError
     from chrono.store import StoreError, validate_run_id
 
     try:
@@ -33,28 +34,14 @@ def cmd_workload(args) -> int:
         print(f"removed the stored run {run!r} (--overwrite)", file=sys.stderr)
     fn = registry.resolve(args.name)
     print(f"workload {args.name} ({args.mode}) -> run '{run}' under {args.root}", file=sys.stderr)
-    result = fn(**_call_kwargs(fn, args, run))
+    # the one signature of every registry entry (see reference_models.registry); steps=None: its default
+    result = fn(mode=args.mode, steps=args.steps, run=run, seed=args.seed, root=args.root,
+                progress=sys.stderr.isatty())
     _print_result(result)
-    from chrono.cli import invocation
-
     exe = invocation()  # '.venv/bin/chrono' when the venv is not activated
     print(f"\nlook at it:\n  {exe} --root {args.root} show {run}\n  {exe} --root {args.root} alerts {run}\n"
           f"  {exe} --root {args.root} query \"SELECT * FROM lifecycle WHERE run_id = '{run}'\"")
     return 0
-
-
-def _call_kwargs(fn, args, run: str) -> dict:
-    """Keyword arguments for a workload function: ``run`` or ``run_id`` as it names it; steps
-    only when given (the workload's own default otherwise)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    kw = {"mode": args.mode, "seed": args.seed, "root": args.root, "progress": sys.stderr.isatty()}
-    kw["run_id" if "run_id" in params and "run" not in params else "run"] = run
-    if args.steps is not None:
-        kw["steps"] = args.steps
-    return {k: v for k, v in kw.items() if k in params or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())}
 
 
 def _print_result(result) -> None:
@@ -68,7 +55,7 @@ def _print_result(result) -> None:
 
 
 def register(sub) -> None:
-    try:
+    try:  # the registry imports only the standard library: cheap enough for --help
         from reference_models.registry import DESCRIPTIONS
     except ImportError:
         DESCRIPTIONS = {}

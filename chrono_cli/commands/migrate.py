@@ -175,7 +175,7 @@ def apply(root, plans: list[RunPlan], progress=None) -> int:
 def cmd_migrate(args) -> int:
     from tqdm import tqdm
 
-    from chrono.cli import UserError
+    from chrono_cli.common import UserError
     from chrono.schema import SCHEMA_HISTORY, SCHEMA_VERSION
 
     root = Path(args.root)

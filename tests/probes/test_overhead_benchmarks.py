@@ -1,0 +1,64 @@
+"""benchmarks/probe_overhead.py and benchmarks/probe_scale.py stay runnable (quick modes): JSON
+structure, and every overhead arm counts what the bincount floor counts (correctness, not timing)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow   # two tiny HF Mixtral cells, ~8 arms x 4 steps each
+def test_probe_overhead_quick(tmp_path):
+    mod = _load("probe_overhead")
+    out = tmp_path / "po.json"
+    res = mod.main(["--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert [(c["shape"], c["mode"]) for c in res["cells"]] == [("small", "train"), ("small", "infer")]
+    for cell in res["cells"]:
+        check = cell["counts_equal_floor"]
+        # every arm that counts (all but the two empty A/A arms) is checked against the floor
+        assert set(check) == set(mod.ARMS) - {"none_a", "none_b"} | {"floor_tokens"}
+        assert check.pop("floor_tokens") == 2 * 32 * mod.TOP_K * mod.LAYERS
+        assert all(check.values()), check
+        assert list(cell["arms"]) == mod.ARMS
+        for name, arm in cell["arms"].items():
+            assert len(arm["steps_s"]) == len(arm["in_hook_s"]) == 2
+            assert arm["step_ms"] > 0 and arm["in_hook_ms"] >= 0
+            for key in ("in_hook_net_ms", "in_hook_ratio_vs_sglang_style", "in_hook_ratio_vs_bincount_floor",
+                        "step_ratio_vs_none_a", "h_step_ms"):
+                assert key in arm
+        assert cell["arms"]["chrono_aggregate"]["h_step_ms"] is not None
+    assert "load average" in res["uptime"]
+
+
+@pytest.mark.slow   # a window closes at every step: Parquet writes, ~10 s (45 s on 2 busy cores)
+def test_probe_scale_quick(tmp_path):
+    mod = _load("probe_scale")
+    out = tmp_path / "ps.json"
+    res = mod.main(["--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert "stand-in" in res["model"] and "load average" in res["uptime"]
+    assert [c["flush_every"] for c in res["cells"]] == [1, 2]
+    shape = mod.SHAPES["tiny"]
+    for c in res["cells"]:
+        assert c["steps"] == 4 and c["windows_closed"] == 4 // c["flush_every"]
+        assert len(c["stall_ms"]) == c["windows_closed"]
+        assert c["window_close_stall_ms_max"] >= c["window_close_stall_ms_median"] > 0
+        assert c["window_close_cpu_ms_max"] >= c["window_close_cpu_ms_median"] > 0
+        assert c["in_hook_ms_per_step"] > 0 and c["write_errors"] == 0
+        # acc + hist: 4 kinds x 3 modes x layers x (experts + 2) float64, x (1 + flush_every)
+        assert c["device_buffer_bytes"] == 4 * 3 * shape["layers"] * (shape["experts"] + 2) * 8 * (1 + c["flush_every"])
+        assert c["parquet_bytes_per_step"]["routing"] > 0 and c["parquet_bytes_per_step"]["snapshots"] > 0
+        assert c["rows_written"]["routing"] == 4 * shape["layers"] * shape["experts"]
+    assert res["cells"][1]["h_step_ms"] is not None   # flush_every 2: every other step closes no window
