@@ -11,7 +11,7 @@ import torch
 
 import chrono
 from chrono.actuators import AuxLossActuator, RouterBiasActuator
-from chrono.cli import main
+from chrono_cli.main import main
 from chrono.controller import ControlConfig, Controller, setpoint
 from chrono.governance import JSONL_NAME, Governor, govern
 from chrono.snapshots import layer_rows
