@@ -50,23 +50,33 @@ def summarise(rs: list[dict], workload: str, arm: str, family: str, setting: dic
     }
 
 
-def records(cache: Path, wls: dict, baselines: dict, candidates: dict, select, sel_seeds, heldout):
-    from governance import load_cached   # noqa: PLC0415  (same package directory)
-
+def records(cache: Path, wls: dict, G, sel_seeds, heldout):
+    """Selection records (every candidate and the reference arm on ``sel_seeds``) and held-out
+    records (every baseline, ``chrono`` = round 2's choice, ``chrono-r1`` = round 1's choice).
+    ``G``: the benchmark module (arms, selection rules, cache layout) as it runs."""
+    baselines, candidates = G.BASELINES, G.CANDIDATES
     recs, runs = [], []
     for w in wls:
-        for name, c in candidates.items():
-            rs = load_cached(cache, w, name, sel_seeds)
+        for name, c in [*((k, candidates[k]) for k in G.candidates_for(w)), (G.REFERENCE, baselines[G.REFERENCE])]:
+            rs = G.load_cached(cache, w, name, sel_seeds)
             runs += rs
-            recs.append(summarise(rs, w, name, "chrono", c["setting"], "selection", sel_seeds))
-        chosen = select(cache, w)
-        for arm, b in [*baselines.items(), ("chrono", None)]:
-            rs = load_cached(cache, w, arm, heldout)
+            recs.append(summarise(rs, w, name, c["family"], c["setting"], "selection", sel_seeds))
+        chosen, chosen1, cdir = G.select(cache, w), G.select_r1(cache, w), G.chrono_dir(cache, w)
+        ok = G.eligibility(cache, w) or {}
+        for r in recs:
+            if r["workload"] == w and r["split"] == "selection" and r["family"] == "chrono":
+                r.update(eligible_r2=ok.get(r["arm"]), chosen_r2=r["arm"] == chosen,
+                         chosen_r1=r["arm"] == chosen1)
+        for arm, b in baselines.items():
+            rs = G.load_cached(cache, w, arm, heldout)
             runs += rs
-            fam = b["family"] if b else "chrono"
-            setting = b["setting"] if b else ({"chosen": chosen, **candidates[chosen]["setting"]}
-                                              if chosen else {"chosen": None})
-            recs.append(summarise(rs, w, arm, fam, setting, "heldout", heldout))
+            recs.append(summarise(rs, w, arm, b["family"], b["setting"], "heldout", heldout))
+        for arm, name, d in (("chrono", chosen, cdir), ("chrono-r1", chosen1, "chrono")):
+            rs = G.load_cached(cache, w, d, heldout) if d else []
+            if arm == "chrono" and d == "chrono-r2" or arm == "chrono-r1":
+                runs += rs                  # round 2 reusing round 1's runs: listed once
+            setting = {"chosen": name, **candidates[name]["setting"]} if name else {"chosen": None}
+            recs.append(summarise(rs, w, arm, "chrono", setting, "heldout", heldout))
     for w in wls:
         pareto_check(recs, w)
     return recs, [{k: v for k, v in r.items() if k != "curve"} for r in runs]
@@ -85,16 +95,20 @@ def dominates(b: dict, c: dict) -> bool:
 
 
 def pareto_check(recs: list[dict], workload: str) -> None:
-    """Annotate the held-out chrono record of ``workload`` with who dominates it and the moonshot."""
+    """Annotate each held-out chrono record of ``workload`` with the baselines that dominate it
+    and the moonshot checks."""
     held = [r for r in recs if r["workload"] == workload and r["split"] == "heldout"]
-    c = next((r for r in held if r["arm"] == "chrono"), None)
-    if c is None or not c["seeds"]:
-        return
-    c["dominated_by"] = [b["arm"] for b in held if b["arm"] != "chrono" and b["seeds"] and dominates(b, c)]
+    for c in held:
+        if c["family"] == "chrono" and c["seeds"]:
+            _check(c, [b for b in held if b["family"] != "chrono" and b["seeds"]])
+
+
+def _check(c: dict, baselines: list[dict]) -> None:
+    c["dominated_by"] = [b["arm"] for b in baselines if dominates(b, c)]
     if len(c["seeds"]) < 2:   # no standard error yet: the check compares point estimates only
         c["domination_note"] = (f"judged on {len(c['seeds'])} held-out seed(s): no standard error, "
                                 "so any difference counts; not the issue's test yet")
-    a01 = next((r for r in held if r["arm"] == "aux0.01"), None)
+    a01 = next((r for r in baselines if r["arm"] == "aux0.01"), None)
     n = 8
     c["moonshot"] = {
         "worst_layer_neff_ge_0.8n_every_seed": c["final_neff_worst_layer_min"] >= 0.8 * n,
@@ -113,13 +127,17 @@ def _f(x, nd=3):
 def selection_markdown(recs: list[dict]) -> str:
     """The candidates on the selection seeds (what the choice of chrono's setting saw)."""
     lines = ["| workload | candidate | seeds | final Neff (mean of layers) | worst layer | val loss ± sem "
-             "| mean effort u | COLLAPSE_CONFIRMED runs |", "|---|---|---|---|---|---|---|---|"]
+             "| mean effort u | COLLAPSE_CONFIRMED runs | round 2: within 1 SE of aux0.1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         if r["split"] == "selection":
-            lines.append(f"| {r['workload']} | {r['arm']} | {','.join(map(str, r['seeds']))} | "
+            mark = " **(chosen, round 2)**" if r.get("chosen_r2") else ""
+            mark += " (chosen, round 1)" if r.get("chosen_r1") else ""
+            elig = {True: "yes", False: "no"}.get(r.get("eligible_r2"), "reference" if r["family"] != "chrono" else "–")
+            lines.append(f"| {r['workload']} | {r['arm']}{mark} | {','.join(map(str, r['seeds']))} | "
                          f"{_f(r['final_neff_mean'], 2)} | {_f(r['final_neff_worst_layer'], 2)} | "
                          f"{_f(r['val_loss_mean'], 4)} ± {_f(r['val_loss_sem'], 4)} | {_f(r['mean_effort'])} | "
-                         f"{r['collapse_confirmed_runs']} |")
+                         f"{r['collapse_confirmed_runs']} | {elig} |")
     return "\n".join(lines)
 
 
@@ -133,15 +151,17 @@ def table_markdown(recs: list[dict]) -> str:
         for r in recs:
             if r["workload"] != w or r["split"] != "heldout":
                 continue
-            arm = r["arm"] + (f" = {r['setting'].get('chosen')}" if r["arm"] == "chrono" else "")
+            arm = r["arm"] + (f" = {r['setting'].get('chosen')}" if r["family"] == "chrono" else "")
             seeds = (",".join(map(str, r["seeds"])) or "none yet") + ("" if r["complete"] else " (incomplete)")
             lines.append(f"| {arm} | {r['family']} | {seeds} | {_f(r['final_neff_mean'], 2)} ± "
                          f"{_f(r['final_neff_sem'], 2)} | {_f(r['final_neff_worst_layer'], 2)} | "
                          f"{_f(r['final_neff_worst_layer_min'], 2)} | {_f(r['val_loss_mean'], 4)} ± "
                          f"{_f(r['val_loss_sem'], 4)} | {r['collapse_confirmed_runs']} | {r['pre_collapse_runs']} |")
-        c = next((r for r in recs if r["workload"] == w and r["arm"] == "chrono" and r["split"] == "heldout"), None)
-        if c and "dominated_by" in c:
-            lines.append(f"\nchrono dominated by: {', '.join(c['dominated_by']) or 'none'}"
+        for c in recs:
+            if not (c["workload"] == w and c["family"] == "chrono" and c["split"] == "heldout"
+                    and "dominated_by" in c):
+                continue
+            lines.append(f"\n{c['arm']} dominated by: {', '.join(c['dominated_by']) or 'none'}"
                          f"{' (' + c['domination_note'] + ')' if 'domination_note' in c else ''}; "
                          f"moonshot: {json.dumps(c['moonshot'])}")
     return "\n".join(lines)

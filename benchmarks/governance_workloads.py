@@ -207,6 +207,10 @@ def train_arm(wl: Workload, spec: dict, seed: int, every: int, train, val, arm: 
                  for l, (r, n) in routers.items()]
     hooks = HookSet()
     counts = _counter(routers, hooks)            # installed last: sees the biased choice
+    # the controller's sample period may be shorter than the alert window (spec "control_every");
+    # alerts and the curve keep `every`-step windows either way
+    ctl_every = int(spec.get("control_every", every))
+    ctl_counts = counts if ctl_every == every else _counter(routers, hooks)
     tracker, gen = AlertTracker(), torch.Generator().manual_seed(10_000 + seed)
     first = {"PRE_COLLAPSE": None, "COLLAPSE_CONFIRMED": None}
     curve, last_rows, effort = [], [], []
@@ -229,6 +233,12 @@ def train_arm(wl: Workload, spec: dict, seed: int, every: int, train, val, arm: 
             a.on_step()
         if gov is not None:
             gov.step()
+        if gov is not None and ctl_counts is not counts and (step + 1) % ctl_every == 0:
+            window = {l: c.numpy().copy() for l, c in ctl_counts.items()}
+            for c in ctl_counts.values():
+                c.zero_()
+            ds = gov.observe(step, layer_rows(f"{arm}-{seed}", step + 1 - ctl_every, step, window))
+            effort.append(float(np.mean([d.pressure for d in ds])))
         if (step + 1) % every == 0:
             window = {l: c.numpy().copy() for l, c in counts.items()}
             for c in counts.values():
@@ -237,7 +247,7 @@ def train_arm(wl: Workload, spec: dict, seed: int, every: int, train, val, arm: 
             for tr in tracker.update(rows):
                 if tr["transition"] == "raised" and first[tr["alert"]] is None:
                     first[tr["alert"]] = tr["step"]
-            if gov is not None:
+            if gov is not None and ctl_counts is counts:
                 ds = gov.observe(step, rows)
                 effort.append(float(np.mean([d.pressure for d in ds])))
             per = [r for r in rows if r["layer"] >= 0]

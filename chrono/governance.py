@@ -125,6 +125,9 @@ class Governor:
         except BaseException:
             self.remove()
             raise
+        for d in self.controller.initial_decisions():   # bumpless start (setpoint integral_init)
+            for a in self.actuators.get(d.layer, ()):
+                a.act(d)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.decisions: list[ControlDecision] = []
         if self.run_dir is not None:

@@ -74,7 +74,9 @@ class ControlConfig:
     While abstaining the applied scale is 0 (lenses become the identity).
 
     ``mode="setpoint"`` regulates each layer's Neff to ``neff_target · n`` with PI
-    feedback (``kp``, ``ki``, ``integral_max``; see :mod:`.setpoint`).
+    feedback (``kp``, ``ki``, ``integral_max``; see :mod:`.setpoint`); ``integral_init``
+    presets every layer's integral (bumpless start: the actuators get
+    ``setpoint.initial_effort(integral_init)`` from step 0, see ``Controller.initial_decisions``).
     ``neff_target`` is a fraction of the layer's expert count in (0, 1], one
     float for every layer or ``{layer: fraction}`` (layers not named use
     ``setpoint.NEFF_TARGET``). The faithful fields (warm-up, s_max) still bound
@@ -91,6 +93,7 @@ class ControlConfig:
     kp: float = setpoint.KP
     ki: float = setpoint.KI
     integral_max: float = setpoint.INTEGRAL_MAX
+    integral_init: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -106,6 +109,9 @@ class ControlConfig:
             raise ValueError(f"neff_target is a fraction of the expert count in (0, 1], got {t!r}")
         if self.kp < 0 or self.ki < 0 or self.integral_max < 0:
             raise ValueError("kp, ki and integral_max must be >= 0")
+        if not 0.0 <= self.integral_init <= self.integral_max:
+            raise ValueError(f"integral_init must be in [0, integral_max={self.integral_max}], "
+                             f"got {self.integral_init!r}")
 
     def target_fraction(self, layer: int) -> float:
         t = self.neff_target
@@ -220,6 +226,30 @@ class Controller:
         c = self.config
         return dict(warmup_steps=c.warmup_steps, warmup_max=c.s_max_warmup, late_max=c.s_max)
 
+    def _new_layer(self) -> LayerState:
+        c = self.config
+        return LayerState(integral=c.integral_init if c.mode == "setpoint" else 0.0)
+
+    def initial_decisions(self) -> list[ControlDecision]:
+        """What the actuators apply before the first window (setpoint mode with ``integral_init`` > 0).
+
+        One decision per configured layer at step -1, effort ``setpoint.initial_effort(integral_init)``
+        (error taken as 0: nothing measured yet). A pure function of the config, so not stored:
+        ``chrono replay`` re-derives the stored decisions, which start from the same preset
+        integral. Empty list otherwise (the actuators' own rest state applies).
+        """
+        c = self.config
+        if c.mode != "setpoint" or c.integral_init <= 0:
+            return []
+        u = setpoint.initial_effort(c.integral_init)
+        s = u * policy.s_max(0, **self._bounds())
+        return [ControlDecision(-1, layer, c.actuator, 0.0, u, policy.heat(u), policy.forgetting(u), s, 1.0,
+                                False, f"initial: integral preset, effort {u:.3f}", None, None, mode="setpoint",
+                                target=setpoint.target(c.target_fraction(layer), n),
+                                error=0.0, integral=c.integral_init, effort=u,
+                                informational=self.informational)
+                for layer, n in sorted(self.n_experts.items())]
+
     def update(self, snapshot_rows: list[dict], lenses: dict | None = None) -> list[ControlDecision]:
         """Decide for every layer present in one window's rows (global row ignored).
 
@@ -239,7 +269,7 @@ class Controller:
 
     def _decide(self, row: dict) -> ControlDecision:
         layer, step = int(row["layer"]), int(row["step"])
-        st = self.state.layers.setdefault(layer, LayerState())
+        st = self.state.layers.get(layer) or self.state.layers.setdefault(layer, self._new_layer())
         n = int(row.get("n_experts") or self.n_experts.get(layer, 0))
         neff, top2, dead = float(row["neff"]), float(row["top2_share"]), int(row["dead"])
         label, mode, info = self.config.actuator, self.config.mode, self.informational

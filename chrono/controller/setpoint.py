@@ -12,6 +12,15 @@ regulates each layer to a configurable target instead:
 * effort  u = clip(kp·e + I, 0, 1): the fraction of its range each actuator uses
   (aux weight α_min → α_max, bias rate 0 → rate, temperature 1 → t_max, lens scale 0 → s_max).
 
+Bumpless start ("start balanced"): the integral may start at ``integral_init`` I0 in
+[0, integral_max] instead of 0. Before the first window has been measured the error is
+taken as 0, so the actuators start at u0 = clip(I0) (``initial_effort``) from step 0; the
+first update then continues from I0 (no jump in the law), and above the target the
+integral unwinds from I0 towards 0 as usual (anti-windup unchanged). Use it when a
+workload collapses before the first window closes: the effort a fixed-weight baseline
+shows is needed early is applied at once, and the loop only relaxes it while Neff stays
+above the set point.
+
 A window runs one update (the windows are the controller's sample period). With the
 defaults (kp 2, ki 0.2) a layer at Neff 3 of 8 (target 6.4) saturates (u = 1); at the
 target the effort is whatever the integral has settled to, which is the balancing this
@@ -25,6 +34,11 @@ KP = 2.0
 KI = 0.2
 INTEGRAL_MAX = 1.0
 NEFF_TARGET = 0.8
+
+
+def initial_effort(integral_init: float) -> float:
+    """Effort before the first measurement: the PI output at zero error, clip(I0, 0, 1)."""
+    return clip(float(integral_init), 0.0, 1.0)
 
 
 def target(neff_target: float, n_experts: int) -> float:
