@@ -239,3 +239,10 @@ def test_every_package_is_read(pkg):
     """Each package exists and has imports the reader parsed (a renamed folder cannot empty the check)."""
     files = list((REPO / pkg).rglob("*.py"))
     assert files and any(imports_of(p) for p in files)
+
+
+def test_no_benchmark_script_hides_a_package():
+    """Benchmark scripts put benchmarks/ first on sys.path; a script named like a package would
+    shadow it for everything imported after (it once hid ``dashboard`` from other tests)."""
+    clash = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem in PACKAGES)
+    assert not clash, f"benchmarks/ scripts named like packages: {clash}"

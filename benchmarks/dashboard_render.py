@@ -10,7 +10,7 @@ fresh child processes and reports, side by side:
 * raw SQL: the page's queries run directly on a ``chrono.connect`` connection;
 * peak RSS of the child process (memory bound: the data is 20 M rows, about 0.9 GB if loaded).
 
-Usage: python benchmarks/dashboard.py [--quick] [--root DIR] [--steps N]
+Usage: python benchmarks/dashboard_render.py [--quick] [--root DIR] [--steps N]
 Results: benchmarks/results/dashboard.json (or dashboard_quick.json).
 """
 from __future__ import annotations
