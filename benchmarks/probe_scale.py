@@ -23,10 +23,13 @@ forwards under ``torch.no_grad`` (mode EVAL), ``h.step()`` after each:
 * ``h.step()`` ms (wall) of steps that close no window, median;
 * window-close stall: wall ms of the ``h.step()`` calls that close a window (the training
   thread waits for them), median and max; and the training thread's CPU ms in them (load-proof:
-  wall time on a loaded machine includes time descheduled, CPU time excludes the wait for the
-  background writer's Parquet write, which the wall time includes);
-* device-buffer bytes of the recorder (``acc`` + ``hist``: 4 kinds x 3 modes x layers x
-  (experts + 2) float64, x (flush_every + 1));
+  wall time on a loaded machine includes time descheduled, CPU time excludes any wait for the
+  background writer, which the wall time includes);
+* the ``h.step()`` right after a close (wall and CPU ms): since issue 19 item 3 it waits for
+  the closed window's write when that is not done yet (durability), so a slow write shows here;
+* device-buffer bytes of the recorder after the run (``Recorder.nbytes``: ``acc``, ``win`` and
+  two history buffers, 4 kinds x 3 modes x layers x (experts + 2) float64 each, x
+  (2 + 2 x flush_every); before item 3 ``acc`` + one ``hist``, x (1 + flush_every));
 * Parquet bytes per step, by table, after detach.
 
 Each (shape, flush_every) cell is cached under ``--cache`` (resumable). Writes
@@ -131,7 +134,8 @@ def recorder_bytes(h, depth: int = 3) -> int | None:
         for obj in level:
             acc, hist = getattr(obj, "acc", None), getattr(obj, "hist", None)
             if torch.is_tensor(acc) and torch.is_tensor(hist):
-                return acc.nbytes + hist.nbytes
+                nbytes = getattr(obj, "nbytes", None)   # all its buffers, where it says so
+                return nbytes if isinstance(nbytes, int) else acc.nbytes + hist.nbytes
             if hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, torch.Tensor, type)):
                 nxt += list(vars(obj).values())
         level = nxt
@@ -159,8 +163,8 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
     bracket = HookBracket(routers)
     h = probes.attach(model, run=run, root=root, flush_every=flush_every, steps="manual")
     bracket.close()
-    buf_bytes = recorder_bytes(h)
     hook_ms, step_ms, stall_ms, stall_cpu_ms, fwd_ms = [], [], [], [], []
+    after_ms, after_cpu_ms, closed_last = [], [], False
     load_before = os.getloadavg()
     with torch.no_grad():
         for i in range(steps):
@@ -174,13 +178,19 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
             t2 = time.perf_counter()
             hook_ms.append(1e3 * (bracket.seconds - b0))
             fwd_ms.append(1e3 * (t1 - t0))
-            if h.stats()["windows"] != w0:
+            closed = h.stats()["windows"] != w0
+            if closed:
                 stall_ms.append(1e3 * (t2 - t1))
                 stall_cpu_ms.append(1e3 * (CLOCK() - c1))
             else:
                 step_ms.append(1e3 * (t2 - t1))
-    stats = h.stats()
+            if closed_last:   # the step after a close (it may wait for that window's write)
+                after_ms.append(1e3 * (t2 - t1))
+                after_cpu_ms.append(1e3 * (CLOCK() - c1))
+            closed_last = closed
+    buf_bytes = recorder_bytes(h)   # after the windows: a second history buffer may exist by now
     h.detach()
+    stats = h.stats()               # after detach: the last window's write is done
     bracket.remove()
     load_after = os.getloadavg()
     pq = parquet_bytes(root, run)
@@ -195,6 +205,8 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
         "window_close_stall_ms_median": med(stall_ms), "window_close_stall_ms_max": max(stall_ms) if stall_ms else None,
         "window_close_cpu_ms_median": med(stall_cpu_ms),
         "window_close_cpu_ms_max": max(stall_cpu_ms) if stall_cpu_ms else None,
+        "after_close_step_ms_median": med(after_ms), "after_close_step_ms_max": max(after_ms) if after_ms else None,
+        "after_close_step_cpu_ms_median": med(after_cpu_ms),
         "device_buffer_bytes": buf_bytes,
         "parquet_bytes_per_step": {t: b / steps for t, b in sorted(pq.items())},
         "parquet_bytes_per_step_total": sum(pq.values()) / steps,
@@ -206,14 +218,16 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
 
 def table(cells) -> str:
     head = (f"{'shape':<12} {'flush':>5} {'steps':>5} {'in-hook ms':>10} {'fwd ms':>7} {'h.step ms':>9} "
-            f"{'stall med':>9} {'stall max':>9} {'close CPU med':>13} {'buffers MiB':>11} {'Parquet B/step':>14}")
+            f"{'stall med':>9} {'stall max':>9} {'close CPU med':>13} {'close CPU max':>13} {'next step ms':>12} "
+            f"{'buffers MiB':>11} {'Parquet B/step':>14}")
     rows = [head]
     f = fmt
     for c in cells:
         rows.append(f"{c['shape']:<12} {c['flush_every']:>5} {c['steps']:>5} {f(c['in_hook_ms_per_step'], 10, 2)} "
                     f"{f(c['forward_ms_per_step'], 7, 1)} {f(c['h_step_ms'], 9, 3)} "
                     f"{f(c['window_close_stall_ms_median'], 9, 1)} {f(c['window_close_stall_ms_max'], 9, 1)} "
-                    f"{f(c.get('window_close_cpu_ms_median'), 13, 1)} "
+                    f"{f(c.get('window_close_cpu_ms_median'), 13, 1)} {f(c.get('window_close_cpu_ms_max'), 13, 1)} "
+                    f"{f(c.get('after_close_step_ms_median'), 12, 1)} "
                     f"{f(None if c['device_buffer_bytes'] is None else c['device_buffer_bytes'] / 2**20, 11, 2)} "
                     f"{c['parquet_bytes_per_step_total']:14.0f}")
     return "\n".join(rows)

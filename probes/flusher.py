@@ -1,8 +1,8 @@
 """Background writer thread: turns host arrays into Arrow batches and Parquet parts.
 
-The training thread enqueues closures; the Handle then waits for a window's
-write at window close (durability: a crash loses at most one flush interval),
-and ``h.flush()`` and detach wait for everything queued. The queue is bounded
+The training thread enqueues closures and gets a ticket per job (``ticket.wait()``);
+the handle waits for a window's ticket when the next step ends (durability: a crash
+loses at most one flush interval), and ``h.flush()`` and detach wait for everything queued. The queue is bounded
 (jobs submitted outside a window close, e.g. ``record_decisions``); a job that
 does not fit is dropped and its rows counted in ``rows_dropped``. Every
 failure is counted and logged once per kind; nothing raises into the caller.
@@ -28,18 +28,20 @@ class BackgroundWriter:
         self._closed = False
         self._thread.start()
 
-    def submit(self, job, rows: int = 0) -> bool:
-        """Queue ``job(writer)``; returns False (and counts ``rows`` dropped) if it cannot."""
-        if self._closed:
-            self.rows_dropped += rows
-            return False
-        try:
-            self._q.put_nowait(job)
-            return True
-        except queue.Full:
-            self.rows_dropped += rows
-            self._fault(RuntimeError("telemetry queue full; dropping a batch (disk slower than training)"))
-            return False
+    def submit(self, job, rows=0) -> threading.Event:
+        """Queue ``job(writer)``; returns its ticket, an event set once the job ran (failed
+        jobs too). A job that cannot be queued is dropped, its ``rows`` (an int, or a
+        callable giving it) counted, and its ticket is set at once."""
+        done = threading.Event()
+        if not self._closed:
+            try:
+                self._q.put_nowait((job, done))
+                return done
+            except queue.Full:
+                self._fault(RuntimeError("telemetry queue full; dropping a batch (disk slower than training)"))
+        self.rows_dropped += rows() if callable(rows) else rows
+        done.set()
+        return done
 
     def _fault(self, e: BaseException) -> None:
         self.errors += 1
@@ -51,15 +53,17 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while True:
-            job = self._q.get()
+            item = self._q.get()
             try:
-                if job is None:
+                if item is None:
                     return
-                job(self.writer)
+                item[0](self.writer)
                 self.writer.flush()
             except Exception as e:  # a telemetry fault never reaches training
                 self._fault(e)
             finally:
+                if item is not None:
+                    item[1].set()
                 self._q.task_done()
 
     def wait(self) -> None:

@@ -6,10 +6,11 @@ The ``Handle`` is the public face; the work is done by parts, one concept each:
 * ``probes.router_hook``: the router forward hook (hot path) -> ``probes.recorder``;
 * ``probes.steps`` + ``probes.clock``: the open step and when it ends;
 * ``probes.window``: the window's steps, closed into a typed ``ClosedWindow``
-  (``probes.records``) at every ``flush_every`` steps, in the training thread: one
-  device->host copy, the multi-rank reduction, ``probes.snapshot_stage`` (snapshot rows,
-  alerts, ``on_snapshot`` callbacks);
-* ``probes.sink``: the run writer; Arrow/Parquet work runs on a background thread;
+  (``probes.records``) at every ``flush_every`` steps: in the training thread, O(1) in
+  the window's length, a buffer swap, the window sums, the multi-rank reduction and,
+  with ``on_snapshot`` callbacks, ``probes.snapshot_stage`` (snapshot rows, alerts,
+  callbacks); the rest on the background thread;
+* ``probes.sink``: the run writer; rows, Arrow and Parquet work run on a background thread;
 * ``chrono.hooks.HookRegistry``: every hook put on the model, by probes and by actuators
   registered with the handle, unwound last first at detach.
 
@@ -107,6 +108,7 @@ class Handle:
         self._detached = False
         self._hook_seconds = 0.0
         self._hook_calls = 0
+        self._snapshot_ticket = None
         self._lock = threading.RLock()   # recorder buffers: router calls of several threads, step ends
         self._faults = Faults()
         self.hooks = HookRegistry()      # every hook on the model, probes' and registered actuators'
@@ -197,22 +199,31 @@ class Handle:
 
     # ----------------------------------------------------------------- window
     def _window_full(self) -> None:
+        # durability over latency (issue #11): the window's write runs on the background
+        # thread while the next step computes; the end of that step waits for it
+        # (Window.settle), so a crash loses at most one flush interval.
         self._close_window()
-        # durability over latency (issue #11): the window is on disk before training goes
-        # on, so a crash loses at most one flush interval. Costs one Parquet write of the
-        # window's aggregate rows (milliseconds) per flush_every steps.
-        self._sink.wait()
 
     def _close_window(self, reduce: bool = True) -> None:
-        """Close the window into the sink, then run the snapshot callbacks. ``reduce=False``
-        (multi-rank, steps no rank agreed on): this rank's routing rows only."""
+        """Close the window (O(1) in its length, ``Window.close``), queue its rows for the
+        background writer, then run the snapshot callbacks. ``reduce=False`` (multi-rank,
+        steps no rank agreed on): this rank's routing rows only."""
         self._clock.window_closed(self._steps.current)
-        cw = self._window.close(self._stage, self._faults, reduce)
-        if cw is None:
+        job = self._window.close(self._stage, self._faults, reduce)
+        if job is None:
             return
-        self._sink.submit_window(cw)
-        if cw.snapshot is not None:
-            self._stage.notify(cw.snapshot, self)
+        ticket = self._sink.submit_window(job, self.routers, self._stage, self._faults)
+        self._window.pending = ticket
+        if job.snapshot_input is not None:   # the snapshot is built on the background thread
+            self._snapshot_ticket = ticket
+        if job.snapshot is not None:
+            self._stage.notify(job.snapshot, self)
+
+    def _snapshot_ready(self) -> None:
+        """Wait for a snapshot the background thread is still building (live views)."""
+        ticket = self._snapshot_ticket
+        if ticket is not None:
+            ticket.wait()
 
     # ------------------------------------------------------------ public API
     def flush(self) -> None:
@@ -249,10 +260,12 @@ class Handle:
 
     def latest_snapshot(self) -> list[dict]:
         """SNAPSHOTS rows of the latest closed window ([] before the first)."""
+        self._snapshot_ready()
         return self._stage.latest_rows()
 
     def latest_expert_counts(self) -> dict:
         """``{layer: [tokens per expert]}`` of the latest closed window (``chrono.exporters.live``)."""
+        self._snapshot_ready()
         return self._stage.latest_counts()
 
     def load_cursor(self, layer: int):
@@ -273,10 +286,12 @@ class Handle:
         return list(self._stage.latest_decisions)
 
     def active_alerts(self) -> dict:
+        self._snapshot_ready()
         return self._stage.tracker.active()
 
     def alert_transitions(self) -> dict:
         """``{(layer, alert, "raised"/"cleared"): times}`` since attach."""
+        self._snapshot_ready()
         return dict(self._stage.transitions)
 
     def stats(self) -> dict:

@@ -4,11 +4,11 @@ A cursor's ``take()`` returns the assignments (counted tokens + capacity-dropped
 summed over modes) its router made since the previous take, float32 ``[n_experts]`` on
 the recorder's device. It reads the recorder's buffers on the device, no host sync:
 
-    total = closed windows + history rows of the open window + the open step
+    total = closed windows + the open window's sum (``Recorder.win``) + the open step
 
-``Window.close`` calls ``window_closing(n)`` before it takes the history rows off the
-device, so a window close (or a fold of provisional steps, which moves rows into the open
-step) never changes ``total``. Nothing of this runs in the router hook; with no cursor
+``Window.close`` calls ``window_closing()`` before the recorder's window sum restarts, so
+a window close (or a fold of provisional steps, which moves rows into the open step)
+never changes ``total``; each term is O(layers x experts), whatever the window length. Nothing of this runs in the router hook; with no cursor
 there is no cost at all. Callers of ``take`` need not hold the lock (an add racing a take
 lands in the next take: nothing lost, nothing counted twice).
 """
@@ -37,21 +37,16 @@ class RecorderLoads:
             t = wide
         return t
 
-    def window_closing(self, n: int) -> None:
-        """History rows ``[:n]`` are about to leave the device buffers: keep their sum."""
-        if not n:
-            return
-        rec = self._window.rec
-        part = rec.hist[:n, _KINDS].sum(dim=(0, 1, 2))
+    def window_closing(self) -> None:
+        """The open window's sum is about to restart at 0: keep it."""
+        part = self._window.rec.win[_KINDS].sum(dim=(0, 1))
         self._closed = part if self._closed is None else self._align(self._closed, part) + part
 
     def total(self, slot: int) -> torch.Tensor:
         """float64 ``[capacity + 2]`` assignments of ``slot`` since attach (recorder columns)."""
         with self._lock:
-            rec, n = self._window.rec, len(self._window)
-            x = rec.acc[_KINDS, :, slot].sum(dim=(0, 1))
-            if n:
-                x = x + rec.hist[:n, _KINDS, :, slot].sum(dim=(0, 1, 2))
+            rec = self._window.rec
+            x = rec.acc[_KINDS, :, slot].sum(dim=(0, 1)) + rec.win[_KINDS, :, slot].sum(dim=(0, 1))
             if self._closed is not None:
                 self._closed = self._align(self._closed, rec.acc[0, 0])
                 x = x + self._closed[slot]

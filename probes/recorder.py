@@ -10,9 +10,12 @@ One float64 buffer ``acc[kind, mode, slot, column]`` holds the current step
 the padding assignments excluded; float64 counts are exact up to 2**53). Columns: 0 collects negative indices, ``1 + e`` is expert ``e``,
 ``capacity + 1`` collects indices >= capacity, so a broken router can never
 index out of bounds and is reported instead. ``end_step`` copies ``acc`` into
-``hist[i]`` on the device (2 ops per step); ``take(n)`` copies the window to
-the host once. Non-finite router outputs are detected at flush from the
-per-step sums (NaN / Inf propagate), costing no extra op per call.
+``hist[i]`` and adds it to ``win`` (the window's running sum) on the device (3 ops per
+step, O(layers x experts)). Closing a window is O(1) in its length: ``swap(n)`` hands
+the filled history buffer to the caller (the background writer reads it) and switches
+to a second one (double buffering; the caller must be done with a buffer before the
+next-but-one ``swap``), and copies only ``win`` to the host. Non-finite router outputs
+are detected from the per-step sums (NaN / Inf propagate), costing no extra op per call.
 """
 from __future__ import annotations
 
@@ -62,22 +65,32 @@ class Recorder:
     def _alloc(self) -> None:
         shape = (N_KINDS, len(MODES), self.n_slots, self.capacity + 2)
         self.acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        self.hist = torch.zeros((self.history, *shape), dtype=torch.float64, device=self.device)
+        self.win = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        # history rows are always written whole (end_step) before they are read: no zeroing
+        self.hist = torch.empty((self.history, *shape), dtype=torch.float64, device=self.device)
+        self._spare = None   # the second history buffer, allocated at the first swap
 
     def to(self, device) -> None:
         """Follow the model to another device (rare: ``model.to(...)`` after attach)."""
         self.device = torch.device(device)
-        self.acc, self.hist = self.acc.to(self.device), self.hist.to(self.device)
+        self.acc, self.win, self.hist = (t.to(self.device) for t in (self.acc, self.win, self.hist))
+        self._spare = None
         self._ones = {}
 
     def grow(self, capacity: int) -> None:
         """Widen the expert dimension (lifecycle added experts); keeps what was counted."""
-        old_acc, old_hist, old_cap = self.acc, self.hist, self.capacity
+        old, old_cap = (self.acc, self.win, self.hist), self.capacity
         self.capacity = int(capacity)
         self._alloc()
-        for new, old in ((self.acc, old_acc), (self.hist, old_hist)):
-            new[..., : old_cap + 1].copy_(old[..., : old_cap + 1])
-            new[..., self.capacity + 1].copy_(old[..., old_cap + 1])
+        for new, prev in zip((self.acc, self.win, self.hist), old):
+            new[..., : old_cap + 1].copy_(prev[..., : old_cap + 1])
+            new[..., old_cap + 1: self.capacity + 1].zero_()
+            new[..., self.capacity + 1].copy_(prev[..., old_cap + 1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the device buffers (``acc``, ``win``, both history buffers once allocated)."""
+        return sum(t.nbytes for t in (self.acc, self.win, self.hist, self._spare) if t is not None)
 
     def _ones_for(self, n: int):
         t = self._ones.get(n)
@@ -120,14 +133,34 @@ class Recorder:
             acc[SCALARS, mode, slot, LOGIT_SUM].add_(logits.detach().sum())
 
     def end_step(self, i: int) -> None:
-        """Move the current step into history row ``i`` and reset it (on the device)."""
+        """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""
         self.hist[i].copy_(self.acc)
+        self.win.add_(self.acc)
         self.acc.zero_()
 
     def merge(self, first: int, n: int) -> None:
         """Fold history rows ``[first, n)`` into the current step (on the device)."""
         if n > first:
-            self.acc.add_(self.hist[first:n].sum(0))
+            back = self.hist[first:n].sum(0)
+            self.acc.add_(back)
+            self.win.sub_(back)
+
+    def swap(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Close the window of history rows ``[:n]``: O(1) in ``n``.
+
+        Returns ``(rows, sums)``: ``rows`` the device tensor ``[n, kind, mode, slot,
+        capacity + 2]`` (a view of the filled history buffer, which the recorder stops
+        writing: the caller must be done with it before the next ``swap``, when this
+        buffer is written again), ``sums`` the host copy of the window sum ``[kind, mode,
+        slot, capacity + 2]`` float64 (one small device->host copy). ``win`` restarts at 0.
+        """
+        rows = self.hist[:n]
+        if self._spare is None or self._spare.shape != self.hist.shape:
+            self._spare = torch.empty_like(self.hist)
+        self.hist, self._spare = self._spare, self.hist
+        sums = self.win.to("cpu", copy=True).numpy()
+        self.win.zero_()
+        return rows, sums
 
     def take(self, n: int, include_current: bool = False) -> WindowArrays:
         """Host arrays for history rows ``[:n]`` (+ the unfinished step): one device->host copy.
@@ -138,16 +171,19 @@ class Recorder:
         x = self.hist[:n]
         if include_current:
             x = torch.cat([x, self.acc[None]])
-        x = x.to("cpu", copy=True).numpy()
-        cap = self.capacity
-        weight = x[:, WEIGHT, ..., 1: cap + 1]
-        nonfinite = (~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, SCALARS, ..., LOGIT_SUM]))
-        return WindowArrays(
-            counts=np.rint(x[:, TOKENS, ..., 1: cap + 1]).astype(np.int64),
-            dropped=np.rint(x[:, DROPPED, ..., 1: cap + 1]).astype(np.int64),
-            weight=weight,
-            invalid=np.rint(x[:, TOKENS, ..., 0] + x[:, TOKENS, ..., cap + 1]
-                            + x[:, DROPPED, ..., 0] + x[:, DROPPED, ..., cap + 1]).astype(np.int64),
-            nonfinite=nonfinite.astype(np.int64),
-            padding=np.rint(x[:, SCALARS, ..., PADDING]).astype(np.int64),
-        )
+        return window_arrays(x.to("cpu", copy=True).numpy(), self.capacity)
+
+
+def window_arrays(x: np.ndarray, cap: int) -> WindowArrays:
+    """``WindowArrays`` of host history rows ``x`` ``[n, kind, mode, slot, cap + 2]`` float64."""
+    weight = x[:, WEIGHT, ..., 1: cap + 1]
+    nonfinite = (~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, SCALARS, ..., LOGIT_SUM]))
+    return WindowArrays(
+        counts=np.rint(x[:, TOKENS, ..., 1: cap + 1]).astype(np.int64),
+        dropped=np.rint(x[:, DROPPED, ..., 1: cap + 1]).astype(np.int64),
+        weight=weight,
+        invalid=np.rint(x[:, TOKENS, ..., 0] + x[:, TOKENS, ..., cap + 1]
+                        + x[:, DROPPED, ..., 0] + x[:, DROPPED, ..., cap + 1]).astype(np.int64),
+        nonfinite=nonfinite.astype(np.int64),
+        padding=np.rint(x[:, SCALARS, ..., PADDING]).astype(np.int64),
+    )

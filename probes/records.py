@@ -1,15 +1,16 @@
 """The typed records one routing count travels in, from the router hook to a Parquet part.
 
-    router hook --Routed--> Recorder --WindowArrays--> Window --ClosedWindow--> Sink --> RunWriter
-                  (routing.py)   (device buffers)         (host arrays)    (rows)       (Parquet)
+    router hook --Routed--> Recorder --> Window --WindowJob--> Sink: WindowArrays -> ClosedWindow --> RunWriter
+                  (routing.py)   (device buffers)  (training thread) | (background thread)          (Parquet)
 
 * ``probes.routing.Routed``: one router call, as the adapter parsed it (device tensors).
 * ``WindowArrays``: the steps of one window copied to the host once (``Recorder.take``).
 * ``RoutingBlock`` / ``Signal`` / ``TokenRows``: what ``probes.rows`` derives from them, one
   record per ``RunWriter.log_routing`` / ``log_signal`` / ``log_tokens`` call.
 * ``WindowSnapshot``: the snapshot stage's result for a window (rows, alert transitions).
-* ``ClosedWindow``: everything one window close hands to the sink (``probes.sink``), which
-  runs on the background writer thread.
+* ``WindowJob``: what a window close hands from the training thread to the background
+  writer (O(1) in the window's length: a device buffer, the small window sums).
+* ``ClosedWindow``: the rows the background writer derives from a ``WindowJob`` and writes.
 
 All are immutable (NamedTuple or frozen dataclass); arrays inside are owned by the
 record (copies of the device buffers, never views of memory that is reused).
@@ -18,7 +19,7 @@ Mode indices follow ``chrono.schema.MODES`` (``probes.recorder.TRAIN/EVAL/INFER`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -114,6 +115,34 @@ class WindowSnapshot:
     rows: tuple
     transitions: tuple
     counts: dict
+
+
+@dataclass(frozen=True)
+class WindowJob:
+    """One closed window as the training thread hands it to the background writer.
+
+    ``steps``: ``[n]`` int64 step numbers; ``rows``: the recorder's device history rows
+    ``[n, kind, mode, slot, capacity + 2]`` float64 (a buffer the recorder no longer
+    writes until the job is done; None when ``n == 0``); ``experts``: expert count per
+    slot; ``layer_ids``: ``[slot]`` int32; ``tokens``: ``TokenSampler.detach_ready()``
+    entries or None; ``snapshot``: computed in the training thread (there were
+    ``on_snapshot`` callbacks) or None; ``snapshot_input``: ``(first_step, last_step,
+    counts, dropped)`` for ``SnapshotStage.observe`` on the background thread, or None;
+    ``sizes`` / ``write_globals``: as in ``ClosedWindow``; ``expert_offsets`` and
+    ``globalize_tokens``: the expert-parallel mappings (``probes.distributed``) or None.
+    """
+
+    steps: np.ndarray
+    rows: Any
+    experts: tuple
+    layer_ids: np.ndarray
+    tokens: Optional[list]
+    snapshot: Optional["WindowSnapshot"]
+    snapshot_input: Optional[tuple]
+    sizes: dict
+    write_globals: bool
+    expert_offsets: Optional[Callable] = None
+    globalize_tokens: Optional[Callable] = None
 
 
 @dataclass(frozen=True)

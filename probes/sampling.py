@@ -118,44 +118,56 @@ class TokenSampler:
         self._redraw()
 
     def take(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """All finished steps' rows as host arrays, or None.
+        """All finished steps' rows as host arrays, or None (``token_rows(detach_ready())``)."""
+        return token_rows(self.detach_ready())
 
-        Two device->host copies (all int parts, all weights), then the columns
-        (step, layer, mode, batch_idx, position, k, expert, token_id, dropped,
-        padding) are built with NumPy from each call's metadata. ``token_id`` -1
-        means unknown (written as NULL).
-        """
+    def detach_ready(self) -> list | None:
+        """Hand over the finished steps' sampled entries (device tensors of their own, never
+        reused), or None: O(1), for ``token_rows`` on another thread."""
         if not self._ready:
             return None
         ready, self._ready = self._ready, []
-        ints = torch.cat([e[8] for e in ready]).to("cpu", copy=True).numpy()
-        ws = [e[9] for e in ready if e[9] is not None]
-        wts = torch.cat(ws).to("cpu", copy=True).numpy() if ws else np.zeros(0, np.float32)
-        out, wout, io, wo = [], [], 0, 0
-        for step, layer, mode, n, k, has_tid, has_drop, has_mask, _, w in ready:
-            batch = ints[io: io + n]; io += n
-            position = ints[io: io + n]; io += n
-            expert = ints[io: io + n * k]; io += n * k
-            tid = None
-            if has_tid:
-                tid = ints[io: io + n]; io += n
-            drop = None
-            if has_drop:
-                drop = ints[io: io + n * k]; io += n * k
-            masked = None
-            if has_mask:
-                masked = ints[io: io + n]; io += n
-            rows = np.empty((n * k, N_INT_COLS), dtype=np.int64)
-            rows[:, 0], rows[:, 1], rows[:, 2] = step, layer, mode
-            rows[:, 3], rows[:, 4] = np.repeat(batch, k), np.repeat(position, k)
-            rows[:, 5] = np.tile(np.arange(k), n)
-            rows[:, 6] = expert
-            rows[:, 7] = -1 if tid is None else np.repeat(tid, k)
-            rows[:, 8] = 0 if drop is None else drop
-            rows[:, 9] = 0 if masked is None else np.repeat(masked, k)
-            out.append(rows)
-            if w is None:
-                wout.append(np.full(n * k, np.nan, dtype=np.float32))
-            else:
-                wout.append(wts[wo: wo + n * k]); wo += n * k
-        return np.concatenate(out), np.concatenate(wout)
+        return ready
+
+
+def token_rows(ready: list | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows of ``TokenSampler.detach_ready()`` entries as host arrays, or None.
+
+    Two device->host copies (all int parts, all weights), then the columns
+    (step, layer, mode, batch_idx, position, k, expert, token_id, dropped,
+    padding) are built with NumPy from each call's metadata. ``token_id`` -1
+    means unknown (written as NULL).
+    """
+    if not ready:
+        return None
+    ints = torch.cat([e[8] for e in ready]).to("cpu", copy=True).numpy()
+    ws = [e[9] for e in ready if e[9] is not None]
+    wts = torch.cat(ws).to("cpu", copy=True).numpy() if ws else np.zeros(0, np.float32)
+    out, wout, io, wo = [], [], 0, 0
+    for step, layer, mode, n, k, has_tid, has_drop, has_mask, _, w in ready:
+        batch = ints[io: io + n]; io += n
+        position = ints[io: io + n]; io += n
+        expert = ints[io: io + n * k]; io += n * k
+        tid = None
+        if has_tid:
+            tid = ints[io: io + n]; io += n
+        drop = None
+        if has_drop:
+            drop = ints[io: io + n * k]; io += n * k
+        masked = None
+        if has_mask:
+            masked = ints[io: io + n]; io += n
+        rows = np.empty((n * k, N_INT_COLS), dtype=np.int64)
+        rows[:, 0], rows[:, 1], rows[:, 2] = step, layer, mode
+        rows[:, 3], rows[:, 4] = np.repeat(batch, k), np.repeat(position, k)
+        rows[:, 5] = np.tile(np.arange(k), n)
+        rows[:, 6] = expert
+        rows[:, 7] = -1 if tid is None else np.repeat(tid, k)
+        rows[:, 8] = 0 if drop is None else drop
+        rows[:, 9] = 0 if masked is None else np.repeat(masked, k)
+        out.append(rows)
+        if w is None:
+            wout.append(np.full(n * k, np.nan, dtype=np.float32))
+        else:
+            wout.append(wts[wo: wo + n * k]); wo += n * k
+    return np.concatenate(out), np.concatenate(wout)

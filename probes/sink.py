@@ -2,8 +2,9 @@
 
 ``open_writer`` opens the run (or a ``NullWriter`` when the store cannot be written:
 training goes on without telemetry on disk); ``first_step`` decides where this
-session's steps start; ``Sink`` queues ``ClosedWindow`` records and controller decisions
-to ``probes.flusher.BackgroundWriter``, where ``write_window`` turns them into writer calls.
+session's steps start; ``Sink`` queues ``WindowJob`` records and controller decisions
+to ``probes.flusher.BackgroundWriter``, where ``probes.window.finish`` turns a job into
+a ``ClosedWindow`` and ``write_window`` that into writer calls.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import logging
 from chrono.store import StoreError, open_run
 
 from .flusher import BackgroundWriter
-from .records import ClosedWindow
+from .records import ClosedWindow, WindowJob
 from .rows import write_token_rows
+from .window import finish, job_rows
 
 log = logging.getLogger("probes")
 
@@ -97,11 +99,14 @@ class Sink:
         self.writer = writer
         self._bg = BackgroundWriter(writer)
 
-    def submit_window(self, cw: ClosedWindow) -> None:
-        self._bg.submit(lambda w: write_window(w, cw), rows=cw.n_rows)
+    def submit_window(self, job: WindowJob, routers: list, stage, faults):
+        """Queue a closed window: built (``probes.window.finish``) and written on the
+        background thread. Returns the ticket (``.wait()``)."""
+        return self._bg.submit(lambda w: write_window(w, finish(job, routers, stage, faults)),
+                               rows=lambda: job_rows(job))
 
-    def submit_decisions(self, rows: list[dict]) -> None:
-        self._bg.submit(lambda w: w.log_rows("decisions", rows), rows=len(rows))
+    def submit_decisions(self, rows: list[dict]):
+        return self._bg.submit(lambda w: w.log_rows("decisions", rows), rows=len(rows))
 
     def wait(self) -> None:
         self._bg.wait()

@@ -57,8 +57,11 @@ def test_probe_scale_quick(tmp_path):
         assert c["window_close_stall_ms_max"] >= c["window_close_stall_ms_median"] > 0
         assert c["window_close_cpu_ms_max"] >= c["window_close_cpu_ms_median"] > 0
         assert c["in_hook_ms_per_step"] > 0 and c["write_errors"] == 0
-        # acc + hist: 4 kinds x 3 modes x layers x (experts + 2) float64, x (1 + flush_every)
-        assert c["device_buffer_bytes"] == 4 * 3 * shape["layers"] * (shape["experts"] + 2) * 8 * (1 + c["flush_every"])
+        # acc + win + two history buffers (double buffering, both used once 2 windows closed):
+        # 4 kinds x 3 modes x layers x (experts + 2) float64, x (2 + 2 x flush_every)
+        assert c["device_buffer_bytes"] == \
+            4 * 3 * shape["layers"] * (shape["experts"] + 2) * 8 * (2 + 2 * c["flush_every"])
+        assert c["after_close_step_ms_median"] is not None
         assert c["parquet_bytes_per_step"]["routing"] > 0 and c["parquet_bytes_per_step"]["snapshots"] > 0
         assert c["rows_written"]["routing"] == 4 * shape["layers"] * shape["experts"]
     assert res["cells"][1]["h_step_ms"] is not None   # flush_every 2: every other step closes no window
