@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# core benchmarks (the others: benchmarks/{governance,dashboard,distributed_comm,var,semantic_moe_vs_dense,reliability_report}.py)
+# core benchmarks (the others: benchmarks/{governance,dashboard_render,distributed_comm,var,semantic_moe_vs_dense,reliability_report}.py)
 bench: $(STAMP)
 	$(PY) benchmarks/store_ingest.py
 	$(PY) benchmarks/query.py

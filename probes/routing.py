@@ -14,8 +14,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from chrono.attach import AttachError
 
-class ProbeError(Exception):
+
+class ProbeError(AttachError):
     """A user-facing problem attaching probes (no router found, bad spec...)."""
 
 

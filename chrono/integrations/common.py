@@ -11,7 +11,8 @@ global step G starts at G + 1 and replaces rows of steps > G stored before
 The core never imports ``probes`` (it sits a layer above): the attacher is
 found through the ``chrono.attach`` entry-point group, which the ``probes``
 package declares (``probes = "probes:attach"`` in pyproject.toml), or passed
-explicitly as ``attach=`` to either callback. See docs/architecture.md.
+explicitly as ``attach=`` to either callback; its ``AttachError`` (``chrono.attach``) is the
+soft failure. See docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -20,42 +21,11 @@ import logging
 import re
 import weakref
 
+from chrono.attach import ATTACH_GROUP, AttachError, find_attacher  # noqa: F401  (re-exported)
+
 log = logging.getLogger("chrono.integrations")
 
 DEFAULT_FLUSH_EVERY = 50
-ATTACH_GROUP = "chrono.attach"   # entry-point group of attachers (probes declares "probes")
-
-
-def find_attacher():
-    """The attach callable the ``chrono.attach`` entry point names (``probes:attach`` when installed).
-
-    It has ``probes.attach``'s signature. The entry named ``probes`` wins when
-    several packages declare one.
-
-    Raises:
-        ImportError: no installed package declares a ``chrono.attach`` entry point
-            (one line saying how to install one).
-    """
-    from importlib.metadata import entry_points
-
-    eps = {ep.name: ep for ep in entry_points(group=ATTACH_GROUP)}
-    if not eps:
-        raise ImportError(f"chrono.integrations needs an attacher registered in the {ATTACH_GROUP!r} "
-                          "entry-point group, and none is installed: install chrono-moe with its probes "
-                          "package (pip install chrono-moe), or pass attach=probes.attach to the callback")
-    return (eps.get("probes") or eps[sorted(eps)[0]]).load()
-
-
-def attach_errors(attach) -> tuple[type[BaseException], ...]:
-    """The exception types ``attach`` raises for a user-facing failure (no router found, bad spec...):
-    the ``ProbeError`` of the package that defines it; empty when that package has none."""
-    import importlib
-
-    module = getattr(attach, "__module__", None)
-    if not module:
-        return ()
-    error = getattr(importlib.import_module(module.split(".")[0]), "ProbeError", None)
-    return (error,) if isinstance(error, type) and issubclass(error, BaseException) else ()
 
 
 def run_id_from(name: str) -> str:
@@ -123,7 +93,6 @@ class Session:
         """Attach to ``model``; ``attach``: a callable like ``probes.attach`` (default: the
         ``chrono.attach`` entry point, see ``find_attacher``)."""
         attach = attach or find_attacher()
-        errors = attach_errors(attach)
         self.close()
         model = unwrap(model)
         resumed = global_step > 0
@@ -131,7 +100,7 @@ class Session:
             self.handle = attach(model, run=run, root=root, tokens=tokens,
                                  flush_every=flush_every, start_step=global_step + 1,
                                  overwrite=resumed, steps="manual", config=config, **attach_options)
-        except errors as e:
+        except AttachError as e:
             if strict:
                 raise
             log.error("chrono: not recording routing for this training (%s)", e)

@@ -17,7 +17,7 @@ def test_the_installed_entry_point_is_probes_attach():
     import probes
 
     assert common.find_attacher() is probes.attach
-    assert common.attach_errors(probes.attach) == (probes.ProbeError,)
+    assert issubclass(probes.ProbeError, common.AttachError)   # the soft failure the callbacks log
 
 
 def test_pyproject_declares_the_entry_point_the_core_looks_up():
@@ -35,7 +35,7 @@ def test_no_attacher_installed_is_one_clear_error(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_an_explicit_attacher_is_used_and_its_package_error_is_the_soft_one(tmp_path):
+def test_an_explicit_attacher_is_used_and_an_attach_error_is_the_soft_one(tmp_path):
     import torch
 
     calls, model = [], torch.nn.Linear(2, 2)
@@ -45,10 +45,16 @@ def test_an_explicit_attacher_is_used_and_its_package_error_is_the_soft_one(tmp_
         raise ValueError("not a probes failure")
 
     s = common.Session()
-    with pytest.raises(ValueError):   # an error that is not the package's ProbeError propagates
+    with pytest.raises(ValueError):   # an error that is not an AttachError propagates
         s.start(model, "r", tmp_path, 0, 0.0, 10, attach=attach)
     assert calls == [(model, "r", "manual")]
-    assert common.attach_errors(attach) == ()   # this test module's package has no ProbeError
+
+    def refusing(model, **kw):
+        raise common.AttachError("no router in this model")
+
+    assert s.start(model, "r", tmp_path, 0, 0.0, 10, attach=refusing) is False   # soft: one log line
+    with pytest.raises(common.AttachError):
+        s.start(model, "r", tmp_path, 0, 0.0, 10, attach=refusing, strict=True)
 
 
 def test_a_probe_error_is_one_log_line_unless_strict(tmp_path, caplog):
