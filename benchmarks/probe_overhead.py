@@ -27,19 +27,27 @@ In-hook time is thread CPU time inside the router hooks, measured for every arm 
 CPU time of the recompute after the forward. ``net`` subtracts the median of ``none_a``
 (the inactive hooks every step runs). Ratios are net in-hook time over the ``sglang_style``
 arm and over the ``bincount_floor`` arm. Step time is wall time of the whole step (median).
-Before timing, one forward with *every* arm active checks that every arm's counts equal the
-floor's. Each (shape, mode) cell is cached under ``--cache`` (resumable). Writes
+With ``--base REF`` (e.g. ``main``) one more arm, ``chrono_base``, is ``probes.attach`` of the
+``probes`` package as it is at git ref ``REF`` (extracted with ``git archive`` and imported as
+``probes_base``, next to this tree's ``chrono``): old and new probes interleaved in one
+process, measured by the same bracket. Before timing, one forward with *every* arm active
+checks that every arm's counts equal the floor's. Each (shape, mode) cell is cached under ``--cache`` (resumable). Writes
 ``benchmarks/results/probe_overhead.json``.
 
 usage: nice -n 10 python benchmarks/probe_overhead.py [--quick] [--rounds 14] [--shapes small mixtral_like]
+       [--base main]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -214,13 +222,25 @@ class HFRouterLogits(Arm):
         return self.buf.cpu().numpy()
 
 
-class ChronoArm(Arm):
-    """``probes.attach``; inactive steps switch the handle off (its hooks return at once)."""
+def base_probes(ref: str):
+    """The ``probes`` package at git ref ``ref``, imported as ``probes_base`` (a temp copy)."""
+    tar = subprocess.run(["git", "-C", str(HERE.parent), "archive", ref, "probes"], check=True,
+                         capture_output=True).stdout
+    tmp = Path(tempfile.mkdtemp(prefix="probes_base_"))
+    tarfile.open(fileobj=io.BytesIO(tar)).extractall(tmp)
+    (tmp / "probes").rename(tmp / "probes_base")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("probes_base")
 
-    def __init__(self, model, root, run, tokens):
+
+class ChronoArm(Arm):
+    """``probes.attach``; inactive steps switch the handle off (its hooks return at once).
+    ``package``: the probes package (default this tree's; ``base_probes(ref)`` for ``--base``)."""
+
+    def __init__(self, model, root, run, tokens, package=None):
         super().__init__()
         self.root, self.run = root, run
-        self.h = probes.attach(model, run=run, root=root, tokens=tokens, flush_every=50, steps="manual")
+        self.h = (package or probes).attach(model, run=run, root=root, tokens=tokens, flush_every=50, steps="manual")
         self.h._active = False
         self.step_seconds = []
 
@@ -251,7 +271,8 @@ class ChronoArm(Arm):
         return out
 
 
-def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: int, device="cpu") -> dict:
+def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: int, device="cpu",
+             base=None) -> dict:
     """One (shape, mode): the correctness forward, then ``rounds`` interleaved rounds of all arms.
 
     On CUDA, step times include a ``torch.cuda.synchronize()`` at the end of each step; in-hook
@@ -270,6 +291,10 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
             "chrono_tokens_1pct": ChronoArm(model, tmp, "tokens", 0.01),
             "sglang_style": SGLangStyle(model, device=device), "bincount_floor": BincountFloor(model, device),
             "hf_router_logits": HFRouterLogits(device), "naive_json": NaiveJson(model, os.path.join(tmp, "ev.jsonl"))}
+    names = list(ARMS)
+    if base is not None:
+        arms["chrono_base"] = ChronoArm(model, tmp, "base", 0.0, package=base_probes(base))
+        names.append("chrono_base")
     bracket.close()
 
     def forward(kwargs):
@@ -314,13 +339,13 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
 
     load_before = os.getloadavg()
     for _ in range(warmup):
-        for n in ARMS:
+        for n in names:
             one_step(n)
-    steps = {n: [] for n in ARMS}
-    hook = {n: [] for n in ARMS}
-    cpu = {n: [] for n in ARMS}
+    steps = {n: [] for n in names}
+    hook = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(rounds):
-        for n in ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]:
+        for n in names[r % len(names):] + names[:r % len(names)]:
             dt, hs, c = one_step(n)
             steps[n].append(dt)
             hook[n].append(hs)
@@ -337,7 +362,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
     base_hook = statistics.median(hook["none_a"])
     base_step = statistics.median(steps["none_a"])
     res = {}
-    for n in ARMS:
+    for n in names:
         med_hook = statistics.median(hook[n])
         res[n] = {"step_ms": 1e3 * statistics.median(steps[n]),
                   "step_ratio_vs_none_a": statistics.median(steps[n]) / base_step,
@@ -347,13 +372,13 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
                   "in_hook_net_pct_of_step": 100 * (med_hook - base_hook) / base_step,
                   "h_step_ms": h_step.get(n),
                   "steps_s": steps[n], "in_hook_s": hook[n]}
-    for n in ARMS:
+    for n in names:
         for ref in ("sglang_style", "bincount_floor"):
             d = res[ref]["in_hook_net_ms"]
             res[n][f"in_hook_ratio_vs_{ref}"] = res[n]["in_hook_net_ms"] / d if d > 0 else None
     return {"shape": shape, "mode": mode, "device": str(device), **SHAPES[shape], "layers": LAYERS, "experts": EXPERTS,
             "top_k": TOP_K, "batch": batch, "seq": seq, "rounds": rounds, "warmup": warmup,
-            "counts_equal_floor": check, "arms": res, "loadavg_before": load_before,
+            "base_ref": base, "counts_equal_floor": check, "arms": res, "loadavg_before": load_before,
             "loadavg_after": load_after, "uptime_after": uptime()}
 
 
@@ -391,6 +416,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cache", default=str(HERE / "results" / "probe_overhead_cache"),
                    help="per-(shape, mode) results; a cell found here is not rerun (delete to rerun)")
     p.add_argument("--out", default=str(HERE / "results" / "probe_overhead.json"))
+    p.add_argument("--base", default=None, metavar="REF",
+                   help="also time the probes package of git ref REF (arm chrono_base), interleaved")
     a = p.parse_args(argv)
     if a.quick:
         a.rounds, a.warmup, a.batch, a.seq, a.shapes = 2, 1, 2, 32, ["small"]
@@ -400,8 +427,9 @@ def main(argv=None) -> dict:
         for mode in a.modes:
             dev = "" if a.device == "cpu" else "_" + a.device
             seq, rounds = a.seq or DEFAULTS[shape][0], a.rounds or DEFAULTS[shape][1]
-            path = Path(a.cache) / f"{shape}_{mode}_{a.batch}x{seq}_r{rounds}{dev}.json"
-            cell = cached(path, lambda: run_cell(shape, mode, rounds, a.warmup, a.batch, seq, a.device),
+            tag = "" if a.base is None else f"_base-{a.base}"
+            path = Path(a.cache) / f"{shape}_{mode}_{a.batch}x{seq}_r{rounds}{dev}{tag}.json"
+            cell = cached(path, lambda: run_cell(shape, mode, rounds, a.warmup, a.batch, seq, a.device, a.base),
                           use_cache=not a.quick)
             print(table(cell), flush=True)
             cells.append(cell)

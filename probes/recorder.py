@@ -1,5 +1,11 @@
 """On-device routing counters: fixed-shape ``scatter_add_`` into one per-step buffer.
 
+Per router call (no padding mask, no capacity drops): the column index (2 ops), the
+weights into row 1 of a float64 scratch source whose row 0 is ones (1 op), one
+``scatter_add_`` of that ``[2, assignments]`` source into tokens + weight sum (the two
+kinds are adjacent), and the logit sum (2 ops). Every buffer view a call writes is
+built once per allocation (``_views``), not indexed per call.
+
 Why ``scatter_add_`` and not ``bincount``: bincount reads min/max on the host
 (a CUDA sync per call, even with ``minlength``) and breaks a ``torch.compile``
 graph per call; a fixed-shape scatter into a preallocated buffer is sync-free
@@ -59,7 +65,8 @@ class Recorder:
         self.capacity = max(1, int(capacity))
         self.history = max(1, int(history))
         self.device = torch.device(device or "cpu")
-        self._ones: dict = {}
+        self._src = None   # [2, assignments] float64 scratch of record(): row 0 ones, unless _src_dirty
+        self._src_dirty = False
         self._alloc()
 
     def _alloc(self) -> None:
@@ -69,13 +76,23 @@ class Recorder:
         # history rows are always written whole (end_step) before they are read: no zeroing
         self.hist = torch.empty((self.history, *shape), dtype=torch.float64, device=self.device)
         self._spare = None   # the second history buffer, allocated at the first swap
+        self._bind_views()
+
+    def _bind_views(self) -> None:
+        """Per (mode, slot): tokens + weight ``[2, C]``, dropped ``[C]``, logit-sum and padding
+        cells (0-d): views of ``acc`` a call writes, built once per allocation of ``acc``."""
+        acc = self.acc
+        self._views = [[(acc[TOKENS:WEIGHT + 1, m, s], acc[DROPPED, m, s], acc[SCALARS, m, s, LOGIT_SUM],
+                         acc[SCALARS, m, s, PADDING]) for s in range(self.n_slots)] for m in range(len(MODES))]
+        self._last_col = self.capacity + 1
 
     def to(self, device) -> None:
         """Follow the model to another device (rare: ``model.to(...)`` after attach)."""
         self.device = torch.device(device)
         self.acc, self.win, self.hist = (t.to(self.device) for t in (self.acc, self.win, self.hist))
         self._spare = None
-        self._ones = {}
+        self._src = None
+        self._bind_views()
 
     def grow(self, capacity: int) -> None:
         """Widen the expert dimension (lifecycle added experts); keeps what was counted."""
@@ -92,11 +109,16 @@ class Recorder:
         """Bytes of the device buffers (``acc``, ``win``, both history buffers once allocated)."""
         return sum(t.nbytes for t in (self.acc, self.win, self.hist, self._spare) if t is not None)
 
-    def _ones_for(self, n: int):
-        t = self._ones.get(n)
-        if t is None:
-            t = self._ones[n] = torch.ones(n, dtype=torch.float64, device=self.device)
-        return t
+    def _scratch(self, n: int) -> torch.Tensor:
+        """``[2, n]`` float64 view of the scratch source with row 0 all ones."""
+        src = self._src
+        if src is None or src.shape[1] < n:
+            src = self._src = torch.ones((2, max(n, 1024)), dtype=torch.float64, device=self.device)
+            self._src_dirty = False
+        elif self._src_dirty:
+            src[0].fill_(1.0)
+            self._src_dirty = False
+        return src[:, :n]
 
     def record(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
         """Add one router call. Sync-free: no ``.item()``, no host copy, fixed shapes.
@@ -107,30 +129,37 @@ class Recorder:
         number of those tokens (``T - mask.sum()``).
         """
         indices, weights, dropped, logits = routed
-        col = (indices.detach().reshape(-1) + 1).clamp_(0, self.capacity + 1)
+        tw, drop_row, logit_cell, pad_cell = self._views[mode][slot]
+        col = (indices.detach().reshape(-1) + 1).clamp_(0, self._last_col)
         if col.dtype != torch.int64:
             col = col.long()
-        acc = self.acc
-        src = None   # per assignment: 1 if it counts (None: all count)
+        n = col.shape[0]
+        src = self._scratch(n)
+        keep = None   # per assignment: 1 if it counts (None: all count)
         if mask is not None:
-            k = col.shape[0] // max(1, mask.shape[0])
-            src = mask if k == 1 else mask.unsqueeze(1).expand(-1, k).reshape(-1)
-            acc[SCALARS, mode, slot, PADDING].add_(pad * k)
-        if dropped is None:
-            acc[TOKENS, mode, slot].scatter_add_(0, col, self._ones_for(col.shape[0]) if src is None else src)
-            keep = src
-        else:
+            k = n // max(1, mask.shape[0])
+            keep = mask if k == 1 else mask.unsqueeze(1).expand(-1, k).reshape(-1)
+            pad_cell.add_(pad * k)
+        if dropped is not None:
             drop = dropped.detach().reshape(-1).to(torch.float64)
-            if src is not None:
-                drop = drop * src
-            keep = (1.0 if src is None else src) - drop
-            acc[TOKENS, mode, slot].scatter_add_(0, col, keep)
-            acc[DROPPED, mode, slot].scatter_add_(0, col, drop)
-        if weights is not None:
-            w = weights.detach().reshape(-1).to(torch.float64)
-            acc[WEIGHT, mode, slot].scatter_add_(0, col, w if keep is None else w * keep)
+            if keep is not None:
+                drop = drop * keep
+            drop_row.scatter_add_(0, col, drop)
+            keep = (1.0 if keep is None else keep) - drop
+        if keep is not None:
+            src[0].copy_(keep)
+            self._src_dirty = True
+        if weights is None:
+            tw[0].scatter_add_(0, col, src[0])
+        else:
+            w = weights.detach().reshape(-1)
+            if keep is None:
+                src[1].copy_(w)
+            else:
+                torch.mul(w, src[0], out=src[1])
+            tw.scatter_add_(1, col.expand(2, n), src)
         if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
-            acc[SCALARS, mode, slot, LOGIT_SUM].add_(logits.detach().sum())
+            logit_cell.add_(logits.detach().sum())
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""

@@ -18,8 +18,12 @@ from torch import nn
 
 
 def _attr(module: nn.Module, names, default=None):
+    # read per router call (experts may grow): the instance dict first, the class (properties)
+    # only where it has the name; nn.Module.__getattr__ (parameters, buffers, submodules: never
+    # an int) is skipped, it costs microseconds per miss
+    d, cls = module.__dict__, type(module)
     for n in names:
-        v = getattr(module, n, None)
+        v = d[n] if n in d else (getattr(module, n, None) if hasattr(cls, n) else None)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     return default
