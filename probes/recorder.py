@@ -73,9 +73,9 @@ class Recorder:
         shape = (N_KINDS, len(MODES), self.n_slots, self.capacity + 2)
         self.acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.win = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        # history rows are always written whole (end_step) before they are read: no zeroing
-        self.hist = torch.empty((self.history, *shape), dtype=torch.float64, device=self.device)
-        self._spare = None   # the second history buffer, allocated at the first swap
+        # both history buffers are allocated (and their pages touched) here, not in a step
+        self.hist = torch.zeros((self.history, *shape), dtype=torch.float64, device=self.device)
+        self._spare = torch.zeros_like(self.hist)
         self._bind_views()
 
     def _bind_views(self) -> None:
@@ -89,25 +89,25 @@ class Recorder:
     def to(self, device) -> None:
         """Follow the model to another device (rare: ``model.to(...)`` after attach)."""
         self.device = torch.device(device)
-        self.acc, self.win, self.hist = (t.to(self.device) for t in (self.acc, self.win, self.hist))
-        self._spare = None
+        self.acc, self.win, self.hist, self._spare = (
+            t.to(self.device) for t in (self.acc, self.win, self.hist, self._spare))
         self._src = None
         self._bind_views()
 
     def grow(self, capacity: int) -> None:
-        """Widen the expert dimension (lifecycle added experts); keeps what was counted."""
+        """Widen the expert dimension (lifecycle added experts); keeps what was counted. The
+        spare history buffer is not copied (a job may still read the old one: it keeps it)."""
         old, old_cap = (self.acc, self.win, self.hist), self.capacity
         self.capacity = int(capacity)
         self._alloc()
         for new, prev in zip((self.acc, self.win, self.hist), old):
             new[..., : old_cap + 1].copy_(prev[..., : old_cap + 1])
-            new[..., old_cap + 1: self.capacity + 1].zero_()
             new[..., self.capacity + 1].copy_(prev[..., old_cap + 1])
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the device buffers (``acc``, ``win``, both history buffers once allocated)."""
-        return sum(t.nbytes for t in (self.acc, self.win, self.hist, self._spare) if t is not None)
+        """Bytes of the device buffers (``acc``, ``win``, both history buffers)."""
+        return sum(t.nbytes for t in (self.acc, self.win, self.hist, self._spare))
 
     def _scratch(self, n: int) -> torch.Tensor:
         """``[2, n]`` float64 view of the scratch source with row 0 all ones."""
@@ -184,8 +184,6 @@ class Recorder:
         slot, capacity + 2]`` float64 (one small device->host copy). ``win`` restarts at 0.
         """
         rows = self.hist[:n]
-        if self._spare is None or self._spare.shape != self.hist.shape:
-            self._spare = torch.empty_like(self.hist)
         self.hist, self._spare = self._spare, self.hist
         sums = self.win.to("cpu", copy=True).numpy()
         self.win.zero_()
