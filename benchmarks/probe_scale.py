@@ -35,7 +35,11 @@ forwards under ``torch.no_grad`` (mode EVAL), ``h.step()`` after each:
 Each (shape, flush_every) cell is cached under ``--cache`` (resumable). Writes
 ``benchmarks/results/probe_scale.json``.
 
+With ``--on-snapshot`` a no-op ``on_snapshot`` callback is registered (what ``chrono.govern``
+does), so the snapshot rows and alerts are built in the training thread at window close.
+
 usage: nice -n 10 python benchmarks/probe_scale.py [--quick] [--shapes deepseek_v3 olmoe] [--flush 1 10 50 200]
+       [--on-snapshot]
 """
 from __future__ import annotations
 
@@ -151,7 +155,8 @@ def parquet_bytes(root: Path, run: str) -> dict:
     return out
 
 
-def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variants: int = 2) -> dict:
+def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variants: int = 2,
+             on_snapshot: bool = False) -> dict:
     s = SHAPES[shape]
     model = RoutingOnly(s["layers"], s["experts"], s["top_k"], s["router"]).eval()
     g = torch.Generator().manual_seed(1)
@@ -162,6 +167,8 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
     routers = [b.mlp.gate for b in model.layers]
     bracket = HookBracket(routers)
     h = probes.attach(model, run=run, root=root, flush_every=flush_every, steps="manual")
+    if on_snapshot:   # what chrono.govern does: the snapshot is then built in the training thread
+        h.on_snapshot(lambda step, rows, handle: None)
     bracket.close()
     hook_ms, step_ms, stall_ms, stall_cpu_ms, fwd_ms = [], [], [], [], []
     after_ms, after_cpu_ms, closed_last = [], [], False
@@ -197,7 +204,7 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
     med = (lambda v: statistics.median(v) if v else None)
     return {
         "shape": shape, **{k: v for k, v in s.items()}, "hidden": HIDDEN, "flush_every": flush_every,
-        "replayed_variants": variants,
+        "replayed_variants": variants, "on_snapshot_callback": on_snapshot,
         "steps": steps, "windows_closed": len(stall_ms),
         "in_hook_ms_per_step": med(hook_ms), "in_hook_ms_max": max(hook_ms),
         "forward_ms_per_step": med(fwd_ms),
@@ -241,6 +248,9 @@ def main(argv=None) -> dict:
     p.add_argument("--min-steps", type=int, default=20, help="at least this many steps per cell (default 20)")
     p.add_argument("--variants", type=int, default=2, help="router outputs replayed in turn (default 2)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--on-snapshot", action="store_true",
+                   help="register a no-op on_snapshot callback (as chrono.govern does): the snapshot "
+                        "rows are then built in the training thread at window close")
     p.add_argument("--quick", action="store_true", help="tiny shape, flush_every 1 and 2: checks the script only")
     p.add_argument("--cache", default=str(HERE / "results" / "probe_scale_cache"),
                    help="per-(shape, flush_every) results; a cell found here is not rerun")
@@ -252,8 +262,10 @@ def main(argv=None) -> dict:
     cells = []
     for shape in a.shapes:
         for f in a.flush:
-            path = Path(a.cache) / f"{shape}_f{f}_w{a.windows}.json"
-            cells.append(cached(path, lambda: run_cell(shape, f, a.windows, a.min_steps, a.variants),
+            cb = "_cb" if a.on_snapshot else ""
+            path = Path(a.cache) / f"{shape}_f{f}_w{a.windows}{cb}.json"
+            cells.append(cached(path, lambda: run_cell(shape, f, a.windows, a.min_steps, a.variants,
+                                                       a.on_snapshot),
                                 use_cache=not a.quick))
             print(table([cells[-1]]).splitlines()[-1], flush=True)
     print("\n" + STAND_IN + "\n" + table(cells))

@@ -45,6 +45,10 @@ class StepClock:
         self.optimizer_steps = 0
         self.split = False              # provisional steps of the first optimizer step were written
         self.on_first_update = on_first_update
+        # called after each optimizer step of the model: the training step's work is done, so
+        # the previous window's write is awaited here (Window.settle; durability), not only
+        # when the step ends at the next forward
+        self.after_update = None
         self._param_ids = frozenset(id(p) for p in model.parameters())
         self._owned: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._hook = None
@@ -69,6 +73,8 @@ class StepClock:
             return
         self.optimizer_steps += 1
         self.updated = True
+        if self.after_update is not None:
+            self.after_update()
         if not self.training:
             self.training = True
             if self.on_first_update is not None:

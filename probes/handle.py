@@ -132,6 +132,7 @@ class Handle:
         self._sink = Sink(self.writer)
         self._stage = SnapshotStage(self.run_id, self._faults)
         self._clock = StepClock(model, steps)
+        self._clock.after_update = self._window.settle
         self._steps = Steps(self._clock, self._window, self._lock, self._faults, start, flush_every,
                             weakref.WeakMethod(self._window_full))
         if self._leader is not None:

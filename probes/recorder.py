@@ -1,10 +1,11 @@
 """On-device routing counters: fixed-shape ``scatter_add_`` into one per-step buffer.
 
-Per router call (no padding mask, no capacity drops): the column index (2 ops), the
-weights into row 1 of a float64 scratch source whose row 0 is ones (1 op), one
-``scatter_add_`` of that ``[2, assignments]`` source into tokens + weight sum (the two
-kinds are adjacent), and the logit sum (2 ops). Every buffer view a call writes is
-built once per allocation (``_views``), not indexed per call.
+Per router call (no padding mask, no capacity drops), under ``no_grad``: the column index
+(3 ops), the weights into row 1 of a float64 scratch source whose row 0 is ones (1 op),
+one ``index_add_`` of that ``[2, assignments]`` source into tokens + weight sum (the two
+kinds are adjacent), and the logit sum (2 ops): 7 device ops. Every buffer view a call
+writes is built once per allocation (``_views``, scratch views per indices shape), not
+indexed per call.
 
 Why ``scatter_add_`` and not ``bincount``: bincount reads min/max on the host
 (a CUDA sync per call, even with ``minlength``) and breaks a ``torch.compile``
@@ -66,17 +67,22 @@ class Recorder:
         self.history = max(1, int(history))
         self.device = torch.device(device or "cpu")
         self._src = None   # [2, assignments] float64 scratch of record(): row 0 ones, unless _src_dirty
+        self._src_views: dict = {}
         self._src_dirty = False
         self._alloc()
 
     def _alloc(self) -> None:
+        with torch.inference_mode(False):   # grow() may run in a hook under inference mode
+            self._alloc_buffers()
+            self._bind_views()
+
+    def _alloc_buffers(self) -> None:
         shape = (N_KINDS, len(MODES), self.n_slots, self.capacity + 2)
         self.acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.win = torch.zeros(shape, dtype=torch.float64, device=self.device)
         # both history buffers are allocated (and their pages touched) here, not in a step
         self.hist = torch.zeros((self.history, *shape), dtype=torch.float64, device=self.device)
         self._spare = torch.zeros_like(self.hist)
-        self._bind_views()
 
     def _bind_views(self) -> None:
         """Per (mode, slot): tokens + weight ``[2, C]``, dropped ``[C]``, logit-sum and padding
@@ -89,10 +95,11 @@ class Recorder:
     def to(self, device) -> None:
         """Follow the model to another device (rare: ``model.to(...)`` after attach)."""
         self.device = torch.device(device)
-        self.acc, self.win, self.hist, self._spare = (
-            t.to(self.device) for t in (self.acc, self.win, self.hist, self._spare))
-        self._src = None
-        self._bind_views()
+        with torch.inference_mode(False):   # called from a hook, maybe under inference mode
+            self.acc, self.win, self.hist, self._spare = (
+                t.to(self.device) for t in (self.acc, self.win, self.hist, self._spare))
+            self._src, self._src_views = None, {}
+            self._bind_views()
 
     def grow(self, capacity: int) -> None:
         """Widen the expert dimension (lifecycle added experts); keeps what was counted. The
@@ -109,16 +116,22 @@ class Recorder:
         """Bytes of the device buffers (``acc``, ``win``, both history buffers)."""
         return sum(t.nbytes for t in (self.acc, self.win, self.hist, self._spare))
 
-    def _scratch(self, n: int) -> torch.Tensor:
-        """``[2, n]`` float64 view of the scratch source with row 0 all ones."""
-        src = self._src
-        if src is None or src.shape[1] < n:
-            src = self._src = torch.ones((2, max(n, 1024)), dtype=torch.float64, device=self.device)
+    def _scratch(self, shape: torch.Size, n: int) -> tuple:
+        """Views of the float64 scratch source for a call whose indices have ``shape`` (``n``
+        assignments): ``(src [2, n], ones [n], weights [n], weights as shape)``; row 0 is all ones
+        unless a padding mask or drops wrote it (``_src_dirty``). Cached per shape."""
+        v = self._src_views.get(shape)
+        if v is None:
+            with torch.inference_mode(False):   # written in place later, outside inference mode too
+                src = self._src
+                if src is None or src.shape[1] < n:
+                    src = self._src = torch.ones((2, max(n, 1024)), dtype=torch.float64, device=self.device)
+                    self._src_views, self._src_dirty = {}, False
+                v = self._src_views[shape] = (src[:, :n], src[0, :n], src[1, :n], src[1, :n].view(shape))
+        if self._src_dirty:
+            self._src[0].fill_(1.0)
             self._src_dirty = False
-        elif self._src_dirty:
-            src[0].fill_(1.0)
-            self._src_dirty = False
-        return src[:, :n]
+        return v
 
     def record(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
         """Add one router call. Sync-free: no ``.item()``, no host copy, fixed shapes.
@@ -126,40 +139,43 @@ class Recorder:
         ``routed``: the call's ``probes.routing.Routed`` (``indices [T, k]`` long, optional
         ``weights [T, k]``, ``dropped [T, k]`` bool, ``logits [T, E]``); ``mask`` (optional)
         ``[T]`` float64, 0 for padding tokens, which are then not counted; ``pad`` the 0-d
-        number of those tokens (``T - mask.sum()``).
+        number of those tokens (``T - mask.sum()``). Runs under ``no_grad`` (nothing joins the
+        autograd graph, no ``.detach()`` per tensor). Without mask or drops: 7 device ops.
         """
         indices, weights, dropped, logits = routed
         tw, drop_row, logit_cell, pad_cell = self._views[mode][slot]
-        col = (indices.detach().reshape(-1) + 1).clamp_(0, self._last_col)
-        if col.dtype != torch.int64:
-            col = col.long()
-        n = col.shape[0]
-        src = self._scratch(n)
-        keep = None   # per assignment: 1 if it counts (None: all count)
-        if mask is not None:
-            k = n // max(1, mask.shape[0])
-            keep = mask if k == 1 else mask.unsqueeze(1).expand(-1, k).reshape(-1)
-            pad_cell.add_(pad * k)
-        if dropped is not None:
-            drop = dropped.detach().reshape(-1).to(torch.float64)
+        with torch.no_grad():
+            col = indices.add(1).clamp_(0, self._last_col).reshape(-1)
+            if col.dtype != torch.int64:
+                col = col.long()
+            n = col.shape[0]
+            src, ones, w_row, w_shaped = self._scratch(indices.shape, n)
+            keep = None   # per assignment: 1 if it counts (None: all count)
+            if mask is not None:
+                k = n // max(1, mask.shape[0])
+                keep = mask if k == 1 else mask.unsqueeze(1).expand(-1, k).reshape(-1)
+                pad_cell.add_(pad * k)
+            if dropped is not None:
+                drop = dropped.reshape(-1).to(torch.float64)
+                if keep is not None:
+                    drop = drop * keep
+                drop_row.index_add_(0, col, drop)
+                keep = (1.0 if keep is None else keep) - drop
             if keep is not None:
-                drop = drop * keep
-            drop_row.scatter_add_(0, col, drop)
-            keep = (1.0 if keep is None else keep) - drop
-        if keep is not None:
-            src[0].copy_(keep)
-            self._src_dirty = True
-        if weights is None:
-            tw[0].scatter_add_(0, col, src[0])
-        else:
-            w = weights.detach().reshape(-1)
-            if keep is None:
-                src[1].copy_(w)
+                ones.copy_(keep)
+                self._src_dirty = True
+            if weights is None:
+                tw[0].index_add_(0, col, ones)
             else:
-                torch.mul(w, src[0], out=src[1])
-            tw.scatter_add_(1, col.expand(2, n), src)
-        if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
-            logit_cell.add_(logits.detach().sum())
+                if keep is not None:
+                    torch.mul(weights.reshape(-1), ones, out=w_row)
+                elif weights.shape == w_shaped.shape:
+                    w_shaped.copy_(weights)
+                else:
+                    w_row.copy_(weights.reshape(-1))
+                tw.index_add_(1, col, src)
+            if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
+                logit_cell.add_(logits.sum())
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""

@@ -53,7 +53,8 @@ class Window:
     def settle(self) -> None:
         """Wait until the last closed window is written (durability: a crash loses at most one
         flush interval, since the window closed at a step's end is on disk when the next step
-        ends; and its history buffer is free again). Usually it already is."""
+        ends, or, with optimizer steps, when the next step's optimizer step is done; and its
+        history buffer is free again). Usually it already is."""
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.wait()

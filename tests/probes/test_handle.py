@@ -390,3 +390,31 @@ def test_router_spec_generic_fallback_and_clear_error(store_root, caplog):
 def test_distributed_true_without_process_group_is_a_clear_error(store_root):
     with pytest.raises(probes.ProbeError, match="needs torch.distributed to be initialised"):
         probes.attach(T.NativeMoE(), run="d", root=store_root, distributed=True)
+
+
+def test_inference_mode_first_then_training_counts_exactly(store_root):
+    """The recorder's scratch buffers and a growth of its buffers can first happen inside
+    ``torch.inference_mode`` (an evaluation before training); later training forwards
+    still count (an inference tensor written in place outside inference mode would raise:
+    a telemetry fault, counts lost)."""
+    m = T.NativeMoE()
+    x = _ids(4, 16)
+    with probes.attach(m, run="inf-then-train", root=store_root, steps="manual") as h:
+        with torch.inference_mode():
+            first = _captured_counts(m, lambda: m(x), 64)
+            for r in m.routers:
+                r.n_experts = 40          # grow the recorder inside inference mode
+            grown = _captured_counts(m, lambda: m(x), 64)
+        h.step()
+        m.train()
+        trained = _captured_counts(m, lambda: m(x), 64)   # grad mode: TRAIN
+        h.step()
+    assert h.stats()["faults"] == 0
+    t = chrono.read(store_root, "routing", run="inf-then-train").collect()
+    for layer in (0, 1):
+        for step, truth in ((0, first[layer] + grown[layer]), (1, trained[layer])):
+            row = t.filter((pl.col("step") == step) & (pl.col("layer") == layer))
+            got = np.zeros(64, dtype=np.int64)
+            np.add.at(got, row["expert"].to_numpy(), row["tokens"].to_numpy())
+            np.testing.assert_array_equal(got, truth)
+            assert truth.sum() == 4 * 16 * 2 * (2 if step == 0 else 1)   # tokens x top-2 (x 2 forwards)
