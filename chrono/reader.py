@@ -11,6 +11,9 @@ a query.
 
 Views are built from the part list at call time; ``refresh(con)`` rebuilds
 them so a long-lived reader (dashboard, exporter) sees parts written since.
+``connect(root, tables=...)`` builds only some views, with part footers read
+by DuckDB (``chrono.store.footers``): over a store of sound parts it imports
+neither pyarrow nor numpy, which is most of ``chrono runs``' start-up.
 """
 from __future__ import annotations
 
