@@ -5,8 +5,8 @@ interleaved, in a shuffled order each round, so load drifts hit every arm
 alike; each ``chrono`` arm runs what the console script runs
 (``from chrono_cli.main import main``); ``python -c pass`` runs twice per round as an A/A control (the spread of
 two identical arms is the noise floor). ``--before DIR`` adds the same two
-commands from another checkout (e.g. the tree before issue 17,
-``chrono.cli``) as a competitor, read from the same store.
+commands from another checkout (e.g. the tree before issue 17, ``chrono.cli``,
+or an earlier ``chrono_cli``) as a competitor, read from the same store.
 
 Each run's CPU time (user + system, ``getrusage`` of the child) is recorded
 next to its wall time: on a loaded machine the wall time grows with the queue
@@ -71,6 +71,12 @@ def entry(module: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 
+def before_module(checkout: Path) -> str:
+    """The module whose ``main`` the checkout's console script runs: ``chrono_cli.main`` since
+    issue 17 moved the CLI out of the core, ``chrono.cli`` before."""
+    return "chrono_cli.main" if (checkout / "chrono_cli" / "main.py").is_file() else "chrono.cli"
+
+
 def arms(store: Path, before: Path | None) -> dict[str, tuple[list[str], dict]]:
     # run outside any checkout: ``-m`` puts the working directory first on sys.path
     env = dict(os.environ, PYTHONPATH=str(REPO), BENCH_CWD=str(store.parent))
@@ -83,8 +89,9 @@ def arms(store: Path, before: Path | None) -> dict[str, tuple[list[str], dict]]:
     }
     if before is not None:
         old = dict(env, PYTHONPATH=str(before))
-        out["before: chrono --help"] = (entry("chrono.cli") + ["--help"], old)
-        out["before: chrono runs"] = (entry("chrono.cli") + ["--root", str(store), "runs"], old)
+        module = before_module(before)
+        out["before: chrono --help"] = (entry(module) + ["--help"], old)
+        out["before: chrono runs"] = (entry(module) + ["--root", str(store), "runs"], old)
     return out
 
 
@@ -124,7 +131,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--before", type=Path, default=None,
-                    help="another checkout whose chrono.cli main runs as a competitor arm")
+                    help="another checkout whose CLI main (chrono_cli.main, or chrono.cli in a checkout "
+                         "from before issue 17) runs as a competitor arm")
     ap.add_argument("--no-write", action="store_true", help="print only (no results/startup.json)")
     args = ap.parse_args()
 

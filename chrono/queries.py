@@ -31,6 +31,10 @@ FROM ({RUNS_SQL})
 ORDER BY updated_at DESC NULLS LAST, run_id
 """
 
+# The table views RUNS_TABLE_SQL and chrono.health.ACTIVE_ALERTS_SQL read (besides ``runs``):
+# ``chrono runs`` connects with only these (``chrono.connect(root, tables=...)``).
+RUNS_TABLE_VIEWS = ("routing", "alerts", "snapshots")
+
 # Snapshot rows (every layer, the global row -1 included) of the run's $windows latest windows,
 # ordered by step then layer. $windows = 1: the latest snapshot; the dashboard's cards take 2 (deltas).
 LATEST_SNAPSHOTS_SQL = """

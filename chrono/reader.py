@@ -11,6 +11,9 @@ a query.
 
 Views are built from the part list at call time; ``refresh(con)`` rebuilds
 them so a long-lived reader (dashboard, exporter) sees parts written since.
+``connect(root, tables=...)`` builds only some views, with part footers read
+by DuckDB (``chrono.store.footers``): over a store of sound parts it imports
+neither pyarrow nor numpy, which is most of ``chrono runs``' start-up.
 """
 from __future__ import annotations
 
@@ -20,12 +23,10 @@ import os
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
-from .schema import COLUMN_DEFAULTS, TABLES, duckdb_type, table_schema
+from .columns import COLUMN_DEFAULTS, COLUMNS, sql_columns
 from .store import StoreError, list_runs, part_columns, part_files, run_manifest
-from .store.catalog import CACHE_PARTS, file_version
-from .rules import invalid_sql
+from .store.catalog import CACHE_PARTS, file_version, part_candidates
 
 # The ``runs`` view, one row per run from its manifest: (column, SQL type, SQL of the bound value).
 # Built in DuckDB, not as an Arrow table: pyarrow arrays from Python objects import pandas,
@@ -53,29 +54,29 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _view_sql(table: str, files: list[str]) -> str:
-    schema = table_schema(table)
+def _view_sql(table: str, files: list[str], infos: dict | None = None) -> str:
+    schema = sql_columns(table)
     if not files:
-        cols = ", ".join(f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema)
+        cols = ", ".join(f"CAST(NULL AS {sql}) AS {name}" for name, sql in schema)
         return f"SELECT {cols} WHERE false"
     file_list = "[" + ", ".join(_sql_str(f) for f in files) + "]"
     defaults = COLUMN_DEFAULTS.get(table, {})
-    present = part_columns(files, table)
+    present = part_columns(files, table, infos)
     # hive_partitioning=false: run_id comes from the column inside each file, never from the
     # run_id=<id> directory (DuckDB would auto-detect it and infer "2024" as a number).
     # union_by_name fills columns a part lacks (older schema) with NULL; coalesce to the default.
     # A column no part has at all (a store written only by an older version) is not in the
     # union, so it is spelled as its default constant.
     cols = []
-    for f in schema:
-        d = defaults.get(f.name)
-        if f.name not in present:
+    for name, sql in schema:
+        d = defaults.get(name)
+        if name not in present:
             value = "NULL" if d is None else repr(d)
-            cols.append(f"CAST({value} AS {duckdb_type(f.type)}) AS {f.name}")
+            cols.append(f"CAST({value} AS {sql}) AS {name}")
         elif d is not None:
-            cols.append(f"COALESCE(CAST({f.name} AS {duckdb_type(f.type)}), {d!r}) AS {f.name}")
+            cols.append(f"COALESCE(CAST({name} AS {sql}), {d!r}) AS {name}")
         else:
-            cols.append(f"CAST({f.name} AS {duckdb_type(f.type)}) AS {f.name}")
+            cols.append(f"CAST({name} AS {sql}) AS {name}")
     return f"SELECT {', '.join(cols)} FROM read_parquet({file_list}, union_by_name=true, hive_partitioning=false)"
 
 
@@ -130,6 +131,7 @@ def _scan_invalid(path: str, table: str, version: tuple) -> bool:
     import pyarrow.parquet as pq
 
     from .rules import invalid_mask
+    from .schema import TABLES
 
     try:
         with pq.ParquetFile(path) as f:
@@ -144,7 +146,10 @@ def _scan_invalid(path: str, table: str, version: tuple) -> bool:
 def _stats_prove_valid(md, table: str, column: str) -> bool:
     """True when the footer's statistics alone show every value of an integer ``column`` valid
     (no NULLs where none may be, min/max inside its bounds): the column need not be read."""
+    import pyarrow as pa
+
     from .rules import INT_MAX, bounds
+    from .schema import TABLES
 
     field = TABLES[table].field(column)
     b = bounds(table, column)
@@ -166,11 +171,19 @@ def _stats_prove_valid(md, table: str, column: str) -> bool:
     return True
 
 
-def _build_views(con: duckdb.DuckDBPyConnection, root: Path, skip_invalid: bool = False) -> None:
-    for table in TABLES:
-        files = part_files(root, table)
-        sql = _view_sql(table, files)
+def _build_views(con: duckdb.DuckDBPyConnection, root: Path, skip_invalid: bool = False,
+                 tables: tuple | None = None) -> None:
+    infos = None
+    if tables is not None:   # a subset: footers read by DuckDB in one pass, pyarrow only where it must judge
+        from .store.footers import part_infos
+
+        infos = part_infos(con, [(p, t) for t in tables for paths in part_candidates(root, t) for p in paths])
+    for table in (COLUMNS if tables is None else tables):
+        files = part_files(root, table, infos=infos)
+        sql = _view_sql(table, files, infos)
         if skip_invalid:   # rows the write API would refuse go to invalid_<table> instead
+            from .rules import invalid_sql
+
             suspect = [f for f in files if part_has_invalid_rows(f, table)]
             bad, clean = invalid_sql(table), [f for f in files if f not in set(suspect)]
             filtered = f"SELECT * FROM ({_view_sql(table, suspect)}) WHERE NOT ({bad})"
@@ -201,7 +214,7 @@ def duckdb_threads(threads=None) -> int | None:
 
 
 def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
-            threads: int | None = None) -> duckdb.DuckDBPyConnection:
+            threads: int | None = None, tables=None) -> duckdb.DuckDBPyConnection:
     """Read-only DuckDB connection with views ``runs routing tokens snapshots alerts
     decisions signals lifecycle`` over all runs under ``root``.
 
@@ -212,17 +225,26 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
     ``invalid_<table>`` instead (what the dashboard uses).
     ``threads``: DuckDB worker threads (default ``$CHRONO_DUCKDB_THREADS``, else DuckDB's
     default, one per core); ThreadsError (a ValueError) unless an int >= 1.
+    ``tables``: build only these views (and ``runs``; ValueError for an unknown name), for a
+    one-shot reader: their parts' footers are then read by DuckDB in one pass
+    (``chrono.store.footers``, same verdicts) instead of pyarrow's cached ``part_info``, so
+    connecting to a store of sound parts imports neither pyarrow nor numpy (``chrono runs``).
     """
     from .store import default_root
 
     root = Path(root if root is not None else default_root()).absolute()
     n_threads = duckdb_threads(threads)
+    if tables is not None:
+        tables = tuple(dict.fromkeys(tables))
+        for t in tables:
+            sql_columns(t)   # ValueError naming the tables
     con = duckdb.connect(":memory:")
     if n_threads is not None:
         con.execute(f"SET threads TO {n_threads}")
+    subset = "NULL" if tables is None else "[" + ", ".join(_sql_str(t) for t in tables) + "]"
     con.execute(f"CREATE TABLE _chrono_root AS SELECT {_sql_str(str(root))} AS root, "
-                f"{bool(skip_invalid)} AS skip_invalid")
-    _build_views(con, root, skip_invalid)
+                f"{bool(skip_invalid)} AS skip_invalid, CAST({subset} AS VARCHAR[]) AS tables")
+    _build_views(con, root, skip_invalid, tables)
     if sandbox:
         allowed = str(root) + os.sep
         con.execute(f"SET allowed_directories = [{_sql_str(allowed)}]")
@@ -234,10 +256,11 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
 def refresh(con: duckdb.DuckDBPyConnection) -> None:
     """Rebuild the views of a ``connect()`` connection to include newly written parts."""
     try:
-        ((root, skip_invalid),) = con.execute("SELECT root, skip_invalid FROM _chrono_root").fetchall()
+        ((root, skip_invalid, tables),) = con.execute(
+            "SELECT root, skip_invalid, tables FROM _chrono_root").fetchall()
     except duckdb.Error:
         raise ValueError("refresh() needs a connection made by chrono.connect()") from None
-    _build_views(con, Path(root), skip_invalid)
+    _build_views(con, Path(root), skip_invalid, None if tables is None else tuple(tables))
 
 
 def check_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -285,6 +308,8 @@ def _run_statements(con, sql: str, limit: int | None):
         con.execute(st.query).fetchall()
     rel = con.sql(stmts[-1].query)
     if rel is None:
+        import pyarrow as pa
+
         return pa.table({})
     if limit is not None:
         rel = rel.limit(limit)
@@ -304,6 +329,8 @@ def _one_line(e: Exception) -> str:
 def read(root, table: str, run: str | None = None):
     """The same rows as the DuckDB view ``table``, as a ``polars.LazyFrame``."""
     import polars as pl
+
+    from .schema import table_schema
 
     if table == "runs":   # before table_schema, which refuses it as an unknown table
         raise StoreError("use chrono.connect(root) for the runs view")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from chrono_cli.common import EXIT_USER_ERROR, UserError
@@ -44,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Routing telemetry and governance for Mixture-of-Experts models. "
                     "Reads and writes a store of Parquet files (one directory per run).",
     )
-    p.add_argument("--root", default=os.environ.get("CHRONO_ROOT") or "chrono_runs",
+    p.add_argument("--root", default=None,   # None: chrono.store.default_root(), resolved in main()
                    help="store root directory (default: $CHRONO_ROOT, else ./chrono_runs)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in COMMANDS:
@@ -61,6 +60,10 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    if getattr(args, "root", None) is None:   # one owner of the default (the store's layout)
+        from chrono.store.layout import default_root
+
+        args.root = str(default_root())
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -260,3 +260,28 @@ def test_health_of_ranks_the_worst_layer_by_its_latest_snapshot():
     assert h["r"].label() == "COLLAPSE_CONFIRMED (layer 3, 3 layers alerting)"
     assert h["q"].status == "PRE_COLLAPSE" and h["q"].worst_layer == 5
     assert health_of([]) == {}
+
+
+def test_demo_serves_on_the_well_known_port_else_any_free_one(tmp_path):
+    """`chrono demo` keeps 9108/8501 when free (bookmarks, scrape configs) and falls back to port 0."""
+    import socket
+
+    from chrono.exporters.prometheus import ExporterError
+    from chrono.exporters.prometheus import serve as serve_metrics
+    from chrono_cli.commands.demo import _default_else_any
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = _default_else_any(lambda port: serve_metrics(tmp_path, port=port), busy, ExporterError)
+        try:
+            assert server.port not in (busy, 0)
+        finally:
+            server.close()
+    free = server.port   # just released: free again
+    server = _default_else_any(lambda port: serve_metrics(tmp_path, port=port), free, ExporterError)
+    try:
+        assert server.port == free
+    finally:
+        server.close()

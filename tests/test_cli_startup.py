@@ -1,7 +1,7 @@
 """Start-up of the ``chrono`` command (issue 17 item 2), checked by what each call imports, never by time.
 
 ``chrono --help`` builds the whole parser without pandas, pyarrow, DuckDB, polars,
-torch or any workload; ``chrono runs`` reads the store without torch or pandas;
+torch or any workload; ``chrono runs`` reads the store without pyarrow, numpy, torch or pandas;
 ``import chrono`` loads nothing heavy until a name is used. The timing lives in
 benchmarks/startup.py.
 """
@@ -44,11 +44,26 @@ def _tops(modules: set[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    """Runs of every kind ``chrono runs`` reads: routing only, snapshots with raised alerts and a
+    compacted (superseding) part, and a version-1 run in the legacy layout."""
+    import shutil
+
     import chrono
+    from chrono.snapshots import alerts_for, build_snapshots
 
     root = tmp_path_factory.mktemp("startup")
     with chrono.open_run(root, "r1", model={"layers": [0], "experts_per_layer": {"0": 4}, "top_k": 1}) as w:
         w.log_routing(0, 0, [5, 1, 0, 2])
+    with chrono.open_run(root, "collapsing", model={"layers": [0], "experts_per_layer": {"0": 4}}) as w:
+        for s in range(30):
+            w.log_routing(s, 0, [25, 25, 25, 25] if s < 10 else [97, 1, 1, 1])
+    routing = chrono.connect(root).sql("SELECT step, layer, expert, tokens, dropped FROM routing "
+                                       "WHERE run_id = 'collapsing'").to_arrow_table()
+    snaps = build_snapshots("collapsing", routing, 5)
+    with chrono.open_run(root, "collapsing") as w:
+        w.replace_table("snapshots", snaps)
+        w.replace_table("alerts", alerts_for(snaps))
+    shutil.copytree(REPO / "tests" / "fixtures" / "store_v1" / "v1-run", root / "v1-run")
     return root
 
 
@@ -70,12 +85,14 @@ def test_every_commands_help_is_cheap(command):
         assert all(n in out for n in ("semantic-moe", "bio-moe", "astarte", "var"))
 
 
-def test_runs_imports_neither_torch_nor_pandas(store):
+def test_runs_imports_neither_pyarrow_nor_numpy_torch_or_pandas(store):
     rc, mods, out = imported_by(["--root", str(store), "runs"])
-    assert rc == 0 and "r1" in out
+    rows = {l.split()[0]: l.split() for l in out.splitlines()[1:]}
+    assert rc == 0 and set(rows) == {"r1", "collapsing", "v1-run"}, out
+    assert rows["collapsing"][1] != "OK" and rows["v1-run"][-5:-3] == ["10", "9"]   # alerts, legacy steps
     assert "duckdb" in _tops(mods)            # it did read the store
-    assert not _tops(mods) & {"torch", "pandas", "polars", "probes", "dashboard"}, \
-        sorted(_tops(mods) & {"torch", "pandas", "polars", "probes", "dashboard"})
+    unwanted = {"pyarrow", "numpy", "torch", "pandas", "polars", "probes", "dashboard"}
+    assert not _tops(mods) & unwanted, sorted(_tops(mods) & unwanted)
     assert {m for m in mods if m.split(".")[0] == "reference_models"} <= {"reference_models",
                                                                        "reference_models.registry"}
 

@@ -12,6 +12,7 @@ One concept per module:
 - ``buffers`` and ``writer``: ``RunWriter``, which buffers rows and writes parts atomically;
 - ``ledger``: step identity across writer sessions (no key twice, truncation);
 - ``catalog``: which part files make up a table (readable, not superseded);
+- ``footers``: the same verdicts on parts read by DuckDB in one pass (no pyarrow), for one-shot readers;
 - ``maintenance``: ``compact`` and ``delete_run``.
 
 Every name other code imports is re-exported here. ``import chrono.store`` loads

@@ -23,6 +23,7 @@ import logging
 import os
 from typing import NamedTuple
 
+from ..columns import table_columns
 from .layout import PART_RE, list_runs, table_dirs, validate_run_id
 
 log = logging.getLogger("chrono.store")
@@ -123,39 +124,52 @@ def schema_problem(table: str, schema, kv: dict) -> str | None:
     return None
 
 
-def part_files(root, table: str, run: str | None = None) -> list[str]:
-    """Readable part files of ``table`` (one run or all), temporary and superseded parts excluded.
-
-    A run's parts are read from its partition and, if any are left there, from
-    the legacy location (a store written before the hive layout, or one whose
-    ``chrono migrate`` was interrupted): a part is in exactly one place, since
-    migration moves files with ``os.replace``. Raises ``ValueError`` for an
-    unknown table and ``StoreError`` for an invalid run id.
-    """
-    from ..schema import table_schema
-
-    table_schema(table)
+def part_candidates(root, table: str, run: str | None = None) -> list[list[str]]:
+    """Part-named files of ``table`` before any footer is read: one list per run (its partition,
+    then the legacy location; sorted by name in each). Raises like ``part_files``."""
+    table_columns(table)   # ValueError for an unknown table
     runs = [validate_run_id(run)] if run is not None else list_runs(root)
     out = []
     for r in runs:
-        good, superseded = [], set()
+        paths = []
         for d in table_dirs(root, table, r):
             try:
                 names = sorted(n for n in os.listdir(d) if PART_RE.match(n))
             except OSError:
                 continue
-            for name in names:
-                info = part_info(str(d / name), table)
-                if info.readable:
-                    good.append((name, d))
-                    superseded.update(info.replaces)
-        out.extend(str(d / n) for n, d in good if n not in superseded)
+            paths.extend(str(d / n) for n in names)
+        out.append(paths)
     return out
 
 
-def part_columns(files: list[str], table: str) -> set[str]:
-    """Union of the column names of these (readable) part files of ``table``."""
+def part_files(root, table: str, run: str | None = None, infos: dict | None = None) -> list[str]:
+    """Readable part files of ``table`` (one run or all), temporary and superseded parts excluded.
+
+    A run's parts are read from its partition and, if any are left there, from
+    the legacy location (a store written before the hive layout, or one whose
+    ``chrono migrate`` was interrupted): a part is in exactly one place, since
+    migration moves files with ``os.replace``. ``infos``: ``{path: PartInfo}`` judged already
+    (``chrono.store.footers.part_infos``); other parts go through ``part_info``. Raises
+    ``ValueError`` for an unknown table and ``StoreError`` for an invalid run id.
+    """
+    infos = infos or {}
+    out = []
+    for paths in part_candidates(root, table, run):
+        good, superseded = [], set()
+        for path in paths:
+            info = infos.get(path) or part_info(path, table)
+            if info.readable:
+                good.append(path)
+                superseded.update(info.replaces)
+        out.extend(p for p in good if os.path.basename(p) not in superseded)
+    return out
+
+
+def part_columns(files: list[str], table: str, infos: dict | None = None) -> set[str]:
+    """Union of the column names of these (readable) part files of ``table`` (``infos``: as in
+    ``part_files``)."""
+    infos = infos or {}
     cols: set[str] = set()
     for f in files:
-        cols |= part_info(f, table).columns
+        cols |= (infos.get(f) or part_info(f, table)).columns
     return cols

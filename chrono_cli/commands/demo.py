@@ -135,24 +135,36 @@ def record_mixtral(root, run: str, steps: int, seed: int, progress: bool = True)
     return {"loss": loss, "routers": routers, "decisions": len(gov.decisions)}
 
 
+def _default_else_any(start, port: int, busy: type[Exception]):
+    """``start(port)``; if that port is taken, ``start(0)`` (any free port)."""
+    try:
+        return start(port)
+    except busy:
+        return start(0)
+
+
 def _serve(root) -> int:
     """Serve the dashboard and the metrics endpoint until Ctrl-C."""
     import signal
     import threading
 
+    from chrono.exporters.prometheus import DEFAULT_PORT as METRICS_PORT
     from chrono.exporters.prometheus import ExporterError
     from chrono.exporters.prometheus import serve as serve_metrics
+    from dashboard.server import DEFAULT_PORT as DASHBOARD_PORT
     from dashboard.server import ServeError
     from dashboard.server import serve as serve_dashboard
     from dashboard.server import stop, url
 
-    try:  # port 0: the system picks free ports (no scanning)
-        proc = serve_dashboard(root, port=0)
+    # the well-known ports (8501, 9108) when free, so bookmarks and scrape configs keep working;
+    # else port 0: a port the system picks (no scanning)
+    try:
+        proc = _default_else_any(lambda port: serve_dashboard(root, port=port), DASHBOARD_PORT, ServeError)
     except ServeError as e:
         print(f"chrono: dashboard not started: {e}", file=sys.stderr)
         return 1
     try:
-        metrics = serve_metrics(root, port=0)
+        metrics = _default_else_any(lambda port: serve_metrics(root, port=port), METRICS_PORT, ExporterError)
     except ExporterError as e:
         print(f"chrono: metrics endpoint not started: {e}", file=sys.stderr)
         metrics = None

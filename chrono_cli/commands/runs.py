@@ -33,18 +33,18 @@ def _check_rows(con, run: str, tables) -> None:
     check_run(con, run, tables)
 
 
-def _connect(args):
+def _connect(args, tables=None):
     import chrono
 
-    return chrono.connect(_root(args))
+    return chrono.connect(_root(args), tables=tables)
 
 
 # ------------------------------------------------------------------ commands
 def cmd_runs(args) -> int:
     from chrono.health import OK, run_health
-    from chrono.queries import RUNS_TABLE_SQL
+    from chrono.queries import RUNS_TABLE_SQL, RUNS_TABLE_VIEWS
 
-    con = _connect(args)
+    con = _connect(args, RUNS_TABLE_VIEWS)   # only what the table reads: no pyarrow, no numpy
     rel = con.execute(RUNS_TABLE_SQL)   # plain rows, not Arrow: pyarrow from Python objects imports pandas
     cols = [d[0] for d in rel.description]
     rows = rel.fetchall()

@@ -1,0 +1,113 @@
+"""Vouching for part files from their footers with DuckDB, without importing pyarrow.
+
+``chrono.store.catalog.part_info`` judges a part with pyarrow (footer parses,
+columns fit the table, ``chrono.replaces``). Importing pyarrow (and numpy with
+it) is most of a one-shot command's start-up (issue 17: ``chrono runs``), so
+``part_infos`` reads the footers of many parts in two DuckDB queries
+(``parquet_schema``, ``parquet_kv_metadata``) and *vouches* for the parts that
+certainly fit: a flat file whose every column of the table is present with
+the Parquet physical type and DuckDB type of its ``chrono.columns`` type, or
+absent with a default; no other table's label; a well-formed
+``chrono.replaces``. Every other part (a footer DuckDB cannot read, a type
+that does not fit, nested columns, an Arrow schema stored by a tool other
+than chrono's writer, which could restore a type Parquet does not show, such
+as a duration) goes to ``part_info``, so the verdicts, and the warnings for
+unreadable parts, are pyarrow's; it is imported only then.
+
+Imports neither pyarrow nor numpy.
+"""
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from ..columns import COLUMN_DEFAULTS, SQL_TYPES, table_columns
+from .catalog import REPLACES_KEY, TABLE_KEY, PartInfo, _shared, part_info
+
+# Parquet physical type of each chrono.columns type (pyarrow's writer, no annotation but strings').
+PHYSICAL_TYPES = {"string": "BYTE_ARRAY", "int64": "INT64", "int32": "INT32", "int16": "INT32",
+                  "float32": "FLOAT", "float64": "DOUBLE", "bool_": "BOOLEAN"}
+ARROW_SCHEMA_KEY = b"ARROW:schema"
+
+_SCHEMA_SQL = ("SELECT file_name, name, type, repetition_type, num_children, converted_type, duckdb_type "
+               "FROM parquet_schema({})")
+_KV_SQL = "SELECT file_name, key, value FROM parquet_kv_metadata({})"
+
+
+def part_infos(con: duckdb.DuckDBPyConnection, parts: list[tuple[str, str]]) -> dict[str, PartInfo]:
+    """``{path: PartInfo}`` for ``(path, table)`` pairs: vouched from DuckDB's footer reading, or
+    ``catalog.part_info``'s (pyarrow) verdict for a part it cannot vouch for. Same verdicts as
+    ``part_info``; not cached (meant for one-shot readers)."""
+    schemas, kvs = _footers(con, [p for p, _ in parts])
+    out = {}
+    for path, table in parts:
+        info = _vouch(table, schemas.get(path), kvs.get(path, {}))
+        out[path] = info if info is not None else part_info(path, table)
+    return out
+
+
+def _footers(con, paths: list[str]) -> tuple[dict, dict]:
+    """({path: [schema rows]}, {path: {key: value}}) of the footers DuckDB reads: one query each for
+    all paths, or, when some footer breaks the batch, one per path (that path is then left out)."""
+    schemas: dict[str, list] = {}
+    kvs: dict[str, dict] = {}
+    if not paths:
+        return schemas, kvs
+    try:
+        _read(con, paths, schemas, kvs)
+        return schemas, kvs
+    except duckdb.Error:
+        schemas.clear()
+        kvs.clear()
+    for p in paths:
+        one_s: dict[str, list] = {}
+        one_kv: dict[str, dict] = {}
+        try:
+            _read(con, [p], one_s, one_kv)
+        except duckdb.Error:
+            continue
+        schemas.update(one_s)
+        kvs.update(one_kv)
+    return schemas, kvs
+
+
+def _read(con, paths: list[str], schemas: dict, kvs: dict) -> None:
+    files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+    for row in con.execute(_SCHEMA_SQL.format(files)).fetchall():
+        schemas.setdefault(row[0], []).append(row[1:])
+    for name, key, value in con.execute(_KV_SQL.format(files)).fetchall():
+        kvs.setdefault(name, {})[bytes(key)] = bytes(value)
+
+
+def _vouch(table: str, rows: list | None, kv: dict) -> PartInfo | None:
+    """A readable PartInfo when the footer certainly fits ``table``; None when pyarrow must judge."""
+    if not rows:
+        return None
+    groups = [r for r in rows if r[1] is None]          # group nodes: only the root in a flat file
+    leaves = {r[0]: r for r in rows if r[1] is not None}
+    if len(groups) != 1 or groups[0][3] != len(rows) - 1 or len(leaves) != len(rows) - 1:
+        return None                                      # nested or duplicate columns
+    labelled = kv.get(TABLE_KEY)
+    if (labelled is not None and labelled != table.encode()) or (labelled is None and ARROW_SCHEMA_KEY in kv):
+        return None
+    defaults = COLUMN_DEFAULTS.get(table, {})
+    for name, t, _ in table_columns(table):
+        r = leaves.get(name)
+        if r is None:
+            if name not in defaults:
+                return None
+            continue
+        _, physical, repetition, _, converted, sql = r
+        if physical != PHYSICAL_TYPES[t] or sql != SQL_TYPES[t] or repetition == "REPEATED" \
+                or (t == "string" and converted != "UTF8"):
+            return None
+    replaces: tuple = ()
+    if REPLACES_KEY in kv:
+        try:
+            replaces = tuple(json.loads(kv[REPLACES_KEY]))
+        except (ValueError, TypeError):
+            return None
+        if not all(isinstance(n, str) for n in replaces):
+            return None
+    return PartInfo(True, replaces, _shared(frozenset(leaves)))
