@@ -108,7 +108,6 @@ class Handle:
         self._detached = False
         self._hook_seconds = 0.0
         self._hook_calls = 0
-        self._snapshot_ticket = None
         self._lock = threading.RLock()   # recorder buffers: router calls of several threads, step ends
         self._faults = Faults()
         self.hooks = HookRegistry()      # every hook on the model, probes' and registered actuators'
@@ -200,9 +199,8 @@ class Handle:
 
     # ----------------------------------------------------------------- window
     def _window_full(self) -> None:
-        # durability over latency (issue #11): the window's write runs on the background
-        # thread while the next step computes; the end of that step waits for it
-        # (Window.settle), so a crash loses at most one flush interval.
+        # durability (issue #11): the write runs while the next step computes; that step's
+        # end waits for it (Window.settle): a crash loses at most one flush interval
         self._close_window()
 
     def _close_window(self, reduce: bool = True) -> None:
@@ -216,15 +214,9 @@ class Handle:
         ticket = self._sink.submit_window(job, self.routers, self._stage, self._faults)
         self._window.pending = ticket
         if job.snapshot_input is not None:   # the snapshot is built on the background thread
-            self._snapshot_ticket = ticket
+            self._stage.pending = ticket
         if job.snapshot is not None:
             self._stage.notify(job.snapshot, self)
-
-    def _snapshot_ready(self) -> None:
-        """Wait for a snapshot the background thread is still building (live views)."""
-        ticket = self._snapshot_ticket
-        if ticket is not None:
-            ticket.wait()
 
     # ------------------------------------------------------------ public API
     def flush(self) -> None:
@@ -261,12 +253,12 @@ class Handle:
 
     def latest_snapshot(self) -> list[dict]:
         """SNAPSHOTS rows of the latest closed window ([] before the first)."""
-        self._snapshot_ready()
+        self._stage.ready()
         return self._stage.latest_rows()
 
     def latest_expert_counts(self) -> dict:
         """``{layer: [tokens per expert]}`` of the latest closed window (``chrono.exporters.live``)."""
-        self._snapshot_ready()
+        self._stage.ready()
         return self._stage.latest_counts()
 
     def load_cursor(self, layer: int):
@@ -287,12 +279,12 @@ class Handle:
         return list(self._stage.latest_decisions)
 
     def active_alerts(self) -> dict:
-        self._snapshot_ready()
+        self._stage.ready()
         return self._stage.tracker.active()
 
     def alert_transitions(self) -> dict:
         """``{(layer, alert, "raised"/"cleared"): times}`` since attach."""
-        self._snapshot_ready()
+        self._stage.ready()
         return dict(self._stage.transitions)
 
     def stats(self) -> dict:

@@ -1,7 +1,8 @@
 """The snapshot stage: a closed window's counts -> snapshot rows, alert transitions, callbacks.
 
-Runs in the training thread at window close (the controller decides on these rows
-before the next step). Keeps what the live views read between windows: the latest
+Runs in the training thread at window close when ``on_snapshot`` callbacks are registered
+(the controller decides on these rows before the next step), else on the background writer
+thread (``pending``: its ticket; ``ready()`` waits for it). Keeps what the live views read between windows: the latest
 rows, per-expert counts and decisions, active alerts and the transition counts
 (``chrono.exporters.live.LiveSource``).
 """
@@ -28,7 +29,13 @@ class SnapshotStage:
         self.latest: WindowSnapshot | None = None
         self.latest_decisions: list[dict] = []
         self.callbacks: list = []
+        self.pending = None   # ticket of a snapshot the background thread is still building
         self._faults = faults
+
+    def ready(self) -> None:
+        """Wait until the latest closed window's snapshot is built (live views read it)."""
+        if self.pending is not None:
+            self.pending.wait()
 
     def observe(self, first_step: int, last_step: int, counts: dict[int, np.ndarray],
                 dropped: dict[int, np.ndarray]) -> WindowSnapshot:
