@@ -225,7 +225,8 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
     ``invalid_<table>`` instead (what the dashboard uses).
     ``threads``: DuckDB worker threads (default ``$CHRONO_DUCKDB_THREADS``, else DuckDB's
     default, one per core); ThreadsError (a ValueError) unless an int >= 1.
-    ``tables``: build only these views (and ``runs``; ValueError for an unknown name), for a
+    ``tables``: build only these views (a name or names; and ``runs``; ValueError for an unknown
+    name), for a
     one-shot reader: their parts' footers are then read by DuckDB in one pass
     (``chrono.store.footers``, same verdicts) instead of pyarrow's cached ``part_info``, so
     connecting to a store of sound parts imports neither pyarrow nor numpy (``chrono runs``).
@@ -235,7 +236,7 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
     root = Path(root if root is not None else default_root()).absolute()
     n_threads = duckdb_threads(threads)
     if tables is not None:
-        tables = tuple(dict.fromkeys(tables))
+        tables = tuple(dict.fromkeys((tables,) if isinstance(tables, str) else tables))   # "routing" = one
         for t in tables:
             sql_columns(t)   # ValueError naming the tables
     con = duckdb.connect(":memory:")

@@ -50,6 +50,10 @@ from .window import Window
 
 log = logging.getLogger("probes")
 STEP_RULES = ("auto", "optimizer", "forward", "manual")
+# attached handles by model (weak key, strong value): a handle lives as long as the model it is
+# attached to, until detach, even when the caller does not keep it (``probes.attach(model)`` alone
+# records, like a registered hook); the handle holds the model only weakly, so no cycle keeps it
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def _check_options(model, flush_every, tokens, padding, steps, start_step):
@@ -149,6 +153,7 @@ class Handle:
             self._sink.close()
             self.writer.close()
             raise
+        _ATTACHED.setdefault(model, []).append(self)
 
     def _install(self, model: nn.Module, lenses: dict, stack_of: list[int]) -> None:
         unknown = set(lenses) - set(self._slots)
@@ -343,6 +348,9 @@ class Handle:
             self._lock.release()
             self._active = False
             self._detached = self._steps.closed = True
+            for handles in list(_ATTACHED.values()):
+                if self in handles:
+                    handles.remove(self)
             self._clock.remove()
             self.hooks.remove()
             self._sink.close()

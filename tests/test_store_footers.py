@@ -183,3 +183,13 @@ def test_subset_views_hold_the_same_rows_and_refresh_keeps_the_subset(zoo, tmp_p
         subset.execute("SELECT * FROM tokens")
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         chrono.connect(zoo, tables=("routing", "nope"))
+
+
+def test_a_single_table_name_is_one_table_not_its_letters(tmp_path):
+    """connect(tables="routing") once split the string into letters ("unknown table 'r'")."""
+    import chrono
+
+    with chrono.open_run(tmp_path, "r") as w:
+        w.log_routing(0, 0, [3, 1])
+    con = chrono.connect(tmp_path, tables="routing")
+    assert con.execute("SELECT sum(tokens) FROM routing").fetchone()[0] == 4

@@ -169,3 +169,44 @@ def test_overwrite_without_start_step_says_it_replaces_nothing(store_root, caplo
             probes.attach(m, run="ow", root=store_root, overwrite=True) as h:
         assert h.current_step == 1
     assert "replaces nothing" in caplog.text
+
+
+@pytest.mark.parametrize("steps", ["auto", "manual"])
+def test_a_handle_the_caller_does_not_keep_still_records(tmp_path, steps):
+    """``probes.attach(model, ...)`` without keeping the result records like a registered hook:
+    the handle lives as long as the model (until detach). Found by review: after the handle
+    split a dropped handle never closed a window and wrote nothing, silently."""
+    import gc
+
+    import probes.handle as H
+
+    torch.manual_seed(0)
+    m = T.NativeMoE(layers=1, n_experts=4)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    truth = []   # per step: this router's own choices, counted here
+    m.routers[0].register_forward_hook(
+        lambda mod, inp, out: truth[-1].append(np.bincount(out[2].reshape(-1).numpy(), minlength=4)))
+    probes.attach(m, run="r", root=tmp_path, flush_every=2, steps=steps, start_step=0)   # not kept
+    gc.collect()
+    for _ in range(6):
+        truth.append([])
+        m(torch.randint(1, T.VOCAB, (2, 5))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if steps == "manual":
+            (h,) = H._ATTACHED[m]   # the only way to reach it now: what a user's own step() would be
+            h.step()
+        gc.collect()
+    # the windows closed so far are on disk before any detach (0 parts when the handle died)
+    written = {r[0] for r in chrono.connect(tmp_path).execute(
+        "SELECT DISTINCT step FROM routing WHERE run_id = 'r'").fetchall()}
+    assert {0, 1, 2, 3} <= written, written
+    (h,) = H._ATTACHED[m]
+    h.detach()
+    assert m not in H._ATTACHED or not H._ATTACHED[m]
+    rows = chrono.connect(tmp_path).execute(
+        "SELECT step, expert, sum(tokens) FROM routing WHERE run_id = 'r' GROUP BY ALL ORDER BY ALL").fetchall()
+    got = np.zeros((6, 4), dtype=np.int64)
+    for step, e, n in rows:
+        got[step, e] = n
+    np.testing.assert_array_equal(got, np.array([sum(t) for t in truth]))
