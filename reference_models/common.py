@@ -8,11 +8,6 @@ import numpy as np
 import torch
 
 
-# ------------------------------------------------------------------ text data
-# owned by reference_models.corpus; these names stay importable from here for existing callers
-from .corpus import byte_batches, fixed_val_batches, split_bytes, text_bytes  # noqa: E402,F401
-
-
 # ------------------------------------------------------------------ digits data
 def digits_split(test_size: float = 0.25, seed: int = 0):
     """sklearn's load_digits (1797 8x8 images), stratified fixed split, scaled to [0, 1]."""

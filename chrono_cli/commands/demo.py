@@ -108,7 +108,7 @@ def record_mixtral(root, run: str, steps: int, seed: int, progress: bool = True)
 
     import chrono
     import probes
-    from reference_models.common import byte_batches, split_bytes, text_bytes
+    from reference_models.corpus import byte_batches, split_bytes, text_bytes
 
     torch.manual_seed(seed)
     cfg = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
