@@ -25,33 +25,53 @@ CLOCK = time.thread_time
 
 
 class HookBracket:
-    """Thread CPU seconds spent in the router forward hooks registered between ``open`` and ``close``.
+    """Thread CPU seconds spent in the hooks registered between ``__init__`` and ``close``.
 
-    ``routers``: the router modules. ``seconds`` accumulates; ``calls`` counts bracketed router calls.
-    Hooks return None (a returned value would replace the router's output).
+    ``routers``: the router modules (their forward hooks: ``router_seconds``); ``modules``:
+    other modules whose forward pre-hooks and forward hooks recorders may use, e.g. the model
+    and its decoder stack, where work done once per forward lives (``model_seconds``).
+    ``seconds`` is the sum; ``calls`` counts bracketed router calls. Hooks return None (a
+    returned value would replace the router's output).
     """
 
-    def __init__(self, routers):
-        self.routers = list(routers)
-        self.seconds = 0.0
+    def __init__(self, routers, modules=()):
+        self.routers, self.modules = list(routers), list(modules)
+        self.router_seconds = self.model_seconds = 0.0
         self.calls = 0
-        self._t0 = None
-        self._handles = [r.register_forward_hook(self._start) for r in self.routers]
+        self._t0 = {}
+        self._handles = [r.register_forward_hook(self._start("r")) for r in self.routers]
+        for m in self.modules:
+            self._handles += [m.register_forward_pre_hook(self._start("pre")),
+                              m.register_forward_hook(self._start("post"))]
 
-    def _start(self, module, args, output):
-        self._t0 = CLOCK()
-        return None
+    @property
+    def seconds(self) -> float:
+        return self.router_seconds + self.model_seconds
 
-    def _stop(self, module, args, output):
-        if self._t0 is not None:
-            self.seconds += CLOCK() - self._t0
-            self.calls += 1
-            self._t0 = None
-        return None
+    def _start(self, key):
+        def start(module, *_):
+            self._t0[key, id(module)] = CLOCK()
+            return None
+        return start
+
+    def _stop(self, key):
+        def stop(module, *_):
+            t0 = self._t0.pop((key, id(module)), None)
+            if t0 is not None:
+                if key == "r":
+                    self.router_seconds += CLOCK() - t0
+                    self.calls += 1
+                else:
+                    self.model_seconds += CLOCK() - t0
+            return None
+        return stop
 
     def close(self) -> None:
         """Register the closing hooks: call after every recorder under test has attached."""
-        self._handles += [r.register_forward_hook(self._stop) for r in self.routers]
+        self._handles += [r.register_forward_hook(self._stop("r")) for r in self.routers]
+        for m in self.modules:
+            self._handles += [m.register_forward_pre_hook(self._stop("pre")),
+                              m.register_forward_hook(self._stop("post"), always_call=True)]
 
     def remove(self) -> None:
         for h in self._handles:

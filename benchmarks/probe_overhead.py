@@ -22,9 +22,12 @@ tokens (``mixtral_like``: 8 x 64 by default, to bound its CPU time); modes ``tra
   is part of the loss, as transformers computes it)
 * ``naive_json``           indices to the host and one JSON line per (token, k) event
 
-In-hook time is thread CPU time inside the router hooks, measured for every arm by the same
-``HookBracket`` (``benchmarks/hook_cpu_time.py``); for ``hf_router_logits`` it is the thread
-CPU time of the recompute after the forward. ``net`` subtracts the median of ``none_a``
+In-hook time is thread CPU time inside the router hooks *and* the forward pre-hooks and
+forward hooks of the model and its decoder stack (where a recorder does its once-per-forward
+work: chrono counts the router calls it staged when the top-level forward ends), measured
+for every arm by the same ``HookBracket`` (``benchmarks/hook_cpu_time.py``); for
+``hf_router_logits`` it is the thread CPU time of the recompute after the forward
+(``router_hooks_net_ms``: the router hooks alone). ``net`` subtracts the median of ``none_a``
 (the inactive hooks every step runs). Ratios are net in-hook time over the ``sglang_style``
 arm and over the ``bincount_floor`` arm. Step time is wall time of the whole step (median).
 With ``--base REF`` (e.g. ``main``) one more arm, ``chrono_base``, is ``probes.attach`` of the
@@ -285,7 +288,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tmp = tempfile.mkdtemp(prefix="probe_overhead_")
-    bracket = HookBracket(routers(model))
+    bracket = HookBracket(routers(model), [model, model.model])
     arms = {"none_a": Arm(), "none_b": Arm(),
             "chrono_aggregate": ChronoArm(model, tmp, "aggregate", 0.0),
             "chrono_tokens_1pct": ChronoArm(model, tmp, "tokens", 0.01),
@@ -327,7 +330,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
         a = arms[name]
         a.active = True
         sync()
-        b0, p0, c0 = bracket.seconds, a.post_seconds, CLOCK()
+        b0, r0, p0, c0 = bracket.seconds, bracket.router_seconds, a.post_seconds, CLOCK()
         t0 = time.perf_counter()
         out = forward(a.forward_kwargs)
         a.after_forward(out)
@@ -335,7 +338,8 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
         sync()
         dt = time.perf_counter() - t0
         a.active = False
-        return dt, bracket.seconds - b0 + a.post_seconds - p0, CLOCK() - c0
+        return (dt, bracket.seconds - b0 + a.post_seconds - p0, CLOCK() - c0,
+                bracket.router_seconds - r0 + a.post_seconds - p0)
 
     load_before = os.getloadavg()
     for _ in range(warmup):
@@ -344,12 +348,14 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
     steps = {n: [] for n in names}
     hook = {n: [] for n in names}
     cpu = {n: [] for n in names}
+    router = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            dt, hs, c = one_step(n)
+            dt, hs, c, rs = one_step(n)
             steps[n].append(dt)
             hook[n].append(hs)
             cpu[n].append(c)
+            router[n].append(rs)
     load_after = os.getloadavg()
     h_step = {n: 1e3 * statistics.median(a.step_seconds[1 + warmup:]) for n, a in arms.items()
               if isinstance(a, ChronoArm) and len(a.step_seconds) > 1 + warmup}
@@ -360,6 +366,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
         if isinstance(a, ChronoArm):
             check[n] = bool(np.array_equal(a.stored_counts(0), floor))
     base_hook = statistics.median(hook["none_a"])
+    base_router = statistics.median(router["none_a"])
     base_step = statistics.median(steps["none_a"])
     res = {}
     for n in names:
@@ -370,6 +377,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
                   "in_hook_ms": 1e3 * med_hook,
                   "in_hook_net_ms": 1e3 * (med_hook - base_hook),
                   "in_hook_net_pct_of_step": 100 * (med_hook - base_hook) / base_step,
+                  "router_hooks_net_ms": 1e3 * (statistics.median(router[n]) - base_router),
                   "h_step_ms": h_step.get(n),
                   "steps_s": steps[n], "in_hook_s": hook[n]}
     for n in names:

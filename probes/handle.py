@@ -120,7 +120,7 @@ class Handle:
         sampler = TokenSampler(float(tokens), max_tokens_per_step, seed,
                                device=model_device(model)) if tokens else None
         self._window = Window(self.routers, Recorder(len(self.routers), cap, flush_every,
-                                                     model_device(model)), sampler, self._dist)
+                                                     model_device(model), self._faults), sampler, self._dist)
         cfg = {"probes": {"tokens": float(tokens), "flush_every": flush_every, "steps": steps,
                           "padding": padding, "max_tokens_per_step": max_tokens_per_step, "seed": seed}}
         cfg.update(config or {})

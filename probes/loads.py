@@ -46,6 +46,7 @@ class RecorderLoads:
         """float64 ``[capacity + 2]`` assignments of ``slot`` since attach (recorder columns)."""
         with self._lock:
             rec = self._window.rec
+            rec.flush()
             x = rec.acc[_KINDS, :, slot].sum(dim=(0, 1)) + rec.win[_KINDS, :, slot].sum(dim=(0, 1))
             if self._closed is not None:
                 self._closed = self._align(self._closed, rec.acc[0, 0])

@@ -33,6 +33,7 @@ from chrono.schema import MODES   # the one owner of the mode names; indices bel
 
 from .records import WindowArrays
 from .routing import Routed
+from .staging import Stage
 
 TRAIN, EVAL, INFER = (MODES.index(m) for m in ("TRAIN", "EVAL", "INFER"))
 TOKENS, WEIGHT, DROPPED, SCALARS = 0, 1, 2, 3
@@ -61,7 +62,7 @@ def mode_index(module: torch.nn.Module) -> int:
 class Recorder:
     """Per-(mode, layer slot, expert) tokens, weight sums and drops of each step of a window."""
 
-    def __init__(self, n_slots: int, capacity: int, history: int, device=None):
+    def __init__(self, n_slots: int, capacity: int, history: int, device=None, faults=None):
         self.n_slots = n_slots
         self.capacity = max(1, int(capacity))
         self.history = max(1, int(history))
@@ -69,6 +70,7 @@ class Recorder:
         self._src = None   # [2, assignments] float64 scratch of record(): row 0 ones, unless _src_dirty
         self._src_views: dict = {}
         self._src_dirty = False
+        self.stage = Stage(self, faults)   # calls counted in one batch at the forward's end
         self._alloc()
 
     def _alloc(self) -> None:
@@ -91,9 +93,12 @@ class Recorder:
         self._views = [[(acc[TOKENS:WEIGHT + 1, m, s], acc[DROPPED, m, s], acc[SCALARS, m, s, LOGIT_SUM],
                          acc[SCALARS, m, s, PADDING]) for s in range(self.n_slots)] for m in range(len(MODES))]
         self._last_col = self.capacity + 1
+        self.tw_cells = acc[TOKENS:WEIGHT + 1].view(2, -1)   # what a staged flush adds to
+        self.stage.reset()
 
     def to(self, device) -> None:
         """Follow the model to another device (rare: ``model.to(...)`` after attach)."""
+        self.stage.flush()   # staged calls live on the old device
         self.device = torch.device(device)
         with torch.inference_mode(False):   # called from a hook, maybe under inference mode
             self.acc, self.win, self.hist, self._spare = (
@@ -104,6 +109,7 @@ class Recorder:
     def grow(self, capacity: int) -> None:
         """Widen the expert dimension (lifecycle added experts); keeps what was counted. The
         spare history buffer is not copied (a job may still read the old one: it keeps it)."""
+        self.stage.flush()
         old, old_cap = (self.acc, self.win, self.hist), self.capacity
         self.capacity = int(capacity)
         self._alloc()
@@ -133,8 +139,18 @@ class Recorder:
             self._src_dirty = False
         return v
 
+    def add(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
+        """Count one router call: staged (``probes.staging``: counted at ``flush``) when it has
+        no padding mask and no capacity drops, else at once (``record``). Sync-free."""
+        if mask is not None or routed.dropped is not None or not self.stage.add(mode, slot, routed):
+            self.record(mode, slot, routed, mask, pad)
+
+    def flush(self) -> None:
+        """Count the staged calls (end of a top-level forward; before anything reads ``acc``)."""
+        self.stage.flush()
+
     def record(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
-        """Add one router call. Sync-free: no ``.item()``, no host copy, fixed shapes.
+        """Add one router call at once. Sync-free: no ``.item()``, no host copy, fixed shapes.
 
         ``routed``: the call's ``probes.routing.Routed`` (``indices [T, k]`` long, optional
         ``weights [T, k]``, ``dropped [T, k]`` bool, ``logits [T, E]``); ``mask`` (optional)
@@ -179,12 +195,14 @@ class Recorder:
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""
+        self.stage.flush()
         self.hist[i].copy_(self.acc)
         self.win.add_(self.acc)
         self.acc.zero_()
 
     def merge(self, first: int, n: int) -> None:
         """Fold history rows ``[first, n)`` into the current step (on the device)."""
+        self.stage.flush()
         if n > first:
             back = self.hist[first:n].sum(0)
             self.acc.add_(back)
@@ -199,6 +217,7 @@ class Recorder:
         buffer is written again), ``sums`` the host copy of the window sum ``[kind, mode,
         slot, capacity + 2]`` float64 (one small device->host copy). ``win`` restarts at 0.
         """
+        self.stage.settle()
         rows = self.hist[:n]
         self.hist, self._spare = self._spare, self.hist
         sums = self.win.to("cpu", copy=True).numpy()
@@ -211,8 +230,10 @@ class Recorder:
         ``.to("cpu", copy=True)``: on CPU ``.cpu()`` would alias the buffer we reuse.
         Returns a ``probes.records.WindowArrays`` (shapes and dtypes documented there).
         """
+        self.stage.settle()
         x = self.hist[:n]
         if include_current:
+            self.stage.flush()
             x = torch.cat([x, self.acc[None]])
         return window_arrays(x.to("cpu", copy=True).numpy(), self.capacity)
 
@@ -220,7 +241,9 @@ class Recorder:
 def window_arrays(x: np.ndarray, cap: int) -> WindowArrays:
     """``WindowArrays`` of host history rows ``x`` ``[n, kind, mode, slot, cap + 2]`` float64."""
     weight = x[:, WEIGHT, ..., 1: cap + 1]
-    nonfinite = (~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, SCALARS, ..., LOGIT_SUM]))
+    # logit sums (eager path) and logit norms (staged path: the weight cell of column 0)
+    nonfinite = ((~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, SCALARS, ..., LOGIT_SUM]))
+                 + (~np.isfinite(x[:, WEIGHT, ..., 0])))
     return WindowArrays(
         counts=np.rint(x[:, TOKENS, ..., 1: cap + 1]).astype(np.int64),
         dropped=np.rint(x[:, DROPPED, ..., 1: cap + 1]).astype(np.int64),

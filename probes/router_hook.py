@@ -2,14 +2,18 @@
 
 Per router call: parse the router's own output into a ``probes.routing.Routed`` (the
 adapter's ``parse``), pick the forward's context (mode, padding mask) from the stack's
-``ForwardState``, and hand both to ``Recorder.record`` (device ``scatter_add_``, no host
-sync) and, when tokens are sampled, to ``TokenSampler.sample``. Returns None (a value
-would replace the router's output). Anything that can be looked up once is bound when
-the hook is built; a failure is a telemetry fault, never an exception in the forward.
+``ForwardState``, and stage the call (``probes.staging``: no device op here; counted when
+the forward ends) or, with a padding mask, capacity drops, under ``torch.compile`` or on
+probation, count it at once (``Recorder.record``: device ``index_add_``, no host sync);
+when tokens are sampled, also hand it to ``TokenSampler.sample``. Returns None (a value
+would replace the router's output). Anything that can be looked up once is bound when the
+hook is built, and per-call work that can wait for the forward's end waits (there it runs
+for all calls in one loop); a failure is a telemetry fault, never an exception in the
+forward. The activation-recompute test (``in_backward``) only runs for a call outside any
+top-level forward, the only place a recompute can be.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
@@ -34,7 +38,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
         if h is None or not h._active or module is not router_ref():
             return None   # detached, or a deep copy of the model that carries this hook
         compiling = torch.compiler.is_compiling()
-        if not compiling and C.in_backward():
+        st = fwd.tls
+        if not compiling and st.root_mode is None and st.pseudo_root is None and C.in_backward():
             return None   # activation recompute: these tokens were counted in the forward
         t0 = 0.0 if compiling else time.perf_counter()
         try:
@@ -44,27 +49,27 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                 rec.grow(max(n, 2 * rec.capacity))
             if n > window.widest[slot]:  # a lifecycle shrink must not cut this window's counts
                 window.widest[slot] = n
-            if routed.indices.device != rec.device:
-                rec.to(routed.indices.device)
-            st = fwd.tls
             ctx = st.ctx[stack]
-            if ctx is not None and ctx.n_tokens != routed.indices.shape[0]:
-                if ctx.keep is not None or sampler is not None:   # only then is something lost
-                    faults.warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x "
-                                     "sequence = %s of its forward: no padding mask, token ids or "
-                                     "positions for it", site.name, routed.indices.shape[0], ctx.n_tokens)
-                mode, ctx = ctx.mode, None
+            if ctx is None:
+                mode = st.root_mode if st.root_mode is not None else mode_index(module)
+            elif ctx.keep is None and sampler is None:   # the common case: nothing per token
+                mode = ctx.mode
             else:
-                mode = ctx.mode if ctx is not None else (
-                    st.root_mode if st.root_mode is not None else mode_index(module))
+                ctx, mode = _token_context(ctx, routed, site, slot, faults)
             steps.dirty = True
-            mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
-            # in-place adds from two threads would race: serialise them (~0.1 us); a lock cannot
-            # be traced, so compiled code runs unguarded (compiled serving from threads: unsupported)
-            with contextlib.nullcontext() if compiling else lock:
-                rec.record(mode, slot, routed, mask, pad)
+            if compiling:   # a lock cannot be traced: compiled code runs unguarded (compiled
+                _record_now(rec, mode, slot, routed, ctx)   # serving from threads: unsupported)
                 if sampler is not None:
                     sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
+            else:
+                with lock:
+                    if (ctx is None or ctx.keep is None) and routed.dropped is None \
+                            and rec.stage.add(mode, slot, routed):
+                        pass   # staged: counted when the forward ends (probes.staging)
+                    else:
+                        _record_now(rec, mode, slot, routed, ctx)
+                    if sampler is not None:
+                        sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
         except Exception as e:  # telemetry must never break the forward
             faults.fault(f"router {site.name}", e)
         if not compiling:
@@ -73,6 +78,25 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
         return None
 
     return on_router_output
+
+
+def _token_context(ctx, routed, site, slot, faults):
+    """``(ctx, mode)`` for a call whose forward has a padding mask or sampled tokens: the
+    context only if the router saw batch x sequence tokens (else None, warned once)."""
+    if ctx.n_tokens != routed.indices.shape[0]:
+        faults.warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence = %s "
+                         "of its forward: no padding mask, token ids or positions for it",
+                         site.name, routed.indices.shape[0], ctx.n_tokens)
+        return None, ctx.mode
+    return ctx, ctx.mode
+
+
+def _record_now(rec, mode: int, slot: int, routed, ctx) -> None:
+    """Count a call at once (``Recorder.record``), on the recorder's device."""
+    if routed.indices.device != rec.device:
+        rec.to(routed.indices.device)
+    mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
+    rec.record(mode, slot, routed, mask, pad)
 
 
 def _guard_hooks_under_compile() -> None:

@@ -50,6 +50,9 @@ def from_protocol(out) -> Routed:
 def topk_triple(module, args, output) -> Routed:
     """Parser for the transformers 5.x router convention ``(logits, top_k_weights, top_k_index)``."""
     logits, weights, indices = output[0], output[1], output[2]
-    k = indices.shape[-1]
-    return Routed(indices.reshape(-1, k), weights.reshape(-1, k) if weights is not None else None,
-                  None, logits)
+    k = indices.shape[-1]   # (a reshape is a dispatcher call even when it changes nothing)
+    if indices.dim() != 2:
+        indices = indices.reshape(-1, k)
+    if weights is not None and weights.dim() != 2:
+        weights = weights.reshape(-1, k)
+    return Routed(indices, weights, None, logits)

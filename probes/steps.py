@@ -35,6 +35,14 @@ class Steps:
         """Something happened in the open step (routing, or a top-level forward)."""
         return self.dirty or self.clock.forward_pending
 
+    def flush_staged(self) -> None:
+        """Count the router calls staged in this forward (``probes.staging``), under the lock."""
+        with self._lock:
+            try:
+                self.window.rec.flush()
+            except Exception as e:
+                self._faults.fault("staged router calls", e)
+
     @torch._dynamo.disable
     def advance(self, next_step: int | None = None, close: bool = True) -> None:
         """End the open step; the next one is ``next_step`` (default: this one + 1)."""
