@@ -165,7 +165,7 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
     root = Path(tempfile.mkdtemp(prefix="probe_scale_"))
     run = f"{shape}-f{flush_every}"
     routers = [b.mlp.gate for b in model.layers]
-    bracket = HookBracket(routers)
+    bracket = HookBracket(routers, [model])   # the model: where staged calls are counted
     h = probes.attach(model, run=run, root=root, flush_every=flush_every, steps="manual")
     if on_snapshot:   # what chrono.govern does: the snapshot is then built in the training thread
         h.on_snapshot(lambda step, rows, handle: None)

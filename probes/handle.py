@@ -297,7 +297,7 @@ class Handle:
         return {
             "steps": c["steps"],
             "tokens_total": dict(self._window.tokens_total),
-            "hook_seconds": self._hook_seconds,
+            "hook_seconds": self._hook_seconds + self._steps.flush_seconds,
             "hook_calls": self._hook_calls,
             "rows_written": sink["rows_written"],
             "write_errors": sink["write_errors"],

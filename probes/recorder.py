@@ -1,11 +1,15 @@
-"""On-device routing counters: fixed-shape ``scatter_add_`` into one per-step buffer.
+"""On-device routing counters: fixed-shape ``index_add_`` into one per-step buffer.
 
-Per router call (no padding mask, no capacity drops), under ``no_grad``: the column index
-(3 ops), the weights into row 1 of a float64 scratch source whose row 0 is ones (1 op),
-one ``index_add_`` of that ``[2, assignments]`` source into tokens + weight sum (the two
-kinds are adjacent), and the logit sum (2 ops): 7 device ops. Every buffer view a call
-writes is built once per allocation (``_views``, scratch views per indices shape), not
-indexed per call.
+Two ways in. ``add`` *stages* a call (``probes.staging``: a reference, no device op; all
+staged calls are counted in one batch of 7 ops when the top-level forward ends, ``flush``).
+``record`` counts one call at once; it is used under ``torch.compile``, for calls with a
+padding mask or capacity drops, and while a router is on probation. Per call without mask
+or drops, under ``no_grad``: the column index (3 ops), the weights into row 1 of a float64
+scratch source whose row 0 is ones (1 op), one ``index_add_`` of that ``[2, assignments]``
+source into tokens + weight sum (the two kinds are adjacent), and the logit sum (2 ops): 7
+device ops. Every buffer view a call writes is built once per allocation (``_views``,
+scratch views per indices shape), not indexed per call. Everything that reads ``acc``
+flushes the staged calls first.
 
 Why ``scatter_add_`` and not ``bincount``: bincount reads min/max on the host
 (a CUDA sync per call, even with ``minlength``) and breaks a ``torch.compile``
@@ -22,7 +26,8 @@ step, O(layers x experts)). Closing a window is O(1) in its length: ``swap(n)`` 
 the filled history buffer to the caller (the background writer reads it) and switches
 to a second one (double buffering; the caller must be done with a buffer before the
 next-but-one ``swap``), and copies only ``win`` to the host. Non-finite router outputs
-are detected from the per-step sums (NaN / Inf propagate), costing no extra op per call.
+are detected from the per-step sums (NaN / Inf propagate): weight sums, logit sums (eager
+path) and logit norms (staged path: the weight cell of column 0, which no weight sum uses).
 """
 from __future__ import annotations
 

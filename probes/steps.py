@@ -8,6 +8,7 @@ point takes the handle's lock; a failure is a telemetry fault, never an exceptio
 """
 from __future__ import annotations
 
+import time
 import weakref
 
 import torch
@@ -24,6 +25,7 @@ class Steps:
         self.window = window
         self.current = int(start)         # number of the open step
         self.dirty = False                # routing was recorded in the open step
+        self.flush_seconds = 0.0          # in flush_staged (staged router calls counted)
         self.closed = False               # the handle is detached
         self.followers: list = []         # weakrefs to the Steps of handles following this one
         self.flush_every = flush_every
@@ -36,12 +38,15 @@ class Steps:
         return self.dirty or self.clock.forward_pending
 
     def flush_staged(self) -> None:
-        """Count the router calls staged in this forward (``probes.staging``), under the lock."""
+        """Count the router calls staged in this forward (``probes.staging``), under the lock;
+        its time adds to ``flush_seconds`` (reported with the hooks' time by ``h.stats()``)."""
+        t0 = time.perf_counter()
         with self._lock:
             try:
                 self.window.rec.flush()
             except Exception as e:
                 self._faults.fault("staged router calls", e)
+        self.flush_seconds += time.perf_counter() - t0
 
     @torch._dynamo.disable
     def advance(self, next_step: int | None = None, close: bool = True) -> None:

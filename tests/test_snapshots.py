@@ -185,3 +185,21 @@ def test_tracker_from_stored_transitions_matches_the_live_one(store_root):
     assert set(health.active) == {(l, a) for l, s in live.active().items() for a in s}
     tuples = [(t["step"], t["layer"], t["alert"], t["transition"]) for t in seen]
     assert AlertTracker.from_transitions(tuples).active() == live.active()
+
+
+def test_layer_rows_batched_by_width_equal_one_summary_per_layer():
+    """``layer_rows`` summarises layers of one expert count in a single batched call; every
+    value must equal the per-layer ``metrics.summarize`` (mixed widths, drops on some layers
+    only, an idle layer, a collapsed one)."""
+    from chrono import metrics as M
+    from chrono.snapshots import GLOBAL_LAYER, _row
+
+    rng = np.random.default_rng(3)
+    counts = {0: rng.integers(0, 50, 8), 1: np.zeros(8, np.int64), 2: rng.integers(0, 9, 5),
+              3: np.array([0, 0, 400, 0, 0, 0, 0, 0]), 5: rng.integers(0, 1000, 8)}
+    dropped = {2: rng.integers(0, 3, 5), 5: rng.integers(0, 7, 8)}
+    got = layer_rows("r", 10, 19, counts, dropped)
+    want = [_row("r", 10, 19, layer, M.summarize(counts[layer], dropped.get(layer)))
+            for layer in sorted(counts)]
+    assert got[:-1] == want   # exact, NaN-free rows: == compares every float bit for bit
+    assert got[-1]["layer"] == GLOBAL_LAYER
