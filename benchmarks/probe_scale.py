@@ -14,6 +14,8 @@ here (61 layers: ~1.7 s a step) and the benchmark needs hundreds of steps per ce
   4096 tokens per step (DeepSeek-V3: 58 MoE layers of 61 in the real model; the issue's shape
   counts 61, and so do we).
 * ``olmoe``: 16 layers x 64 experts, top-8, ``OlmoeTopKRouter`` (softmax top-k), 4096 tokens.
+* ``deepseek_v3_decode``: DeepSeek-V3's routers on 8 tokens per forward (one decoding step of
+  8 sequences): the per-call overhead of the hooks, not the data, is the cost (not run by default).
 
 Per ``flush_every`` in {1, 10, 50, 200}, one fresh ``probes.attach(steps="manual")`` per cell,
 forwards under ``torch.no_grad`` (mode EVAL), ``h.step()`` after each:
@@ -63,6 +65,8 @@ from benchmarks.hook_cpu_time import CLOCK, HookBracket  # noqa: E402
 SHAPES = {
     "deepseek_v3": {"layers": 61, "experts": 256, "top_k": 8, "tokens": 4096, "router": "DeepseekV3TopkRouter"},
     "olmoe": {"layers": 16, "experts": 64, "top_k": 8, "tokens": 4096, "router": "OlmoeTopKRouter"},
+    # one decoding step of a batch of 8 sequences: 8 tokens per forward, per-op overhead dominates
+    "deepseek_v3_decode": {"layers": 61, "experts": 256, "top_k": 8, "tokens": 8, "router": "DeepseekV3TopkRouter"},
     "tiny": {"layers": 3, "experts": 16, "top_k": 4, "tokens": 64, "router": "DeepseekV3TopkRouter"},
 }
 HIDDEN = 64
