@@ -84,6 +84,31 @@ def test_weights_changed_in_place_by_a_later_call_of_a_shared_router(store_root)
     assert wrong_cells(truth, got, stats) == []
 
 
+def test_router_called_outside_a_forward_then_its_weights_changed_by_the_caller(store_root):
+    """A staged router called directly (no model forward: nothing flushes until ``h.step()``);
+    the caller then normalises the returned weights in place, as analysis code does. The stage
+    still holds a reference, and the step stores the changed weights (~0.4x), no fault. (Its
+    indices changed the same way are dropped and reported: only weights are trusted.)"""
+    model = MoE()
+    calls = truth_hooks(model)
+    ids = torch.randint(1, 97, (3, 7), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    truth = []
+    with probes.attach(model, run="of", root=store_root, steps="manual") as h:
+        model(ids).backward()          # probation passes: routers staged
+        truth.append(counted(calls))
+        h.step()
+        del calls[:]
+        with torch.no_grad():
+            for r in model.routers:
+                _, w, _ = r(x)
+                w.div_(w.sum(-1, keepdim=True) * 4)
+        truth.append(counted(calls))
+        h.step()
+        stats = h.stats()
+    assert wrong_cells(truth, stored(store_root, "of"), stats) == []
+
+
 def test_indices_changed_in_place_under_inference_mode_after_probation(store_root):
     """Under ``torch.inference_mode`` (inference tensors: no version counter) the model remaps
     the indices in place from step 3 on. Staged calls are trusted: the stored tokens of steps
