@@ -50,7 +50,7 @@ class Forwards:
         self.tls.root_mode = mode
 
     def ends(self) -> None:
-        self.steps.flush_staged()
+        self.steps.flush_staged(threading.get_ident())
         st = self.tls
         st.root_mode = None
         if st.user_mask is not None and not st.mask_used:

@@ -144,15 +144,17 @@ class Recorder:
             self._src_dirty = False
         return v
 
-    def add(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
-        """Count one router call: staged (``probes.staging``: counted at ``flush``) when it has
-        no padding mask and no capacity drops, else at once (``record``). Sync-free."""
-        if mask is not None or routed.dropped is not None or not self.stage.add(mode, slot, routed):
+    def add(self, mode: int, slot: int, routed: Routed, mask=None, pad=None, in_forward: bool = True) -> None:
+        """Count one router call: staged (``probes.staging``: counted at ``flush``) when it is
+        part of a top-level forward and has no padding mask and no capacity drops, else at once
+        (``record``). Sync-free."""
+        if mask is not None or routed.dropped is not None or not self.stage.add(mode, slot, routed, in_forward):
             self.record(mode, slot, routed, mask, pad)
 
-    def flush(self) -> None:
-        """Count the staged calls (end of a top-level forward; before anything reads ``acc``)."""
-        self.stage.flush()
+    def flush(self, forward_ended: int | None = None) -> None:
+        """Count the staged calls (before anything reads ``acc``); ``forward_ended``: the ident
+        of the thread whose top-level forward just ended (its probation calls are judged)."""
+        self.stage.flush(forward_ended)
 
     def record(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
         """Add one router call at once. Sync-free: no ``.item()``, no host copy, fixed shapes.
@@ -196,7 +198,9 @@ class Recorder:
                     w_row.copy_(weights.reshape(-1))
                 tw.index_add_(1, col, src)
             if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
-                logit_cell.add_(logits.sum())
+                # (summed in float32 at least: a float16 sum of finite logits overflows at 65504)
+                logit_cell.add_(logits.sum() if logits.dtype in (torch.float32, torch.float64)
+                                else logits.sum(dtype=torch.float32))
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""
@@ -222,7 +226,6 @@ class Recorder:
         buffer is written again), ``sums`` the host copy of the window sum ``[kind, mode,
         slot, capacity + 2]`` float64 (one small device->host copy). ``win`` restarts at 0.
         """
-        self.stage.settle()
         rows = self.hist[:n]
         self.hist, self._spare = self._spare, self.hist
         sums = self.win.to("cpu", copy=True).numpy()
@@ -235,7 +238,6 @@ class Recorder:
         ``.to("cpu", copy=True)``: on CPU ``.cpu()`` would alias the buffer we reuse.
         Returns a ``probes.records.WindowArrays`` (shapes and dtypes documented there).
         """
-        self.stage.settle()
         x = self.hist[:n]
         if include_current:
             self.stage.flush()

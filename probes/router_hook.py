@@ -63,8 +63,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                     sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
             else:
                 with lock:
-                    if (ctx is None or ctx.keep is None) and routed.dropped is None \
-                            and rec.stage.add(mode, slot, routed):
+                    if (ctx is None or ctx.keep is None) and routed.dropped is None and rec.stage.add(
+                            mode, slot, routed, st.root_mode is not None or st.pseudo_root is not None):
                         pass   # staged: counted when the forward ends (probes.staging)
                     else:
                         _record_now(rec, mode, slot, routed, ctx)

@@ -3,7 +3,7 @@
 Counting each router call on its own costs ~7 device ops per call (``Recorder.record``);
 on small shapes the per-op dispatch (or, on CUDA, kernel launch) overhead is the whole
 cost, and a DeepSeek-V3-sized model makes 61 calls per forward. ``Stage.add`` instead keeps
-a *reference* to the call's ``Routed`` (no device op) and reads one version counter;
+a *reference* to the call's ``Routed`` (no device op) and reads its version counters;
 ``flush`` (when the top-level forward ends, and before anything reads the step's counts)
 counts every staged call at once, with the bookkeeping of all calls in one tight loop:
 
@@ -22,18 +22,24 @@ integers are exact). SGLang's expert-distribution recorder has the same shape
 (python/sglang/srt/eplb/expert_distribution.py: each layer writes its top-k ids into a
 preallocated buffer, counted once per forward pass); here the per-layer write is gone too.
 
-A reference is only safe while nobody changes the tensor in place. Each router slot
-therefore starts *on probation*: its calls are counted eagerly, and its first one is
-watched (indices, weights and logits): by ``Tensor._version`` (decided when the forward
-ends), or, for inference tensors (they have no version counter), by comparing them with
-copies on the device (read when the forward ends on CPU, at the next window close on CUDA,
-where the host waits for the device anyway). If the model changed any of them in place
-before the forward ended (e.g. ``weights /= weights.sum(-1, keepdim=True)`` after the
-router) the slot stays eager for good, otherwise it is staged from then on. After that,
-every staged call's indices version is checked at the flush: a call changed in place
-anyway is not counted (its values are no longer the router's), a telemetry fault, and the
-slot goes back to eager. Weights and logits are trusted after probation, as are inference
-tensors. Nothing here reads a value on the host, except the CPU verdict above.
+A reference is only safe while nobody changes the tensor in place before the flush.
+* Under ``torch.inference_mode`` (serving, generation) outputs are inference tensors, which
+  have no version counter: a call there stages private *copies* of its indices and weights
+  (2 copies) and its logits norm (1 op), 3 ops per call instead of 7, safe by construction.
+* Elsewhere (training, ``no_grad``) a call stages references and the version counters of its
+  indices, weights and logits. Each router starts *on probation*: its calls are counted at
+  once and watched; when the top-level forward of the watching thread ends (not at another
+  thread's, nor at a flush in mid-forward), a router any of whose watched outputs the model
+  changed in place (e.g. ``weights /= weights.sum(-1, keepdim=True)`` after the router) is
+  counted at once for good, the others are staged. At every flush each staged call's versions
+  are checked again: a call whose indices or weights changed anyway is not counted (its values
+  are no longer the router's), one whose logits changed is counted without its non-finite
+  check; either is a telemetry fault, and the router is counted at once from then on. Nothing
+  is ever counted from values other than the router returned.
+* A call outside any top-level forward (a router called by hand) is counted at once: nothing
+  would flush it before the caller's own code runs.
+
+Nothing here reads a value on the host.
 
 Memory: staged references keep tensors the forward made alive until it ends, bounded by
 ``MAX_LOGITS`` logits (a fuller stage is flushed first: 64 MiB of float32 logits, e.g. 16
@@ -46,6 +52,8 @@ per assignment (20 MiB at the bound).
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import threading
 
 import torch
 
@@ -84,26 +92,36 @@ class Stage:
     def __init__(self, rec, faults=None):
         self.rec, self.faults = rec, faults
         self.state = [PROBATION] * rec.n_slots
-        self.calls: list = []        # (mode, slot, Routed, indices version or -1)
-        self.nl = 0                  # staged logits (elements)
-        self.watch: list = []        # probation calls: (slot, (indices, weights, logits), versions, copies)
-        self._watched: set = set()   # slots watched, verdict not in yet
-        self.verdicts: dict = {}     # slot -> 0-d bool on the device: changed in place
+        self.calls: list = []   # (mode, slot, Routed, versions or None, logits norm or None)
+        self.nl = 0             # staged logits (elements) kept alive
+        self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
         self._layouts: OrderedDict = OrderedDict()
 
     def reset(self) -> None:
         """The recorder's buffers were reallocated (grown, moved): column bases change."""
         self._layouts.clear()
 
-    def add(self, mode: int, slot: int, routed: Routed) -> bool:
-        """Stage one router call; False if it must be counted eagerly (``Recorder.record``),
-        in which case a probation call is also watched for in-place changes."""
-        state = self.state[slot]
-        if state != STAGED:
-            if state == PROBATION and slot not in self._watched:
-                self._watch(slot, routed)
+    def add(self, mode: int, slot: int, routed: Routed, in_forward: bool) -> bool:
+        """Stage one router call of a top-level forward (``in_forward``); False if it must be
+        counted at once (``Recorder.record``): a call outside any forward (nothing would flush
+        it before the caller's own code runs), a router on probation (its call is then watched)
+        or found to change its outputs in place, a call too big for the bounds."""
+        if not in_forward:
             return False
         logits = routed.logits
+        if mode == INFER:   # inference tensors have no version counter: stage private copies
+            if routed.indices.numel() > MAX_ASSIGNMENTS:
+                return False
+            norm = None if logits is None else torch.linalg.vector_norm(logits, dtype=torch.float32)
+            self.calls.append((mode, slot, Routed(routed.indices.clone(), None if routed.weights is None
+                                                  else routed.weights.clone()), None, norm))
+            return True
+        state = self.state[slot]
+        if state != STAGED:
+            if state == PROBATION and len(self.watch) < 8 * len(self.state):
+                tensors = (routed.indices, routed.weights, logits)
+                self.watch.append((threading.get_ident(), slot, tensors, tuple(_version(t) for t in tensors)))
+            return False
         if logits is not None:
             nl = logits.numel()
             if self.nl + nl > MAX_LOGITS:
@@ -111,32 +129,29 @@ class Stage:
                 if nl > MAX_LOGITS:
                     return False
             self.nl += nl
-        # under inference mode the outputs are inference tensors: no version counter
-        self.calls.append((mode, slot, routed, -1 if mode == INFER else routed.indices._version))
+        self.calls.append((mode, slot, routed, (routed.indices._version, _version(routed.weights),
+                                                _version(logits)), None))
         return True
 
-    def _watch(self, slot: int, routed: Routed) -> None:
-        self._watched.add(slot)
-        tensors = (routed.indices, routed.weights, routed.logits)
-        versions = tuple(_version(t) for t in tensors)
-        copies = None if versions[0] >= 0 else tuple(None if t is None else t.clone() for t in tensors)
-        self.watch.append((slot, tensors, versions, copies))
-
-    def flush(self) -> None:
-        """Count every staged call into ``rec.acc``; judge probation. Caller holds the lock."""
-        if self.watch:
-            self._judge()
+    def flush(self, forward_ended: int | None = None) -> None:
+        """Count every staged call into ``rec.acc``. ``forward_ended``: the ident of the thread
+        whose top-level forward just ended; its probation calls are judged. Caller holds the lock."""
+        if forward_ended is not None and self.watch:
+            self._judge(forward_ended)
         if not self.calls:
             return
         calls, self.calls, self.nl = self.calls, [], 0
         rec = self.rec
         with torch.no_grad():
             batch, n = [], 0
-            for mode, slot, routed, v in calls:
+            for mode, slot, routed, versions, norm in calls:
+                if versions is not None:
+                    what = self._changed(slot, routed, versions)
+                    if what == "counts":
+                        continue
+                    if what == "logits":
+                        routed = Routed(routed.indices, routed.weights)
                 indices = routed.indices
-                if v >= 0 and indices._version != v:
-                    self._changed(slot)
-                    continue
                 m = indices.numel()
                 if m > MAX_ASSIGNMENTS:
                     self._eager(mode, slot, routed)
@@ -144,66 +159,60 @@ class Stage:
                 if n + m > MAX_ASSIGNMENTS:
                     self._count_or_eager(batch, n)
                     batch, n = [], 0
-                batch.append((mode, slot, routed, m))
+                batch.append((mode, slot, routed, m, norm))
                 n += m
             if batch:
                 self._count_or_eager(batch, n)
 
+    def _changed(self, slot: int, routed: Routed, versions: tuple) -> str | None:
+        """What of a staged call changed in place since the router returned: None, "logits"
+        (then counted without its non-finite check) or "counts" (indices or weights: then not
+        counted). A change is a fault, and the router is counted at once from now on."""
+        iv, wv, lv = versions
+        if routed.indices._version != iv or (wv >= 0 and routed.weights._version != wv):
+            what = "counts"
+        elif lv >= 0 and routed.logits._version != lv:
+            what = "logits"
+        else:
+            return None
+        self.state[slot] = EAGER
+        if self.faults is not None:
+            self.faults.fault(f"router slot {slot}", RuntimeError(
+                "the router's " + ("indices or weights" if what == "counts" else "logits")
+                + " were changed in place before they were counted; "
+                + ("that call is not counted" if what == "counts" else "that call's non-finite check is skipped")
+                + "; this router is counted at once from now on"))
+        return what
+
+    def _judge(self, thread: int) -> None:
+        """Probation calls of ``thread``'s forward, which just ended: a router whose indices,
+        weights or logits changed in place since it returned stays eager, else it is staged."""
+        mine, self.watch = [w for w in self.watch if w[0] == thread], [w for w in self.watch if w[0] != thread]
+        clean = []
+        for _, slot, tensors, versions in mine:
+            if any(v >= 0 and t._version != v for t, v in zip(tensors, versions)):
+                self.state[slot] = EAGER
+            else:
+                clean.append(slot)
+        for slot in clean:
+            if self.state[slot] == PROBATION:
+                self.state[slot] = STAGED
+
     def _count_or_eager(self, batch: list, n: int) -> None:
         """``_count``; if it fails before writing (a call on another device than the
-        recorder: ``torch.cat`` refuses), count each call eagerly instead."""
+        recorder: ``torch.cat`` refuses), count each call at once instead."""
         try:
             self._count(batch, n)
         except RuntimeError:
-            for mode, slot, routed, _ in batch:
+            for mode, slot, routed, _, _ in batch:
                 self._eager(mode, slot, routed)
 
     def _eager(self, mode: int, slot: int, routed: Routed) -> None:
         """Count one staged call with ``Recorder.record``, on the recorder's device; its router
-        is counted eagerly from now on (the hook then follows it to its device)."""
+        is counted at once from now on (the hook then follows it to its device)."""
         self.state[slot] = EAGER
         rec = self.rec
         rec.record(mode, slot, Routed(*(None if t is None else t.to(rec.device) for t in routed)))
-
-    def _changed(self, slot: int) -> None:
-        self.state[slot] = EAGER
-        if self.faults is not None:
-            self.faults.fault(f"router slot {slot}", RuntimeError(
-                "the model changed the router's indices in place before its forward ended; that "
-                "call is not counted and this router is counted eagerly from now on"))
-
-    def _judge(self) -> None:
-        """Probation calls whose forward ended: versions decide now; inference tensors (no
-        version counter) are compared with their copies on the device, read at ``settle``."""
-        watch, self.watch = self.watch, []
-        with torch.no_grad():
-            for slot, tensors, versions, copies in watch:
-                if copies is None:
-                    changed = any(v >= 0 and t._version != v for t, v in zip(tensors, versions))
-                    if self.state[slot] == PROBATION:
-                        self.state[slot] = EAGER if changed else STAGED
-                    self._watched.discard(slot)
-                    continue
-                verdict = None   # NaN != NaN: a NaN keeps the router eager (safe)
-                for t, c in zip(tensors, copies):
-                    if t is not None:
-                        v = (t != c).any()
-                        verdict = v if verdict is None else verdict | v
-                self.verdicts[slot] = verdict
-        if self.rec.device.type == "cpu":   # reading a CPU tensor waits for nothing: settle now
-            self.settle()
-
-    def settle(self) -> None:
-        """Read the device verdicts of inference probation (on CUDA at window close, where the
-        host waits for the device anyway; on CPU when the forward ends)."""
-        if not self.verdicts:
-            return
-        verdicts, self.verdicts = self.verdicts, {}
-        slots = list(verdicts)
-        for slot, changed in zip(slots, torch.stack([verdicts[s] for s in slots]).tolist()):
-            if self.state[slot] == PROBATION:
-                self.state[slot] = EAGER if changed else STAGED
-            self._watched.discard(slot)
 
     def _layout(self, batch: list, n: int) -> tuple:
         """Buffers of one layout (``j`` of its calls have logits), cached:
@@ -213,7 +222,8 @@ class Stage:
         of each entry. ``col [n + j]`` int64: the columns a flush computes. ``src [2, n + j]``
         float64: row 0 is 1 per assignment and 0 per norm; a flush writes row 1.
         """
-        key = tuple((mode, slot, m, routed.logits is not None) for mode, slot, routed, m in batch)
+        key = tuple((mode, slot, m, routed.logits is not None or norm is not None)
+                    for mode, slot, routed, m, norm in batch)
         hit = self._layouts.get(key)
         if hit is not None:
             self._layouts.move_to_end(key)
@@ -238,7 +248,7 @@ class Stage:
     def _count(self, batch: list, n: int) -> None:
         rec = self.rec
         raw, base, col, src = self._layout(batch, n)
-        calls = [routed for _, _, routed, _ in batch]
+        calls = [routed for _, _, routed, _, _ in batch]
         k = calls[0].indices.shape[-1]
         if all(r.indices.dim() == 2 and r.indices.shape[1] == k and r.weights is not None
                and r.weights.shape == r.indices.shape for r in calls):
@@ -249,10 +259,14 @@ class Stage:
             torch.cat([r.indices.reshape(-1) for r in calls], out=raw[:n])
             torch.cat([r.weights.reshape(-1) if r.weights is not None
                        else r.indices.new_zeros(m, dtype=torch.float64)
-                       for (_, _, r, m) in batch], out=src[1, :n])
+                       for (_, _, r, m, _) in batch], out=src[1, :n])
         logits = [r.logits for r in calls if r.logits is not None]
-        if logits:   # each logits norm goes to the weight cell of column 0 of its router
-            torch.stack(torch._foreach_norm(logits), out=src[1, n:])
+        if n < raw.shape[0]:   # each logits norm goes to the weight cell of column 0 of its router
+            # float32 norms: a float16 norm would overflow (65504) for finite logits
+            computed = iter(torch._foreach_norm(logits, 2, dtype=torch.float32) if logits else ())
+            norms = [norm if norm is not None else next(computed)
+                     for _, _, r, _, norm in batch if norm is not None or r.logits is not None]
+            torch.stack(norms, out=src[1, n:])
         raw[:n].clamp_(-1, rec.capacity)
         torch.add(raw, base, out=col)
         rec.tw_cells.index_add_(1, col, src)

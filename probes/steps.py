@@ -37,13 +37,14 @@ class Steps:
         """Something happened in the open step (routing, or a top-level forward)."""
         return self.dirty or self.clock.forward_pending
 
-    def flush_staged(self) -> None:
-        """Count the router calls staged in this forward (``probes.staging``), under the lock;
+    def flush_staged(self, forward_ended: int | None = None) -> None:
+        """Count the staged router calls (``probes.staging``), under the lock (``forward_ended``:
+        the ident of the thread whose top-level forward ended, see ``Recorder.flush``);
         its time adds to ``flush_seconds`` (reported with the hooks' time by ``h.stats()``)."""
         t0 = time.perf_counter()
         with self._lock:
             try:
-                self.window.rec.flush()
+                self.window.rec.flush(forward_ended)
             except Exception as e:
                 self._faults.fault("staged router calls", e)
         self.flush_seconds += time.perf_counter() - t0

@@ -139,10 +139,27 @@ def assert_equal_per_step(truth, got, skip=()):
         np.testing.assert_allclose(got[s][1], w, rtol=1e-5, err_msg=f"weight sums of step {s}")
 
 
+def eager_calls(monkeypatch) -> list:
+    """Record the (mode, slot) of every call counted at once (``Recorder.record``)."""
+    from probes.recorder import Recorder
+    seen, orig = [], Recorder.record
+
+    def record(self, mode, slot, *a, **k):
+        seen.append((mode, slot))
+        return orig(self, mode, slot, *a, **k)
+
+    monkeypatch.setattr(Recorder, "record", record)
+    return seen
+
+
 @pytest.mark.parametrize("infer", [False, True], ids=["train", "inference"])
-def test_staged_counts_equal_the_routers_outputs(store_root, infer):
+def test_staged_counts_equal_the_routers_outputs(store_root, infer, monkeypatch):
+    eager = eager_calls(monkeypatch)
     truth, got, states, stats = run_steps(MoE(), store_root, "st", infer=infer)
-    assert states == [staging.STAGED] * L   # probation passed: the later steps were staged
+    if infer:   # inference: private copies are staged from the first call, no probation
+        assert eager == []
+    else:       # probation: the first forward's calls are counted at once, then staged
+        assert states == [staging.STAGED] * L and len(eager) == L
     assert stats["faults"] == 0 and stats["nonfinite"] == 0
     assert_equal_per_step(truth, got)
 
@@ -172,14 +189,17 @@ def test_indices_changed_in_place_after_probation_are_not_counted_and_reported(s
     assert 3 not in got or got[3][0].sum() == 0   # lost, never counted as the changed values
 
 
-def test_nonfinite_logits_are_flagged_on_the_staged_path(store_root):
+@pytest.mark.parametrize("infer", [False, True], ids=["no_grad", "inference"])
+def test_nonfinite_logits_are_flagged_on_the_staged_path(store_root, infer, monkeypatch):
     model = MoE()
+    eager = eager_calls(monkeypatch)
 
     def before(s, h):
         model.routers[1].poison = s == 3
 
-    truth, got, states, stats = run_steps(model, store_root, "nf", infer=True, before_step=before)
-    assert states == [staging.STAGED] * L
+    truth, got, states, stats = run_steps(model, store_root, "nf", infer=infer, grad=False,
+                                          before_step=before)
+    assert len(eager) == (0 if infer else L)   # only the probation forward (step 0) was eager
     assert stats["nonfinite"] == 1
     sig = chrono.connect(store_root).sql(
         "select step, layer from signals where name = 'probes.nonfinite' and value > 0").fetchall()

@@ -1,16 +1,14 @@
-"""Staged counting (probes/staging.py) against the routers' own outputs: cases that break it.
+"""Staged counting (probes/staging.py) against models that change router outputs in place.
 
-Ground truth: the plain forward hook of ``test_staging.truth_hooks`` (registered before probes
-attach), which clones indices and weights as each router returns, counted with NumPy. A
-staged call is counted from *references* when the forward ends; probation watches only the
-first call of a router (versions, or device copies for inference tensors), and after it the
-weights, and everything under inference mode, are trusted. Each test here is a model that
-changes a router output in place after probation passed (or passes it by accident), which
-the eager path counts exactly and the staged path counts wrong, with no fault.
+Found by a review of the first version of staging (which watched only a router's first call,
+trusted weights and everything under inference mode after probation, judged probation at any
+flush, staged calls made outside a forward, and summed float16 logits in float16); each test
+failed on it and passes now. Ground truth: the plain forward hook of
+``test_staging.truth_hooks`` (registered before probes attach), which clones indices and
+weights as each router returns, counted with NumPy.
 
 What a correct probe may do instead of counting exactly: drop the changed call and report a
-telemetry fault (as it does for indices changed in place in training,
-``test_staging.test_indices_changed_in_place_after_probation_are_not_counted_and_reported``).
+telemetry fault (``test_staging.test_indices_changed_in_place_after_probation_are_not_counted_and_reported``).
 What it may not do is store other values than the router returned, silently.
 """
 from __future__ import annotations
