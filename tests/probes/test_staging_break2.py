@@ -49,7 +49,7 @@ def run(model, root, run_id, steps=4, ctx=torch.no_grad, call=None, between=None
                 (call or model)(IDS)
             truth.append(counted(calls))
             h.step()
-        stats = h.stats()
+    stats = h.stats()   # after detach: every window's counters are in (written in the background)
     return truth, stored(root, run_id), stats
 
 
@@ -123,8 +123,8 @@ def test_large_finite_logits_are_not_flagged_nonfinite(store_root, ctx):
     """Finite float32 logits of magnitude ~1e20 (a diverging router without a z-loss;
     softmax, top-k and weights stay finite). The eager path's logit sum (~1e21) is finite;
     the staged path's float32 L2 norm squares them (1e40 > 3.4e38) and flags every staged
-    (step, layer) non-finite: ``h.stats()["nonfinite"]`` is 3 (no_grad) / 6 (inference)
-    instead of 0. (``ord=inf``, max |logit|, is non-finite exactly when a logit is.)"""
+    (step, layer) non-finite: ``h.stats()["nonfinite"]`` is 9 (no_grad: steps 1-3 x 3
+    layers) / 12 (inference: steps 0-3) instead of 0, with ``probes.nonfinite`` signals. (``ord=inf``, max |logit|, is non-finite exactly when a logit is.)"""
     model = MoE()
     with torch.no_grad():
         for r in model.routers:
