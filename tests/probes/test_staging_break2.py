@@ -160,3 +160,23 @@ def test_encoder_decoder_called_through_a_wrapper_is_one_step_per_forward(store_
     assert sorted({k[0] for k in wrapped}) == [0, 1, 2], sorted({k[0] for k in wrapped})
     for k, v in direct.items():
         np.testing.assert_array_equal(wrapped[k], v, err_msg=str(k))
+
+
+def test_forward_under_torch_func_grad_is_counted(store_root):
+    """``torch.func.grad`` over ``functional_call(model, params, ...)`` (meta-learning,
+    influence functions). Inside the transform the router outputs are GradTrackingTensors and
+    the recorder's buffers are captured tensors, which functorch forbids to mutate: the eager
+    path's ``index_add_`` raises (a fault per call), then the staged flush's ``torch.cat(...,
+    out=)`` / ``copy_`` raises too. Nothing is stored (0 of 42 tokens per layer, every step).
+    Not caused by staging (the eager path loses the same calls); counting under
+    ``torch._C._DisableFuncTorch()`` with unwrapped tensors would not lose them."""
+    from torch.func import functional_call, grad
+
+    model = MoE()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def call(ids):
+        grad(lambda p: functional_call(model, p, (ids,)))(params)
+
+    truth, got, stats = run(model, store_root, "fg", ctx=torch.enable_grad, call=call)
+    assert exact(truth, got) == [] and stats["faults"] == 0, (exact(truth, got), stats["faults"])
