@@ -8,15 +8,15 @@ a *reference* to the call's ``Routed`` (no device op) and reads its version coun
 counts every staged call at once, with the bookkeeping of all calls in one tight loop:
 
     col  = cat(indices, -1 per logits) clamped to [-1, capacity] + base    3 ops
-    src  = [1 per assignment, 0 per logits; cat(weights, ‖logits‖₂)]       3 ops
+    src  = [1 per assignment, 0 per logits; cat(weights, max|logits|)]     3 ops
            (``torch._foreach_norm`` over all logits: one dispatch; then a stack)
     acc[tokens, weight] .index_add_(col, src)                              1 op
 
 writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
-expert). A call's logits norm lands in the weight cell of column 0 (the column of negative
-indices, whose weight sum nothing reads) and adds 0 tokens: it only flags non-finite logits
-(an L2 norm is non-finite exactly when some logit is, up to overflow past the float range),
-like the eager path's logit sum. The eager path, still used under ``torch.compile``, for
+expert). A call's logits norm (max |logit|) lands in the weight cell of column 0 (the column
+of negative indices, whose weight sum nothing reads) and adds 0 tokens: it only flags
+non-finite logits (max |logit| is non-finite exactly when some logit is, and cannot overflow),
+like the eager path's, which adds the same norm to its own cell. The eager path, still used under ``torch.compile``, for
 padding masks and capacity drops, mixes with this one in any order (float64 sums of
 integers are exact). SGLang's expert-distribution recorder has the same shape
 (python/sglang/srt/eplb/expert_distribution.py: each layer writes its top-k ids into a
@@ -36,8 +36,13 @@ A reference is only safe while nobody changes the tensor in place before the flu
   are no longer the router's), one whose logits changed is counted without its non-finite
   check; either is a telemetry fault, and the router is counted at once from then on. Nothing
   is ever counted from values other than the router returned.
+* Calls whose indices or weights start at the same address as another call's (one buffer
+  rewritten by each call, perhaps by a writer that bypasses version counters: ``.data``, a raw
+  kernel, DLPack) are not trusted: in a probation forward the router stays eager, at a flush
+  those calls are dropped with a fault.
 * A call outside any top-level forward (a router called by hand) is counted at once: nothing
-  would flush it before the caller's own code runs.
+  would flush it before the caller's own code runs. Tensors without storage of their own
+  (``torch.func`` transforms, fake tensors) are counted at once too.
 
 Nothing here reads a value on the host.
 
@@ -66,6 +71,31 @@ MAX_LOGITS = 1 << 24        # logits (elements) kept alive by the stage before a
 PROBATION, STAGED, EAGER = 0, 1, 2
 INFER = MODES.index("INFER")
 _LAYOUTS = 8                # forward layouts whose column bases and sources are kept
+
+
+_INF = float("inf")
+
+
+def _addresses(routed: Routed) -> tuple | None:
+    """Data pointers of a call's indices and weights (0 for none); None for tensors without
+    storage of their own (``torch.func`` transforms, fake or subclass tensors: not staged)."""
+    w = routed.weights
+    try:
+        return routed.indices.data_ptr(), 0 if w is None else w.data_ptr()
+    except RuntimeError:
+        return None
+
+
+def _reused(addresses: list) -> set:
+    """Positions of the calls whose indices or weights start at an address another call's also
+    starts at: one buffer rewritten by each call (with no version bump if the writer bypassed
+    autograd), so a reference to it no longer holds that call's values."""
+    seen: dict = {}
+    for i, pair in enumerate(addresses):
+        for a in pair:
+            if a:
+                seen.setdefault(a, []).append(i)
+    return {i for group in seen.values() if len(group) > 1 for i in group}
 
 
 def _version(t) -> int:
@@ -109,18 +139,22 @@ class Stage:
         if not in_forward:
             return False
         logits = routed.logits
-        if mode == INFER:   # inference tensors have no version counter: stage private copies
-            if routed.indices.numel() > MAX_ASSIGNMENTS:
+        if routed.indices.is_inference():   # no version counter: stage private copies (also for a
+            if routed.indices.numel() > MAX_ASSIGNMENTS:   # forward that enters inference mode itself)
                 return False
-            norm = None if logits is None else torch.linalg.vector_norm(logits, dtype=torch.float32)
+            norm = None if logits is None else torch.linalg.vector_norm(logits, ord=_INF)
             self.calls.append((mode, slot, Routed(routed.indices.clone(), None if routed.weights is None
                                                   else routed.weights.clone()), None, norm))
             return True
         state = self.state[slot]
+        addresses = _addresses(routed)
+        if addresses is None:
+            return False
         if state != STAGED:
             if state == PROBATION and len(self.watch) < 8 * len(self.state):
                 tensors = (routed.indices, routed.weights, logits)
-                self.watch.append((threading.get_ident(), slot, tensors, tuple(_version(t) for t in tensors)))
+                self.watch.append((threading.get_ident(), slot, tensors, tuple(_version(t) for t in tensors),
+                                   addresses))
             return False
         if logits is not None:
             nl = logits.numel()
@@ -130,7 +164,7 @@ class Stage:
                     return False
             self.nl += nl
         self.calls.append((mode, slot, routed, (routed.indices._version, _version(routed.weights),
-                                                _version(logits)), None))
+                                                _version(logits), addresses), None))
         return True
 
     def flush(self, forward_ended: int | None = None) -> None:
@@ -142,11 +176,17 @@ class Stage:
             return
         calls, self.calls, self.nl = self.calls, [], 0
         rec = self.rec
+        shared = _reused([c[3][3] for c in calls if c[3] is not None])
         with torch.no_grad():
             batch, n = [], 0
+            j = -1
             for mode, slot, routed, versions, norm in calls:
                 if versions is not None:
-                    what = self._changed(slot, routed, versions)
+                    j += 1
+                    what = "counts" if j in shared else self._changed(slot, routed, versions)
+                    if j in shared:
+                        self._fault(slot, "counts", "shares its memory with another call's (a buffer "
+                                    "rewritten without a version bump)")
                     if what == "counts":
                         continue
                     if what == "logits":
@@ -168,29 +208,32 @@ class Stage:
         """What of a staged call changed in place since the router returned: None, "logits"
         (then counted without its non-finite check) or "counts" (indices or weights: then not
         counted). A change is a fault, and the router is counted at once from now on."""
-        iv, wv, lv = versions
+        iv, wv, lv, _ = versions
         if routed.indices._version != iv or (wv >= 0 and routed.weights._version != wv):
             what = "counts"
         elif lv >= 0 and routed.logits._version != lv:
             what = "logits"
         else:
             return None
+        self._fault(slot, what, "were changed in place before they were counted")
+        return what
+
+    def _fault(self, slot: int, what: str, why: str) -> None:
         self.state[slot] = EAGER
         if self.faults is not None:
             self.faults.fault(f"router slot {slot}", RuntimeError(
-                "the router's " + ("indices or weights" if what == "counts" else "logits")
-                + " were changed in place before they were counted; "
+                "the router's " + ("indices or weights" if what == "counts" else "logits") + f" {why}; "
                 + ("that call is not counted" if what == "counts" else "that call's non-finite check is skipped")
                 + "; this router is counted at once from now on"))
-        return what
 
     def _judge(self, thread: int) -> None:
         """Probation calls of ``thread``'s forward, which just ended: a router whose indices,
         weights or logits changed in place since it returned stays eager, else it is staged."""
         mine, self.watch = [w for w in self.watch if w[0] == thread], [w for w in self.watch if w[0] != thread]
+        shared = _reused([w[4] for w in mine])
         clean = []
-        for _, slot, tensors, versions in mine:
-            if any(v >= 0 and t._version != v for t, v in zip(tensors, versions)):
+        for i, (_, slot, tensors, versions, _) in enumerate(mine):
+            if i in shared or any(v >= 0 and t._version != v for t, v in zip(tensors, versions)):
                 self.state[slot] = EAGER
             else:
                 clean.append(slot)
@@ -262,8 +305,8 @@ class Stage:
                        for (_, _, r, m, _) in batch], out=src[1, :n])
         logits = [r.logits for r in calls if r.logits is not None]
         if n < raw.shape[0]:   # each logits norm goes to the weight cell of column 0 of its router
-            # float32 norms: a float16 norm would overflow (65504) for finite logits
-            computed = iter(torch._foreach_norm(logits, 2, dtype=torch.float32) if logits else ())
+            # max |logit|: non-finite exactly when a logit is (an L2 norm overflows for large finite ones)
+            computed = iter(torch._foreach_norm(logits, _INF) if logits else ())
             norms = [norm if norm is not None else next(computed)
                      for _, _, r, _, norm in batch if norm is not None or r.logits is not None]
             torch.stack(norms, out=src[1, n:])
