@@ -46,8 +46,12 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
         try:
             routed = site.parse(module, args, output)
             n = site.n_experts
-            if n > rec.capacity:
-                rec.grow(max(n, 2 * rec.capacity))
+            if n > rec.capacity:   # (rare: lifecycle) another thread may be flushing: lock
+                if compiling:
+                    rec.grow(max(n, 2 * rec.capacity))
+                else:
+                    with lock:
+                        rec.grow(max(n, 2 * rec.capacity))
             if n > window.widest[slot]:  # a lifecycle shrink must not cut this window's counts
                 window.widest[slot] = n
             ctx = st.ctx[stack]

@@ -46,9 +46,9 @@ A reference is only safe while nobody changes the tensor in place before the flu
 
 Nothing here reads a value on the host.
 
-Memory: staged references keep tensors the forward made alive until it ends, bounded by
-``MAX_LOGITS`` logits (a fuller stage is flushed first: 64 MiB of float32 logits, e.g. 16
-DeepSeek-V3 layers of 4096 tokens). A flush counts at most ``MAX_ASSIGNMENTS`` top-k
+Memory: staged references (and copies) keep tensors alive until the forward ends, bounded by
+``MAX_LOGITS`` elements (logits referenced, indices and weights copied; a fuller stage is
+flushed first: 64 MiB of float32 logits, e.g. 16 DeepSeek-V3 layers of 4096 tokens). A flush counts at most ``MAX_ASSIGNMENTS`` top-k
 assignments per batch. Per distinct forward layout (the (mode, router, assignments) of each
 call; training repeats one), for the last ``_LAYOUTS``: three int64 vectors (raw indices,
 column bases, columns) and a float64 ``[2, N]`` source for its ``N`` assignments, 40 bytes
@@ -140,8 +140,12 @@ class Stage:
             return False
         logits = routed.logits
         if routed.indices.is_inference():   # no version counter: stage private copies (also for a
-            if routed.indices.numel() > MAX_ASSIGNMENTS:   # forward that enters inference mode itself)
-                return False
+            held = 2 * routed.indices.numel()   # forward that enters inference mode itself); the
+            if self.nl + held > MAX_LOGITS:     # copies count against the memory bound
+                self.flush()
+                if held > min(MAX_LOGITS, MAX_ASSIGNMENTS):
+                    return False
+            self.nl += held
             norm = None if logits is None else torch.linalg.vector_norm(logits, ord=_INF)
             self.calls.append((mode, slot, Routed(routed.indices.clone(), None if routed.weights is None
                                                   else routed.weights.clone()), None, norm))
