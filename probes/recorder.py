@@ -150,12 +150,26 @@ class Recorder:
         part of a top-level forward and has no padding mask and no capacity drops, else at once
         (``record``). Sync-free."""
         if mask is not None or routed.dropped is not None or not self.stage.add(mode, slot, routed, in_forward):
-            self.record(mode, slot, routed, mask, pad)
+            self.record_plain(mode, slot, routed, mask, pad)
 
     def flush(self, forward_ended: int | None = None) -> None:
         """Count the staged calls (before anything reads ``acc``); ``forward_ended``: the ident
         of the thread whose top-level forward just ended (its probation calls are judged)."""
         self.stage.flush(forward_ended)
+
+    def record_plain(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
+        """``record``; inside a ``torch.func`` transform (``grad``, ``vmap`` over
+        ``functional_call``) the outputs are wrapped tensors that may not be written into the
+        recorder's (captured) buffers: the call is then counted from the unwrapped values with
+        the transforms switched off."""
+        try:
+            self.record(mode, slot, routed, mask, pad)
+        except RuntimeError:
+            plain = [_unwrap(t) for t in (*routed, mask, pad)]
+            if all(p is t for p, t in zip(plain, (*routed, mask, pad))):
+                raise   # not a transform's tensors: a real fault
+            with torch._C._DisableFuncTorch():
+                self.record(mode, slot, Routed(*plain[:4]), plain[4], plain[5])
 
     def record(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
         """Add one router call at once. Sync-free: no ``.item()``, no host copy, fixed shapes.
@@ -244,6 +258,16 @@ class Recorder:
             self.stage.flush()
             x = torch.cat([x, self.acc[None]])
         return window_arrays(x.to("cpu", copy=True).numpy(), self.capacity)
+
+
+def _unwrap(t):
+    """``t`` without its ``torch.func`` wrappers (``t`` itself when it has none)."""
+    if t is None or not torch.is_tensor(t):
+        return t
+    is_wrapped, get = torch._C._functorch.is_functorch_wrapped_tensor, torch._C._functorch.get_unwrapped
+    while is_wrapped(t):
+        t = get(t)
+    return t
 
 
 def window_arrays(x: np.ndarray, cap: int) -> WindowArrays:

@@ -23,7 +23,6 @@ import torch
 from . import context as C
 from .discovery import RouterSite
 from .recorder import mode_index
-from .routing import Routed
 
 log = logging.getLogger("probes")
 
@@ -97,31 +96,11 @@ def _token_context(ctx, routed, site, slot, faults):
 
 
 def _record_now(rec, mode: int, slot: int, routed, ctx) -> None:
-    """Count a call at once (``Recorder.record``), on the recorder's device. Inside a
-    ``torch.func`` transform (``grad``, ``vmap`` over ``functional_call``) the outputs are
-    wrapped tensors that may not be written into the recorder's (captured) buffers: the call is
-    then counted from the unwrapped values with the transforms switched off."""
+    """Count a call at once (``Recorder.record_plain``), on the recorder's device."""
     if routed.indices.device != rec.device:
         rec.to(routed.indices.device)
     mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
-    try:
-        rec.record(mode, slot, routed, mask, pad)
-    except RuntimeError:
-        plain = [_unwrap(t) for t in (*routed, mask, pad)]
-        if all(p is t for p, t in zip(plain, (*routed, mask, pad))):
-            raise   # not a transform's tensors: a real fault
-        with torch._C._DisableFuncTorch():
-            rec.record(mode, slot, Routed(*plain[:4]), plain[4], plain[5])
-
-
-def _unwrap(t):
-    """``t`` without its ``torch.func`` wrappers (``t`` itself when it has none)."""
-    if t is None or not torch.is_tensor(t):
-        return t
-    is_wrapped, get = torch._C._functorch.is_functorch_wrapped_tensor, torch._C._functorch.get_unwrapped
-    while is_wrapped(t):
-        t = get(t)
-    return t
+    rec.record_plain(mode, slot, routed, mask, pad)
 
 
 def _guard_hooks_under_compile() -> None:

@@ -98,11 +98,6 @@ def _reused(addresses: list) -> set:
     return {i for group in seen.values() if len(group) > 1 for i in group}
 
 
-def _version(t) -> int:
-    """``t``'s in-place version counter; -1 for None or an inference tensor (it has none)."""
-    return -1 if t is None or t.is_inference() else t._version
-
-
 def _on(device: torch.device, values: list[int]) -> torch.Tensor:
     """A small long tensor on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
     t = torch.tensor(values, dtype=torch.int64)
@@ -151,14 +146,12 @@ class Stage:
                                                   else routed.weights.clone()), None, norm))
             return True
         state = self.state[slot]
-        addresses = _addresses(routed)
-        if addresses is None:
-            return False
+        weights = routed.weights   # (same mode as the indices: not inference tensors either)
+        versions = (routed.indices._version, -1 if weights is None else weights._version,
+                    -1 if logits is None else logits._version)
         if state != STAGED:
             if state == PROBATION and len(self.watch) < 8 * len(self.state):
-                tensors = (routed.indices, routed.weights, logits)
-                self.watch.append((threading.get_ident(), slot, tensors, tuple(_version(t) for t in tensors),
-                                   addresses))
+                self.watch.append((threading.get_ident(), slot, (routed.indices, weights, logits), versions))
             return False
         if logits is not None:
             nl = logits.numel()
@@ -167,8 +160,7 @@ class Stage:
                 if nl > MAX_LOGITS:
                     return False
             self.nl += nl
-        self.calls.append((mode, slot, routed, (routed.indices._version, _version(routed.weights),
-                                                _version(logits), addresses), None))
+        self.calls.append((mode, slot, routed, versions, None))
         return True
 
     def flush(self, forward_ended: int | None = None) -> None:
@@ -179,13 +171,17 @@ class Stage:
         if not self.calls:
             return
         calls, self.calls, self.nl = self.calls, [], 0
-        rec = self.rec
-        shared = _reused([c[3][3] for c in calls if c[3] is not None])
+        # addresses of the referenced outputs (a tensor's never changes), read here in one loop
+        addresses = [None if c[3] is None else _addresses(c[2]) for c in calls]
+        shared = _reused([a for a in addresses if a is not None])
         with torch.no_grad():
             batch, n = [], 0
             j = -1
-            for mode, slot, routed, versions, norm in calls:
+            for (mode, slot, routed, versions, norm), address in zip(calls, addresses):
                 if versions is not None:
+                    if address is None:   # no storage of its own (a torch.func transform's tensor)
+                        self._eager(mode, slot, routed)
+                        continue
                     j += 1
                     what = "counts" if j in shared else self._changed(slot, routed, versions)
                     if j in shared:
@@ -212,7 +208,7 @@ class Stage:
         """What of a staged call changed in place since the router returned: None, "logits"
         (then counted without its non-finite check) or "counts" (indices or weights: then not
         counted). A change is a fault, and the router is counted at once from now on."""
-        iv, wv, lv, _ = versions
+        iv, wv, lv = versions
         if routed.indices._version != iv or (wv >= 0 and routed.weights._version != wv):
             what = "counts"
         elif lv >= 0 and routed.logits._version != lv:
@@ -234,10 +230,12 @@ class Stage:
         """Probation calls of ``thread``'s forward, which just ended: a router whose indices,
         weights or logits changed in place since it returned stays eager, else it is staged."""
         mine, self.watch = [w for w in self.watch if w[0] == thread], [w for w in self.watch if w[0] != thread]
-        shared = _reused([w[4] for w in mine])
+        addresses = [_addresses(Routed(t[0], t[1])) for _, _, t, _ in mine]
+        shared = _reused([a or (0, 0) for a in addresses])
         clean = []
-        for i, (_, slot, tensors, versions, _) in enumerate(mine):
-            if i in shared or any(v >= 0 and t._version != v for t, v in zip(tensors, versions)):
+        for i, (_, slot, tensors, versions) in enumerate(mine):
+            if i in shared or addresses[i] is None \
+                    or any(v >= 0 and t._version != v for t, v in zip(tensors, versions)):
                 self.state[slot] = EAGER
             else:
                 clean.append(slot)
@@ -259,7 +257,7 @@ class Stage:
         is counted at once from now on (the hook then follows it to its device)."""
         self.state[slot] = EAGER
         rec = self.rec
-        rec.record(mode, slot, Routed(*(None if t is None else t.to(rec.device) for t in routed)))
+        rec.record_plain(mode, slot, Routed(*(None if t is None else t.to(rec.device) for t in routed)))
 
     def _layout(self, batch: list, n: int) -> tuple:
         """Buffers of one layout (``j`` of its calls have logits), cached:
