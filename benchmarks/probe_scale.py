@@ -18,7 +18,8 @@ here (61 layers: ~1.7 s a step) and the benchmark needs hundreds of steps per ce
   8 sequences): the per-call overhead of the hooks, not the data, is the cost (not run by default).
 
 Per ``flush_every`` in {1, 10, 50, 200}, one fresh ``probes.attach(steps="manual")`` per cell,
-forwards under ``torch.no_grad`` (mode EVAL), ``h.step()`` after each:
+forwards under ``torch.no_grad`` (mode EVAL; ``--inference``: ``torch.inference_mode``),
+``h.step()`` after each:
 
 * in-hook ms per step: thread CPU time inside the router hooks (``HookBracket``,
   ``benchmarks/hook_cpu_time.py``), median over steps;
@@ -117,12 +118,14 @@ class RoutingOnly(nn.Module):
         self._turn = [0]
         self._n = 1
 
-    @torch.no_grad()
-    def replay(self, inputs) -> None:
+    def replay(self, inputs, inference: bool = False) -> None:
+        """``inference``: the stored outputs are made under ``torch.inference_mode`` (inference
+        tensors, as a router run there returns), else under ``torch.no_grad``."""
         self._n = len(inputs)
         for block in self.layers:
             gate = block.mlp.gate
-            gate._replay = [tuple(t.detach() for t in gate(x)) for x in inputs]
+            with torch.inference_mode() if inference else torch.no_grad():
+                gate._replay = [tuple(t.detach() for t in gate(x)) for x in inputs]
             gate._turn = self._turn
             gate.__class__ = type(f"Replay{type(gate).__name__}", (type(gate),), {"forward": _replay_forward})
 
@@ -160,11 +163,11 @@ def parquet_bytes(root: Path, run: str) -> dict:
 
 
 def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variants: int = 2,
-             on_snapshot: bool = False) -> dict:
+             on_snapshot: bool = False, inference: bool = False) -> dict:
     s = SHAPES[shape]
     model = RoutingOnly(s["layers"], s["experts"], s["top_k"], s["router"]).eval()
     g = torch.Generator().manual_seed(1)
-    model.replay([torch.randn(s["tokens"], HIDDEN, generator=g) for _ in range(variants)])
+    model.replay([torch.randn(s["tokens"], HIDDEN, generator=g) for _ in range(variants)], inference)
     steps = max(min_steps, windows * flush_every)
     root = Path(tempfile.mkdtemp(prefix="probe_scale_"))
     run = f"{shape}-f{flush_every}"
@@ -177,7 +180,7 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
     hook_ms, step_ms, stall_ms, stall_cpu_ms, fwd_ms = [], [], [], [], []
     after_ms, after_cpu_ms, closed_last = [], [], False
     load_before = os.getloadavg()
-    with torch.no_grad():
+    with torch.inference_mode() if inference else torch.no_grad():
         for i in range(steps):
             b0 = bracket.seconds
             t0 = time.perf_counter()
@@ -209,6 +212,7 @@ def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variant
     return {
         "shape": shape, **{k: v for k, v in s.items()}, "hidden": HIDDEN, "flush_every": flush_every,
         "replayed_variants": variants, "on_snapshot_callback": on_snapshot,
+        "grad_mode": "inference_mode" if inference else "no_grad",
         "steps": steps, "windows_closed": len(stall_ms),
         "in_hook_ms_per_step": med(hook_ms), "in_hook_ms_max": max(hook_ms),
         "forward_ms_per_step": med(fwd_ms),
@@ -255,6 +259,8 @@ def main(argv=None) -> dict:
     p.add_argument("--on-snapshot", action="store_true",
                    help="register a no-op on_snapshot callback (as chrono.govern does): the snapshot "
                         "rows are then built in the training thread at window close")
+    p.add_argument("--inference", action="store_true",
+                   help="forwards under torch.inference_mode instead of torch.no_grad")
     p.add_argument("--quick", action="store_true", help="tiny shape, flush_every 1 and 2: checks the script only")
     p.add_argument("--cache", default=str(HERE / "results" / "probe_scale_cache"),
                    help="per-(shape, flush_every) results; a cell found here is not rerun")
@@ -266,10 +272,10 @@ def main(argv=None) -> dict:
     cells = []
     for shape in a.shapes:
         for f in a.flush:
-            cb = "_cb" if a.on_snapshot else ""
+            cb = ("_cb" if a.on_snapshot else "") + ("_inf" if a.inference else "")
             path = Path(a.cache) / f"{shape}_f{f}_w{a.windows}{cb}.json"
             cells.append(cached(path, lambda: run_cell(shape, f, a.windows, a.min_steps, a.variants,
-                                                       a.on_snapshot),
+                                                       a.on_snapshot, a.inference),
                                 use_cache=not a.quick))
             print(table([cells[-1]]).splitlines()[-1], flush=True)
     print("\n" + STAND_IN + "\n" + table(cells))

@@ -25,7 +25,11 @@ preallocated buffer, counted once per forward pass); here the per-layer write is
 A reference is only safe while nobody changes the tensor in place before the flush.
 * Under ``torch.inference_mode`` (serving, generation) outputs are inference tensors, which
   have no version counter: a call there stages private *copies* of its indices and weights
-  (2 copies) and its logits norm (1 op), 3 ops per call instead of 7, safe by construction.
+  (2 copies) and its logits norm (1 op), 3 ops per call instead of 7, safe by construction;
+  only in models with at least ``COPIES_MIN_ROUTERS`` routers, since the flush's fixed cost
+  is paid back only over many calls (measured on CPU, ``benchmarks/probe_overhead.py`` and
+  ``probe_scale.py --inference``: 4 routers 25-35 % slower than counting at once, 61 routers
+  ~10 % faster; on CUDA, where the saving is kernel launches, unmeasured).
 * Elsewhere (training, ``no_grad``) a call stages references and the version counters of its
   indices, weights and logits. Each router starts *on probation*: its calls are counted at
   once and watched; when the top-level forward of the watching thread ends (not at another
@@ -68,6 +72,7 @@ from .routing import Routed
 
 MAX_ASSIGNMENTS = 1 << 19   # (token, k) assignments counted by one index_add_
 MAX_LOGITS = 1 << 24        # logits (elements) kept alive by the stage before an early flush
+COPIES_MIN_ROUTERS = 8      # inference tensors are staged as copies only from this many routers
 PROBATION, STAGED, EAGER = 0, 1, 2
 INFER = MODES.index("INFER")
 _LAYOUTS = 8                # forward layouts whose column bases and sources are kept
@@ -135,6 +140,8 @@ class Stage:
             return False
         logits = routed.logits
         if routed.indices.is_inference():   # no version counter: stage private copies (also for a
+            if len(self.state) < COPIES_MIN_ROUTERS:   # too few calls to pay the flush back
+                return False
             held = 2 * routed.indices.numel()   # forward that enters inference mode itself); the
             if self.nl + held > MAX_LOGITS:     # copies count against the memory bound
                 self.flush()

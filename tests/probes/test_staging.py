@@ -139,6 +139,13 @@ def assert_equal_per_step(truth, got, skip=()):
         np.testing.assert_allclose(got[s][1], w, rtol=1e-5, err_msg=f"weight sums of step {s}")
 
 
+@pytest.fixture(autouse=True)
+def copies_always(monkeypatch):
+    """Stage inference-mode calls (as copies) in these 3-router models too, so that the tests
+    here check that path; ``test_few_routers_count_inference_calls_at_once`` checks the default."""
+    monkeypatch.setattr(staging, "COPIES_MIN_ROUTERS", 1)
+
+
 def eager_calls(monkeypatch) -> list:
     """Record the (mode, slot) of every call counted at once (``Recorder.record``)."""
     from probes.recorder import Recorder
@@ -274,4 +281,14 @@ def test_a_batch_that_cannot_be_counted_at_once_is_counted_eagerly(store_root, m
     monkeypatch.setattr(staging.Stage, "_count", fail)
     truth, got, states, stats = run_steps(MoE(), store_root, "fb")
     assert states == [staging.EAGER] * L
+    assert_equal_per_step(truth, got)
+
+
+def test_few_routers_count_inference_calls_at_once(store_root, monkeypatch):
+    """Below ``COPIES_MIN_ROUTERS`` routers an inference-mode call is counted at once (copies
+    would cost more than they save), exactly."""
+    monkeypatch.setattr(staging, "COPIES_MIN_ROUTERS", L + 1)
+    eager = eager_calls(monkeypatch)
+    truth, got, _, stats = run_steps(MoE(), store_root, "few", infer=True)
+    assert len(eager) == 5 * L and stats["faults"] == 0
     assert_equal_per_step(truth, got)

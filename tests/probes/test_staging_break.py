@@ -22,6 +22,7 @@ import torch
 import probes
 
 from .test_staging import E, L, MoE, counted, run_steps, stored, truth_hooks
+from .test_staging import copies_always  # noqa: F401  (autouse: inference calls staged as copies)
 
 
 def wrong_cells(truth, got, stats) -> list:

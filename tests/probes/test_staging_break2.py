@@ -20,6 +20,7 @@ from . import probe_models as T
 from .field_truth import stored as stored_by_mode
 from .test_field_review import Wrapper
 from .test_staging import E, K, L, MoE, Router, counted, stored, truth_hooks
+from .test_staging import copies_always  # noqa: F401  (autouse: inference calls staged as copies)
 
 IDS = torch.randint(1, 97, (3, 7), generator=torch.Generator().manual_seed(0))
 
