@@ -6,7 +6,7 @@ staged calls are counted in one batch of 7 ops when the top-level forward ends, 
 padding mask or capacity drops, and while a router is on probation. Per call without mask
 or drops, under ``no_grad``: the column index (3 ops), the weights into row 1 of a float64
 scratch source whose row 0 is ones (1 op), one ``index_add_`` of that ``[2, assignments]``
-source into tokens + weight sum (the two kinds are adjacent), and the logits' max |x| (2 ops): 7
+source into tokens + weight sum (the two kinds are adjacent), and the logit sum (2 ops): 7
 device ops. Every buffer view a call writes is built once per allocation (``_views``,
 scratch views per indices shape), not indexed per call. Everything that reads ``acc``
 flushes the staged calls first.
@@ -26,9 +26,9 @@ step, O(layers x experts)). Closing a window is O(1) in its length: ``swap(n)`` 
 the filled history buffer to the caller (the background writer reads it) and switches
 to a second one (double buffering; the caller must be done with a buffer before the
 next-but-one ``swap``), and copies only ``win`` to the host. Non-finite router outputs
-are detected from the per-step sums (NaN / Inf propagate): weight sums, logit norms (eager
-path) and logit norms (max |logit|; staged path: the weight cell of column 0, which no weight
-sum uses; eager path: the logit cell of the SCALARS kind).
+are detected from the per-step sums (NaN / Inf propagate): weight sums, logit sums (eager
+path: the logit cell of the SCALARS kind; float32 at least) and logit norms (staged path: the
+weight cell of column 0, which no weight sum uses).
 """
 from __future__ import annotations
 
@@ -213,9 +213,10 @@ class Recorder:
                     w_row.copy_(weights.reshape(-1))
                 tw.index_add_(1, col, src)
             if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
-                # max |logit|: non-finite exactly when a logit is (a sum overflows for large finite
-                # ones, a float16 sum already past 65504)
-                logit_cell.add_(torch.linalg.vector_norm(logits, ord=float("inf")))
+                # (float16 / bfloat16 summed in float32: a float16 sum of finite logits overflows
+                # past 65504; a float32 one only past 3.4e38, ~1e34 per logit)
+                logit_cell.add_(logits.sum() if logits.dtype in (torch.float32, torch.float64)
+                                else logits.sum(dtype=torch.float32))
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""
