@@ -26,9 +26,9 @@ step, O(layers x experts)). Closing a window is O(1) in its length: ``swap(n)`` 
 the filled history buffer to the caller (the background writer reads it) and switches
 to a second one (double buffering; the caller must be done with a buffer before the
 next-but-one ``swap``), and copies only ``win`` to the host. Non-finite router outputs
-are detected from the per-step sums (NaN / Inf propagate): weight sums, logit sums (eager
-path: the logit cell of the SCALARS kind; float32 at least) and logit norms (staged path: the
-weight cell of column 0, which no weight sum uses).
+are detected from the per-step sums (NaN / Inf propagate): weight sums and logit sums
+(``staging.logit_sum``, float32 at least; eager path: the logit cell of the SCALARS kind,
+staged path: the weight cell of column 0, which no weight sum uses).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from chrono.schema import MODES   # the one owner of the mode names; indices bel
 
 from .records import WindowArrays
 from .routing import Routed
-from .staging import Stage
+from .staging import Stage, logit_sum
 
 TRAIN, EVAL, INFER = (MODES.index(m) for m in ("TRAIN", "EVAL", "INFER"))
 TOKENS, WEIGHT, DROPPED, SCALARS = 0, 1, 2, 3
@@ -213,10 +213,7 @@ class Recorder:
                     w_row.copy_(weights.reshape(-1))
                 tw.index_add_(1, col, src)
             if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
-                # (float16 / bfloat16 summed in float32: a float16 sum of finite logits overflows
-                # past 65504; a float32 one only past 3.4e38, ~1e34 per logit)
-                logit_cell.add_(logits.sum() if logits.dtype in (torch.float32, torch.float64)
-                                else logits.sum(dtype=torch.float32))
+                logit_cell.add_(logit_sum(logits))
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""

@@ -8,17 +8,16 @@ a *reference* to the call's ``Routed`` (no device op) and reads its version coun
 counts every staged call at once, with the bookkeeping of all calls in one tight loop:
 
     col  = cat(indices, -1 per logits) clamped to [-1, capacity] + base    3 ops
-    src  = [1 per assignment, 0 per logits; cat(weights, ‖logits‖₂)]       3 ops
-           (``torch._foreach_norm`` over all logits: one dispatch; then a stack)
+    src  = [1 per assignment, 0 per logits; cat(weights, sum(logits))]     2 ops + 1 per
+           (one sum per call with logits, in one loop; then a stack)         call with logits
     acc[tokens, weight] .index_add_(col, src)                              1 op
 
 writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
-expert). A call's logits norm (L2, computed in float64) lands in the weight cell of column 0
-(the column of negative indices, whose weight sum nothing reads) and adds 0 tokens: it only
-flags non-finite logits (non-finite exactly when some logit is: float64 squares of any finite
-float32 / bfloat16 / float16 value cannot overflow; float64 logits past ~1e154 would), like the
-eager path's logit sum. (The max-|logit| norm would need no float64, but costs ~10x more on
-CPU: 24 us against 2-7 us per [1024, 8] tensor.) The eager path, still used under ``torch.compile``, for
+expert). A call's logit sum (``logit_sum``: float32 at least) lands in the weight cell of
+column 0 (the column of negative indices, whose weight sum nothing reads) and adds 0 tokens:
+it only flags non-finite logits, as the eager path's logit sum does (a sum overflows only past
+3.4e38; an L2 norm in float32 overflows for finite logits of ~1e16-1e19, in float64 it costs
+7-9x more at DeepSeek-V3 shape, and the max-|logit| norm ~10x more per call on CPU). The eager path, still used under ``torch.compile``, for
 padding masks and capacity drops, mixes with this one in any order (float64 sums of
 integers are exact). SGLang's expert-distribution recorder has the same shape
 (python/sglang/srt/eplb/expert_distribution.py: each layer writes its top-k ids into a
@@ -27,7 +26,7 @@ preallocated buffer, counted once per forward pass); here the per-layer write is
 A reference is only safe while nobody changes the tensor in place before the flush.
 * Under ``torch.inference_mode`` (serving, generation) outputs are inference tensors, which
   have no version counter: a call there stages private *copies* of its indices and weights
-  (2 copies) and its logits norm (1 op), 3 ops per call instead of 7, safe by construction;
+  (2 copies) and its logit sum (1 op), 3 ops per call instead of 7, safe by construction;
   only in models with at least ``COPIES_MIN_ROUTERS`` routers, since the flush's fixed cost
   is paid back only over many calls (measured on CPU, ``benchmarks/probe_overhead.py`` and
   ``probe_scale.py --inference``: 4 routers 25-35 % slower than counting at once, 61 routers
@@ -80,6 +79,15 @@ INFER = MODES.index("INFER")
 _LAYOUTS = 8                # forward layouts whose column bases and sources are kept
 
 
+def logit_sum(logits: torch.Tensor) -> torch.Tensor:
+    """0-d sum of ``logits``, non-finite when a logit is: float16 / bfloat16 summed in float32
+    (their own sum of finite logits overflows past 65504), float32 / float64 as they are (a
+    float32 sum overflows only past 3.4e38)."""
+    if logits.dtype in (torch.float32, torch.float64):
+        return logits.sum()
+    return logits.sum(dtype=torch.float32)
+
+
 def _addresses(routed: Routed) -> tuple | None:
     """Data pointers of a call's indices and weights (0 for none); None for tensors without
     storage of their own (``torch.func`` transforms, fake or subclass tensors: not staged)."""
@@ -121,7 +129,7 @@ class Stage:
     def __init__(self, rec, faults=None):
         self.rec, self.faults = rec, faults
         self.state = [PROBATION] * rec.n_slots
-        self.calls: list = []   # (mode, slot, Routed, versions or None, logits norm or None)
+        self.calls: list = []   # (mode, slot, Routed, versions or None, logit sum or None)
         self.nl = 0             # staged logits (elements) kept alive
         self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
         self._layouts: OrderedDict = OrderedDict()
@@ -147,7 +155,7 @@ class Stage:
                 if held > min(MAX_LOGITS, MAX_ASSIGNMENTS):
                     return False
             self.nl += held
-            norm = None if logits is None else torch.linalg.vector_norm(logits, 2, dtype=torch.float64)
+            norm = None if logits is None else logit_sum(logits)
             self.calls.append((mode, slot, Routed(routed.indices.clone(), None if routed.weights is None
                                                   else routed.weights.clone()), None, norm))
             return True
@@ -269,7 +277,7 @@ class Stage:
         """Buffers of one layout (``j`` of its calls have logits), cached:
 
         ``raw [n + j]`` int64: a flush writes the indices into ``raw[:n]``; ``raw[n:]`` stays
-        -1 (the raw index of a logits norm: column 0). ``base [n + j]`` int64: the column base
+        -1 (the raw index of a logit sum: column 0). ``base [n + j]`` int64: the column base
         of each entry. ``col [n + j]`` int64: the columns a flush computes. ``src [2, n + j]``
         float64: row 0 is 1 per assignment and 0 per norm; a flush writes row 1.
         """
@@ -312,10 +320,8 @@ class Stage:
                        else r.indices.new_zeros(m, dtype=torch.float64)
                        for (_, _, r, m, _) in batch], out=src[1, :n])
         logits = [r.logits for r in calls if r.logits is not None]
-        if n < raw.shape[0]:   # each logits norm goes to the weight cell of column 0 of its router
-            # L2 in float64: no overflow for finite float32 / 16-bit logits (see the docstring)
-            computed = iter(torch._foreach_norm(logits, 2, dtype=torch.float64) if logits else ())
-            norms = [norm if norm is not None else next(computed)
+        if n < raw.shape[0]:   # each logit sum goes to the weight cell of column 0 of its router
+            norms = [norm if norm is not None else logit_sum(r.logits)
                      for _, _, r, _, norm in batch if norm is not None or r.logits is not None]
             torch.stack(norms, out=src[1, n:])
         raw[:n].clamp_(-1, rec.capacity)
