@@ -53,8 +53,9 @@ Nothing here reads a value on the host.
 
 Memory: staged references (and copies) keep tensors alive until the forward ends, bounded by
 ``MAX_LOGITS`` elements (logits referenced, indices and weights copied; a fuller stage is
-flushed first: 64 MiB of float32 logits, e.g. 16 DeepSeek-V3 layers of 4096 tokens). A flush counts at most ``MAX_ASSIGNMENTS`` top-k
-assignments per batch. Per distinct forward layout (the (mode, router, assignments) of each
+flushed first: 64 MiB of float32 logits). Only calls of at most ``MAX_CALL`` top-k assignments
+are staged (larger ones are counted at once, see there); a flush counts at most
+``MAX_ASSIGNMENTS`` per batch. Per distinct forward layout (the (mode, router, assignments) of each
 call; training repeats one), for the last ``_LAYOUTS``: three int64 vectors (raw indices,
 column bases, columns) and a float64 ``[2, N]`` source for its ``N`` assignments, 40 bytes
 per assignment (20 MiB at the bound).
@@ -72,6 +73,11 @@ from chrono.schema import MODES
 from .routing import Routed
 
 MAX_ASSIGNMENTS = 1 << 19   # (token, k) assignments counted by one index_add_
+# A call with more assignments than this is counted at once: there the data, not the per-op
+# dispatch, is the cost, and counting each call while its outputs are in cache measured faster
+# (DeepSeek-V3 shape, 4096 tokens x top-8 = 32768 per call: 18-19 ms a step at once, 21.5-22
+# staged; benchmarks/probe_scale.py, CPU). Decode and small training shapes stay below it.
+MAX_CALL = 1 << 13
 MAX_LOGITS = 1 << 24        # logits (elements) kept alive by the stage before an early flush
 COPIES_MIN_ROUTERS = 8      # inference tensors are staged as copies only from this many routers
 PROBATION, STAGED, EAGER = 0, 1, 2
@@ -142,18 +148,19 @@ class Stage:
         """Stage one router call of a top-level forward (``in_forward``); False if it must be
         counted at once (``Recorder.record``): a call outside any forward (nothing would flush
         it before the caller's own code runs), a router on probation (its call is then watched)
-        or found to change its outputs in place, a call too big for the bounds."""
+        or found to change its outputs in place, a call of more than ``MAX_CALL`` assignments."""
         if not in_forward:
             return False
         logits = routed.logits
         if routed.indices.is_inference():   # no version counter: stage private copies (also for a
             if len(self.state) < COPIES_MIN_ROUTERS:   # too few calls to pay the flush back
                 return False
-            held = 2 * routed.indices.numel()   # forward that enters inference mode itself); the
-            if self.nl + held > MAX_LOGITS:     # copies count against the memory bound
+            m = routed.indices.numel()   # forward that enters inference mode itself); the
+            if m > MAX_CALL:             # copies count against the memory bound
+                return False
+            held = 2 * m
+            if self.nl + held > MAX_LOGITS:
                 self.flush()
-                if held > min(MAX_LOGITS, MAX_ASSIGNMENTS):
-                    return False
             self.nl += held
             norm = None if logits is None else logit_sum(logits)
             self.calls.append((mode, slot, Routed(routed.indices.clone(), None if routed.weights is None
@@ -207,7 +214,7 @@ class Stage:
                         routed = Routed(routed.indices, routed.weights)
                 indices = routed.indices
                 m = indices.numel()
-                if m > MAX_ASSIGNMENTS:
+                if m > MAX_CALL:   # (this router's calls have grown: counted at once from now on)
                     self._eager(mode, slot, routed)
                     continue
                 if n + m > MAX_ASSIGNMENTS:
@@ -248,7 +255,7 @@ class Stage:
         shared = _reused([a or (0, 0) for a in addresses])
         clean = []
         for i, (_, slot, tensors, versions) in enumerate(mine):
-            if i in shared or addresses[i] is None \
+            if i in shared or addresses[i] is None or tensors[0].numel() > MAX_CALL \
                     or any(v >= 0 and t._version != v for t, v in zip(tensors, versions)):
                 self.state[slot] = EAGER
             else:

@@ -292,3 +292,16 @@ def test_few_routers_count_inference_calls_at_once(store_root, monkeypatch):
     truth, got, _, stats = run_steps(MoE(), store_root, "few", infer=True)
     assert len(eager) == 5 * L and stats["faults"] == 0
     assert_equal_per_step(truth, got)
+
+
+@pytest.mark.parametrize("infer", [False, True], ids=["train", "inference"])
+def test_calls_above_max_call_are_counted_at_once(store_root, monkeypatch, infer):
+    """A call of more than ``MAX_CALL`` top-k assignments (here 3 x 7 x 2 = 42 > 41) is counted
+    at once, every step, exactly; none is staged."""
+    monkeypatch.setattr(staging, "MAX_CALL", 3 * 7 * K - 1)
+    eager = eager_calls(monkeypatch)
+    truth, got, states, stats = run_steps(MoE(), store_root, "big", infer=infer)
+    assert len(eager) == 5 * L and stats["faults"] == 0
+    if not infer:
+        assert states == [staging.EAGER] * L
+    assert_equal_per_step(truth, got)
