@@ -151,9 +151,12 @@ class Stage:
         or found to change its outputs in place, a call of more than ``MAX_CALL`` assignments."""
         if not in_forward:
             return False
+        few = len(self.state) < COPIES_MIN_ROUTERS   # too few calls to pay copies back
+        if few and mode == INFER:
+            return False
         logits = routed.logits
         if routed.indices.is_inference():   # no version counter: stage private copies (also for a
-            if len(self.state) < COPIES_MIN_ROUTERS:   # too few calls to pay the flush back
+            if few:
                 return False
             m = routed.indices.numel()   # forward that enters inference mode itself); the
             if m > MAX_CALL:             # copies count against the memory bound
