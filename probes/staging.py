@@ -62,9 +62,8 @@ per assignment (20 MiB at the bound).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import threading
+from collections import OrderedDict
 
 import torch
 
