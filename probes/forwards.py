@@ -4,7 +4,9 @@
   starts (which may end the open step) and ends.
 * Each stack's pre-hook captures the ``probes.context.ForwardContext`` its routers read
   (mode, token ids, positions, padding mask). A stack whose model hooks were bypassed
-  (a wrapper called ``model.forward``, e.g. PEFT) acts as the top level.
+  (a wrapper called ``model.forward``, e.g. PEFT) acts as the top level; a later stack that
+  starts right after it ended (an encoder-decoder's decoder after its encoder) continues the
+  same forward instead of starting another (and so another step under ``steps="forward"``).
 * ``h.set_mask(mask)`` is kept here for the next top-level forward of the same thread.
 
 Hooks are closures over weak references (not bound methods), so ``copy.deepcopy(model)``
@@ -30,6 +32,7 @@ class ForwardState(threading.local):
         self.ctx: list = [None] * n_stacks   # ForwardContext of each stack's running call
         self.root_mode = None                 # mode of the running top-level forward
         self.pseudo_root = None               # stack acting as the top level (model hooks bypassed)
+        self.pseudo_ended = None              # the last such stack, since its call ended
         self.user_mask = None                 # h.set_mask(): for the next top-level forward
         self.mask_used = False
 
@@ -45,6 +48,7 @@ class Forwards:
         self._faults = faults
 
     def starts(self, mode: int) -> None:
+        self.tls.pseudo_ended = None
         if self.steps.clock.forward_starts(mode, self.steps.current):
             self.steps.advance()
         self.tls.root_mode = mode
@@ -115,7 +119,11 @@ def _stack_hooks(handle_ref, i: int, stack: nn.Module):
                 # the model's own forward hooks were bypassed (a wrapper called model.forward,
                 # e.g. PEFT): this stack's call is the top-level forward
                 st.pseudo_root = i
-                fwd.starts(C.forward_mode(module))
+                if st.pseudo_ended is not None and i > st.pseudo_ended:
+                    # a later stack of the same call (encoder, then decoder): the same forward
+                    st.pseudo_ended, st.root_mode = None, C.forward_mode(module)
+                else:
+                    fwd.starts(C.forward_mode(module))
             mode = st.root_mode if st.root_mode is not None else C.forward_mode(module)
             st.ctx[i] = ctx = C.capture(module, args, kwargs, mode, ids_index, fwd.exclude_padding,
                                         user_mask=st.user_mask)
@@ -135,6 +143,7 @@ def _stack_hooks(handle_ref, i: int, stack: nn.Module):
         if st.pseudo_root == i:
             st.pseudo_root = None
             h._fwd.ends()
+            st.pseudo_ended = i
         return None
 
     return stack_pre, stack_post

@@ -141,9 +141,6 @@ def test_large_finite_logits_are_not_flagged_nonfinite(store_root, ctx):
     assert stats["nonfinite"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="known fault of the forward wiring (probes/forwards.py "
-                   "pseudo top-level forwards), older than staging and not fixed yet: with the "
-                   "model's hooks bypassed each stack of an encoder-decoder ends a step")
 def test_encoder_decoder_called_through_a_wrapper_is_one_step_per_forward(store_root):
     """PEFT-style wrapper (``model.forward`` called directly: the model's hooks are bypassed)
     around an encoder-decoder MoE (Switch Transformers), ``steps="forward"``. The encoder
