@@ -1,9 +1,9 @@
 """On-device routing counters: fixed-shape ``index_add_`` into one per-step buffer.
 
 Two ways in. ``add`` *stages* a call (``probes.staging``: a reference, no device op; all
-staged calls are counted in one batch of 7 ops when the top-level forward ends, ``flush``).
-``record`` counts one call at once; it is used under ``torch.compile``, for calls with a
-padding mask or capacity drops, and while a router is on probation. Per call without mask
+staged calls are counted in one batch, ~6 ops and a logit sum per call, when the top-level
+forward ends, ``flush``) or, under ``torch.compile``, for calls with a padding mask or
+capacity drops and while a router is on probation, counts it at once (``record``). Per call without mask
 or drops, under ``no_grad``: the column index (3 ops), the weights into row 1 of a float64
 scratch source whose row 0 is ones (1 op), one ``index_add_`` of that ``[2, assignments]``
 source into tokens + weight sum (the two kinds are adjacent), and the logit sum (2 ops): 7
@@ -147,10 +147,11 @@ class Recorder:
 
     def add(self, mode: int, slot: int, routed: Routed, mask=None, pad=None, in_forward: bool = True) -> None:
         """Count one router call: staged (``probes.staging``: counted at ``flush``) when it is
-        part of a top-level forward and has no padding mask and no capacity drops, else at once
-        (``record``). Sync-free."""
-        if mask is not None or routed.dropped is not None or not self.stage.add(mode, slot, routed, in_forward):
-            self.record_plain(mode, slot, routed, mask, pad)
+        part of a top-level forward (``in_forward``) and has no padding mask and no capacity
+        drops, else at once (``record_plain``). Sync-free."""
+        if mask is None and routed.dropped is None and self.stage.add(mode, slot, routed, in_forward):
+            return
+        self.record_plain(mode, slot, routed, mask, pad)
 
     def flush(self, forward_ended: int | None = None) -> None:
         """Count the staged calls (before anything reads ``acc``); ``forward_ended``: the ident
@@ -158,10 +159,12 @@ class Recorder:
         self.stage.flush(forward_ended)
 
     def record_plain(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> None:
-        """``record``; inside a ``torch.func`` transform (``grad``, ``vmap`` over
-        ``functional_call``) the outputs are wrapped tensors that may not be written into the
-        recorder's (captured) buffers: the call is then counted from the unwrapped values with
-        the transforms switched off."""
+        """``record``, on the call's device (the recorder follows the model there). Inside a
+        ``torch.func`` transform (``grad``, ``vmap`` over ``functional_call``) the outputs are
+        wrapped tensors that may not be written into the recorder's (captured) buffers: the
+        call is then counted from the unwrapped values with the transforms switched off."""
+        if routed.indices.device != self.device:
+            self.to(routed.indices.device)
         try:
             self.record(mode, slot, routed, mask, pad)
         except RuntimeError:
@@ -271,7 +274,7 @@ def _unwrap(t):
 def window_arrays(x: np.ndarray, cap: int) -> WindowArrays:
     """``WindowArrays`` of host history rows ``x`` ``[n, kind, mode, slot, cap + 2]`` float64."""
     weight = x[:, WEIGHT, ..., 1: cap + 1]
-    # logit norms: eager path (SCALARS, LOGIT_SUM) and staged path (the weight cell of column 0)
+    # logit sums: eager path (SCALARS, LOGIT_SUM) and staged path (the weight cell of column 0)
     nonfinite = ((~np.isfinite(weight)).sum(axis=-1) + (~np.isfinite(x[:, SCALARS, ..., LOGIT_SUM]))
                  + (~np.isfinite(x[:, WEIGHT, ..., 0])))
     return WindowArrays(

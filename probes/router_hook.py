@@ -14,6 +14,7 @@ top-level forward, the only place a recompute can be.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -45,35 +46,27 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
         try:
             routed = site.parse(module, args, output)
             n = site.n_experts
-            if n > rec.capacity:   # (rare: lifecycle) another thread may be flushing: lock
-                if compiling:
-                    rec.grow(max(n, 2 * rec.capacity))
-                else:
-                    with lock:
-                        rec.grow(max(n, 2 * rec.capacity))
             if n > window.widest[slot]:  # a lifecycle shrink must not cut this window's counts
                 window.widest[slot] = n
             ctx = st.ctx[stack]
             if ctx is None:
                 mode = st.root_mode if st.root_mode is not None else mode_index(module)
-            elif ctx.keep is None and sampler is None:   # the common case: nothing per token
-                mode = ctx.mode
             else:
-                ctx, mode = _token_context(ctx, routed, site, slot, faults)
+                mode = ctx.mode
+                if ctx.keep is not None or sampler is not None:   # something per token is used
+                    ctx = _token_context(ctx, routed, site, slot, faults)
             steps.dirty = True
-            if compiling:   # a lock cannot be traced: compiled code runs unguarded (compiled
-                _record_now(rec, mode, slot, routed, ctx)   # serving from threads: unsupported)
+            mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
+            # in-place adds from two threads would race: serialise them; a lock cannot be traced,
+            # so compiled code runs unguarded and counts at once (compiled serving from threads:
+            # unsupported). Only a call of a running top-level forward can be staged.
+            with contextlib.nullcontext() if compiling else lock:
+                if n > rec.capacity:   # (rare: lifecycle; under the lock: another thread may flush)
+                    rec.grow(max(n, 2 * rec.capacity))
+                rec.add(mode, slot, routed, mask, pad, in_forward=not compiling and (
+                    st.root_mode is not None or st.pseudo_root is not None))
                 if sampler is not None:
                     sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
-            else:
-                with lock:
-                    if (ctx is None or ctx.keep is None) and routed.dropped is None and rec.stage.add(
-                            mode, slot, routed, st.root_mode is not None or st.pseudo_root is not None):
-                        pass   # staged: counted when the forward ends (probes.staging)
-                    else:
-                        _record_now(rec, mode, slot, routed, ctx)
-                    if sampler is not None:
-                        sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
         except Exception as e:  # telemetry must never break the forward
             faults.fault(f"router {site.name}", e)
         if not compiling:
@@ -85,22 +78,14 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
 
 
 def _token_context(ctx, routed, site, slot, faults):
-    """``(ctx, mode)`` for a call whose forward has a padding mask or sampled tokens: the
-    context only if the router saw batch x sequence tokens (else None, warned once)."""
+    """``ctx`` for a call whose forward has a padding mask or sampled tokens, if the router saw
+    its batch x sequence tokens; else None (no mask, ids or positions for it), warned once."""
     if ctx.n_tokens != routed.indices.shape[0]:
         faults.warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence = %s "
                          "of its forward: no padding mask, token ids or positions for it",
                          site.name, routed.indices.shape[0], ctx.n_tokens)
-        return None, ctx.mode
-    return ctx, ctx.mode
-
-
-def _record_now(rec, mode: int, slot: int, routed, ctx) -> None:
-    """Count a call at once (``Recorder.record_plain``), on the recorder's device."""
-    if routed.indices.device != rec.device:
-        rec.to(routed.indices.device)
-    mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
-    rec.record_plain(mode, slot, routed, mask, pad)
+        return None
+    return ctx
 
 
 def _guard_hooks_under_compile() -> None:

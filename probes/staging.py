@@ -104,12 +104,13 @@ def _addresses(routed: Routed) -> tuple | None:
 
 
 def _reused(addresses: list) -> set:
-    """Positions of the calls whose indices or weights start at an address another call's also
-    starts at: one buffer rewritten by each call (with no version bump if the writer bypassed
-    autograd), so a reference to it no longer holds that call's values."""
+    """Positions in ``addresses`` (``_addresses`` of each call; None entries are skipped) of the
+    calls whose indices or weights start at an address another call's also starts at: one
+    buffer rewritten by each call (with no version bump if the writer bypassed autograd), so a
+    reference to it no longer holds that call's values."""
     seen: dict = {}
     for i, pair in enumerate(addresses):
-        for a in pair:
+        for a in pair or ():
             if a:
                 seen.setdefault(a, []).append(i)
     return {i for group in seen.values() if len(group) > 1 for i in group}
@@ -196,16 +197,14 @@ class Stage:
         calls, self.calls, self.nl = self.calls, [], 0
         # addresses of the referenced outputs (a tensor's never changes), read here in one loop
         addresses = [None if c[3] is None else _addresses(c[2]) for c in calls]
-        shared = _reused([a for a in addresses if a is not None])
+        shared = _reused(addresses)
         with torch.no_grad():
             batch, n = [], 0
-            j = -1
-            for (mode, slot, routed, versions, norm), address in zip(calls, addresses):
+            for j, ((mode, slot, routed, versions, norm), address) in enumerate(zip(calls, addresses)):
                 if versions is not None:
                     if address is None:   # no storage of its own (a torch.func transform's tensor)
                         self._eager(mode, slot, routed)
                         continue
-                    j += 1
                     what = "counts" if j in shared else self._changed(slot, routed, versions)
                     if j in shared:
                         self._fault(slot, "counts", "shares its memory with another call's (a buffer "
@@ -254,7 +253,7 @@ class Stage:
         weights or logits changed in place since it returned stays eager, else it is staged."""
         mine, self.watch = [w for w in self.watch if w[0] == thread], [w for w in self.watch if w[0] != thread]
         addresses = [_addresses(Routed(t[0], t[1])) for _, _, t, _ in mine]
-        shared = _reused([a or (0, 0) for a in addresses])
+        shared = _reused(addresses)
         clean = []
         for i, (_, slot, tensors, versions) in enumerate(mine):
             if i in shared or addresses[i] is None or tensors[0].numel() > MAX_CALL \
