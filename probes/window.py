@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .faults import Faults
-from .recorder import DROPPED, PADDING, SCALARS, TOKENS, Recorder, window_arrays
+from .recorder import Recorder, window_arrays
 from .records import ClosedWindow, Signal, TokenRows, WindowArrays, WindowJob
 from .rows import invalid_indices, padding_signals, routing_blocks
 from .sampling import token_rows
@@ -123,10 +123,9 @@ class Window:
     def _sums(self, steps, sums: np.ndarray, experts, stage, faults, reduce):
         """Counters, the reduction and the snapshot (or its input) from the window sums."""
         dist = self.dist
-        cap = sums.shape[-1] - 2
-        win_counts = np.rint(sums[TOKENS, :, :, 1: cap + 1].sum(axis=0)).astype(np.int64)  # [slot, cap]
-        win_drop = np.rint(sums[DROPPED, :, :, 1: cap + 1].sum(axis=0)).astype(np.int64)
-        faults.counters["padding_excluded"] += int(np.rint(sums[SCALARS, :, :, PADDING]).sum())
+        arrays = window_arrays(sums[None], sums.shape[-1] - 2)   # the window as one row: O(L x E)
+        win_counts, win_drop = arrays.window_sums()   # [slot, capacity]
+        faults.counters["padding_excluded"] += int(arrays.padding.sum())
         for i, s in enumerate(self.routers):
             self.tokens_total[s.layer] += int(win_counts[i, :experts[i]].sum())
         snap_counts, snap_drop, snap_experts = win_counts, win_drop, experts
@@ -175,9 +174,8 @@ def job_rows(job: WindowJob) -> int:
     n = 0
     if job.rows is not None:
         x = host_rows(job)
-        cap = x.shape[-1] - 2
-        traffic = (x[:, TOKENS, :, :, 1: cap + 1].sum(axis=(2, 3))
-                   + x[:, DROPPED, :, :, 1: cap + 1].sum(axis=(2, 3)))   # [n, mode]
+        arrays = window_arrays(x, x.shape[-1] - 2)
+        traffic = arrays.counts.sum(axis=(2, 3)) + arrays.dropped.sum(axis=(2, 3))   # [n, mode]
         n += int((traffic > 0).sum()) * sum(job.experts)
     return n + sum(e[3] * e[4] for e in job.tokens or ())
 
