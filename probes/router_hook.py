@@ -24,6 +24,7 @@ import torch
 from . import context as C
 from .discovery import RouterSite
 from .recorder import mode_index
+from .staging import INFER, STAGED
 
 log = logging.getLogger("probes")
 
@@ -33,21 +34,39 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
     window, steps, fwd, faults = handle._window, handle._steps, handle._fwd, handle._faults
     rec, sampler, lock = window.rec, window.sampler, handle._lock
     handle_ref, router_ref = weakref.ref(handle), site._module
+    state, push, parse = rec.stage.state, rec.stage.push, site.parse
+    is_compiling, clock = torch.compiler.is_compiling, time.perf_counter
 
     def on_router_output(module, args, output):
         h = handle_ref()
         if h is None or not h._active or module is not router_ref():
             return None   # detached, or a deep copy of the model that carries this hook
-        compiling = torch.compiler.is_compiling()
         st = fwd.tls
+        mode = st.root_mode
+        if mode is not None and mode != INFER and state[slot] == STAGED and sampler is None \
+                and not is_compiling():
+            ctx = st.ctx[stack]
+            if ctx is None or ctx.keep is None:
+                # the hot path: a staged router's call in a running forward, nothing per token
+                # (its expert count is read at the flush: Window.saw)
+                t0 = clock()
+                try:
+                    with lock:
+                        staged = push(mode, slot, parse(module, args, output))
+                except Exception as e:  # telemetry must never break the forward
+                    faults.fault(f"router {site.name}", e)
+                    staged = True
+                if staged:
+                    steps.dirty = True
+                    h._hook_seconds += clock() - t0
+                    h._hook_calls += 1
+                    return None
+        compiling = is_compiling()
         if not compiling and st.root_mode is None and st.pseudo_root is None and C.in_backward():
             return None   # activation recompute: these tokens were counted in the forward
-        t0 = 0.0 if compiling else time.perf_counter()
+        t0 = 0.0 if compiling else clock()
         try:
-            routed = site.parse(module, args, output)
-            n = site.n_experts
-            if n > window.widest[slot]:  # a lifecycle shrink must not cut this window's counts
-                window.widest[slot] = n
+            routed = parse(module, args, output)
             ctx = st.ctx[stack]
             if ctx is None:
                 mode = st.root_mode if st.root_mode is not None else mode_index(module)
@@ -61,8 +80,7 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             # so compiled code runs unguarded and counts at once (compiled serving from threads:
             # unsupported). Only a call of a running top-level forward can be staged.
             with contextlib.nullcontext() if compiling else lock:
-                if n > rec.capacity:   # (rare: lifecycle; under the lock: another thread may flush)
-                    rec.grow(max(n, 2 * rec.capacity))
+                window.saw(slot)   # expert count (lifecycle); under the lock: another thread may flush
                 rec.add(mode, slot, routed, mask, pad, in_forward=not compiling and (
                     st.root_mode is not None or st.pseudo_root is not None))
                 if sampler is not None:
@@ -70,7 +88,7 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
         except Exception as e:  # telemetry must never break the forward
             faults.fault(f"router {site.name}", e)
         if not compiling:
-            h._hook_seconds += time.perf_counter() - t0
+            h._hook_seconds += clock() - t0
             h._hook_calls += 1
         return None
 

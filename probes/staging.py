@@ -82,6 +82,7 @@ COPIES_MIN_ROUTERS = 8      # inference tensors are staged as copies only from t
 PROBATION, STAGED, EAGER = 0, 1, 2
 INFER = MODES.index("INFER")
 _LAYOUTS = 8                # forward layouts whose column bases and sources are kept
+_LCAT = 1 << 20             # logits (elements) of one flush concatenated for one sum per call
 
 
 def logit_sum(logits: torch.Tensor) -> torch.Tensor:
@@ -138,11 +139,30 @@ class Stage:
         self.calls: list = []   # (mode, slot, Routed, versions or None, logit sum or None)
         self.nl = 0             # staged logits (elements) kept alive
         self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
+        self.saw = None         # saw(slot): read a staged router's expert count (set by the window)
         self._layouts: OrderedDict = OrderedDict()
 
     def reset(self) -> None:
         """The recorder's buffers were reallocated (grown, moved): column bases change."""
         self._layouts.clear()
+
+    def push(self, mode: int, slot: int, routed: Routed) -> bool:
+        """The hook's hot path, for a call of a running top-level forward whose router is
+        ``STAGED`` (the hook checked) and that has no padding mask and no sampled tokens:
+        stage a reference and its version counters. False when the call needs ``add`` (capacity
+        drops, inference tensors, the ``MAX_LOGITS`` bound). Caller holds the lock."""
+        indices, weights, dropped, logits = routed
+        if dropped is not None or indices.is_inference():
+            return False
+        lv = -1
+        if logits is not None:
+            nl = self.nl + logits.numel()
+            if nl > MAX_LOGITS:
+                return False
+            self.nl, lv = nl, logits._version
+        self.calls.append((mode, slot, routed, (indices._version, -1 if weights is None else weights._version, lv),
+                           None))
+        return True
 
     def add(self, mode: int, slot: int, routed: Routed, in_forward: bool) -> bool:
         """Stage one router call of a top-level forward (``in_forward``); False if it must be
@@ -195,9 +215,17 @@ class Stage:
         if not self.calls:
             return
         calls, self.calls, self.nl = self.calls, [], 0
+        if self.saw is not None:   # expert counts (lifecycle) before the columns are laid out
+            for slot in {c[1] for c in calls}:
+                try:
+                    self.saw(slot)
+                except Exception as e:
+                    if self.faults is not None:
+                        self.faults.fault(f"router slot {slot}", e)
         # addresses of the referenced outputs (a tensor's never changes), read here in one loop
         addresses = [None if c[3] is None else _addresses(c[2]) for c in calls]
-        shared = _reused(addresses)
+        flat = [a for pair in addresses if pair is not None for a in pair if a]
+        shared = _reused(addresses) if len(set(flat)) < len(flat) else ()
         with torch.no_grad():
             batch, n = [], 0
             for j, ((mode, slot, routed, versions, norm), address) in enumerate(zip(calls, addresses)):
@@ -205,23 +233,23 @@ class Stage:
                     if address is None:   # no storage of its own (a torch.func transform's tensor)
                         self._eager(mode, slot, routed)
                         continue
-                    what = "counts" if j in shared else self._changed(slot, routed, versions)
                     if j in shared:
                         self._fault(slot, "counts", "shares its memory with another call's (a buffer "
                                     "rewritten without a version bump)")
+                        continue
+                    what = self._changed(slot, routed, versions)
                     if what == "counts":
                         continue
                     if what == "logits":
                         routed = Routed(routed.indices, routed.weights)
-                indices = routed.indices
-                m = indices.numel()
+                m = routed.indices.numel()
                 if m > MAX_CALL:   # (this router's calls have grown: counted at once from now on)
                     self._eager(mode, slot, routed)
                     continue
                 if n + m > MAX_ASSIGNMENTS:
                     self._count_or_eager(batch, n)
                     batch, n = [], 0
-                batch.append((mode, slot, routed, m, norm))
+                batch.append((mode, slot, routed, norm))
                 n += m
             if batch:
                 self._count_or_eager(batch, n)
@@ -271,7 +299,7 @@ class Stage:
         try:
             self._count(batch, n)
         except RuntimeError:
-            for mode, slot, routed, _, _ in batch:
+            for mode, slot, routed, _ in batch:
                 self._eager(mode, slot, routed)
 
     def _eager(self, mode: int, slot: int, routed: Routed) -> None:
@@ -282,56 +310,72 @@ class Stage:
         rec.record_plain(mode, slot, Routed(*(None if t is None else t.to(rec.device) for t in routed)))
 
     def _layout(self, batch: list, n: int) -> tuple:
-        """Buffers of one layout (``j`` of its calls have logits), cached:
+        """Buffers and views of one layout (``j`` of its calls have logits or a logit sum), cached:
 
         ``raw [n + j]`` int64: a flush writes the indices into ``raw[:n]``; ``raw[n:]`` stays
         -1 (the raw index of a logit sum: column 0). ``base [n + j]`` int64: the column base
         of each entry. ``col [n + j]`` int64: the columns a flush computes. ``src [2, n + j]``
-        float64: row 0 is 1 per assignment and 0 per norm; a flush writes row 1.
+        float64: row 0 is 1 per assignment and 0 per logit sum; a flush writes row 1 (weights,
+        then logit sums). ``ix`` / ``wx``: ``raw[:n]`` / ``src[1, :n]`` as the ``[T, k]`` of
+        the calls when they all have that shape (one ``cat`` along tokens, no reshapes), else
+        None. ``lbuf``: when every logit sum is computed here from logits of one shape and
+        dtype (at most ``_LCAT`` elements in all), the calls' logits concatenated (float32 at
+        least), summed per call in one op; else None (one ``logit_sum`` per call).
         """
-        key = tuple((mode, slot, m, routed.logits is not None or norm is not None)
-                    for mode, slot, routed, m, norm in batch)
+        key = tuple((mode, slot, routed.indices.shape, None if routed.weights is None else routed.weights.shape,
+                     None if routed.logits is None else (routed.logits.shape, routed.logits.dtype), norm is not None)
+                    for mode, slot, routed, norm in batch)
         hit = self._layouts.get(key)
         if hit is not None:
             self._layouts.move_to_end(key)
             return hit
         rec = self.rec
         width = rec.capacity + 2
-        bases = [(mode * rec.n_slots + slot) * width + 1 for mode, slot, _, _ in key]
-        sizes = [m for _, _, m, _ in key]
-        norm_bases = [b for b, (_, _, _, has) in zip(bases, key) if has]
+        bases = [(mode * rec.n_slots + slot) * width + 1 for mode, slot, _, _, _, _ in key]
+        sizes = [ishape.numel() for _, _, ishape, _, _, _ in key]
+        has = [lg is not None or norm for _, _, _, _, lg, norm in key]
+        norm_bases = [b for b, h in zip(bases, has) if h]
         j = len(norm_bases)
+        k = key[0][2][-1] if key[0][2] else 0
+        flat = not all(len(ish) == 2 and ish[1] == k and wsh == ish for _, _, ish, wsh, _, _ in key)
+        shapes = {lg for _, _, _, _, lg, _ in key if lg is not None}
+        lcat = (j and not any(norm for *_, norm in key) and len(shapes) == 1 and len(next(iter(shapes))[0]) >= 1
+                and j * next(iter(shapes))[0].numel() <= _LCAT)
         with torch.inference_mode(False):   # written in place by later flushes in any mode
             base = torch.repeat_interleave(_on(rec.device, bases + norm_bases),
                                            _on(rec.device, sizes + [1] * j), output_size=n + j)
             raw = torch.full((n + j,), -1, dtype=torch.int64, device=rec.device)
             src = torch.ones((2, n + j), dtype=torch.float64, device=rec.device)
             src[0, n:] = 0
-            hit = self._layouts[key] = (raw, base, torch.empty_like(raw), src)
+            ix, wx = (None, None) if flat else (raw[:n].view(-1, k), src[1, :n].view(-1, k))
+            lbuf = None
+            if lcat:
+                shape, dtype = next(iter(shapes))
+                dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+                lbuf = torch.empty((j * shape[0], *shape[1:]), dtype=dtype, device=rec.device)
+            hit = self._layouts[key] = (raw, base, torch.empty_like(raw), src, ix, wx, src[1, n:], lbuf)
         if len(self._layouts) > _LAYOUTS:
             self._layouts.popitem(last=False)
         return hit
 
     def _count(self, batch: list, n: int) -> None:
         rec = self.rec
-        raw, base, col, src = self._layout(batch, n)
-        calls = [routed for _, _, routed, _, _ in batch]
-        k = calls[0].indices.shape[-1]
-        if all(r.indices.dim() == 2 and r.indices.shape[1] == k and r.weights is not None
-               and r.weights.shape == r.indices.shape for r in calls):
-            # [T, k] tensors concatenate along tokens straight into flat buffers: no reshapes
-            torch.cat([r.indices for r in calls], out=raw[:n].view(-1, k))
-            torch.cat([r.weights for r in calls], out=src[1, :n].view(-1, k))
+        raw, base, col, src, ix, wx, sums, lbuf = self._layout(batch, n)
+        calls = [routed for _, _, routed, _ in batch]
+        if ix is not None:   # [T, k] tensors concatenate along tokens straight into the buffers
+            torch.cat([r.indices for r in calls], out=ix)
+            torch.cat([r.weights for r in calls], out=wx)
         else:
             torch.cat([r.indices.reshape(-1) for r in calls], out=raw[:n])
             torch.cat([r.weights.reshape(-1) if r.weights is not None
-                       else r.indices.new_zeros(m, dtype=torch.float64)
-                       for (_, _, r, m, _) in batch], out=src[1, :n])
-        logits = [r.logits for r in calls if r.logits is not None]
-        if n < raw.shape[0]:   # each logit sum goes to the weight cell of column 0 of its router
-            norms = [norm if norm is not None else logit_sum(r.logits)
-                     for _, _, r, _, norm in batch if norm is not None or r.logits is not None]
-            torch.stack(norms, out=src[1, n:])
+                       else r.indices.new_zeros(r.indices.numel(), dtype=torch.float64)
+                       for r in calls], out=src[1, :n])
+        if lbuf is not None:   # each logit sum goes to the weight cell of column 0 of its router
+            torch.cat([r.logits for r in calls if r.logits is not None], out=lbuf)
+            torch.sum(lbuf.view(sums.shape[0], -1), 1, dtype=torch.float64, out=sums)
+        elif sums.shape[0]:
+            torch.stack([norm if norm is not None else logit_sum(r.logits)
+                         for _, _, r, norm in batch if norm is not None or r.logits is not None], out=sums)
         raw[:n].clamp_(-1, rec.capacity)
         torch.add(raw, base, out=col)
         rec.tw_cells.index_add_(1, col, src)

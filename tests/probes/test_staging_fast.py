@@ -1,0 +1,179 @@
+"""The router hook's hot path (``Stage.push``) and the flush's per-forward work.
+
+A staged router's call only stages a reference in the hook; its expert count is read at the
+flush (``Window.saw``) and all calls' logit sums are computed there in one op when their
+logits share a shape and dtype. Ground truth: the test's own forward hook, registered before
+probes attach, clones each router output as it returns, counted with NumPy. Cases: a staged
+router whose expert count grows past the recorder's capacity; an expert count that cannot be
+read at the flush; a router output that stops parsing after probation (one fault per call,
+the forward unharmed); logits of mixed dtypes and of 3-D shape, with a non-finite one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import chrono
+import probes
+from probes import staging
+
+from . import probe_models as T
+
+K, D = 2, 8
+
+
+class Router(torch.nn.Module):
+    """``n_experts`` may grow (the projection is as wide as the largest count); logits can be
+    returned as ``[B, S, E]`` (``three_d``) or in another dtype; ``broken`` returns a 5-tuple
+    (no adapter parses it); ``poison`` makes the logits non-finite (weights stay finite)."""
+    chrono_router = True
+
+    def __init__(self, n=5, widest=48, dtype=None, three_d=False):
+        super().__init__()
+        self.proj = torch.nn.Linear(D, widest)
+        self.n_experts, self.width, self.top_k = n, n, K   # declared count, count routed to
+        self.dtype, self.three_d, self.broken, self.poison = dtype, three_d, False, False
+
+    def forward(self, x):
+        logits = self.proj(x)[..., : self.width]
+        if self.poison:
+            logits = logits + float("inf")
+        w, idx = torch.topk(logits.softmax(-1), K, dim=-1)
+        if self.poison:
+            w = torch.full_like(w, 0.5)
+        out_logits = logits if self.dtype is None else logits.to(self.dtype)
+        if self.three_d:
+            out_logits = out_logits.reshape(x.shape[0] // 7, 7, -1)
+        if self.broken:
+            return out_logits, w, idx, None, None
+        return out_logits, w, idx
+
+
+class MoE(torch.nn.Module):
+    def __init__(self, routers):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(T.VOCAB, D)
+        self.routers = torch.nn.ModuleList(routers)
+        self.table = torch.nn.Parameter(torch.randn(48, D) * 0.1)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids).reshape(-1, D)
+        for r in self.routers:
+            out = r(x)
+            w, idx = out[1], out[2]
+            x = x + (w[..., None] * self.table[idx]).sum(1)
+        return x.sum()
+
+
+def run(model, root, run_id, steps, before=None, grad=False):
+    """Per step, the truth [(layer, indices)] and the stored {(layer, expert): tokens}."""
+    calls: list = []
+    for i, r in enumerate(model.routers):
+        r.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out[2].detach().clone())))
+    ids = torch.randint(1, T.VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    truth, outs = [], []
+    with probes.attach(model, run=run_id, root=root, steps="manual", flush_every=2) as h:
+        for s in range(steps):
+            if before is not None:
+                before(s)
+            del calls[:]
+            if grad:
+                out = model(ids)
+                out.backward()
+            else:
+                with torch.no_grad():
+                    out = model(ids)
+            outs.append(float(out))
+            want: dict = {}
+            for layer, idx in calls:
+                for e, n in zip(*np.unique(idx.reshape(-1).numpy(), return_counts=True)):
+                    want[layer, int(e)] = want.get((layer, int(e)), 0) + int(n)
+            truth.append(want)
+            h.step()
+        states, stats, capacity = list(h._window.rec.stage.state), h.stats(), h._window.rec.capacity
+    got: dict = {}
+    for step, layer, e, n in chrono.connect(root).execute(
+            "select step, layer, expert, tokens from routing where run_id = ? and tokens > 0", [run_id]).fetchall():
+        got.setdefault(step, {})[layer, e] = n
+    return truth, got, states, stats, capacity, outs
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "train"])
+def test_a_staged_router_growing_past_the_capacity_is_widened_at_the_flush(store_root, grad):
+    model = MoE([Router(), Router()])
+
+    def before(s):
+        if s == 3:
+            model.routers[1].n_experts = model.routers[1].width = 40   # lifecycle growth, once staged
+
+    truth, got, states, stats, capacity, _ = run(model, store_root, "grow", 6, before, grad)
+    assert states == [staging.STAGED] * 2 and stats["faults"] == 0
+    assert capacity >= 40
+    assert max(e for (layer, e) in truth[5] if layer == 1) >= 5   # experts beyond the old count were routed to
+    assert [got.get(s, {}) for s in range(6)] == truth
+
+
+def test_an_expert_count_unreadable_at_the_flush_is_a_fault_and_the_calls_still_count(store_root):
+    model = MoE([Router(), Router()])
+
+    def before(s):   # at step 2 not an int: the count cannot be read
+        model.routers[0].n_experts = "five" if s == 2 else 5
+
+    truth, got, states, stats, _, _ = run(model, store_root, "unread", 4, before)
+    assert states == [staging.STAGED] * 2
+    assert stats["faults"] == 1   # the flush of step 2
+    assert [got.get(s, {}) for s in range(4)] == truth
+
+
+def test_a_router_output_that_stops_parsing_is_one_fault_per_call_and_the_forward_runs(store_root):
+    plain = MoE([Router(), Router()])
+    model = MoE([Router(), Router()])
+    model.load_state_dict(plain.state_dict())
+
+    def before(s):
+        model.routers[1].broken = s >= 2
+        plain.routers[1].broken = s >= 2
+
+    truth, got, states, stats, _, outs = run(model, store_root, "broken", 4, before)
+    ids = torch.randint(1, T.VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert outs == [float(plain(ids))] * 4   # the forward never saw the fault
+    assert stats["faults"] == 2   # steps 2 and 3, router 1: one each, not two
+    for s in range(4):
+        want = {key: n for key, n in truth[s].items() if s < 2 or key[0] == 0}
+        assert got.get(s, {}) == want
+
+
+@pytest.mark.parametrize("dtypes", [(None, None, None), (torch.bfloat16, None, torch.float16)],
+                         ids=["one_dtype", "mixed_dtypes"])
+def test_logit_sums_of_one_flush_flag_exactly_the_nonfinite_router(store_root, dtypes):
+    """All logits of one shape and dtype: one sum for all calls; mixed dtypes or a 3-D logits
+    tensor: one sum per call. Either way only the poisoned router of step 3 is flagged."""
+    model = MoE([Router(dtype=dtypes[0]), Router(dtype=dtypes[1], three_d=True), Router(dtype=dtypes[2])])
+
+    def before(s):
+        model.routers[2].poison = s == 3
+
+    truth, got, states, stats, _, _ = run(model, store_root, "nf", 5, before)
+    assert states == [staging.STAGED] * 3
+    assert stats["nonfinite"] == 1
+    sig = chrono.connect(store_root).sql(
+        "select step, layer from signals where name = 'probes.nonfinite' and value > 0").fetchall()
+    assert sig == [(3, 2)]
+    assert [got.get(s, {}) for s in range(5)] == truth
+
+
+def test_one_sum_for_all_logits_is_used_only_when_they_share_shape_and_dtype(store_root):
+    """The flush layout concatenates logits for one sum only when it can (checked on the
+    cached layouts, so this test fails if either branch is never taken)."""
+    for name, routers in [("same", [Router(), Router()]), ("mixed", [Router(), Router(dtype=torch.bfloat16)])]:
+        model = MoE(routers)
+        with probes.attach(model, run=name, root=store_root, steps="manual") as h:
+            for _ in range(3):
+                with torch.no_grad():
+                    model(torch.randint(1, T.VOCAB, (3, 7)))
+                h.step()
+            lbufs = [layout[7] for layout in h._window.rec.stage._layouts.values()]
+        assert lbufs and all((b is not None) == (name == "same") for b in lbufs), name
