@@ -229,6 +229,7 @@ class Stage:
         with torch.no_grad():
             batch, n = [], 0
             for j, ((mode, slot, routed, versions, norm), address) in enumerate(zip(calls, addresses)):
+                indices, weights, _, logits = routed
                 if versions is not None:
                     if address is None:   # no storage of its own (a torch.func transform's tensor)
                         self._eager(mode, slot, routed)
@@ -237,12 +238,13 @@ class Stage:
                         self._fault(slot, "counts", "shares its memory with another call's (a buffer "
                                     "rewritten without a version bump)")
                         continue
-                    what = self._changed(slot, routed, versions)
-                    if what == "counts":
-                        continue
-                    if what == "logits":
-                        routed = Routed(routed.indices, routed.weights)
-                m = routed.indices.numel()
+                    iv, wv, lv = versions
+                    if indices._version != iv or (wv >= 0 and weights._version != wv) or \
+                            (lv >= 0 and logits._version != lv):
+                        if self._changed(slot, routed, versions) == "counts":
+                            continue
+                        routed = Routed(indices, weights)   # counted without its non-finite check
+                m = indices.numel()
                 if m > MAX_CALL:   # (this router's calls have grown: counted at once from now on)
                     self._eager(mode, slot, routed)
                     continue
