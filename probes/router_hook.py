@@ -1,16 +1,21 @@
 """The hot path: the forward hook on each router (DESIGN §5).
 
-Per router call: parse the router's own output into a ``probes.routing.Routed`` (the
-adapter's ``parse``), pick the forward's context (mode, padding mask) from the stack's
-``ForwardState``, and stage the call (``probes.staging``: no device op here; counted when
-the forward ends) or, with a padding mask, capacity drops, under ``torch.compile`` or on
-probation, count it at once (``Recorder.record``: device ``index_add_``, no host sync);
-when tokens are sampled, also hand it to ``TokenSampler.sample``. Returns None (a value
-would replace the router's output). Anything that can be looked up once is bound when the
-hook is built, and per-call work that can wait for the forward's end waits (there it runs
-for all calls in one loop); a failure is a telemetry fault, never an exception in the
-forward. The activation-recompute test (``in_backward``) only runs for a call outside any
-top-level forward, the only place a recompute can be.
+Hot path (a router already staged, ``probes.staging``; a call of a running top-level
+forward, not under ``inference_mode`` or ``torch.compile``, no padding mask, no sampled
+tokens): parse the router's own output into a ``probes.routing.Routed`` (the adapter's
+``parse``) and stage a reference (``Stage.push``, under the lock), nothing else; the expert
+count and the counting wait for the forward's end (``Stage.flush``).
+
+Otherwise, per call: parse, read the expert count (``Window.saw``: lifecycle may grow the
+recorder), pick the forward's context (mode, padding mask) from the stack's
+``ForwardState``, and stage the call or, with a padding mask, capacity drops, under
+``torch.compile``, on probation or under ``inference_mode`` in a model with few routers,
+count it at once (``Recorder.record``: device ``index_add_``, no host sync); when tokens are
+sampled, also hand it to ``TokenSampler.sample``. Returns None (a value would replace the
+router's output). Anything that can be looked up once is bound when the hook is built; a
+failure is a telemetry fault, never an exception in the forward. The activation-recompute
+test (``in_backward``) only runs for a call outside any top-level forward, the only place a
+recompute can be.
 """
 from __future__ import annotations
 

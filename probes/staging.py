@@ -3,17 +3,22 @@
 Counting each router call on its own costs ~7 device ops per call (``Recorder.record``);
 on small shapes the per-op dispatch (or, on CUDA, kernel launch) overhead is the whole
 cost, and a DeepSeek-V3-sized model makes 61 calls per forward. ``Stage.add`` instead keeps
-a *reference* to the call's ``Routed`` (no device op) and reads its version counters;
-``flush`` (when the top-level forward ends, and before anything reads the step's counts)
-counts every staged call at once, with the bookkeeping of all calls in one tight loop:
+a *reference* to the call's ``Routed`` (no device op) and reads its version counters; once
+a router is staged, its hook does nothing else (``Stage.push``: the hook's hot path; its
+expert count is read once per router at the flush, ``saw``). ``flush`` (when the top-level
+forward ends, and before anything reads the step's counts) counts every staged call at
+once, with the bookkeeping of all calls in one tight loop:
 
     col  = cat(indices, -1 per logits) clamped to [-1, capacity] + base    3 ops
-    src  = [1 per assignment, 0 per logits; cat(weights, sum(logits))]     2 ops + 1 per
-           (one sum per call with logits, in one loop; then a stack)         call with logits
+    src  = [1 per assignment, 0 per logits; cat(weights, logit sums)]      1 op, and
+           logit sums: cat(logits) summed per call in float64                2 ops, or one
+           (all logits of one shape and dtype, <= _LCAT elements)            sum per call
+                                                                             + a stack
     acc[tokens, weight] .index_add_(col, src)                              1 op
 
 writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
-expert). A call's logit sum (``logit_sum``: float32 at least) lands in the weight cell of
+expert). A call's logit sum (float64 from the concatenated logits, else ``logit_sum``: float32
+at least) lands in the weight cell of
 column 0 (the column of negative indices, whose weight sum nothing reads) and adds 0 tokens:
 it only flags non-finite logits, as the eager path's logit sum does (a sum overflows only past
 3.4e38; an L2 norm in float32 overflows for finite logits of ~1e16-1e19, in float64 it costs
