@@ -148,16 +148,19 @@ def test_a_router_output_that_stops_parsing_is_one_fault_per_call_and_the_forwar
 
 @pytest.mark.parametrize("dtypes", [(None, None, None), (torch.bfloat16, None, torch.float16)],
                          ids=["one_dtype", "mixed_dtypes"])
-def test_logit_sums_of_one_flush_flag_exactly_the_nonfinite_router(store_root, dtypes):
-    """All logits of one shape and dtype: one sum for all calls; mixed dtypes or a 3-D logits
-    tensor: one sum per call. Either way only the poisoned router of step 3 is flagged."""
-    model = MoE([Router(dtype=dtypes[0]), Router(dtype=dtypes[1], three_d=True), Router(dtype=dtypes[2])])
+@pytest.mark.parametrize("many", [False, True], ids=["3_routers", "10_routers"])
+def test_logit_sums_of_one_flush_flag_exactly_the_nonfinite_router(store_root, dtypes, many):
+    """From 8 calls whose logits share shape and dtype: one sum for all calls; fewer, mixed
+    dtypes or a 3-D logits tensor: one sum per call. Either way only the poisoned router of
+    step 3 is flagged."""
+    routers = [Router(dtype=dtypes[0]), Router(dtype=dtypes[1], three_d=not many), Router(dtype=dtypes[2])]
+    model = MoE(routers + ([Router(dtype=dtypes[0]) for _ in range(7)] if many else []))
 
     def before(s):
         model.routers[2].poison = s == 3
 
     truth, got, states, stats, _, _ = run(model, store_root, "nf", 5, before)
-    assert states == [staging.STAGED] * 3
+    assert states == [staging.STAGED] * len(model.routers)
     assert stats["nonfinite"] == 1
     sig = chrono.connect(store_root).sql(
         "select step, layer from signals where name = 'probes.nonfinite' and value > 0").fetchall()
@@ -166,9 +169,11 @@ def test_logit_sums_of_one_flush_flag_exactly_the_nonfinite_router(store_root, d
 
 
 def test_one_sum_for_all_logits_is_used_only_when_they_share_shape_and_dtype(store_root):
-    """The flush layout concatenates logits for one sum only when it can (checked on the
-    cached layouts, so this test fails if either branch is never taken)."""
-    for name, routers in [("same", [Router(), Router()]), ("mixed", [Router(), Router(dtype=torch.bfloat16)])]:
+    """The flush layout concatenates logits for one sum only when it can and from 8 calls
+    (checked on the cached layouts, so this test fails if either branch is never taken)."""
+    for name, routers in [("same", [Router() for _ in range(8)]),
+                          ("mixed", [Router() for _ in range(7)] + [Router(dtype=torch.bfloat16)]),
+                          ("few", [Router() for _ in range(7)])]:
         model = MoE(routers)
         with probes.attach(model, run=name, root=store_root, steps="manual") as h:
             for _ in range(3):
