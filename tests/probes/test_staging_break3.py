@@ -72,8 +72,9 @@ def truth_hooks(model) -> list:
     calls: list = []
     for i, r in enumerate(model.routers):
         r.register_forward_hook(lambda m, a, out, i=i: calls.append(
-            (i, out[2].detach().clone().long(), out[1].detach().clone().double(),
-             bool(torch.isfinite(out[0]).all()))))
+            (i, out[2].detach().clone().long(),
+             torch.zeros(out[2].shape, dtype=torch.float64) if out[1] is None else out[1].detach().clone().double(),
+             out[0] is None or bool(torch.isfinite(out[0]).all()))))
     return calls
 
 
@@ -92,12 +93,13 @@ def count(calls, n_layers) -> dict:
 
 
 def stored(root, run_id) -> dict:
-    """{step: {(layer, expert): (tokens, weight sum)}} of the rows with tokens."""
+    """{step: {(layer, expert): (tokens, weight sum)}} of the rows with tokens (all modes summed)."""
     out: dict = {}
     for step, layer, e, n, w in chrono.connect(root).execute(
             "select step, layer, expert, tokens, weight_sum from routing where run_id = ? and tokens > 0",
             [run_id]).fetchall():
-        out.setdefault(step, {})[layer, e] = (n, w)
+        t, s = out.setdefault(step, {}).get((layer, e), (0, 0.0))
+        out[step][layer, e] = (t + n, s + (w or 0.0))
     return out
 
 
@@ -241,3 +243,146 @@ def test_finite_logits_whose_float32_sum_overflows_are_not_flagged(store_root, d
     assert states == [staging.STAGED] * 3
     assert diff(truth, got) == []
     assert (stats["nonfinite"], signals(store_root, "big", "probes.nonfinite")) == (0, [])
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize("modes", [("no_grad", "no_grad"), ("no_grad", "grad")])
+def test_two_threads_in_lock_step_through_one_model(store_root, modes):
+    """Two threads run forwards of one model at once, in lock step (a barrier after every router
+    call: each thread's forward end flushes the other's staged calls in mid-forward, and each
+    judges its own probation calls). Per step both threads run one forward; every call counted
+    once (modes: both ``no_grad``, or one training with backward)."""
+    model = MoE([Router(), Router(), Router()], order=[0, 1, 2, 1])
+    barrier = threading.Barrier(2, timeout=60)
+    model.after = lambda pos, i: barrier.wait()
+    calls = truth_hooks(model)
+    truth, errors = [], []
+
+    def work(mode):
+        try:
+            if mode == "grad":
+                model(IDS).backward()
+            else:
+                with torch.no_grad():
+                    model(IDS)
+        except BaseException as e:   # pragma: no cover - reported below
+            errors.append(e)
+            barrier.abort()
+
+    with probes.attach(model, run="th", root=store_root, steps="manual", flush_every=2) as h:
+        for _ in range(5):
+            del calls[:]
+            ts = [threading.Thread(target=work, args=(m,)) for m in modes]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            truth.append(count(calls, 3))
+            h.step()
+        states = list(h._window.rec.stage.state)
+    stats = h.stats()
+    assert errors == []
+    assert states == [staging.STAGED] * 3
+    assert diff(truth, stored(store_root, "th")) == [] and stats["faults"] == 0
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_staged_router_then_a_forward_under_torch_func_grad(store_root):
+    """Routers staged by plain ``no_grad`` forwards (steps 0-2), then forwards under
+    ``torch.func.grad`` over ``functional_call`` (steps 3-4): the hot path stages the
+    transform's wrapped tensors (no storage of their own); the flush, after the transform
+    has exited, counts them from the unwrapped values."""
+    from torch.func import functional_call, grad
+    transform = "grad"
+
+    model = MoE([Router(), Router(), Router()])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def call(ids):
+        grad(lambda p: functional_call(model, p, (ids,)))(params)
+
+    def plain(ids):
+        model(ids)
+
+    step = {"s": 0, "states": None}
+
+    def before(s, h):
+        step["s"] = s
+        if s == 3:   # staged when the first transformed forward starts
+            step["states"] = list(h._window.rec.stage.state)
+
+    def either(ids):
+        if step["s"] < 3:
+            with torch.no_grad():
+                plain(ids)
+        else:
+            with torch.enable_grad():
+                call(ids)
+
+    truth, got, stats, states = run(model, store_root, transform, steps=5, ctx=torch.enable_grad,
+                                    before=before, call=either)
+    assert step["states"] == [staging.STAGED] * 3
+    assert sum(t for key, (t, _) in truth[4].items()) == 3 * 21 * K
+    assert diff(truth, got) == [] and stats["faults"] == 0, (diff(truth, got)[:3], stats["faults"])
+
+
+# ----------------------------------------------------------------------------- output variants
+
+
+class Variant(Router):
+    """From ``switch_at`` on (a count of its calls), returns its output as ``variant``."""
+
+    def __init__(self, variant=None, switch_at=10**9):
+        super().__init__()
+        self.variant, self.switch_at, self.calls = variant, switch_at, 0
+
+    def forward(self, x):
+        logits, w, idx = super().forward(x)
+        self.calls += 1
+        v = self.variant if self.calls > self.switch_at else None
+        if v == "no_logits":
+            logits = None
+        elif v == "no_weights":
+            w = None
+        elif v == "int32":
+            idx = idx.to(torch.int32)
+        elif v == "three_d":
+            idx, w, logits = idx.reshape(3, 7, K), w.reshape(3, 7, K), logits.reshape(3, 7, -1)
+        elif v == "non_contiguous":
+            idx, w, logits = idx.t().contiguous().t(), w.t().contiguous().t(), logits.t().contiguous().t()
+        elif v == "expanded":   # every token's logits are the first token's (stride 0)
+            logits = logits[:1].expand_as(logits)
+        elif v == "float64":
+            w, logits = w.double(), logits.double()
+        elif v == "fewer_tokens":
+            idx, w, logits = idx[:10], w[:10], logits[:10]
+        return logits, w, idx
+
+
+class VariantMoE(MoE):
+    def forward(self, input_ids):
+        x = self.emb(input_ids).reshape(-1, D)
+        for i in self.order:
+            _, w, idx = self.routers[i](x)
+            idx = idx.reshape(-1, K).long()
+            w = torch.ones(idx.shape) if w is None else w.reshape(-1, K).float()
+            x = x + torch.nn.functional.pad((w[..., None] * self.table[idx]).sum(1), (0, 0, 0, x.shape[0] - idx.shape[0]))
+        return x.sum()
+
+
+VARIANTS = ["no_logits", "no_weights", "int32", "three_d", "non_contiguous", "expanded", "float64", "fewer_tokens"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_staged_routers_output_changes_form_after_probation(store_root, variant):
+    """Router 1 of three (called twice per forward) returns its output in another form from its
+    fourth call on (the second call of step 1, once it is staged: the two calls of that forward
+    then differ in form, which the flush's layout must handle), the others stay as they were."""
+    model = VariantMoE([Variant(), Variant(variant, switch_at=3), Variant()], order=[0, 1, 2, 1])
+    truth, got, stats, states = run(model, store_root, variant, steps=4)
+    assert diff(truth, got) == [], diff(truth, got)[:4]
+    assert (stats["faults"], stats["nonfinite"], stats["invalid_indices"]) == (0, 0, 0)
