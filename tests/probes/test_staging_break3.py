@@ -386,3 +386,123 @@ def test_a_staged_routers_output_changes_form_after_probation(store_root, varian
     truth, got, stats, states = run(model, store_root, variant, steps=4)
     assert diff(truth, got) == [], diff(truth, got)[:4]
     assert (stats["faults"], stats["nonfinite"], stats["invalid_indices"]) == (0, 0, 0)
+
+
+# ----------------------------------------------------------------------------- HF models
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_hf_models_across_train_eval_and_no_grad_steps(store_root, family):
+    """Random-weight Mixtral / OLMoE (transformers, offline): steps alternate training with
+    backward, ``model.eval()`` with grad enabled, ``no_grad`` in training mode and in eval mode;
+    the routers are staged after the first forward. Tokens and weight sums per (step, layer,
+    expert), all modes summed, equal the routers' own outputs."""
+    from .field_truth import router_modules
+
+    model = getattr(T, family)()
+    routers = router_modules(model)
+    calls: list = []
+    for i, r in enumerate(routers):
+        r.register_forward_hook(lambda m, a, out, i=i: calls.append(
+            (i, out[2].detach().reshape(-1, out[2].shape[-1]).clone().long(),
+             out[1].detach().reshape(-1, out[2].shape[-1]).clone().double(), True)))
+    inputs = T.batch(model)
+    plan = ["train", "train", "eval", "no_grad_train", "train", "no_grad_eval", "eval"]
+    truth = []
+    with probes.attach(model, run=family, root=store_root, steps="manual", flush_every=2) as h:
+        for what in plan:
+            del calls[:]
+            model.train(what in ("train", "no_grad_train"))
+            if what.startswith("no_grad"):
+                with torch.no_grad():
+                    model(**inputs)
+            elif what == "train":
+                model(**inputs).logits.sum().backward()
+            else:
+                model(**inputs)
+            truth.append(count(calls, len(routers)))
+            h.step()
+        states = list(h._window.rec.stage.state)
+    stats = h.stats()
+    assert states == [staging.STAGED] * len(routers)
+    assert diff(truth, stored(store_root, family)) == [] and stats["faults"] == 0
+
+
+# ----------------------------------------------------------------------------- handle lifecycle
+
+
+def test_detach_and_reattach_in_mid_forward(store_root):
+    """Step 3's forward detaches the handle after router 1 returned (its staged calls of that
+    forward are flushed into run "a"), then attaches a new handle (run "b") before router 2:
+    router 2's call belongs to run "b" (counted at once: that forward never started for "b"),
+    later forwards go through probation and staging again in "b"."""
+    model = MoE([Router(), Router(), Router()])
+    calls = truth_hooks(model)
+    box: dict = {"step": 0}
+
+    def after(pos, i):
+        if box["step"] == 3 and i == 1:
+            box["a"].detach()
+            box["b"] = probes.attach(model, run="b", root=store_root, steps="manual", flush_every=2)
+            box["split"] = len(calls)
+
+    model.after = after
+    truth_a, truth_b = [], []
+    box["a"] = probes.attach(model, run="a", root=store_root, steps="manual", flush_every=2)
+    for s in range(7):
+        box["step"] = s
+        del calls[:]
+        with torch.no_grad():
+            model(IDS)
+        h = box["a"] if s < 3 else box["b"]
+        if s < 3:
+            truth_a.append(count(calls, 3))
+        elif s == 3:
+            truth_a.append(count(calls[:box["split"]], 3))
+            truth_b.append(count(calls[box["split"]:], 3))
+        else:
+            truth_b.append(count(calls, 3))
+        h.step()
+    states = list(box["b"]._window.rec.stage.state)
+    box["b"].detach()
+    assert states == [staging.STAGED] * 3
+    assert diff(truth_a, stored(store_root, "a")) == []
+    assert diff(truth_b, stored(store_root, "b")) == []
+    assert box["a"].stats()["faults"] == 0 and box["b"].stats()["faults"] == 0
+
+
+def test_handle_switched_off_and_on_in_mid_forward(store_root):
+    """``h._active`` off between router 0 and router 1 of step 3 and on again before router 2;
+    off after the last router of step 4 (that forward's end is then not seen) and on before step
+    5's forward. Exactly the calls made while active are counted, each once."""
+    model = MoE([Router(), Router(), Router()])
+    box: dict = {"step": 0}
+    calls = truth_hooks(model)
+    active_at_call: list = []
+    for r in model.routers:
+        r.register_forward_hook(lambda m, a, o: active_at_call.append(box["h"]._active))
+
+    def after(pos, i):
+        h, s = box["h"], box["step"]
+        if s == 3 and i in (0, 1):
+            h._active = i == 1
+        if s == 4 and i == 2:
+            h._active = False
+
+    model.after = after
+    truth = []
+    with probes.attach(model, run="act", root=store_root, steps="manual", flush_every=2) as h:
+        box["h"] = h
+        for s in range(7):
+            box["step"] = s
+            h._active = True
+            del calls[:], active_at_call[:]
+            with torch.no_grad():
+                model(IDS)
+            truth.append(count([c for c, on in zip(calls, active_at_call) if on], 3))
+            h._active = True
+            h.step()
+        states = list(h._window.rec.stage.state)
+    assert states == [staging.STAGED] * 3
+    assert sum(t for (layer, _), (t, _) in truth[3].items() if layer == 1) == 0
+    assert diff(truth, stored(store_root, "act")) == [] and h.stats()["faults"] == 0
