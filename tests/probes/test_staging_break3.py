@@ -506,3 +506,48 @@ def test_handle_switched_off_and_on_in_mid_forward(store_root):
     assert states == [staging.STAGED] * 3
     assert sum(t for (layer, _), (t, _) in truth[3].items() if layer == 1) == 0
     assert diff(truth, stored(store_root, "act")) == [] and h.stats()["faults"] == 0
+
+
+def test_an_empty_forward_is_counted_and_routers_stay_staged(store_root):
+    """Step 3's forward has no tokens (input ``[3, 0]``: every router returns ``[0, k]`` indices
+    and ``[0, E]`` logits). Nothing is counted for it, nothing is reported, and the routers
+    stay staged for the later steps."""
+    model = MoE([Router(), Router(), Router()])
+    box: dict = {}
+
+    def call(ids):
+        model(ids[:, :0] if box.get("s") == 3 else ids)
+
+    def before(s, h):
+        box["s"] = s
+    truth, got, stats, states = run(model, store_root, "empty", steps=5, before=before, call=call)
+    assert truth[3] == {}
+    assert diff(truth, got) == [] and stats["faults"] == 0
+    assert states == [staging.STAGED] * 3
+
+
+class InferenceInside(Router):
+    """Runs under ``torch.inference_mode`` inside a ``no_grad`` forward: its outputs are
+    inference tensors (staged as private copies with a precomputed logit sum)."""
+
+    def forward(self, x):
+        with torch.inference_mode():
+            return super().forward(x.clone())
+
+
+def test_copies_with_precomputed_sums_and_references_in_one_flush(store_root, monkeypatch):
+    """Nine routers (copies are staged from eight): router 4 returns inference tensors (a copy
+    and its logit sum are staged), the others are pushed by the hot path, all in one flush (no
+    one-op sum then). A NaN logit of router 2 at step 3 and of router 4 at step 4 flags exactly
+    those two (step, layer) cells; the counts are exact."""
+    routers = [InferenceInside() if i == 4 else Router() for i in range(9)]
+    model = MoE(routers)
+
+    def before(s, h):
+        for i, r in enumerate(model.routers):
+            r.logit_scale = float("nan") if (s, i) in ((3, 2), (4, 4)) else None
+    truth, got, stats, states = run(model, store_root, "mix9", steps=6, before=before)
+    assert states[:4] + states[5:] == [staging.STAGED] * 8   # (router 4's copies need no probation)
+    assert diff(truth, got) == [] and stats["faults"] == 0
+    assert stats["nonfinite"] == 2
+    assert sorted(layer for _, layer, _ in signals(store_root, "mix9", "probes.nonfinite")) == [2, 4]
