@@ -586,3 +586,34 @@ def test_outputs_changed_after_the_router_past_version_counters(store_root, writ
     truth, got, stats, states = run(model, store_root, write, steps=4)
     bad = diff(truth, got)
     assert bad == [] or stats["faults"] > 0, (bad[:3], stats["faults"], states)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_hf_gradient_checkpointing_after_staging(store_root, reentrant):
+    """Mixtral trained with activation checkpointing (HF ``activation_checkpointing_enable``) for
+    three steps (``test_field_steps`` checks one: the probation forward): each router runs again
+    in the backward (recompute), which must not be counted; from step 1 the forwards' calls are
+    staged by the hot path. Truth: calls made outside a backward."""
+    from .field_truth import router_modules
+
+    model = T.mixtral()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    routers = router_modules(model)
+    calls: list = []
+    for i, r in enumerate(routers):
+        r.register_forward_hook(lambda m, a, out, i=i: None if torch._C._current_graph_task_id() != -1
+                                else calls.append((i, out[2].detach().reshape(-1, 2).clone().long(),
+                                                   out[1].detach().reshape(-1, 2).clone().double(), True)))
+    inputs = T.batch(model)
+    truth = []
+    with probes.attach(model, run="gc", root=store_root, steps="manual", flush_every=2) as h:
+        for _ in range(3):
+            del calls[:]
+            model(**inputs).logits.sum().backward()
+            truth.append(count(calls, len(routers)))
+            h.step()
+        states = list(h._window.rec.stage.state)
+    assert states == [staging.STAGED] * len(routers)
+    assert all(sum(t for t, _ in step.values()) == len(routers) * 30 * 2 for step in truth)
+    assert diff(truth, stored(store_root, "gc")) == [] and h.stats()["faults"] == 0
