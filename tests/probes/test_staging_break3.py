@@ -60,7 +60,7 @@ class MoE(torch.nn.Module):
     def forward(self, input_ids):
         x = self.emb(input_ids).reshape(-1, D)
         for pos, i in enumerate(self.order):
-            _, w, idx = self.routers[i](x)
+            _, w, idx = self.routers[i](x)[:3]
             x = x + (w[..., None] * self.table[idx]).sum(1)
             if self.after is not None:
                 self.after(pos, i)
@@ -617,3 +617,51 @@ def test_hf_gradient_checkpointing_after_staging(store_root, reentrant):
     assert states == [staging.STAGED] * len(routers)
     assert all(sum(t for t, _ in step.values()) == len(routers) * 30 * 2 for step in truth)
     assert diff(truth, stored(store_root, "gc")) == [] and h.stats()["faults"] == 0
+
+
+class Dropping(Router):
+    """From step ``start`` (set by the test) returns ``(logits, weights, indices, dropped)``:
+    every third assignment dropped by a capacity limit."""
+    start = 10**9
+    step = 0
+
+    def forward(self, x):
+        logits, w, idx = super().forward(x)
+        if self.step < self.start:
+            return logits, w, idx
+        drop = (torch.arange(idx.numel()).reshape(idx.shape) % 3) == 0
+        return logits, w, idx, drop
+
+
+def test_a_staged_router_that_starts_dropping_is_counted_with_its_drops(store_root):
+    """Router 1 is staged (no drops on probation), then returns capacity drops from step 2 on:
+    the hot path hands those calls to the eager path; tokens exclude the dropped assignments,
+    which are stored as ``dropped``; the other routers stay exact."""
+    model = MoE([Router(), Dropping(), Router()])
+    r = model.routers[1]
+    r.start = 2
+    seen: dict = {}
+    r.register_forward_hook(lambda m, a, out: seen.setdefault(r.step, []).append(
+        (out[2].detach().clone(), out[3].detach().clone() if len(out) > 3 else torch.zeros(out[2].shape, dtype=bool))))
+    box: dict = {}
+
+    def before(s, h):
+        r.step = s
+        if s == 2:
+            box["states"] = list(h._window.rec.stage.state)
+
+    truth, got, stats, _ = run(model, store_root, "drop", steps=4, before=before)
+    assert box["states"] == [staging.STAGED] * 3
+    rows = {(st, e): (t, d) for st, e, t, d in chrono.connect(store_root).execute(
+        "select step, expert, tokens, dropped from routing where run_id = 'drop' and layer = 1").fetchall()}
+    for s in range(4):
+        tok, drop = np.zeros(W, np.int64), np.zeros(W, np.int64)
+        for idx, dr in seen[s]:
+            np.add.at(tok, idx[~dr].numpy(), 1)
+            np.add.at(drop, idx[dr].numpy(), 1)
+        have = [rows.get((s, e), (0, 0)) for e in range(8)]
+        assert have == list(zip(tok[:8].tolist(), drop[:8].tolist())), s
+        assert (drop.sum() > 0) == (s >= 2)
+    others = [{k: v for k, v in step.items() if k[0] != 1} for step in truth]
+    assert diff(others, {s: {k: v for k, v in g.items() if k[0] != 1} for s, g in got.items()}) == []
+    assert stats["faults"] == 0
