@@ -665,3 +665,24 @@ def test_a_staged_router_that_starts_dropping_is_counted_with_its_drops(store_ro
     others = [{k: v for k, v in step.items() if k[0] != 1} for step in truth]
     assert diff(others, {s: {k: v for k, v in g.items() if k[0] != 1} for s, g in got.items()}) == []
     assert stats["faults"] == 0
+
+
+def test_two_handles_on_one_model_each_count_every_call(store_root):
+    """Two handles attached to one model (two runs), each with its own stage: the same router
+    outputs are pushed by both hot paths and flushed by each handle's own forward end."""
+    model = MoE([Router(), Router(), Router()], order=[0, 1, 2, 1])
+    calls = truth_hooks(model)
+    truth = []
+    with probes.attach(model, run="a", root=store_root, steps="manual", flush_every=2) as ha, \
+            probes.attach(model, run="b", root=store_root, steps="manual", flush_every=3) as hb:
+        for _ in range(5):
+            del calls[:]
+            with torch.no_grad():
+                model(IDS)
+            truth.append(count(calls, 3))
+            ha.step()
+            hb.step()
+        states = [list(h._window.rec.stage.state) for h in (ha, hb)]
+    assert states == [[staging.STAGED] * 3] * 2
+    for run_id, h in (("a", ha), ("b", hb)):
+        assert diff(truth, stored(store_root, run_id)) == [] and h.stats()["faults"] == 0, run_id
