@@ -686,3 +686,34 @@ def test_two_handles_on_one_model_each_count_every_call(store_root):
     assert states == [[staging.STAGED] * 3] * 2
     for run_id, h in (("a", ha), ("b", hb)):
         assert diff(truth, stored(store_root, run_id)) == [] and h.stats()["faults"] == 0, run_id
+
+
+@pytest.mark.parametrize("variant", ["three_d", "non_contiguous", "expanded", "float64"])
+def test_one_op_logit_sum_flags_exactly_the_poisoned_call(store_root, variant):
+    """Every router returns logits in the same ``variant`` form (one shape and dtype: the flush
+    sums them in one op); router 1 is called twice per forward and one of its calls (the second
+    of step 3) has a NaN logit: exactly (step 3, layer 1) is flagged, counts exact."""
+    model = VariantMoE([Variant(variant, switch_at=0) for _ in range(3)], order=[0, 1, 2, 1])
+    r = model.routers[1]
+    box = {"s": 0}
+    orig = Variant.forward
+
+    def forward(x):
+        out = orig(r, x)
+        if box["s"] == 3 and r.calls % 2 == 0:
+            logits = out[0].clone()
+            logits[(0,) * (logits.dim() - 1) + (5,)] = float("nan")
+            out = (logits, *out[1:])
+        return out
+
+    r.forward = forward
+
+    def before(s, h):
+        box["s"] = s
+        box["lbufs"] = [layout[7] for layout in h._window.rec.stage._layouts.values()]
+    truth, got, stats, states = run(model, store_root, "p" + variant, steps=5, before=before)
+    assert box["lbufs"] and all(b is not None for b in box["lbufs"])   # the one-op sum ran
+    assert states == [staging.STAGED] * 3
+    assert diff(truth, got) == [] and stats["faults"] == 0
+    assert stats["nonfinite"] == 1
+    assert [layer for _, layer, _ in signals(store_root, "p" + variant, "probes.nonfinite")] == [1]
