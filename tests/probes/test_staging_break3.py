@@ -51,6 +51,8 @@ class MoE(torch.nn.Module):
     def __init__(self, routers, order=None):
         super().__init__()
         torch.manual_seed(0)
+        for r in routers:   # (built before this seed: made deterministic here)
+            r.proj.reset_parameters()
         self.emb = torch.nn.Embedding(T.VOCAB, D)
         self.routers = torch.nn.ModuleList(routers)
         self.table = torch.nn.Parameter(torch.randn(W, D) * 0.1)
@@ -145,6 +147,7 @@ def _lifecycle_model(kind):
     """Router 1 of three has 8 experts. At step 4 (the first step of the window [4, 5] with
     ``flush_every=2``: its expert count starts at 0 there), inside the forward:
     ``shrink``: after router 1 returned (having routed to all 8), a lifecycle prune sets it to 4;
+    ``shrink_from_another_thread``: the same prune, made by another thread;
     ``shrink_between_calls``: router 1 is called twice, pruned to 4 between the two calls;
     ``grow_then_shrink``: grown to 40 before its call (routing to experts >= 8, past the
     recorder's capacity 8), back to 8 after it."""
@@ -164,6 +167,10 @@ def _lifecycle_model(kind):
                 set_n(40)
             elif i == 1:
                 set_n(8)
+        elif kind == "shrink_from_another_thread" and i == 1:   # e.g. a controller thread
+            t = threading.Thread(target=set_n, args=(4,))
+            t.start()
+            t.join()
         elif i == 1 and (kind == "shrink" or pos == 1):
             set_n(4)
 
@@ -179,7 +186,8 @@ def _lifecycle_model(kind):
     "a lifecycle change between the call and the forward's end (here: 8 -> 4 experts, or 40 -> 8) "
     "decides the window's expert count, so the call's counts for experts >= the later count are "
     "not stored (reported as invalid expert indices instead); before 3e887b8 the hook read it per call"))
-@pytest.mark.parametrize("kind", ["shrink", "shrink_between_calls", "grow_then_shrink"])
+@pytest.mark.parametrize("kind", ["shrink", "shrink_from_another_thread", "shrink_between_calls",
+                                  "grow_then_shrink"])
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.enable_grad], ids=["no_grad", "grad"])
 def test_lifecycle_change_between_a_staged_call_and_the_flush_keeps_its_counts(store_root, kind, ctx):
     model, before = _lifecycle_model(kind)
