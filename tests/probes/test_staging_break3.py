@@ -80,7 +80,7 @@ def truth_hooks(model) -> list:
     return calls
 
 
-def count(calls, n_layers) -> dict:
+def count(calls, n_layers=None) -> dict:
     """{(layer, expert): (tokens, weight sum)} of ``calls``."""
     out: dict = {}
     for layer, idx, w, _ in calls:
@@ -378,7 +378,8 @@ class VariantMoE(MoE):
             _, w, idx = self.routers[i](x)
             idx = idx.reshape(-1, K).long()
             w = torch.ones(idx.shape) if w is None else w.reshape(-1, K).float()
-            x = x + torch.nn.functional.pad((w[..., None] * self.table[idx]).sum(1), (0, 0, 0, x.shape[0] - idx.shape[0]))
+            moe = (w[..., None] * self.table[idx]).sum(1)
+            x = x + torch.nn.functional.pad(moe, (0, 0, 0, x.shape[0] - idx.shape[0]))   # fewer tokens
         return x.sum()
 
 
