@@ -544,7 +544,7 @@ class InferenceInside(Router):
             return super().forward(x.clone())
 
 
-def test_copies_with_precomputed_sums_and_references_in_one_flush(store_root, monkeypatch):
+def test_copies_with_precomputed_sums_and_references_in_one_flush(store_root):
     """Nine routers (copies are staged from eight): router 4 returns inference tensors (a copy
     and its logit sum are staged), the others are pushed by the hot path, all in one flush (no
     one-op sum then). A NaN logit of router 2 at step 3 and of router 4 at step 4 flags exactly
