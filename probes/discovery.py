@@ -88,7 +88,12 @@ class RouterSite:
         m = self._module()
         if m is None:
             return 0
-        return int(self._n_experts(m, self._parent() if self._parent else None))
+        return self.experts_of(m)
+
+    def experts_of(self, module: nn.Module) -> int:
+        """The expert count of ``module`` (this site's router, already dereferenced: the
+        router hook reads it per call)."""
+        return int(self._n_experts(module, self._parent() if self._parent else None))
 
     @property
     def top_k(self) -> int:

@@ -3,11 +3,12 @@
 Hot path (a router already staged, ``probes.staging``; a call of a running top-level
 forward, not under ``inference_mode`` or ``torch.compile``, no padding mask, no sampled
 tokens): parse the router's own output into a ``probes.routing.Routed`` (the adapter's
-``parse``) and stage a reference (``Stage.push``, under the lock), nothing else; the expert
-count and the counting wait for the forward's end (``Stage.flush``).
+``parse``), read the router's expert count (lifecycle may change it before the forward ends;
+``Window.saw`` when it exceeds the window's widest: it may grow the recorder) and stage a
+reference (``Stage.push``, under the lock), nothing else; counting waits for the forward's end
+(``Stage.flush``).
 
-Otherwise, per call: parse, read the expert count (``Window.saw``: lifecycle may grow the
-recorder), pick the forward's context (mode, padding mask) from the stack's
+Otherwise, per call: parse, read the expert count (as above), pick the forward's context (mode, padding mask) from the stack's
 ``ForwardState``, and stage the call or, with a padding mask, capacity drops, under
 ``torch.compile``, on probation or under ``inference_mode`` in a model with few routers,
 count it at once (``Recorder.record``: device ``index_add_``, no host sync); when tokens are
@@ -39,7 +40,7 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
     window, steps, fwd, faults = handle._window, handle._steps, handle._fwd, handle._faults
     rec, sampler, lock = window.rec, window.sampler, handle._lock
     handle_ref, router_ref = weakref.ref(handle), site._module
-    state, push, parse = rec.stage.state, rec.stage.push, site.parse
+    state, push, parse, experts_of = rec.stage.state, rec.stage.push, site.parse, site.experts_of
     is_compiling, clock = torch.compiler.is_compiling, time.perf_counter
 
     def on_router_output(module, args, output):
@@ -53,11 +54,14 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             ctx = st.ctx[stack]
             if ctx is None or ctx.keep is None:
                 # the hot path: a staged router's call in a running forward, nothing per token
-                # (its expert count is read at the flush: Window.saw)
                 t0 = clock()
                 try:
+                    routed = parse(module, args, output)
+                    n = experts_of(module)   # now: lifecycle may change it before the forward ends
                     with lock:
-                        staged = push(mode, slot, parse(module, args, output))
+                        if n > window.widest[slot]:   # (rare: a new window, or lifecycle growth)
+                            window.saw(slot, n)
+                        staged = push(mode, slot, routed)
                 except Exception as e:  # telemetry must never break the forward
                     faults.fault(f"router {site.name}", e)
                     staged = True
@@ -84,8 +88,10 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             # in-place adds from two threads would race: serialise them; a lock cannot be traced,
             # so compiled code runs unguarded and counts at once (compiled serving from threads:
             # unsupported). Only a call of a running top-level forward can be staged.
+            n = experts_of(module)   # lifecycle may grow or prune experts
             with contextlib.nullcontext() if compiling else lock:
-                window.saw(slot)   # expert count (lifecycle); under the lock: another thread may flush
+                if n > window.widest[slot]:   # under the lock: another thread may flush
+                    window.saw(slot, n)
                 rec.add(mode, slot, routed, mask, pad, in_forward=not compiling and (
                     st.root_mode is not None or st.pseudo_root is not None))
                 if sampler is not None:

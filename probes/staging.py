@@ -4,8 +4,8 @@ Counting each router call on its own costs ~7 device ops per call (``Recorder.re
 on small shapes the per-op dispatch (or, on CUDA, kernel launch) overhead is the whole
 cost, and a DeepSeek-V3-sized model makes 61 calls per forward. ``Stage.add`` instead keeps
 a *reference* to the call's ``Routed`` (no device op) and reads its version counters; once
-a router is staged, its hook does nothing else (``Stage.push``: the hook's hot path; its
-expert count is read once per router at the flush, ``saw``). ``flush`` (when the top-level
+a router is staged, its hook reads the router's expert count and does nothing else
+(``Stage.push``: the hook's hot path). ``flush`` (when the top-level
 forward ends, and before anything reads the step's counts) counts every staged call at
 once, with the bookkeeping of all calls in one tight loop:
 
@@ -147,7 +147,6 @@ class Stage:
         self.calls: list = []   # (mode, slot, Routed, versions or None, logit sum or None)
         self.nl = 0             # staged logits (elements) kept alive
         self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
-        self.saw = None         # saw(slot): read a staged router's expert count (set by the window)
         self._layouts: OrderedDict = OrderedDict()
 
     def reset(self) -> None:
@@ -223,13 +222,6 @@ class Stage:
         if not self.calls:
             return
         calls, self.calls, self.nl = self.calls, [], 0
-        if self.saw is not None:   # expert counts (lifecycle) before the columns are laid out
-            for slot in {c[1] for c in calls}:
-                try:
-                    self.saw(slot)
-                except Exception as e:
-                    if self.faults is not None:
-                        self.faults.fault(f"router slot {slot}", e)
         # addresses of the referenced outputs (a tensor's never changes), read here in one loop
         addresses = [None if c[3] is None else _addresses(c[2]) for c in calls]
         flat = [a for pair in addresses if pair is not None for a in pair if a]

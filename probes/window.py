@@ -34,7 +34,6 @@ class Window:
         self.routers = routers
         self.layer_ids = np.array([s.layer for s in routers], dtype=np.int32)
         self.rec = recorder
-        recorder.stage.saw = self.saw                # staged calls: expert counts read at the flush
         self.sampler = sampler
         self.dist = dist                            # probes.distributed.DistributedSync or None
         self.steps: list[int] = []                  # step number of each history row
@@ -47,14 +46,13 @@ class Window:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def saw(self, slot: int) -> None:
-        """Router ``slot`` is counted now: read its expert count (lifecycle may grow or prune
-        experts) into the window's widest, and widen the recorder if it no longer fits. Called
-        per call counted at once and, for staged calls, per router at the flush (lock held)."""
-        n = self.routers[slot].n_experts
-        if n > self.widest[slot]:   # a lifecycle shrink must not cut this window's counts
-            self.widest[slot] = n
-        if n > self.rec.capacity:   # (rare)
+    def saw(self, slot: int, n: int) -> None:
+        """Router ``slot`` returned a call when it had ``n`` experts (read per call: lifecycle
+        may grow or prune experts, even between a call and its forward's end): keep the window's
+        widest (a later shrink must not cut this window's counts) and widen the recorder if the
+        call no longer fits. Only called when ``n`` exceeds the widest so far (lock held)."""
+        self.widest[slot] = n
+        if n > self.rec.capacity:
             self.rec.grow(max(n, 2 * self.rec.capacity))
 
     def experts(self) -> list[int]:

@@ -1,5 +1,6 @@
-"""Third review of staged counting: the hook's hot path (``Stage.push``), expert counts read at
-the flush (``Window.saw``) and the flush's one-op logit sums (``Stage._layout`` / ``_count``).
+"""Third review of staged counting: the hook's hot path (``Stage.push``), expert counts read per
+call (``Window.saw``; a fault here: they were read at the flush) and the flush's one-op logit
+sums (``Stage._layout`` / ``_count``).
 
 Ground truth: the test's own forward hook, registered on each router before probes attach,
 clones each router output as it returns (indices, weights, logits), counted with NumPy;
@@ -181,11 +182,6 @@ def _lifecycle_model(kind):
     return model, before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "expert count of a staged call is read at the flush (Window.saw), not when the router returned: "
-    "a lifecycle change between the call and the forward's end (here: 8 -> 4 experts, or 40 -> 8) "
-    "decides the window's expert count, so the call's counts for experts >= the later count are "
-    "not stored (reported as invalid expert indices instead); before 3e887b8 the hook read it per call"))
 @pytest.mark.parametrize("kind", ["shrink", "shrink_from_another_thread", "shrink_between_calls",
                                   "grow_then_shrink"])
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.enable_grad], ids=["no_grad", "grad"])
@@ -700,9 +696,10 @@ def test_two_handles_on_one_model_each_count_every_call(store_root):
 @pytest.mark.parametrize("variant", ["three_d", "non_contiguous", "expanded", "float64"])
 def test_one_op_logit_sum_flags_exactly_the_poisoned_call(store_root, variant):
     """Every router returns logits in the same ``variant`` form (one shape and dtype: the flush
-    sums them in one op); router 1 is called twice per forward and one of its calls (the second
-    of step 3) has a NaN logit: exactly (step 3, layer 1) is flagged, counts exact."""
-    model = VariantMoE([Variant(variant, switch_at=0) for _ in range(3)], order=[0, 1, 2, 1])
+    sums them in one op from 8 calls: 8 per forward here); router 1 is called twice per forward
+    and one of its calls (the second of step 3) has a NaN logit: exactly (step 3, layer 1) is
+    flagged, counts exact."""
+    model = VariantMoE([Variant(variant, switch_at=0) for _ in range(3)], order=[0, 1, 2, 1, 0, 2, 0, 2])
     r = model.routers[1]
     box = {"s": 0}
     orig = Variant.forward
