@@ -11,18 +11,19 @@ once, with the bookkeeping of all calls in one tight loop:
 
     col  = cat(indices, -1 per logits) clamped to [-1, capacity] + base    3 ops
     src  = [1 per assignment, 0 per logits; cat(weights, logit sums)]      1 op, and
-           logit sums: cat(logits) summed per call in float64                2 ops, or one
+           logit sums: cat(logits), summed per call in one op, copied        3 ops, or one
            (>= 8 calls, logits of one shape and dtype, <= _LCAT elements)    sum per call
                                                                              + a stack
     acc[tokens, weight] .index_add_(col, src)                              1 op
 
 writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
-expert). A call's logit sum (float64 from the concatenated logits, else ``logit_sum``: float32
-at least) lands in the weight cell of
-column 0 (the column of negative indices, whose weight sum nothing reads) and adds 0 tokens:
-it only flags non-finite logits, as the eager path's logit sum does (a sum overflows only past
-3.4e38; an L2 norm in float32 overflows for finite logits of ~1e16-1e19, in float64 it costs
-7-9x more at DeepSeek-V3 shape, and the max-|logit| norm ~10x more per call on CPU). The eager path, still used under ``torch.compile``, for
+expert). A call's logit sum (in the logits' dtype, float32 at least, either way: the same
+value as the eager path's ``logit_sum``) lands in the weight cell of column 0 (the column of
+negative indices, whose weight sum nothing reads) and adds 0 tokens: it only flags non-finite
+logits. Finite logits whose float32 sum leaves float32's range (|sum| > 3.4e38: ~1e32 per
+logit at 4096 tokens x 256 experts) are flagged too, on every path alike: an exact check
+costs more per call on CPU (measured at [4096, 256] float32, 1 thread: float64 sum 12x,
+``aminmax`` 2.4x, an L2 norm overflows earlier, the max-|logit| norm ~10x more). The eager path, still used under ``torch.compile``, for
 padding masks and capacity drops, mixes with this one in any order (float64 sums of
 integers are exact). SGLang's expert-distribution recorder has the same shape
 (python/sglang/srt/eplb/expert_distribution.py: each layer writes its top-k ids into a
@@ -321,8 +322,9 @@ class Stage:
         then logit sums). ``ix`` / ``wx``: ``raw[:n]`` / ``src[1, :n]`` as the ``[T, k]`` of
         the calls when they all have that shape (one ``cat`` along tokens, no reshapes), else
         None. ``lbuf``: when at least ``_LCAT_MIN_CALLS`` logit sums are computed here from
-        logits of one shape and dtype (at most ``_LCAT`` elements in all), the calls' logits concatenated (float32 at
-        least), summed per call in one op; else None (one ``logit_sum`` per call).
+        logits of one shape and dtype (at most ``_LCAT`` elements in all), a buffer for the
+        calls' logits concatenated and one for their sums (float32 at least, as ``logit_sum``);
+        else None (one ``logit_sum`` per call).
         """
         key = tuple((mode, slot, routed.indices.shape, None if routed.weights is None else routed.weights.shape,
                      None if routed.logits is None else (routed.logits.shape, routed.logits.dtype), norm is not None)
@@ -354,7 +356,8 @@ class Stage:
             if lcat:
                 shape, dtype = next(iter(shapes))
                 dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-                lbuf = torch.empty((j * shape[0], *shape[1:]), dtype=dtype, device=rec.device)
+                lbuf = (torch.empty((j * shape[0], *shape[1:]), dtype=dtype, device=rec.device),
+                        torch.empty(j, dtype=dtype, device=rec.device))
             hit = self._layouts[key] = (raw, base, torch.empty_like(raw), src, ix, wx, src[1, n:], lbuf)
         if len(self._layouts) > _LAYOUTS:
             self._layouts.popitem(last=False)
@@ -373,8 +376,9 @@ class Stage:
                        else r.indices.new_zeros(r.indices.numel(), dtype=torch.float64)
                        for r in calls], out=src[1, :n])
         if lbuf is not None:   # each logit sum goes to the weight cell of column 0 of its router
-            torch.cat([r.logits for r in calls if r.logits is not None], out=lbuf)
-            torch.sum(lbuf.view(sums.shape[0], -1), 1, dtype=torch.float64, out=sums)
+            logits, per_call = lbuf   # summed in the logits' dtype, float32 at least, as logit_sum
+            torch.cat([r.logits for r in calls if r.logits is not None], out=logits)
+            sums.copy_(torch.sum(logits.view(per_call.shape[0], -1), 1, out=per_call))
         elif sums.shape[0]:
             torch.stack([norm if norm is not None else logit_sum(r.logits)
                          for _, _, r, norm in batch if norm is not None or r.logits is not None], out=sums)

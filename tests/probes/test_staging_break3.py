@@ -231,10 +231,10 @@ class BigLogits(Router):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "finite logits whose float32 sum overflows (168 bf16/float32 logits of ~1e37 per call) are "
-    "flagged non-finite by the eager path (probation: staging.logit_sum sums bf16 and float32 in "
-    "float32) and, when the flush cannot concatenate them (mixed dtypes), by the per-call logit_sum; "
-    "only the flush's one-op sum (float64) gets them right"))
+    "a documented bound, not mended (probes/staging.py): finite logits whose float32 sum overflows "
+    "(168 bf16/float32 logits of ~1e37 per call) are flagged non-finite, on every path alike since "
+    "review 3 (the one-op sum summed in float64 and disagreed); an exact check costs 2.4-12x the "
+    "float32 sum per call on CPU"))
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (None,) * 3, (torch.bfloat16, None, torch.float16)],
                          ids=["bf16", "f32", "mixed"])
 def test_finite_logits_whose_float32_sum_overflows_are_not_flagged(store_root, dtypes):

@@ -33,7 +33,7 @@ class Router(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(D, widest)
         self.n_experts, self.width, self.top_k = n, n, K   # declared count, count routed to
-        self.dtype, self.three_d, self.broken, self.poison = dtype, three_d, False, False
+        self.dtype, self.three_d, self.broken, self.poison, self.big = dtype, three_d, False, False, False
 
     def forward(self, x):
         logits = self.proj(x)[..., : self.width]
@@ -43,6 +43,8 @@ class Router(torch.nn.Module):
         if self.poison:
             w = torch.full_like(w, 0.5)
         out_logits = logits if self.dtype is None else logits.to(self.dtype)
+        if self.big:   # finite, ~1e37 each: 42 of them sum past float32's 3.4e38
+            out_logits = (out_logits.abs() + 1.0) * 1e37
         if self.three_d:
             out_logits = out_logits.reshape(x.shape[0] // 7, 7, -1)
         if self.broken:
@@ -169,6 +171,26 @@ def test_logit_sums_of_one_flush_flag_exactly_the_nonfinite_router(store_root, d
         "select step, layer from signals where name = 'probes.nonfinite' and value > 0").fetchall()
     assert sig == [(3, 2)]
     assert [got.get(s, {}) for s in range(5)] == truth
+
+
+@pytest.mark.parametrize("n", [3, 8], ids=["one_sum_per_call", "one_sum_for_all"])
+def test_finite_logits_whose_float32_sum_overflows_are_flagged_alike_on_every_path(store_root, n):
+    """The documented bound of the non-finite check (probes/staging.py): a logit sum is taken
+    in float32 at least on every path, so finite logits summing past 3.4e38 are flagged, and
+    identically whether counted at once (the probation step), with one sum per call or with
+    one sum for all calls: every step of every layer, never a path-dependent answer (signals:
+    one per window of 2 steps and layer, valued by its flagged steps)."""
+    routers = [Router() for _ in range(n)]
+    for r in routers:
+        r.big = True
+    model = MoE(routers)
+    truth, got, states, stats, _, _ = run(model, store_root, "big", 4)
+    assert states == [staging.STAGED] * n
+    assert [got.get(s, {}) for s in range(4)] == truth
+    assert stats["nonfinite"] == 2 * n
+    sig = chrono.connect(store_root).sql(
+        "select step, layer, value from signals where name = 'probes.nonfinite' order by all").fetchall()
+    assert sig == [(s, layer, 2.0) for s in (1, 3) for layer in range(n)]
 
 
 def test_one_sum_for_all_logits_is_used_only_when_they_share_shape_and_dtype(store_root):
