@@ -56,7 +56,7 @@ STEP_RULES = ("auto", "optimizer", "forward", "manual")
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
-def _check_options(model, flush_every, tokens, padding, steps, start_step):
+def _check_options(model, flush_every, tokens, padding, steps, start_step, staging):
     if not isinstance(model, nn.Module):
         raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(flush_every, int) or flush_every < 1:
@@ -65,6 +65,8 @@ def _check_options(model, flush_every, tokens, padding, steps, start_step):
         raise ProbeError(f"tokens must be 0 (aggregate only) or a fraction in (0, 1], got {tokens!r}")
     if padding not in ("exclude", "count"):
         raise ProbeError(f"padding must be 'exclude' (default) or 'count', got {padding!r}")
+    if not isinstance(staging, bool):
+        raise ProbeError(f"staging must be True (default) or False, got {staging!r}")
     if steps not in STEP_RULES:
         raise ProbeError(f"steps must be 'auto', 'optimizer', 'forward', 'manual' or a probes "
                          f"Handle to follow, got {steps!r}")
@@ -90,7 +92,7 @@ class Handle:
                  generic: bool = True, specs=None, max_tokens_per_step: int = 4096, seed: int = 0,
                  start_step: int | None = None, overwrite: bool = False, steps: str = "auto",
                  padding: str = "exclude", config: dict | None = None, auto_step: bool | None = None,
-                 metrics_expert_labels: bool = False):
+                 metrics_expert_labels: bool = False, staging: bool = True):
         tokens = 0.0 if tokens is None else tokens
         if auto_step is False:       # the pre-0.2 spelling of steps="manual"
             steps = "manual"
@@ -101,7 +103,7 @@ class Handle:
             self._leader, steps = steps, "manual"
             if start_step is None:
                 start_step = self._leader.current_step
-        _check_options(model, flush_every, tokens, padding, steps, start_step)
+        _check_options(model, flush_every, tokens, padding, steps, start_step, staging)
         self.routers: list[RouterSite] = find_sites(model, specs=specs, generic=generic)
         self._dist = resolve_distributed(distributed, self.routers)  # None on a single process
         if self._dist is not None:  # only h.step() ends steps: the flush collective never runs in a hook
@@ -121,8 +123,11 @@ class Handle:
                                device=model_device(model)) if tokens else None
         self._window = Window(self.routers, Recorder(len(self.routers), cap, flush_every,
                                                      model_device(model), self._faults), sampler, self._dist)
+        if not staging:
+            self._window.rec.stage.disable()
         cfg = {"probes": {"tokens": float(tokens), "flush_every": flush_every, "steps": steps,
-                          "padding": padding, "max_tokens_per_step": max_tokens_per_step, "seed": seed}}
+                          "padding": padding, "max_tokens_per_step": max_tokens_per_step, "seed": seed,
+                          "staging": staging}}
         cfg.update(config or {})
         self.writer = open_writer(default_root() if root is None else root, run,
                                   describe(model, self.routers), cfg, self._dist)
@@ -400,6 +405,12 @@ def attach(model: nn.Module, run: str, root=None, tokens: float = 0.0, flush_eve
       forward are not counted; their number is kept as the ``probes.padding_excluded`` signal)
       or ``"count"``. ``h.set_mask(mask)`` supplies a mask for models without that argument.
     * ``metrics_expert_labels``: with ``metrics_port``, also serve per-expert shares.
+    * ``staging``: True (default) counts a router's calls when the forward ends, from
+      references to its outputs, checked by autograd's version counters (``probes.staging``);
+      False counts every call when the router returns. Use False for a model that changes a
+      router's outputs after it returned through a write that bypasses version counters
+      (``tensor.data``, a NumPy view, DLPack, a custom kernel): staged counting cannot see such
+      a write and would count the changed values.
     * ``max_tokens_per_step`` (4096), ``seed`` (0), ``config`` (dict for the manifest),
       ``auto_step=False`` (old spelling of ``steps="manual"``).
 

@@ -54,6 +54,11 @@ A reference is only safe while nobody changes the tensor in place before the flu
 * A call outside any top-level forward (a router called by hand) is counted at once: nothing
   would flush it before the caller's own code runs. Tensors without storage of their own
   (``torch.func`` transforms, fake tensors) are counted at once too.
+* Not detected: a write that bypasses version counters (``.data``, a NumPy view, DLPack, a raw
+  kernel) to a router's *own* output buffer after it returned, in every forward or only later:
+  the flush counts the changed values (tests/probes/test_staging_break3.py, strict xfail).
+  Telling it would take a device compare per call and a host read. Such a model is attached
+  with ``probes.attach(..., staging=False)``: every call is counted when the router returns.
 
 Nothing here reads a value on the host.
 
@@ -148,11 +153,17 @@ class Stage:
         self.calls: list = []   # (mode, slot, Routed, versions or None, logit sum or None)
         self.nl = 0             # staged logits (elements) kept alive
         self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
+        self.enabled = True     # False: attach(staging=False), every call counted at once
         self._layouts: OrderedDict = OrderedDict()
 
     def reset(self) -> None:
         """The recorder's buffers were reallocated (grown, moved): column bases change."""
         self._layouts.clear()
+
+    def disable(self) -> None:
+        """Count every call at once from now on (``probes.attach(staging=False)``)."""
+        self.enabled = False
+        self.state[:] = [EAGER] * len(self.state)
 
     def push(self, mode: int, slot: int, routed: Routed) -> bool:
         """The hook's hot path, for a call of a running top-level forward whose router is
@@ -177,7 +188,7 @@ class Stage:
         counted at once (``Recorder.record``): a call outside any forward (nothing would flush
         it before the caller's own code runs), a router on probation (its call is then watched)
         or found to change its outputs in place, a call of more than ``MAX_CALL`` assignments."""
-        if not in_forward:
+        if not in_forward or not self.enabled:
             return False
         few = len(self.state) < COPIES_MIN_ROUTERS   # too few calls to pay copies back
         if few and mode == INFER:

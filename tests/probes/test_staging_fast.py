@@ -207,3 +207,14 @@ def test_one_sum_for_all_logits_is_used_only_when_they_share_shape_and_dtype(sto
                 h.step()
             lbufs = [layout[7] for layout in h._window.rec.stage._layouts.values()]
         assert lbufs and all((b is not None) == (name == "same") for b in lbufs), name
+
+
+@pytest.mark.parametrize("option, match", [({"staging": "no"}, "staging must be True"),
+                                           ({"padding": "drop"}, "padding must be"),
+                                           ({"flush_every": 0}, "flush_every must be")])
+def test_bad_attach_options_are_refused_before_anything_is_hooked_or_written(store_root, option, match):
+    model = MoE([Router(), Router()])
+    with pytest.raises(probes.ProbeError, match=match):
+        probes.attach(model, run="bad", root=store_root, **option)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not (store_root / "bad").exists() and not any(store_root.glob("**/*.parquet"))
