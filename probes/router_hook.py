@@ -48,7 +48,7 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
         if h is None or not h._active or module is not router_ref():
             return None   # detached, or a deep copy of the model that carries this hook
         st = fwd.tls
-        mode = st.root_mode
+        mode, routed = st.root_mode, None
         if mode is not None and mode != INFER and state[slot] == STAGED and sampler is None \
                 and not is_compiling():
             ctx = st.ctx[stack]
@@ -75,7 +75,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             return None   # activation recompute: these tokens were counted in the forward
         t0 = 0.0 if compiling else clock()
         try:
-            routed = parse(module, args, output)
+            if routed is None:   # (else the hot path parsed it and handed it over: parsed once)
+                routed = parse(module, args, output)
             ctx = st.ctx[stack]
             if ctx is None:
                 mode = st.root_mode if st.root_mode is not None else mode_index(module)

@@ -218,3 +218,37 @@ def test_bad_attach_options_are_refused_before_anything_is_hooked_or_written(sto
         probes.attach(model, run="bad", root=store_root, **option)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not (store_root / "bad").exists() and not any(store_root.glob("**/*.parquet"))
+
+
+def test_a_call_the_hot_path_hands_over_is_parsed_once(store_root):
+    """A staged router starts returning capacity drops (the hot path cannot stage them and hands
+    the call to the general path): its output is parsed once per call, and counted exactly."""
+    model = MoE([Router(), Router()])
+    r = model.routers[1]
+    forward = r.forward
+
+    def with_drops(x):
+        logits, w, idx = forward(x)
+        return logits, w, idx, (torch.zeros(idx.shape, dtype=torch.bool) if r.drops else None)
+
+    r.forward, r.drops = with_drops, False
+    calls = {"n": 0}
+    from probes.discovery import _native_parse
+
+    def counting_parse(module, args, output):
+        calls["n"] += module is r
+        return _native_parse(module, args, output)
+
+    def before(s):
+        r.drops = s >= 2
+        if s == 2:
+            calls["n"] = 0
+    import probes.discovery as discovery
+    orig = discovery._native_parse
+    discovery._native_parse = counting_parse
+    try:
+        truth, got, states, stats, _, _ = run(model, store_root, "handover", 4, before)
+    finally:
+        discovery._native_parse = orig
+    assert calls["n"] == 2   # steps 2 and 3: one parse each
+    assert stats["faults"] == 0 and [got.get(s, {}) for s in range(4)] == truth
