@@ -240,11 +240,12 @@ def _routing(root, run_id):
         "and tokens > 0 order by all", [run_id]).fetchall()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "jetmoe", "switch_transformers"])
 def test_staging_off_and_on_store_the_same_rows_for_hf_models(store_root, family):
     """Two handles on one random-weight HF model, ``staging=False`` and the default: steps of
     training with backward, eval, ``no_grad`` and ``inference_mode``; both runs store the same
-    rows (step, layer, expert, mode, tokens, weight sum) and signals (holds)."""
+    rows (step, layer, expert, mode, tokens, weight sum) (holds; qwen2_moe, qwen3_moe, olmoe,
+    phimoe, granitemoe held too, left out for time)."""
     model = getattr(T, family)()
     inputs = T.batch(model)
     with probes.attach(model, run="off", root=store_root, steps="manual", flush_every=2, staging=False) as off, \
@@ -259,7 +260,8 @@ def test_staging_off_and_on_store_the_same_rows_for_hf_models(store_root, family
             off.step()
             on.step()
         assert set(off._window.rec.stage.state) == {staging.EAGER} and not off._window.rec.stage.calls
-        assert staging.STAGED in on._window.rec.stage.state
+        # (Switch routers drop tokens past capacity: counted at once, never staged)
+        assert (staging.STAGED in on._window.rec.stage.state) == (family != "switch_transformers")
     assert _routing(store_root, "off") == _routing(store_root, "on") != []
     assert off.stats()["faults"] == on.stats()["faults"] == 0
 
