@@ -294,3 +294,45 @@ def test_staging_off_from_two_threads_under_inference_mode(store_root):
         h.step()
     assert not errors
     assert diff([count(calls)], stored(store_root, "thr")) == [] and h.stats()["faults"] == 0
+
+
+# ----------------------------------------------------------------------------- window close mid-forward
+
+
+def _totals(per_step) -> dict:
+    out: dict = {}
+    for cells in per_step.values() if isinstance(per_step, dict) else per_step:
+        for key, (n, w) in cells.items():
+            t = out.get(key, (0, 0.0))
+            out[key] = (t[0] + n, t[1] + w)
+    return out
+
+
+def test_a_window_closed_in_mid_forward_after_growth_then_a_prune(store_root):
+    """At step 3, router 1 grows to 40 experts before its first call (staged; the recorder
+    widens), is pruned back to 8 after it, then ``h.flush()`` closes the window in mid-forward
+    (the staged calls counted, the window's widest reset) and router 1 is called again with 8.
+    Nothing is lost or counted twice (all steps summed: the flush splits that forward's
+    step), no invalid index is reported, and the closed window's rows reach expert 39 (holds)."""
+    model = MoE([Router(), Router(), Router()], order=[0, 1, 2, 1])
+    box: dict = {"s": 0}
+    r = model.routers[1]
+
+    def after(pos, i):
+        if box["s"] != 3:
+            return
+        if pos == 0:
+            r.n_experts = r.width = 40
+        elif pos == 1:
+            r.n_experts = r.width = 8
+            box["h"].flush()
+
+    def before(s, h):
+        box["s"], box["h"] = s, h
+
+    model.after = after
+    truth, got, stats, states = run(model, store_root, "midclose", steps=5, before=before, flush_every=2)
+    assert diff([_totals(truth)], {0: _totals(got)}) == []
+    assert max(e for (layer, e) in _totals(got) if layer == 1) >= 8
+    assert stats["faults"] == 0 and stats["invalid_indices"] == 0
+    assert states == [staging.STAGED] * 3
