@@ -81,16 +81,17 @@ class Recorder:
 
     def _alloc(self) -> None:
         with torch.inference_mode(False):   # grow() may run in a hook under inference mode
-            self._alloc_buffers()
+            self.acc, self.win, self.hist, self._spare = self._buffers(self.capacity)
             self._bind_views()
 
-    def _alloc_buffers(self) -> None:
-        shape = (N_KINDS, len(MODES), self.n_slots, self.capacity + 2)
-        self.acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        self.win = torch.zeros(shape, dtype=torch.float64, device=self.device)
+    def _buffers(self, capacity: int) -> tuple:
+        """New zero ``acc``, ``win``, ``hist``, spare history buffers for ``capacity`` experts."""
+        shape = (N_KINDS, len(MODES), self.n_slots, capacity + 2)
+        acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        win = torch.zeros(shape, dtype=torch.float64, device=self.device)
         # both history buffers are allocated (and their pages touched) here, not in a step
-        self.hist = torch.zeros((self.history, *shape), dtype=torch.float64, device=self.device)
-        self._spare = torch.zeros_like(self.hist)
+        hist = torch.zeros((self.history, *shape), dtype=torch.float64, device=self.device)
+        return acc, win, hist, torch.zeros_like(hist)
 
     def _bind_views(self) -> None:
         """Per (mode, slot): tokens + weight ``[2, C]``, dropped ``[C]``, logit-sum and padding
@@ -116,12 +117,15 @@ class Recorder:
         """Widen the expert dimension (lifecycle added experts); keeps what was counted. The
         spare history buffer is not copied (a job may still read the old one: it keeps it)."""
         self.stage.flush()
-        old, old_cap = (self.acc, self.win, self.hist), self.capacity
-        self.capacity = int(capacity)
-        self._alloc()
-        for new, prev in zip((self.acc, self.win, self.hist), old):
-            new[..., : old_cap + 1].copy_(prev[..., : old_cap + 1])
-            new[..., self.capacity + 1].copy_(prev[..., old_cap + 1])
+        old, old_cap, cap = (self.acc, self.win, self.hist), self.capacity, int(capacity)
+        with torch.inference_mode(False):
+            bufs = self._buffers(cap)   # (an allocation failure leaves the recorder as it was)
+            for new, prev in zip(bufs, old):
+                new[..., : old_cap + 1].copy_(prev[..., : old_cap + 1])
+                new[..., cap + 1].copy_(prev[..., old_cap + 1])
+            self.capacity = cap
+            self.acc, self.win, self.hist, self._spare = bufs
+            self._bind_views()
 
     @property
     def nbytes(self) -> int:

@@ -36,7 +36,9 @@ A reference is only safe while nobody changes the tensor in place before the flu
   only in models with at least ``COPIES_MIN_ROUTERS`` routers, since the flush's fixed cost
   is paid back only over many calls (measured on CPU, ``benchmarks/probe_overhead.py`` and
   ``probe_scale.py --inference``: 4 routers 25-35 % slower than counting at once, 61 routers
-  ~10 % faster; on CUDA, where the saving is kernel launches, unmeasured).
+  ~10 % faster; on CUDA, where the saving is kernel launches, unmeasured). A call whose weights
+  or logits are inference tensors but whose indices are not (a router that computes its logits
+  under ``inference_mode`` in a normal forward) is counted at once.
 * Elsewhere (training, ``no_grad``) a call stages references and the version counters of its
   indices, weights and logits. Each router starts *on probation*: its calls are counted at
   once and watched; when the top-level forward of the watching thread ends (not at another
@@ -169,18 +171,22 @@ class Stage:
         """The hook's hot path, for a call of a running top-level forward whose router is
         ``STAGED`` (the hook checked) and that has no padding mask and no sampled tokens:
         stage a reference and its version counters. False when the call needs ``add`` (capacity
-        drops, inference tensors, the ``MAX_LOGITS`` bound). Caller holds the lock."""
+        drops, inference tensors, the ``MAX_LOGITS`` bound, a router no longer ``STAGED``: another
+        thread's flush found a call changed in place). Caller holds the lock."""
         indices, weights, dropped, logits = routed
-        if dropped is not None or indices.is_inference():
+        if dropped is not None or indices.is_inference() or self.state[slot] != STAGED:
             return False
-        lv = -1
+        try:
+            versions = (indices._version, -1 if weights is None else weights._version,
+                        -1 if logits is None else logits._version)
+        except RuntimeError:   # weights or logits are inference tensors (no version counter)
+            return False
         if logits is not None:
             nl = self.nl + logits.numel()
             if nl > MAX_LOGITS:
                 return False
-            self.nl, lv = nl, logits._version
-        self.calls.append((mode, slot, routed, (indices._version, -1 if weights is None else weights._version, lv),
-                           None))
+            self.nl = nl
+        self.calls.append((mode, slot, routed, versions, None))
         return True
 
     def add(self, mode: int, slot: int, routed: Routed, in_forward: bool) -> bool:
@@ -209,9 +215,12 @@ class Stage:
                                                   else routed.weights.clone()), None, norm))
             return True
         state = self.state[slot]
-        weights = routed.weights   # (same mode as the indices: not inference tensors either)
-        versions = (routed.indices._version, -1 if weights is None else weights._version,
-                    -1 if logits is None else logits._version)
+        weights = routed.weights
+        try:
+            versions = (routed.indices._version, -1 if weights is None else weights._version,
+                        -1 if logits is None else logits._version)
+        except RuntimeError:   # weights or logits are inference tensors, the indices not (a router
+            return False       # that computes its logits under inference_mode): counted at once
         if state != STAGED:
             if state == PROBATION and len(self.watch) < 8 * len(self.state):
                 self.watch.append((threading.get_ident(), slot, (routed.indices, weights, logits), versions))

@@ -51,9 +51,9 @@ class Window:
         may grow or prune experts, even between a call and its forward's end): keep the window's
         widest (a later shrink must not cut this window's counts) and widen the recorder if the
         call no longer fits. Only called when ``n`` exceeds the widest so far (lock held)."""
-        self.widest[slot] = n
-        if n > self.rec.capacity:
+        if n > self.rec.capacity:   # first: widest never exceeds the capacity, even when growing fails
             self.rec.grow(max(n, 2 * self.rec.capacity))
+        self.widest[slot] = n
 
     def experts(self) -> list[int]:
         """Expert count per router for the window being closed: the largest seen in it."""
