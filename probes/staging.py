@@ -48,7 +48,7 @@ A reference is only safe while nobody changes the tensor in place before the flu
   are checked again: a call whose indices or weights changed anyway is not counted (its values
   are no longer the router's), one whose logits changed is counted without its non-finite
   check; either is a telemetry fault, and the router is counted at once from then on. Nothing
-  is ever counted from values other than the router returned.
+  is counted from values other than the router returned, as far as version counters tell.
 * Calls whose indices or weights start at the same address as another call's (one buffer
   rewritten by each call, perhaps by a writer that bypasses version counters: ``.data``, a raw
   kernel, DLPack) are not trusted: in a probation forward the router stays eager, at a flush
@@ -57,21 +57,19 @@ A reference is only safe while nobody changes the tensor in place before the flu
   would flush it before the caller's own code runs. Tensors without storage of their own
   (``torch.func`` transforms, fake tensors) are counted at once too.
 * Not detected: a write that bypasses version counters (``.data``, a NumPy view, DLPack, a raw
-  kernel) to a router's *own* output buffer after it returned, in every forward or only later:
-  the flush counts the changed values (tests/probes/test_staging_break3.py, strict xfail).
-  Telling it would take a device compare per call and a host read. Such a model is attached
-  with ``probes.attach(..., staging=False)``: every call is counted when the router returns.
+  kernel) to a router's own output after it returned: the flush counts the changed values
+  (``tests/probes/test_staging_break3_handles.py``, strict xfail; telling it would take a device
+  compare per call and a host read). ``probes.attach(..., staging=False)`` counts every call
+  when its router returns.
 
 Nothing here reads a value on the host.
 
 Memory: staged references (and copies) keep tensors alive until the forward ends, bounded by
-``MAX_LOGITS`` elements (logits referenced, indices and weights copied; a fuller stage is
-flushed first: 64 MiB of float32 logits). Only calls of at most ``MAX_CALL`` top-k assignments
-are staged (larger ones are counted at once, see there); a flush counts at most
-``MAX_ASSIGNMENTS`` per batch. Per distinct forward layout (the (mode, router, assignments) of each
-call; training repeats one), for the last ``_LAYOUTS``: three int64 vectors (raw indices,
-column bases, columns) and a float64 ``[2, N]`` source for its ``N`` assignments, 40 bytes
-per assignment (20 MiB at the bound).
+``MAX_LOGITS`` elements (a fuller stage is flushed first: 64 MiB of float32 logits); calls of
+more than ``MAX_CALL`` assignments are counted at once; a flush counts at most
+``MAX_ASSIGNMENTS`` per batch. Per forward layout (the last ``_LAYOUTS``): three int64 vectors
+and a float64 ``[2, N]`` source, 40 bytes per assignment (20 MiB at the bound), plus the
+concatenated logits when summed in one op (at most ``_LCAT`` elements).
 """
 from __future__ import annotations
 
