@@ -4,7 +4,8 @@ The training thread enqueues closures and gets a ticket per job (``ticket.wait()
 the handle waits for a window's ticket when the next step ends (durability: a crash
 loses at most one flush interval), and ``h.flush()`` and detach wait for everything queued. The queue is bounded
 (jobs submitted outside a window close, e.g. ``record_decisions``); a job that
-does not fit is dropped and its rows counted in ``rows_dropped``. Every
+does not fit is dropped and its rows counted in ``rows_dropped``, as are the rows of a
+window whose rows could not be built (``Sink.submit_window``). Every
 failure is counted and logged once per kind; nothing raises into the caller.
 """
 from __future__ import annotations
@@ -39,9 +40,18 @@ class BackgroundWriter:
                 return done
             except queue.Full:
                 self._fault(RuntimeError("telemetry queue full; dropping a batch (disk slower than training)"))
-        self.rows_dropped += rows() if callable(rows) else rows
+        self.count_dropped(rows)
         done.set()
         return done
+
+    def count_dropped(self, rows) -> None:
+        """Count ``rows`` (an int, or a callable giving it) as dropped: a job that could not be
+        queued, or one that failed before any of its rows reached the writer. A count that
+        cannot be computed (the job's data is what failed) is not added."""
+        try:
+            self.rows_dropped += rows() if callable(rows) else rows
+        except Exception:
+            pass
 
     def _fault(self, e: BaseException) -> None:
         self.errors += 1

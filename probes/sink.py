@@ -101,9 +101,18 @@ class Sink:
 
     def submit_window(self, job: WindowJob, routers: list, stage, faults):
         """Queue a closed window: built (``probes.window.finish``) and written on the
-        background thread. Returns the ticket (``.wait()``)."""
-        return self._bg.submit(lambda w: write_window(w, finish(job, routers, stage, faults)),
-                               rows=lambda: job_rows(job))
+        background thread. Returns the ticket (``.wait()``). A window whose rows cannot be built
+        is a write error (``write_errors``) and its routing and token rows count as dropped
+        (``rows_dropped``), as when the queue is full."""
+        def write(w):
+            try:
+                closed = finish(job, routers, stage, faults)
+            except Exception:   # nothing of this window reached the writer
+                self._bg.count_dropped(lambda: job_rows(job))
+                raise
+            write_window(w, closed)
+
+        return self._bg.submit(write, rows=lambda: job_rows(job))
 
     def submit_decisions(self, rows: list[dict]):
         return self._bg.submit(lambda w: w.log_rows("decisions", rows), rows=len(rows))
