@@ -8,8 +8,9 @@ tokens): parse the router's own output into a ``probes.routing.Routed`` (the ada
 reference (``Stage.push``, under the lock), nothing else; counting waits for the forward's end
 (``Stage.flush``).
 
-Otherwise, per call: parse, read the expert count (as above), pick the forward's context (mode, padding mask) from the stack's
-``ForwardState``, and stage the call or, with a padding mask, capacity drops, under
+Otherwise, per call: parse, read the expert count (as above), pick the forward's context
+(mode, padding mask) from the stack's ``ForwardState``, and stage the call or, with a
+padding mask, capacity drops, under
 ``torch.compile``, on probation or under ``inference_mode`` in a model with few routers,
 count it at once (``Recorder.record``: device ``index_add_``, no host sync); when tokens are
 sampled, also hand it to ``TokenSampler.sample``. Returns None (a value would replace the

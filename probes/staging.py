@@ -23,9 +23,9 @@ negative indices, whose weight sum nothing reads) and adds 0 tokens: it only fla
 logits. Finite logits whose float32 sum leaves float32's range (|sum| > 3.4e38: ~1e32 per
 logit at 4096 tokens x 256 experts) are flagged too, on every path alike: an exact check
 costs more per call on CPU (measured at [4096, 256] float32, 1 thread: float64 sum 12x,
-``aminmax`` 2.4x, an L2 norm overflows earlier, the max-|logit| norm ~10x more). The eager path, still used under ``torch.compile``, for
-padding masks and capacity drops, mixes with this one in any order (float64 sums of
-integers are exact). SGLang's expert-distribution recorder has the same shape
+``aminmax`` 2.4x, an L2 norm overflows earlier, the max-|logit| norm ~10x more). The eager
+path, still used under ``torch.compile``, for padding masks and capacity drops, mixes with
+this one in any order (float64 sums of integers are exact). SGLang's expert-distribution recorder has the same shape
 (python/sglang/srt/eplb/expert_distribution.py: each layer writes its top-k ids into a
 preallocated buffer, counted once per forward pass); here the per-layer write is gone too.
 
