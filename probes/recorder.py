@@ -27,7 +27,7 @@ the filled history buffer to the caller (the background writer reads it) and swi
 to a second one (double buffering; the caller must be done with a buffer before the
 next-but-one ``swap``), and copies only ``win`` to the host. Non-finite router outputs
 are detected from the per-step sums (NaN / Inf propagate): weight sums and logit sums
-(``staging.logit_sum``, float32 at least; eager path: the logit cell of the SCALARS kind,
+(``ops.logit_sum``, float32 at least; eager path: the logit cell of the SCALARS kind,
 staged path: the weight cell of column 0, which no weight sum uses).
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ from chrono.schema import MODES   # the one owner of the mode names; indices bel
 
 from .records import WindowArrays
 from .routing import Routed
-from .staging import Stage, logit_sum
+from .ops import grad_off, logit_sum
+from .staging import Stage
 
 TRAIN, EVAL, INFER = (MODES.index(m) for m in ("TRAIN", "EVAL", "INFER"))
 TOKENS, WEIGHT, DROPPED, SCALARS = 0, 1, 2, 3
@@ -189,7 +190,7 @@ class Recorder:
         """
         indices, weights, dropped, logits = routed
         tw, drop_row, logit_cell, pad_cell = self._views[mode][slot]
-        with torch.no_grad():
+        with grad_off():
             col = indices.add(1).clamp_(0, self._last_col).reshape(-1)
             if col.dtype != torch.int64:
                 col = col.long()

@@ -80,6 +80,7 @@ import torch
 
 from chrono.schema import MODES
 
+from .ops import grad_off_eager, logit_sum
 from .routing import Routed
 
 MAX_ASSIGNMENTS = 1 << 19   # (token, k) assignments counted by one index_add_
@@ -97,15 +98,6 @@ _LCAT = 1 << 20             # logits (elements) of one flush concatenated for on
 # ... from this many calls with logits: fewer calls save fewer ops than the copy costs (CPU,
 # interleaved: 61 calls of 8 x 256 logits 12 % less in-hook time, 4 calls of 1024 x 8 ~3 % more)
 _LCAT_MIN_CALLS = 8
-
-
-def logit_sum(logits: torch.Tensor) -> torch.Tensor:
-    """0-d sum of ``logits``, non-finite when a logit is: float16 / bfloat16 summed in float32
-    (their own sum of finite logits overflows past 65504), float32 / float64 as they are (a
-    float32 sum overflows only past 3.4e38)."""
-    if logits.dtype in (torch.float32, torch.float64):
-        return logits.sum()
-    return logits.sum(dtype=torch.float32)
 
 
 def _addresses(routed: Routed) -> tuple | None:
@@ -245,7 +237,7 @@ class Stage:
         addresses = [None if c[3] is None else _addresses(c[2]) for c in calls]
         flat = [a for pair in addresses if pair is not None for a in pair if a]
         shared = _reused(addresses) if len(set(flat)) < len(flat) else ()
-        with torch.no_grad():
+        with grad_off_eager():
             batch, n = [], 0
             for j, ((mode, slot, routed, versions, norm), address) in enumerate(zip(calls, addresses)):
                 indices, weights, _, logits = routed

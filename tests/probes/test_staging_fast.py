@@ -252,3 +252,54 @@ def test_a_call_the_hot_path_hands_over_is_parsed_once(store_root):
         discovery._native_parse = orig
     assert calls["n"] == 2   # steps 2 and 3: one parse each
     assert stats["faults"] == 0 and [got.get(s, {}) for s in range(4)] == truth
+
+
+@pytest.mark.parametrize("ctx", [torch.enable_grad, torch.no_grad, torch.inference_mode],
+                         ids=["train", "no_grad", "inference"])
+def test_counting_never_joins_the_autograd_graph(store_root, ctx):
+    """Counting switches grad mode off only when it is on (``grad_off``): whatever the mode,
+    the recorder's buffers never require grad nor carry a ``grad_fn`` (in training, a copy of
+    the router's weights into them would otherwise join the graph), through probation (counted
+    at once) and staged forwards, and counts stay exact."""
+    model = MoE([Router(), Router()])
+    if ctx is torch.inference_mode:
+        truth, got = _inference_run(model, store_root)
+    else:
+        truth, got, _, _, _, _ = run(model, store_root, "grad", 4, grad=ctx is torch.enable_grad)
+    assert [got.get(s, {}) for s in range(len(truth))] == truth
+    with probes.attach(model, run="grad2", root=store_root, steps="manual") as h:
+        for _ in range(3):
+            with ctx():
+                out = model(torch.randint(1, T.VOCAB, (3, 7)))
+            if ctx is torch.enable_grad:
+                out.backward()
+            rec = h._window.rec
+            for t in (rec.acc, rec.win, rec.tw_cells):
+                assert not t.requires_grad and t.grad_fn is None
+            h.step()
+
+
+def _inference_run(model, root):
+    calls: list = []
+    handles = [r.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out[2].clone())))
+               for i, r in enumerate(model.routers)]
+    ids = torch.randint(1, T.VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    truth = []
+    with probes.attach(model, run="ginf", root=root, steps="manual", flush_every=2) as h:
+        for _ in range(4):
+            del calls[:]
+            with torch.inference_mode():
+                model(ids)
+            want: dict = {}
+            for layer, idx in calls:
+                for e, n in zip(*np.unique(idx.reshape(-1).numpy(), return_counts=True)):
+                    want[layer, int(e)] = want.get((layer, int(e)), 0) + int(n)
+            truth.append(want)
+            h.step()
+    for hd in handles:
+        hd.remove()
+    got: dict = {}
+    for step, layer, e, n in chrono.connect(root).execute(
+            "select step, layer, expert, tokens from routing where run_id = 'ginf' and tokens > 0").fetchall():
+        got.setdefault(step, {})[layer, e] = n
+    return truth, got
