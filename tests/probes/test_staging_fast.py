@@ -69,8 +69,9 @@ class MoE(torch.nn.Module):
         return x.sum()
 
 
-def run(model, root, run_id, steps, before=None, grad=False):
-    """Per step, the truth [(layer, indices)] and the stored {(layer, expert): tokens}."""
+def run(model, root, run_id, steps, before=None, grad=False, infer=False):
+    """Per step, the truth [(layer, indices)] and the stored {(layer, expert): tokens}; forwards
+    in training (``grad``), under ``inference_mode`` (``infer``) or else under ``no_grad``."""
     calls: list = []
     for i, r in enumerate(model.routers):
         r.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out[2].detach().clone())))
@@ -85,7 +86,7 @@ def run(model, root, run_id, steps, before=None, grad=False):
                 out = model(ids)
                 out.backward()
             else:
-                with torch.no_grad():
+                with torch.inference_mode() if infer else torch.no_grad():
                     out = model(ids)
             outs.append(float(out))
             want: dict = {}
@@ -262,10 +263,8 @@ def test_counting_never_joins_the_autograd_graph(store_root, ctx):
     the router's weights into them would otherwise join the graph), through probation (counted
     at once) and staged forwards, and counts stay exact."""
     model = MoE([Router(), Router()])
-    if ctx is torch.inference_mode:
-        truth, got = _inference_run(model, store_root)
-    else:
-        truth, got, _, _, _, _ = run(model, store_root, "grad", 4, grad=ctx is torch.enable_grad)
+    truth, got, _, _, _, _ = run(model, store_root, "grad", 4, grad=ctx is torch.enable_grad,
+                                 infer=ctx is torch.inference_mode)
     assert [got.get(s, {}) for s in range(len(truth))] == truth
     with probes.attach(model, run="grad2", root=store_root, steps="manual") as h:
         for _ in range(3):
@@ -277,29 +276,3 @@ def test_counting_never_joins_the_autograd_graph(store_root, ctx):
             for t in (rec.acc, rec.win, rec.tw_cells):
                 assert not t.requires_grad and t.grad_fn is None
             h.step()
-
-
-def _inference_run(model, root):
-    calls: list = []
-    handles = [r.register_forward_hook(lambda m, a, out, i=i: calls.append((i, out[2].clone())))
-               for i, r in enumerate(model.routers)]
-    ids = torch.randint(1, T.VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
-    truth = []
-    with probes.attach(model, run="ginf", root=root, steps="manual", flush_every=2) as h:
-        for _ in range(4):
-            del calls[:]
-            with torch.inference_mode():
-                model(ids)
-            want: dict = {}
-            for layer, idx in calls:
-                for e, n in zip(*np.unique(idx.reshape(-1).numpy(), return_counts=True)):
-                    want[layer, int(e)] = want.get((layer, int(e)), 0) + int(n)
-            truth.append(want)
-            h.step()
-    for hd in handles:
-        hd.remove()
-    got: dict = {}
-    for step, layer, e, n in chrono.connect(root).execute(
-            "select step, layer, expert, tokens from routing where run_id = 'ginf' and tokens > 0").fetchall():
-        got.setdefault(step, {})[layer, e] = n
-    return truth, got
