@@ -40,10 +40,14 @@ def grad_off_eager():
     return _GRAD_OFF if torch.is_grad_enabled() else _NULL
 
 
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype logits of ``dtype`` are summed in: float32 / float64 as they are, float16 /
+    bfloat16 in float32 (their own sum of finite logits overflows past 65504)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def logit_sum(logits: torch.Tensor) -> torch.Tensor:
-    """0-d sum of ``logits``, non-finite when a logit is: float16 / bfloat16 summed in float32
-    (their own sum of finite logits overflows past 65504), float32 / float64 as they are (a
-    float32 sum overflows only past 3.4e38)."""
-    if logits.dtype in (torch.float32, torch.float64):
-        return logits.sum()
-    return logits.sum(dtype=torch.float32)
+    """0-d sum of ``logits`` in ``sum_dtype``, non-finite when a logit is (a float32 sum
+    overflows only past 3.4e38)."""
+    dtype = sum_dtype(logits.dtype)
+    return logits.sum() if dtype == logits.dtype else logits.sum(dtype=dtype)

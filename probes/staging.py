@@ -80,7 +80,7 @@ import torch
 
 from chrono.schema import MODES
 
-from .ops import grad_off_eager, logit_sum
+from .ops import grad_off_eager, logit_sum, sum_dtype
 from .routing import Routed
 
 MAX_ASSIGNMENTS = 1 << 19   # (token, k) assignments counted by one index_add_
@@ -123,6 +123,19 @@ def _reused(addresses: list) -> set:
     return {i for group in seen.values() if len(group) > 1 for i in group}
 
 
+def _versions(routed: Routed) -> tuple | None:
+    """Version counters of a call's indices, weights and logits (-1 for None); None when its
+    weights or logits are inference tensors (no version counter) while its indices are not (a
+    router that computes its logits under ``inference_mode`` in a normal forward): such a call
+    is counted at once."""
+    indices, weights, _, logits = routed
+    try:
+        return (indices._version, -1 if weights is None else weights._version,
+                -1 if logits is None else logits._version)
+    except RuntimeError:
+        return None
+
+
 def _on(device: torch.device, values: list[int]) -> torch.Tensor:
     """A small long tensor on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
     t = torch.tensor(values, dtype=torch.int64)
@@ -163,13 +176,11 @@ class Stage:
         stage a reference and its version counters. False when the call needs ``add`` (capacity
         drops, inference tensors, the ``MAX_LOGITS`` bound, a router no longer ``STAGED``: another
         thread's flush found a call changed in place). Caller holds the lock."""
-        indices, weights, dropped, logits = routed
+        indices, _, dropped, logits = routed
         if dropped is not None or indices.is_inference() or self.state[slot] != STAGED:
             return False
-        try:
-            versions = (indices._version, -1 if weights is None else weights._version,
-                        -1 if logits is None else logits._version)
-        except RuntimeError:   # weights or logits are inference tensors (no version counter)
+        versions = _versions(routed)
+        if versions is None:
             return False
         if logits is not None:
             nl = self.nl + logits.numel()
@@ -205,15 +216,13 @@ class Stage:
                                                   else routed.weights.clone()), None, norm))
             return True
         state = self.state[slot]
-        weights = routed.weights
-        try:
-            versions = (routed.indices._version, -1 if weights is None else weights._version,
-                        -1 if logits is None else logits._version)
-        except RuntimeError:   # weights or logits are inference tensors, the indices not (a router
-            return False       # that computes its logits under inference_mode): counted at once
+        versions = _versions(routed)
+        if versions is None:
+            return False
         if state != STAGED:
             if state == PROBATION and len(self.watch) < 8 * len(self.state):
-                self.watch.append((threading.get_ident(), slot, (routed.indices, weights, logits), versions))
+                self.watch.append((threading.get_ident(), slot, (routed.indices, routed.weights, logits),
+                                   versions))
             return False
         if logits is not None:
             nl = logits.numel()
@@ -352,9 +361,10 @@ class Stage:
         j = len(norm_bases)
         k = key[0][2][-1] if key[0][2] else 0
         flat = not all(len(ish) == 2 and ish[1] == k and wsh == ish for _, _, ish, wsh, _, _ in key)
-        shapes = {lg for _, _, _, _, lg, _ in key if lg is not None}
-        lcat = (j >= _LCAT_MIN_CALLS and not any(norm for *_, norm in key) and len(shapes) == 1 and len(next(iter(shapes))[0]) >= 1
-                and j * next(iter(shapes))[0].numel() <= _LCAT)
+        shapes = {lg for _, _, _, _, lg, _ in key if lg is not None}   # (shape, dtype) of the logits
+        one = next(iter(shapes)) if len(shapes) == 1 else None
+        lcat = (j >= _LCAT_MIN_CALLS and one is not None and len(one[0]) >= 1 and j * one[0].numel() <= _LCAT
+                and not any(norm for *_, norm in key))
         with torch.inference_mode(False):   # written in place by later flushes in any mode
             base = torch.repeat_interleave(_on(rec.device, bases + norm_bases),
                                            _on(rec.device, sizes + [1] * j), output_size=n + j)
@@ -364,8 +374,7 @@ class Stage:
             ix, wx = (None, None) if flat else (raw[:n].view(-1, k), src[1, :n].view(-1, k))
             lbuf = None
             if lcat:
-                shape, dtype = next(iter(shapes))
-                dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+                shape, dtype = one[0], sum_dtype(one[1])
                 lbuf = (torch.empty((j * shape[0], *shape[1:]), dtype=dtype, device=rec.device),
                         torch.empty(j, dtype=dtype, device=rec.device))
             hit = self._layouts[key] = (raw, base, torch.empty_like(raw), src, ix, wx, src[1, n:], lbuf)
