@@ -69,7 +69,7 @@ SHAPES = {"small": {"hidden": 128, "ffn": 256}, "mixtral_like": {"hidden": 512, 
 # default (seq, rounds) per shape: a Mixtral-like training step of 8 x 128 tokens costs ~3.5 s of
 # CPU here, so that shape runs 8 x 64 tokens and 10 rounds unless --seq / --rounds say otherwise
 DEFAULTS = {"small": (128, 14), "mixtral_like": (64, 10)}
-LAYERS, EXPERTS, TOP_K, VOCAB = 4, 8, 2, 1024
+LAYERS, EXPERTS, TOP_K, VOCAB = 4, 8, 2, 1024   # LAYERS: the default depth (--layers)
 ARMS = ["none_a", "none_b", "chrono_aggregate", "chrono_tokens_1pct", "sglang_style",
         "bincount_floor", "hf_router_logits", "naive_json"]
 
@@ -134,10 +134,11 @@ class SGLangStyle(HookArm):
 
     def __init__(self, model, ring=64, device="cpu"):
         super().__init__(model)
-        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int32, device=device)
-        self.ring = torch.zeros(ring, LAYERS, EXPERTS, dtype=torch.int32, device=device)
+        layers = len(self.handles)
+        self.buf = torch.zeros(layers, EXPERTS, dtype=torch.int32, device=device)
+        self.ring = torch.zeros(ring, layers, EXPERTS, dtype=torch.int32, device=device)
         self.n = 0
-        self.total = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64, device=device)
+        self.total = torch.zeros(layers, EXPERTS, dtype=torch.int64, device=device)
 
     def _count(self, layer, idx):
         ids = idx.reshape(-1)
@@ -157,7 +158,7 @@ class SGLangStyle(HookArm):
 class BincountFloor(HookArm):
     def __init__(self, model, device="cpu"):
         super().__init__(model)
-        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64, device=device)
+        self.buf = torch.zeros(len(self.handles), EXPERTS, dtype=torch.int64, device=device)
 
     def _count(self, layer, idx):
         self.buf[layer] += torch.bincount(idx.reshape(-1), minlength=EXPERTS)
@@ -173,7 +174,7 @@ class NaiveJson(HookArm):
         super().__init__(model)
         self.f = open(path, "w")
         self.step = 0
-        self.buf = np.zeros((LAYERS, EXPERTS), dtype=np.int64)
+        self.buf = np.zeros((len(self.handles), EXPERTS), dtype=np.int64)
         self.handles = [r.register_forward_hook(self._json_hook(i)) for i, r in enumerate(routers(model))]
         # (replaces HookArm's handles: this arm needs the weights too)
 
@@ -210,9 +211,9 @@ class HFRouterLogits(Arm):
 
     forward_kwargs = {"output_router_logits": True}
 
-    def __init__(self, device="cpu"):
+    def __init__(self, layers, device="cpu"):
         super().__init__()
-        self.buf = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64, device=device)
+        self.buf = torch.zeros(layers, EXPERTS, dtype=torch.int64, device=device)
 
     def after_forward(self, out):
         t0 = CLOCK()
@@ -243,6 +244,7 @@ class ChronoArm(Arm):
     def __init__(self, model, root, run, tokens, package=None):
         super().__init__()
         self.root, self.run = root, run
+        self.layers = len(routers(model))
         self.h = (package or probes).attach(model, run=run, root=root, tokens=tokens, flush_every=50, steps="manual")
         self.h._active = False
         self.step_seconds = []
@@ -267,7 +269,7 @@ class ChronoArm(Arm):
 
     def stored_counts(self, step):
         con = chrono.connect(self.root)
-        out = np.zeros((LAYERS, EXPERTS), dtype=np.int64)
+        out = np.zeros((self.layers, EXPERTS), dtype=np.int64)
         for layer, e, n in con.execute("SELECT layer, expert, sum(tokens) FROM routing WHERE run_id = ? "
                                        "AND step = ? GROUP BY ALL", [self.run, step]).fetchall():
             out[layer, e] = n
@@ -275,14 +277,14 @@ class ChronoArm(Arm):
 
 
 def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: int, device="cpu",
-             base=None) -> dict:
+             base=None, layers: int = LAYERS) -> dict:
     """One (shape, mode): the correctness forward, then ``rounds`` interleaved rounds of all arms.
 
     On CUDA, step times include a ``torch.cuda.synchronize()`` at the end of each step; in-hook
     time is then the host time of the hooks (kernel launches), which is what blocks the
     training thread."""
     device = torch.device(device)
-    model = build(**SHAPES[shape]).to(device)
+    model = build(**SHAPES[shape], layers=layers).to(device)
     model.train(mode == "train")
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
@@ -293,7 +295,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
             "chrono_aggregate": ChronoArm(model, tmp, "aggregate", 0.0),
             "chrono_tokens_1pct": ChronoArm(model, tmp, "tokens", 0.01),
             "sglang_style": SGLangStyle(model, device=device), "bincount_floor": BincountFloor(model, device),
-            "hf_router_logits": HFRouterLogits(device), "naive_json": NaiveJson(model, os.path.join(tmp, "ev.jsonl"))}
+            "hf_router_logits": HFRouterLogits(layers, device), "naive_json": NaiveJson(model, os.path.join(tmp, "ev.jsonl"))}
     names = list(ARMS)
     if base is not None:
         arms["chrono_base"] = ChronoArm(model, tmp, "base", 0.0, package=base_probes(base))
@@ -384,14 +386,14 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
         for ref in ("sglang_style", "bincount_floor"):
             d = res[ref]["in_hook_net_ms"]
             res[n][f"in_hook_ratio_vs_{ref}"] = res[n]["in_hook_net_ms"] / d if d > 0 else None
-    return {"shape": shape, "mode": mode, "device": str(device), **SHAPES[shape], "layers": LAYERS, "experts": EXPERTS,
+    return {"shape": shape, "mode": mode, "device": str(device), **SHAPES[shape], "layers": layers, "experts": EXPERTS,
             "top_k": TOP_K, "batch": batch, "seq": seq, "rounds": rounds, "warmup": warmup,
             "base_ref": base, "counts_equal_floor": check, "arms": res, "loadavg_before": load_before,
             "loadavg_after": load_after, "uptime_after": uptime()}
 
 
 def table(cell: dict) -> str:
-    lines = [f"\n{cell['shape']} (hidden {cell['hidden']}), {cell['mode']}, batch {cell['batch']}x{cell['seq']}, "
+    lines = [f"\n{cell['shape']} (hidden {cell['hidden']}, {cell['layers']} layers), {cell['mode']}, batch {cell['batch']}x{cell['seq']}, "
              f"{cell['rounds']} interleaved rounds; load {cell['loadavg_before'][0]:.1f} -> "
              f"{cell['loadavg_after'][0]:.1f}; counts equal floor: "
              f"{all(v for k, v in cell['counts_equal_floor'].items() if k != 'floor_tokens')}",
@@ -413,6 +415,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds of all arms (default 14 small, 10 mixtral_like)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--layers", nargs="+", type=int, default=[LAYERS],
+                   help=f"MoE layers of the model (default {LAYERS}; e.g. --layers 4 32: 32 is Mixtral-8x7B's "
+                        "depth, where the fixed cost per forward is shared by 8x the router calls)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=None, help="tokens per row (default 128 small, 64 mixtral_like)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (benchmarks/gpu_check.py runs it)")
@@ -431,16 +436,18 @@ def main(argv=None) -> dict:
         a.rounds, a.warmup, a.batch, a.seq, a.shapes = 2, 1, 2, 32, ["small"]
     torch.set_num_threads(a.threads)
     cells = []
-    for shape in a.shapes:
-        for mode in a.modes:
-            dev = "" if a.device == "cpu" else "_" + a.device
+    dev = "" if a.device == "cpu" else "_" + a.device
+    tag = "" if a.base is None else f"_base-{a.base}"
+    for layers in a.layers:
+        depth = "" if layers == LAYERS else f"_L{layers}"
+        for shape in a.shapes:
             seq, rounds = a.seq or DEFAULTS[shape][0], a.rounds or DEFAULTS[shape][1]
-            tag = "" if a.base is None else f"_base-{a.base}"
-            path = Path(a.cache) / f"{shape}_{mode}_{a.batch}x{seq}_r{rounds}{dev}{tag}.json"
-            cell = cached(path, lambda: run_cell(shape, mode, rounds, a.warmup, a.batch, seq, a.device, a.base),
-                          use_cache=not a.quick)
-            print(table(cell), flush=True)
-            cells.append(cell)
+            for mode in a.modes:
+                path = Path(a.cache) / f"{shape}_{mode}_{a.batch}x{seq}_r{rounds}{dev}{tag}{depth}.json"
+                cell = cached(path, lambda: run_cell(shape, mode, rounds, a.warmup, a.batch, seq, a.device,
+                                                     a.base, layers), use_cache=not a.quick)
+                print(table(cell), flush=True)
+                cells.append(cell)
     return write_json(a.out, "probe_overhead", {"cells": cells}, quick=a.quick,
                       in_hook_clock="time.thread_time (thread CPU time), HookBracket")
 

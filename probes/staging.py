@@ -172,12 +172,18 @@ class Stage:
 
     def push(self, mode: int, slot: int, routed: Routed) -> bool:
         """The hook's hot path, for a call of a running top-level forward whose router is
-        ``STAGED`` (the hook checked) and that has no padding mask and no sampled tokens:
-        stage a reference and its version counters. False when the call needs ``add`` (capacity
-        drops, inference tensors, the ``MAX_LOGITS`` bound, a router no longer ``STAGED``: another
-        thread's flush found a call changed in place). Caller holds the lock."""
+        ``STAGED`` or whose forward runs under ``inference_mode`` (the hook checked) and that has
+        no padding mask and no sampled tokens: stage a reference and its version counters, or
+        for inference tensors private copies (``_copy``). False when the call needs ``add``
+        (capacity drops, the ``MAX_LOGITS`` bound, a router no longer ``STAGED``: another
+        thread's flush found a call changed in place; inference tensors in a model with few
+        routers). Caller holds the lock."""
         indices, _, dropped, logits = routed
-        if dropped is not None or indices.is_inference() or self.state[slot] != STAGED:
+        if dropped is not None:
+            return False
+        if indices.is_inference():
+            return self._copy(mode, slot, routed)
+        if self.state[slot] != STAGED:
             return False
         versions = _versions(routed)
         if versions is None:
@@ -190,6 +196,23 @@ class Stage:
         self.calls.append((mode, slot, routed, versions, None))
         return True
 
+    def _copy(self, mode: int, slot: int, routed: Routed) -> bool:
+        """Stage private copies of a call whose indices are inference tensors (no version
+        counter): its indices and weights (2 copies) and its logit sum (1 op). False (count it at
+        once) with staging off, in a model of fewer than ``COPIES_MIN_ROUTERS`` routers, for a
+        call of more than ``MAX_CALL`` assignments."""
+        m = routed.indices.numel()
+        if not self.enabled or len(self.state) < COPIES_MIN_ROUTERS or m > MAX_CALL:
+            return False
+        held = 2 * m   # the copies count against the memory bound
+        if self.nl + held > MAX_LOGITS:
+            self.flush()
+        self.nl += held
+        logits, weights = routed.logits, routed.weights
+        self.calls.append((mode, slot, Routed(routed.indices.clone(), None if weights is None else weights.clone()),
+                           None, None if logits is None else logit_sum(logits)))
+        return True
+
     def add(self, mode: int, slot: int, routed: Routed, in_forward: bool) -> bool:
         """Stage one router call of a top-level forward (``in_forward``); False if it must be
         counted at once (``Recorder.record``): a call outside any forward (nothing would flush
@@ -200,21 +223,9 @@ class Stage:
         few = len(self.state) < COPIES_MIN_ROUTERS   # too few calls to pay copies back
         if few and mode == INFER:
             return False
+        if routed.indices.is_inference():   # no version counter: private copies (also for a
+            return self._copy(mode, slot, routed)   # forward that enters inference mode itself)
         logits = routed.logits
-        if routed.indices.is_inference():   # no version counter: stage private copies (also for a
-            if few:
-                return False
-            m = routed.indices.numel()   # forward that enters inference mode itself); the
-            if m > MAX_CALL:             # copies count against the memory bound
-                return False
-            held = 2 * m
-            if self.nl + held > MAX_LOGITS:
-                self.flush()
-            self.nl += held
-            norm = None if logits is None else logit_sum(logits)
-            self.calls.append((mode, slot, Routed(routed.indices.clone(), None if routed.weights is None
-                                                  else routed.weights.clone()), None, norm))
-            return True
         state = self.state[slot]
         versions = _versions(routed)
         if versions is None:
