@@ -172,18 +172,12 @@ class Stage:
 
     def push(self, mode: int, slot: int, routed: Routed) -> bool:
         """The hook's hot path, for a call of a running top-level forward whose router is
-        ``STAGED`` or whose forward runs under ``inference_mode`` (the hook checked) and that has
-        no padding mask and no sampled tokens: stage a reference and its version counters, or
-        for inference tensors private copies (``_copy``). False when the call needs ``add``
-        (capacity drops, the ``MAX_LOGITS`` bound, a router no longer ``STAGED``: another
-        thread's flush found a call changed in place; inference tensors in a model with few
-        routers). Caller holds the lock."""
+        ``STAGED`` (the hook checked) and that has no padding mask and no sampled tokens: stage
+        a reference and its version counters. False when the call needs ``add`` (capacity
+        drops, inference tensors, the ``MAX_LOGITS`` bound, a router no longer ``STAGED``:
+        another thread's flush found a call changed in place). Caller holds the lock."""
         indices, _, dropped, logits = routed
-        if dropped is not None:
-            return False
-        if indices.is_inference():
-            return self._copy(mode, slot, routed)
-        if self.state[slot] != STAGED:
+        if dropped is not None or indices.is_inference() or self.state[slot] != STAGED:
             return False
         versions = _versions(routed)
         if versions is None:

@@ -276,3 +276,36 @@ def test_counting_never_joins_the_autograd_graph(store_root, ctx):
             for t in (rec.acc, rec.win, rec.tw_cells):
                 assert not t.requires_grad and t.grad_fn is None
             h.step()
+
+
+class InPlaceMoE(MoE):
+    """After each router returns, the model rewrites its indices and weights in place (as a
+    block that normalises weights in place would); counts must be the router's own values."""
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids).reshape(-1, D)
+        for r in self.routers:
+            _, w, idx = r(x)
+            w.mul_(0.5)
+            idx.fill_(0)
+            x = x + (w[..., None] * self.table[idx]).sum(1)
+        return x.sum()
+
+
+@pytest.mark.parametrize("n_routers", [staging.COPIES_MIN_ROUTERS, staging.COPIES_MIN_ROUTERS - 1],
+                         ids=["copies_staged", "counted_at_once"])
+def test_inference_calls_are_counted_as_returned_before_the_model_changes_them(store_root, monkeypatch,
+                                                                             n_routers):
+    """Under ``inference_mode`` outputs have no version counter: from ``COPIES_MIN_ROUTERS``
+    routers each call stages private copies, with fewer it is counted at once. Either way the
+    counts are the router's outputs as returned (the test's own hook clones them), not the
+    values the model wrote over them after the router, and no fault is reported."""
+    copied = []
+    copy = staging.Stage._copy
+    monkeypatch.setattr(staging.Stage, "_copy", lambda self, *a: copied.append(copy(self, *a)) or copied[-1])
+    model = InPlaceMoE([Router() for _ in range(n_routers)])
+    truth, got, _, stats, _, _ = run(model, store_root, "inplace", 4, infer=True)
+    assert any(e != 0 for t in truth for (_, e) in t)   # the rewrite (all to expert 0) would show
+    assert [got.get(s, {}) for s in range(4)] == truth
+    assert stats["faults"] == 0
+    assert copied == ([True] * (4 * n_routers) if n_routers >= staging.COPIES_MIN_ROUTERS else [])   # the way
