@@ -22,14 +22,16 @@ def _load(name):
 def test_probe_overhead_quick(tmp_path):
     mod = _load("probe_overhead")
     out = tmp_path / "po.json"
-    res = mod.main(["--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    # a depth other than the default: every arm's buffers are sized from the routers found
+    res = mod.main(["--quick", "--layers", "3", "--out", str(out), "--cache", str(tmp_path / "cache")])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
-    assert [(c["shape"], c["mode"]) for c in res["cells"]] == [("small", "train"), ("small", "infer")]
+    assert [(c["shape"], c["mode"], c["layers"]) for c in res["cells"]] == [("small", "train", 3),
+                                                                           ("small", "infer", 3)]
     for cell in res["cells"]:
         check = cell["counts_equal_floor"]
         # every arm that counts (all but the two empty A/A arms) is checked against the floor
         assert set(check) == set(mod.ARMS) - {"none_a", "none_b"} | {"floor_tokens"}
-        assert check.pop("floor_tokens") == 2 * 32 * mod.TOP_K * mod.LAYERS
+        assert check.pop("floor_tokens") == 2 * 32 * mod.TOP_K * 3
         assert all(check.values()), check
         assert list(cell["arms"]) == mod.ARMS
         for name, arm in cell["arms"].items():
