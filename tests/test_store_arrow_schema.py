@@ -42,17 +42,17 @@ def footer_value(schema: pa.Schema) -> bytes:
     return pq.read_metadata(buf).metadata[b"ARROW:schema"]
 
 
-def expected(value: bytes) -> list:
+def expected(value: bytes) -> tuple:
     """(name, chrono type name or None) of each field, from pyarrow's reading of the value."""
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(value)))
-    return [(f.name, CHRONO_NAMES.get(f.type) if not f.metadata else None) for f in schema]
+    return tuple((f.name, CHRONO_NAMES.get(f.type) if not f.metadata else None) for f in schema)
 
 
 def test_chronos_table_schemas_read_back_as_their_columns():
     for table, cols in COLUMNS.items():
         schema = TABLES[table].with_metadata({b"chrono.table": table.encode(), b"chrono.schema_version": b"2"})
         value = footer_value(schema)
-        assert field_types(value) == [(n, t) for n, t, _ in cols] == expected(value), table
+        assert field_types(value) == tuple((n, t) for n, t, _ in cols) == expected(value), table
         assert field_types(base64.b64encode(schema.serialize().to_pybytes())) == expected(value)
 
 
@@ -80,7 +80,7 @@ def test_cut_or_damaged_values_give_none_or_the_whole_answer(fs, data):
     assert field_types(base64.b64encode(raw[:cut])) in (None, whole)
     pos, byte = data.draw(st.integers(0, len(raw) - 1)), data.draw(st.integers(0, 255))
     damaged = field_types(base64.b64encode(raw[:pos] + bytes([byte]) + raw[pos + 1:]))
-    assert damaged is None or isinstance(damaged, list)
+    assert damaged is None or isinstance(damaged, tuple)
     junk = field_types(base64.b64encode(data.draw(st.binary(max_size=64))))
-    assert junk is None or isinstance(junk, list)
+    assert junk is None or isinstance(junk, tuple)
     assert field_types(b"not base64!") is None

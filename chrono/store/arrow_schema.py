@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import struct
 
 # Message.fbs: union MessageHeader { Schema, ... } (tag 1); MetadataVersion V4 = 3, V5 = 4.
@@ -38,7 +39,8 @@ _VERSIONS = (3, 4)
 _TYPE_INT, _TYPE_FLOAT, _TYPE_UTF8, _TYPE_BOOL = 2, 3, 5, 6
 # Schema.fbs: enum Precision { HALF, SINGLE, DOUBLE }.
 _FLOAT_NAMES = {1: "float32", 2: "float64"}
-_CONTINUATION = 0xFFFFFFFF   # IPC encapsulated message: continuation marker, then int32 length
+_CONTINUATION = b"\xff\xff\xff\xff"   # IPC encapsulated message: continuation marker, int32 length
+_FORMATS = {f: struct.Struct(f) for f in ("<i", "<I", "<h", "<H", "<B")}
 
 
 class _Malformed(Exception):
@@ -52,9 +54,10 @@ class _Buffer:
         self.data = data
 
     def _unpack(self, fmt: str, pos: int):
-        if pos < 0 or pos + struct.calcsize(fmt) > len(self.data):
+        f = _FORMATS[fmt]
+        if pos < 0 or pos + f.size > len(self.data):
             raise _Malformed(pos)
-        return struct.unpack_from(fmt, self.data, pos)[0]
+        return f.unpack_from(self.data, pos)[0]
 
     def table(self, pos: int) -> tuple[int, int, int]:
         """(table position, vtable position, vtable size) of the table at ``pos``."""
@@ -95,8 +98,9 @@ class _Buffer:
         return self.data[pos + 4: pos + 4 + n].decode("utf-8")
 
 
-def field_types(value: bytes) -> list[tuple[str, str | None]] | None:
-    """``[(name, type), ...]`` of the top-level fields of an ``ARROW:schema`` footer value, in order.
+@functools.lru_cache(maxsize=256)
+def field_types(value: bytes) -> tuple[tuple[str, str | None], ...] | None:
+    """``((name, type), ...)`` of the top-level fields of an ``ARROW:schema`` footer value, in order.
 
     ``type`` is the ``chrono.columns`` name of a plain field's type (``"string"``
     for Utf8, ``"int16"``/``"int32"``/``"int64"`` for signed Int, ``"float32"``/
@@ -104,7 +108,8 @@ def field_types(value: bytes) -> list[tuple[str, str | None]] | None:
     type, or for a field that is dictionary-encoded, has children or carries
     custom metadata (an extension type's name lives there). None for the whole
     value when it is not base64 of a little-endian V4/V5 Schema message or is
-    malformed. Never raises.
+    malformed. Never raises. Cached by value: the parts of one table written by
+    one chrono version mostly store the same value.
     """
     try:
         raw = base64.b64decode(value, validate=True)
@@ -118,7 +123,7 @@ def field_types(value: bytes) -> list[tuple[str, str | None]] | None:
 
 def _message(raw: bytes) -> bytes:
     """The flatbuffer of an encapsulated IPC message (with or without the continuation marker)."""
-    start = 8 if raw[:4] == b"\xff\xff\xff\xff" else 4
+    start = 8 if raw[:4] == _CONTINUATION else 4
     if len(raw) < start:
         raise _Malformed(0)
     length = struct.unpack_from("<i", raw, start - 4)[0]
@@ -127,7 +132,7 @@ def _message(raw: bytes) -> bytes:
     return raw[start: start + length]
 
 
-def _fields(buf: _Buffer) -> list[tuple[str, str | None]] | None:
+def _fields(buf: _Buffer) -> tuple[tuple[str, str | None], ...] | None:
     message = buf.table(buf._unpack("<I", 0))
     if buf.scalar(message, 0, "<h", 0) not in _VERSIONS or buf.scalar(message, 1, "<B", 0) != _HEADER_SCHEMA:
         return None
@@ -138,7 +143,7 @@ def _fields(buf: _Buffer) -> list[tuple[str, str | None]] | None:
     if buf.scalar(schema, 0, "<h", 0) != 0:        # Endianness.Little
         return None
     fields = buf.ref(schema, 1)
-    return [] if fields is None else [_field(buf, buf.table(p)) for p in buf.vector(fields)]
+    return () if fields is None else tuple(_field(buf, buf.table(p)) for p in buf.vector(fields))
 
 
 def _field(buf: _Buffer, field) -> tuple[str, str | None]:
