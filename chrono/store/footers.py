@@ -8,11 +8,16 @@ it) is most of a one-shot command's start-up (issue 17: ``chrono runs``), so
 certainly fit: a flat file whose every column of the table is present with
 the Parquet physical type and DuckDB type of its ``chrono.columns`` type, or
 absent with a default; no other table's label; a well-formed
-``chrono.replaces``. Every other part (a footer DuckDB cannot read, a type
-that does not fit, nested columns, an Arrow schema stored by a tool other
-than chrono's writer, which could restore a type Parquet does not show, such
-as a duration) goes to ``part_info``, so the verdicts, and the warnings for
-unreadable parts, are pyarrow's; it is imported only then.
+``chrono.replaces``; and, when the footer stores an Arrow schema (pyarrow
+restores from it types Parquet does not show: a duration or an extension
+type over INT64, a dictionary, a large string), a chrono label and an Arrow
+schema naming the file's columns in order, each with exactly its
+``chrono.columns`` type (``chrono.store.arrow_schema``). Every other part (a
+footer DuckDB cannot read, a type that does not fit, nested columns, a
+metadata key stored twice, an Arrow schema this reader does not expect or
+one on a part without chrono's label) goes to ``part_info``, so the
+verdicts, and the warnings for unreadable parts, are pyarrow's; it is
+imported only then.
 
 Imports neither pyarrow nor numpy.
 """
@@ -23,12 +28,16 @@ import json
 import duckdb
 
 from ..columns import COLUMN_DEFAULTS, SQL_TYPES, table_columns
+from .arrow_schema import field_types
 from .catalog import REPLACES_KEY, TABLE_KEY, PartInfo, _shared, part_info
 
 # Parquet physical type of each chrono.columns type (pyarrow's writer, no annotation but strings').
 PHYSICAL_TYPES = {"string": "BYTE_ARRAY", "int64": "INT64", "int32": "INT32", "int16": "INT32",
                   "float32": "FLOAT", "float64": "DOUBLE", "bool_": "BOOLEAN"}
 ARROW_SCHEMA_KEY = b"ARROW:schema"
+# Set in a footer's {key: value} when a key occurs twice: pyarrow's writer adds its ARROW:schema to
+# one already in the schema metadata, and which of the two a reader takes is not ours to guess.
+DUPLICATE_KEYS = None
 
 _SCHEMA_SQL = ("SELECT file_name, name, type, repetition_type, num_children, converted_type, duckdb_type "
                "FROM parquet_schema({})")
@@ -77,12 +86,15 @@ def _read(con, paths: list[str], schemas: dict, kvs: dict) -> None:
     for row in con.execute(_SCHEMA_SQL.format(files)).fetchall():
         schemas.setdefault(row[0], []).append(row[1:])
     for name, key, value in con.execute(_KV_SQL.format(files)).fetchall():
-        kvs.setdefault(name, {})[bytes(key)] = bytes(value)
+        kv = kvs.setdefault(name, {})
+        if bytes(key) in kv:
+            kv[DUPLICATE_KEYS] = True
+        kv[bytes(key)] = bytes(value)
 
 
 def _vouch(table: str, rows: list | None, kv: dict) -> PartInfo | None:
     """A readable PartInfo when the footer certainly fits ``table``; None when pyarrow must judge."""
-    if not rows:
+    if not rows or DUPLICATE_KEYS in kv:
         return None
     groups = [r for r in rows if r[1] is None]          # group nodes: only the root in a flat file
     leaves = {r[0]: r for r in rows if r[1] is not None}
@@ -90,6 +102,9 @@ def _vouch(table: str, rows: list | None, kv: dict) -> PartInfo | None:
         return None                                      # nested or duplicate columns
     labelled = kv.get(TABLE_KEY)
     if (labelled is not None and labelled != table.encode()) or (labelled is None and ARROW_SCHEMA_KEY in kv):
+        return None
+    arrow_types = _arrow_types(kv, list(leaves))
+    if arrow_types is None:
         return None
     defaults = COLUMN_DEFAULTS.get(table, {})
     for name, t, _ in table_columns(table):
@@ -100,7 +115,7 @@ def _vouch(table: str, rows: list | None, kv: dict) -> PartInfo | None:
             continue
         _, physical, repetition, _, converted, sql = r
         if physical != PHYSICAL_TYPES[t] or sql != SQL_TYPES[t] or repetition == "REPEATED" \
-                or (t == "string" and converted != "UTF8"):
+                or (t == "string" and converted != "UTF8") or arrow_types.get(name, t) != t:
             return None
     replaces: tuple = ()
     if REPLACES_KEY in kv:
@@ -111,3 +126,16 @@ def _vouch(table: str, rows: list | None, kv: dict) -> PartInfo | None:
         if not all(isinstance(n, str) for n in replaces):
             return None
     return PartInfo(True, replaces, _shared(frozenset(leaves)))
+
+
+def _arrow_types(kv: dict, names: list[str]) -> dict | None:
+    """``{column: chrono.columns type or None}`` from the footer's Arrow schema (``{}`` when it stores
+    none); None when that schema cannot be read or does not name ``names``, the file's columns, in
+    order (pyarrow applies it by position)."""
+    value = kv.get(ARROW_SCHEMA_KEY)
+    if value is None:
+        return {}
+    fields = field_types(value)
+    if fields is None or [n for n, _ in fields] != names:
+        return None
+    return dict(fields)
