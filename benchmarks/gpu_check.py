@@ -17,7 +17,7 @@ Checks, on a Mixtral-like HF model (random weights, from a config) on ``--device
    aggregate and 1 % tokens: ``torch._dynamo.utils.counters["graph_break"]`` must stay 0 and
    the counts (and sampled token rows) equal eager.
 4. **Overhead table**: ``benchmarks/probe_overhead.py``'s cells (all anchors, in-hook host time
-   and step time, train and infer) on the device.
+   and step time, train and infer) on the device, at 4 and 32 MoE layers.
 
 Writes ``benchmarks/results/gpu_check.json``. ``--device cpu --quick`` runs every check that
 does not need CUDA (the suite does this so the script cannot rot); sync checks and offload are
@@ -223,15 +223,17 @@ def graph_break_check(build_model, ids, root, dev) -> dict:
 
 
 def overhead_table(dev, quick: bool) -> list:
-    """benchmarks/probe_overhead.py's cells on this device."""
+    """benchmarks/probe_overhead.py's cells on this device: 4 MoE layers and, unless ``quick``, 32
+    (Mixtral-8x7B's depth, where the flush's fixed cost per forward is shared by 32 calls)."""
     from benchmarks.probe_overhead import run_cell, table
     cells = []
-    for shape in (["small"] if quick else ["small", "mixtral_like"]):
-        for mode in ("train", "infer"):
-            cell = run_cell(shape, mode, rounds=1 if quick else 10, warmup=0 if quick else 2,
-                            batch=2 if quick else 8, seq=16 if quick else 128, device=dev)
-            print(table(cell), flush=True)
-            cells.append(cell)
+    for layers in ([4] if quick else [4, 32]):
+        for shape in (["small"] if quick else ["small", "mixtral_like"]):
+            for mode in ("train", "infer"):
+                cell = run_cell(shape, mode, rounds=1 if quick else 10, warmup=0 if quick else 2,
+                                batch=2 if quick else 8, seq=16 if quick else 128, device=dev, layers=layers)
+                print(table(cell), flush=True)
+                cells.append(cell)
     return cells
 
 
