@@ -12,7 +12,8 @@ absent with a default; no other table's label; a well-formed
 restores from it types Parquet does not show: a duration or an extension
 type over INT64, a dictionary, a large string), a chrono label and an Arrow
 schema naming the file's columns in order, each with exactly its
-``chrono.columns`` type (``chrono.store.arrow_schema``). Every other part (a
+``chrono.columns`` type and every other one a plain type too
+(``chrono.store.arrow_schema``). Every other part (a
 footer DuckDB cannot read, a type that does not fit, nested columns, a
 metadata key stored twice, an Arrow schema this reader does not expect or
 one on a part without chrono's label) goes to ``part_info``, so the
@@ -121,7 +122,7 @@ def _vouch(table: str, rows: list | None, kv: dict) -> PartInfo | None:
     if REPLACES_KEY in kv:
         try:
             replaces = tuple(json.loads(kv[REPLACES_KEY]))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):   # RecursionError: arrays nested too deep
             return None
         if not all(isinstance(n, str) for n in replaces):
             return None
@@ -129,13 +130,14 @@ def _vouch(table: str, rows: list | None, kv: dict) -> PartInfo | None:
 
 
 def _arrow_types(kv: dict, names: list[str]) -> dict | None:
-    """``{column: chrono.columns type or None}`` from the footer's Arrow schema (``{}`` when it stores
-    none); None when that schema cannot be read or does not name ``names``, the file's columns, in
-    order (pyarrow applies it by position)."""
+    """``{column: chrono.columns type}`` from the footer's Arrow schema (``{}`` when it stores none);
+    None when that schema cannot be read, does not name ``names``, the file's columns, in order
+    (pyarrow applies it by position), or gives any field, a column of no table included, a type
+    ``field_types`` does not read (pyarrow may refuse the whole schema for it)."""
     value = kv.get(ARROW_SCHEMA_KEY)
     if value is None:
         return {}
     fields = field_types(value)
-    if fields is None or [n for n, _ in fields] != names:
+    if fields is None or [n for n, _ in fields] != names or any(t is None for _, t in fields):
         return None
     return dict(fields)
