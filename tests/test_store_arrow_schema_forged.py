@@ -124,9 +124,10 @@ def forge(cols, *, version=4, body_length=0, message_metadata=False, schema_meta
         else:
             w.vector("sch_md", [f"kv{j}" for j in range(len(schema_metadata))])
             for j, (k, v) in enumerate(schema_metadata):
-                w.table(f"kv{j}", [("ref", f"k{j}"), ("ref", f"v{j}")])
-                w.string(f"k{j}", k)
-                w.string(f"v{j}", v)
+                w.table(f"kv{j}", [None if k is None else ("ref", f"k{j}"), None if v is None else ("ref", f"v{j}")])
+                for key, s in ((f"k{j}", k), (f"v{j}", v)):
+                    if s is not None:
+                        w.string(key, s)
     if features:
         w.vector("features", [], length=1000)
     fb = w.finish("message")
@@ -158,6 +159,8 @@ REFUSED = {
     "table_misaligned": {"table_skew": 2},
     "vtable_misaligned": {"vtable_skew": 1},
     "schema_metadata_past_the_end": {"schema_metadata": "broken"},
+    "schema_metadata_without_value": {"schema_metadata": [(b"chrono.table", None)]},
+    "schema_metadata_without_key": {"schema_metadata": [(None, b"routing")]},
     "message_metadata_past_the_end": {"message_metadata": True},
     "features_past_the_end": {"features": True},
 }

@@ -194,8 +194,9 @@ def _fields(buf: _Buffer) -> tuple[tuple[str, str | None], ...] | None:
             kv = buf.table(kv, _KEY_VALUE)
             for i in (0, 1):
                 at = buf.ref(kv, i)
-                if at is not None:
-                    buf.string(at)
+                if at is None:                       # pyarrow: "Unexpected null field custom_metadata.key"
+                    raise _Malformed(kv[0])
+                buf.string(at)
     fields = buf.ref(schema, 1)
     if fields is None:
         return None                                  # pyarrow: "Schema.fields" is null
