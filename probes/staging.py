@@ -193,10 +193,10 @@ class Stage:
     def _copy(self, mode: int, slot: int, routed: Routed) -> bool:
         """Stage private copies of a call whose indices are inference tensors (no version
         counter): its indices and weights (2 copies) and its logit sum (1 op). False (count it at
-        once) with staging off, in a model of fewer than ``COPIES_MIN_ROUTERS`` routers, for a
-        call of more than ``MAX_CALL`` assignments."""
+        once) for a call of more than ``MAX_CALL`` assignments. ``add`` calls it, having checked
+        that staging is on and the model has at least ``COPIES_MIN_ROUTERS`` routers."""
         m = routed.indices.numel()
-        if not self.enabled or len(self.state) < COPIES_MIN_ROUTERS or m > MAX_CALL:
+        if m > MAX_CALL:
             return False
         held = 2 * m   # the copies count against the memory bound
         if self.nl + held > MAX_LOGITS:
@@ -218,7 +218,7 @@ class Stage:
         if few and mode == INFER:
             return False
         if routed.indices.is_inference():   # no version counter: private copies (also for a
-            return self._copy(mode, slot, routed)   # forward that enters inference mode itself)
+            return not few and self._copy(mode, slot, routed)   # forward entering inference mode)
         logits = routed.logits
         state = self.state[slot]
         versions = _versions(routed)
