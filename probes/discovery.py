@@ -77,6 +77,12 @@ class RouterSite:
     _top_k: Callable = field(repr=False, default=A.default_top_k)
     install: Optional[Callable] = field(repr=False, default=None)
     guessed: bool = False
+    count_key: Optional[str] = field(init=False, repr=False, default=None)
+
+    def __post_init__(self):
+        m = self._module()
+        if self._n_experts is A.default_n_experts and m is not None:
+            self.count_key = A.count_key(m)
 
     @property
     def module(self) -> Optional[nn.Module]:
@@ -92,7 +98,12 @@ class RouterSite:
 
     def experts_of(self, module: nn.Module) -> int:
         """The expert count of ``module`` (this site's router, already dereferenced: the
-        router hook reads it per call)."""
+        router hook reads it per call, inlining the first two lines). With the default
+        adapter reading, the attribute that held an int at discovery (``count_key``, e.g.
+        ``num_experts``) is read while it holds one; else the adapter's full reading runs."""
+        n = module.__dict__.get(self.count_key)
+        if n.__class__ is int:
+            return n
         return int(self._n_experts(module, self._parent() if self._parent else None))
 
     @property

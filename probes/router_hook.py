@@ -45,6 +45,7 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
     rec, sampler, lock = window.rec, window.sampler, handle._lock
     handle_ref, router_ref = weakref.ref(handle), site._module
     state, push, parse, experts_of = rec.stage.state, rec.stage.push, site.parse, site.experts_of
+    count_key = site.count_key   # (experts_of's first lines, inlined: ~9 us per call saved in situ)
     is_compiling, clock = torch.compiler.is_compiling, time.perf_counter
 
     def on_router_output(module, args, output):
@@ -61,7 +62,9 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                 t0 = clock()
                 try:
                     routed = parse(module, args, output)
-                    n = experts_of(module)   # now: lifecycle may change it before the forward ends
+                    n = module.__dict__.get(count_key)   # now: lifecycle may change it before
+                    if n.__class__ is not int:             # the forward ends
+                        n = experts_of(module)
                     with lock:
                         if n > window.widest[slot]:   # (rare: a new window, or lifecycle growth)
                             window.saw(slot, n)
@@ -93,7 +96,9 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             # in-place adds from two threads would race: serialise them; a lock cannot be traced,
             # so compiled code runs unguarded and counts at once (compiled serving from threads:
             # unsupported). Only a call of a running top-level forward can be staged.
-            n = experts_of(module)   # lifecycle may grow or prune experts
+            n = module.__dict__.get(count_key)   # lifecycle may grow or prune experts
+            if n.__class__ is not int:
+                n = experts_of(module)
             with contextlib.nullcontext() if compiling else lock:
                 if n > window.widest[slot]:   # under the lock: another thread may flush
                     window.saw(slot, n)

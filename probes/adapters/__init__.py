@@ -29,8 +29,23 @@ def _attr(module: nn.Module, names, default=None):
     return default
 
 
+_N_EXPERTS = ("n_experts", "num_experts", "num_local_experts", "out_features")
+
+
+def count_key(module: nn.Module) -> Optional[str]:
+    """The name ``default_n_experts`` reads ``module``'s expert count under, when that value
+    is an int in the module's own ``__dict__`` (a plain attribute; ``RouterSite.experts_of``
+    then reads it with one dict lookup); None otherwise (a property, no such attribute)."""
+    d, cls = module.__dict__, type(module)
+    for n in _N_EXPERTS:
+        v = d[n] if n in d else (getattr(module, n, None) if hasattr(cls, n) else None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return n if n in d and type(v) is int else None
+    return None
+
+
 def default_n_experts(module: nn.Module, parent: Optional[nn.Module] = None) -> int:
-    n = _attr(module, ("n_experts", "num_experts", "num_local_experts", "out_features"))
+    n = _attr(module, _N_EXPERTS)
     if n is None:
         raise ValueError(f"cannot tell the expert count of {type(module).__name__}")
     return n
