@@ -67,3 +67,19 @@ def test_probe_scale_quick(tmp_path):
         assert c["parquet_bytes_per_step"]["routing"] > 0 and c["parquet_bytes_per_step"]["snapshots"] > 0
         assert c["rows_written"]["routing"] == 4 * shape["layers"] * shape["experts"]
     assert res["cells"][1]["h_step_ms"] is not None   # flush_every 2: every other step closes no window
+
+
+@pytest.mark.slow   # one tiny HF Mixtral cell, 5 arms x 3 forwards, and one torch.compile (~10 s)
+def test_flush_anatomy_quick(tmp_path):
+    mod = _load("flush_anatomy")
+    out = tmp_path / "fa.json"
+    res = mod.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    (cell,) = res["cells"]
+    assert (cell["shape"], cell["mode"], cell["layers"]) == ("small", "train", 3)
+    # the eager and the compiled flush count what a bincount of each router's indices counts
+    assert cell["counts_equal_truth"] == {"compiled": True, "eager_a": True}
+    assert set(cell["flush_us"]) == {"eager_a", "eager_b", "compiled", "chrono"}
+    assert all(v > 0 for v in cell["flush_us"].values()) and cell["ratio_vs_eager_a"]["eager_a"] == 1.0
+    assert list(cell["first_us"]) == list(cell["again_us"]) == mod.OPS
+    assert "load average" in cell["uptime_after"]
