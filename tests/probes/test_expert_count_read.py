@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import probes
 from probes import adapters as A
 from probes import staging
 from probes.discovery import find_sites
@@ -109,3 +110,76 @@ def test_experts_of_reads_the_key_while_it_holds_an_int_then_the_full_reading():
     site.count_key = "num_experts"   # (as discovery resolves it for a router that holds num_experts)
     r.n_experts = 4
     assert site.experts_of(r) == 9 and A.default_n_experts(r) == 4
+
+
+def _clone_truth(model) -> list:
+    """Like ``staging_review.truth_hooks`` without its host read (``bool(...)`` of a tensor is
+    a graph break under torch.compile): (layer, indices, weights float64, True) per call."""
+    calls: list = []
+    for i, r in enumerate(model.routers):
+        r.register_forward_hook(lambda m, a, out, i=i: calls.append(
+            (i, out[2].detach().clone().long(), out[1].detach().clone().double(), True)))
+    return calls
+
+
+@pytest.mark.parametrize("cls", [Router, PropRouter, CountRouter, RenamedRouter],
+                         ids=["attribute", "property", "int_subclass", "renamed"])
+def test_compiled_growth_in_mid_forward_is_counted_exactly_with_no_graph_break(store_root, cls):
+    """The hook's dict read under ``torch.compile`` (whole model): dynamo must see the count
+    each call reads (a mutation in mid-forward, a key deleted and another name declared, a
+    property, an int subclass) and guard on it, so a later forward with another count is not
+    run with the value traced first; and the read must add no graph break. Growth 8 -> 40 in
+    mid-forward at step 3 (back to 8 after it), 44 from step 4 on, 3 from step 5."""
+    from torch._dynamo.utils import counters
+
+    from .staging_review import IDS, count, stored
+
+    model = MoE([Router(), cls(), Router()], order=[0, 1, 1, 2])
+    r = model.routers[1]
+    state = {"step": 0}
+
+    def after(pos, i):
+        if state["step"] == 3 and i == 1:
+            _set(r, 40 if pos == 1 else 8)
+
+    model.after = after
+    calls = _clone_truth(model)
+    compiled = torch.compile(model, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    truth = []
+    with probes.attach(model, run="cgrow", root=store_root, steps="manual", flush_every=2) as h:
+        for s in range(6):
+            state["step"] = s
+            if s in (4, 5):
+                _set(r, {4: 44, 5: 3}[s])
+            del calls[:]
+            with torch.no_grad():
+                compiled(IDS)
+            truth.append(count(calls))
+            h.step()
+        stats = h.stats()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert max(e for (layer, e) in truth[3] if layer == 1) >= 8   # the growth was routed to
+    assert max(e for (layer, e) in truth[4] if layer == 1) >= 8
+    got = stored(store_root, "cgrow")
+    assert diff(truth, got) == [], diff(truth, got)[:4]
+    assert stats["invalid_indices"] == 0 and stats["faults"] == 0
+
+
+def test_every_hf_family_reads_its_count_with_the_dict_lookup_and_it_equals_the_full_reading():
+    """Each transformers router the conventions read (``default_n_experts``) holds its count
+    as a plain int attribute: discovery resolves ``count_key`` (the one-lookup read is the one
+    taken in the hook) and it names what the full reading returns; DBRX (its own reading of
+    ``layer.out_features``) has none."""
+    from . import probe_models as T
+
+    for family, build in sorted(T.FAMILIES.items()):
+        model = build()   # (held: sites hold their routers weakly)
+        for site in find_sites(model):
+            m = site.module
+            if site._n_experts is A.default_n_experts:
+                assert site.count_key is not None, (family, site.name)
+                assert m.__dict__[site.count_key] == A.default_n_experts(m) == site.n_experts, family
+            else:
+                assert site.count_key is None and site.n_experts == int(site._n_experts(m, None)), family
