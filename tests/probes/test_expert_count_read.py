@@ -4,6 +4,7 @@ exact whichever way the count is held while it grows in mid-forward. Ground trut
 review harness's own hooks (``staging_review.truth_hooks``)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,17 @@ class CountRouter(Router):
         super().__setattr__(name, Count(value) if name == "n_experts" and type(value) is int else value)
 
 
+class NumpyRouter(Router):
+    """The count as a NumPy integer (a count computed with NumPy, e.g. ``mask.sum()``). Was
+    (before review 6 of 125a7c9, and before that change too): skipped by the reading, so
+    ``attach`` raised 'cannot tell the expert count', or, taken up after attach, every call of
+    the router was a fault and lost (measured: a 6-step run, the count a NumPy int from step 2:
+    140 (step, layer, expert) cells differed from the truth, 7 faults)."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, np.int64(value) if name == "n_experts" and type(value) is int else value)
+
+
 class RenamedRouter(Router):
     """Grows by dropping ``n_experts`` and declaring ``num_experts`` (the next name read)."""
 
@@ -49,8 +61,8 @@ def _set(r, n):
     r.width = n
 
 
-@pytest.mark.parametrize("cls", [Router, PropRouter, CountRouter, RenamedRouter],
-                         ids=["attribute", "property", "int_subclass", "renamed"])
+@pytest.mark.parametrize("cls", [Router, PropRouter, CountRouter, NumpyRouter, RenamedRouter],
+                         ids=["attribute", "property", "int_subclass", "numpy_int", "renamed"])
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.enable_grad, torch.inference_mode],
                          ids=["no_grad", "grad", "inference"])
 def test_growth_in_mid_forward_is_counted_exactly_whichever_way_the_count_is_held(store_root, cls, ctx):
@@ -86,6 +98,9 @@ def test_count_key_is_the_plain_int_attribute_the_default_reading_takes():
     r2.n_experts = True                                # a bool is not a count: the next name is
     r2.num_experts = 6
     assert A.count_key(r2) == "num_experts" and A.default_n_experts(r2) == 6
+    r3 = Router()
+    r3.n_experts, r3.num_experts = np.int64(7), 6     # a NumPy count is read first, as an int
+    assert A.count_key(r3) is None and type(A.default_n_experts(r3)) is int and A.default_n_experts(r3) == 7
     lin = torch.nn.Linear(4, 5)
     assert A.count_key(lin) == "out_features"
     assert A.count_key(torch.nn.Module()) is None
@@ -98,6 +113,13 @@ def test_experts_of_reads_the_key_while_it_holds_an_int_then_the_full_reading():
     assert site.count_key == "n_experts" and site.experts_of(r) == 8
     r.n_experts = 12                                   # lifecycle growth: read fresh each call
     assert site.experts_of(r) == 12
+    r.n_experts = np.int64(14)                         # counted with NumPy: the full reading's int
+    assert type(site.experts_of(r)) is int and site.experts_of(r) == 14
+    r.n_experts = np.float64(15)                       # not a count: the next name is
+    r.num_experts = 3
+    assert site.experts_of(r) == 3
+    del r.num_experts
+    r.n_experts = 12
     del r.n_experts                                    # gone: the full reading finds the next name
     r.num_experts = 5
     assert site.experts_of(r) == 5 == A.default_n_experts(r)
@@ -122,14 +144,15 @@ def _clone_truth(model) -> list:
     return calls
 
 
-@pytest.mark.parametrize("cls", [Router, PropRouter, CountRouter, RenamedRouter],
-                         ids=["attribute", "property", "int_subclass", "renamed"])
+@pytest.mark.parametrize("cls", [Router, PropRouter, CountRouter, NumpyRouter, RenamedRouter],
+                         ids=["attribute", "property", "int_subclass", "numpy_int", "renamed"])
 def test_compiled_growth_in_mid_forward_is_counted_exactly_with_no_graph_break(store_root, cls):
     """The hook's dict read under ``torch.compile`` (whole model): dynamo must see the count
     each call reads (a mutation in mid-forward, a key deleted and another name declared, a
-    property, an int subclass) and guard on it, so a later forward with another count is not
-    run with the value traced first; and the read must add no graph break. Growth 8 -> 40 in
-    mid-forward at step 3 (back to 8 after it), 44 from step 4 on, 3 from step 5."""
+    property, an int subclass, a NumPy integer: traced as a 0-d array there) and guard on it,
+    so a later forward with another count is not run with the value traced first; and the read
+    must add no graph break. Growth 8 -> 40 in mid-forward at step 3 (back to 8 after it), 44
+    from step 4 on, 3 from step 5. (A stale count, read once per hook, fails it: checked.)"""
     from torch._dynamo.utils import counters
 
     from .staging_review import IDS, count, stored
