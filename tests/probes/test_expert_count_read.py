@@ -61,14 +61,11 @@ def _set(r, n):
     r.width = n
 
 
-@pytest.mark.parametrize("cls", [Router, PropRouter, CountRouter, NumpyRouter, RenamedRouter],
-                         ids=["attribute", "property", "int_subclass", "numpy_int", "renamed"])
-@pytest.mark.parametrize("ctx", [torch.no_grad, torch.enable_grad, torch.inference_mode],
-                         ids=["no_grad", "grad", "inference"])
-def test_growth_in_mid_forward_is_counted_exactly_whichever_way_the_count_is_held(store_root, cls, ctx):
-    """Router 1 is called twice per forward; at step 3 it grows 8 -> 40 between its calls (the
-    second routes past the recorder's capacity) and is back to 8 after them."""
-    model = MoE([Router(), cls(), Router()] + [Router() for _ in range(6)], order=[0, 1, 1, 2, 3, 4, 5, 6, 7, 8])
+def _growing(cls, order):
+    """A model whose router 1 (a ``cls``; ``max(order) + 1`` routers, called in ``order``) grows
+    8 -> 40 between its two calls of step 3 (``state["step"]``, set by the test) and is back to 8
+    after them."""
+    model = MoE([Router(), cls()] + [Router() for _ in range(max(order) - 1)], order=order)
     r = model.routers[1]
     state = {"step": 0}
 
@@ -77,6 +74,17 @@ def test_growth_in_mid_forward_is_counted_exactly_whichever_way_the_count_is_hel
             _set(r, 40 if pos == 1 else 8)
 
     model.after = after
+    return model, r, state
+
+
+@pytest.mark.parametrize("cls", [Router, PropRouter, CountRouter, NumpyRouter, RenamedRouter],
+                         ids=["attribute", "property", "int_subclass", "numpy_int", "renamed"])
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.enable_grad, torch.inference_mode],
+                         ids=["no_grad", "grad", "inference"])
+def test_growth_in_mid_forward_is_counted_exactly_whichever_way_the_count_is_held(store_root, cls, ctx):
+    """Router 1 is called twice per forward; at step 3 it grows 8 -> 40 between its calls (the
+    second routes past the recorder's capacity) and is back to 8 after them."""
+    model, r, state = _growing(cls, [0, 1, 1, 2, 3, 4, 5, 6, 7, 8])
 
     def before(s, h):
         state["step"] = s
@@ -157,15 +165,7 @@ def test_compiled_growth_in_mid_forward_is_counted_exactly_with_no_graph_break(s
 
     from .staging_review import IDS, count, stored
 
-    model = MoE([Router(), cls(), Router()], order=[0, 1, 1, 2])
-    r = model.routers[1]
-    state = {"step": 0}
-
-    def after(pos, i):
-        if state["step"] == 3 and i == 1:
-            _set(r, 40 if pos == 1 else 8)
-
-    model.after = after
+    model, r, state = _growing(cls, [0, 1, 1, 2])
     calls = _clone_truth(model)
     compiled = torch.compile(model, backend="eager")
     torch._dynamo.reset()
