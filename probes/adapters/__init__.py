@@ -11,22 +11,45 @@ families whose router module does not return the decision itself (DBRX).
 from __future__ import annotations
 
 import importlib
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 from torch import nn
 
 
 def _attr(module: nn.Module, names, default=None):
     # read per router call (experts may grow): the instance dict first, the class (properties)
     # only where it has the name; nn.Module.__getattr__ (parameters, buffers, submodules: never
-    # an int) is skipped, it costs microseconds per miss
+    # an int) is skipped, it costs microseconds per miss. An int (not a bool) is taken as is; a
+    # NumPy integer is read as an int (``_numpy_count``)
     d, cls = module.__dict__, type(module)
     for n in names:
         v = d[n] if n in d else (getattr(module, n, None) if hasattr(cls, n) else None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
+        if isinstance(v, int):
+            if not isinstance(v, bool):
+                return v
+        elif v is not None:
+            v = _numpy_count(v)
+            if v is not None:
+                return v
     return default
+
+
+def _numpy_count(v) -> Optional[int]:
+    """``v`` as an int if it is a NumPy integer (a count computed with NumPy, e.g. ``mask.sum()``;
+    was skipped, and every call of its router lost: 'cannot tell the expert count'), else None
+    (a float, a NumPy bool, a tensor: reading a tensor would wait for its device). Read with
+    ``operator.index``: torch.compile traces a NumPy scalar as a 0-d array, which
+    ``isinstance(v, numbers.Integral)`` does not recognise there."""
+    if isinstance(v, (numbers.Integral, np.ndarray)):
+        try:
+            return operator.index(v)
+        except TypeError:
+            return None
+    return None
 
 
 _N_EXPERTS = ("n_experts", "num_experts", "num_local_experts", "out_features")
@@ -35,12 +58,15 @@ _N_EXPERTS = ("n_experts", "num_experts", "num_local_experts", "out_features")
 def count_key(module: nn.Module) -> Optional[str]:
     """The name ``default_n_experts`` reads ``module``'s expert count under, when that value
     is an int in the module's own ``__dict__`` (a plain attribute; ``RouterSite.experts_of``
-    then reads it with one dict lookup); None otherwise (a property, no such attribute)."""
+    then reads it with one dict lookup); None otherwise (a property, an int subclass, a NumPy
+    integer, no such attribute). Mirrors ``_attr``'s order: the first name holding a count."""
     d, cls = module.__dict__, type(module)
     for n in _N_EXPERTS:
         v = d[n] if n in d else (getattr(module, n, None) if hasattr(cls, n) else None)
         if isinstance(v, int) and not isinstance(v, bool):
             return n if n in d and type(v) is int else None
+        if v is not None and not isinstance(v, int) and _numpy_count(v) is not None:
+            return None   # a NumPy integer: the full reading converts it
     return None
 
 
