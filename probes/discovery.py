@@ -141,7 +141,9 @@ def _spec_site(spec: RouterSpec, name, module, parent) -> RouterSite:
     return RouterSite(
         name=name, layer=-1, adapter=spec.name, parse=parse_spec, _module=weakref.ref(module),
         _parent=weakref.ref(parent) if parent is not None else None,
-        _n_experts=lambda m, p: _spec_value(spec.n_experts, m, p, A.default_n_experts),
+        # (a spec without n_experts reads the default way, one dict lookup per call: count_key)
+        _n_experts=A.default_n_experts if spec.n_experts is None else
+        lambda m, p: _spec_value(spec.n_experts, m, p, A.default_n_experts),
         _top_k=lambda m, p: _spec_value(spec.top_k, m, p, A.default_top_k))
 
 

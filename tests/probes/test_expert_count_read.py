@@ -206,3 +206,19 @@ def test_every_hf_family_reads_its_count_with_the_dict_lookup_and_it_equals_the_
                 assert m.__dict__[site.count_key] == A.default_n_experts(m) == site.n_experts, family
             else:
                 assert site.count_key is None and site.n_experts == int(site._n_experts(m, None)), family
+
+
+def test_a_router_spec_without_n_experts_reads_the_default_way_and_one_with_it_its_own():
+    """A ``RouterSpec`` with no ``n_experts`` reads the count as an adapter's default reading
+    does (so the one-lookup key applies); one with ``n_experts`` (int or callable) keeps it."""
+    import probes
+    from probes.discovery import find_sites
+    model = MoE([Router(), Router()])
+    (site, _) = find_sites(model, specs=[probes.RouterSpec("routers.*")])
+    assert site.count_key == "n_experts" and site.experts_of(site.module) == 8
+    site.module.n_experts = 11
+    assert site.experts_of(site.module) == 11
+    fixed = find_sites(model, specs=[probes.RouterSpec("routers.*", n_experts=5)])[0]
+    assert fixed.count_key is None and fixed.experts_of(fixed.module) == 5
+    by_call = find_sites(model, specs=[probes.RouterSpec("routers.*", n_experts=lambda m: m.width + 1)])[0]
+    assert by_call.count_key is None and by_call.experts_of(by_call.module) == 9
