@@ -20,22 +20,29 @@ import numpy as np
 from torch import nn
 
 
-def _attr(module: nn.Module, names, default=None):
-    # read per router call (experts may grow): the instance dict first, the class (properties)
-    # only where it has the name; nn.Module.__getattr__ (parameters, buffers, submodules: never
-    # an int) is skipped, it costs microseconds per miss. An int (not a bool) is taken as is; a
-    # NumPy integer is read as an int (``_numpy_count``)
+def _found(module: nn.Module, names) -> tuple:
+    """``(name, value, count)`` of the first of ``names`` holding a count on ``module``, else
+    ``(None, None, None)``. Read per router call when the hook's one-lookup read does not apply
+    (experts may grow): the instance dict first, the class (properties) only where it has the
+    name; nn.Module.__getattr__ (parameters, buffers, submodules: never an int) is skipped, it
+    costs microseconds per miss. An int (not a bool) is its own count; a NumPy integer is read
+    as an int (``_numpy_count``)."""
     d, cls = module.__dict__, type(module)
     for n in names:
         v = d[n] if n in d else (getattr(module, n, None) if hasattr(cls, n) else None)
         if isinstance(v, int):
             if not isinstance(v, bool):
-                return v
+                return n, v, v
         elif v is not None:
-            v = _numpy_count(v)
-            if v is not None:
-                return v
-    return default
+            c = _numpy_count(v)
+            if c is not None:
+                return n, v, c
+    return None, None, None
+
+
+def _attr(module: nn.Module, names, default=None):
+    c = _found(module, names)[2]
+    return default if c is None else c
 
 
 def _numpy_count(v) -> Optional[int]:
@@ -59,15 +66,9 @@ def count_key(module: nn.Module) -> Optional[str]:
     """The name ``default_n_experts`` reads ``module``'s expert count under, when that value
     is an int in the module's own ``__dict__`` (a plain attribute; ``RouterSite.experts_of``
     then reads it with one dict lookup); None otherwise (a property, an int subclass, a NumPy
-    integer, no such attribute). Mirrors ``_attr``'s order: the first name holding a count."""
-    d, cls = module.__dict__, type(module)
-    for n in _N_EXPERTS:
-        v = d[n] if n in d else (getattr(module, n, None) if hasattr(cls, n) else None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return n if n in d and type(v) is int else None
-        if v is not None and not isinstance(v, int) and _numpy_count(v) is not None:
-            return None   # a NumPy integer: the full reading converts it
-    return None
+    integer, no such attribute). The same scan as the full reading (``_found``)."""
+    n, v, _ = _found(module, _N_EXPERTS)
+    return n if n is not None and n in module.__dict__ and type(v) is int else None
 
 
 def default_n_experts(module: nn.Module, parent: Optional[nn.Module] = None) -> int:
