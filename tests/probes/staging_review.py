@@ -118,9 +118,11 @@ def diff(truth: list, got: dict) -> list:
     return bad
 
 
-def run(model, root, run_id, steps=6, ctx=torch.no_grad, before=None, call=None, flush_every=2, **attach):
-    """``steps`` manual steps of one forward each; returns truth, stored, stats, stage states."""
-    calls = truth_hooks(model)
+def run(model, root, run_id, steps=6, ctx=torch.no_grad, before=None, call=None, flush_every=2,
+        hooks=truth_hooks, **attach):
+    """``steps`` manual steps of one forward each; returns truth, stored, stats, stage states.
+    ``hooks(model)`` registers the truth hooks and returns their list of calls."""
+    calls = hooks(model)
     truth = []
     with probes.attach(model, run=run_id, root=root, steps="manual", flush_every=flush_every, **attach) as h:
         for s in range(steps):
@@ -128,7 +130,7 @@ def run(model, root, run_id, steps=6, ctx=torch.no_grad, before=None, call=None,
                 before(s, h)
             del calls[:]
             with ctx():
-                (call or model)(IDS)
+                (model if call is None else call)(IDS)
             truth.append(count(calls, len(model.routers)))
             h.step()
         states = list(h._window.rec.stage.state)

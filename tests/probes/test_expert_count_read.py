@@ -163,29 +163,19 @@ def test_compiled_growth_in_mid_forward_is_counted_exactly_with_no_graph_break(s
     from step 4 on, 3 from step 5. (A stale count, read once per hook, fails it: checked.)"""
     from torch._dynamo.utils import counters
 
-    from .staging_review import IDS, count, stored
-
     model, r, state = _growing(cls, [0, 1, 1, 2])
-    calls = _clone_truth(model)
     compiled = torch.compile(model, backend="eager")
     torch._dynamo.reset()
     counters.clear()
-    truth = []
-    with probes.attach(model, run="cgrow", root=store_root, steps="manual", flush_every=2) as h:
-        for s in range(6):
-            state["step"] = s
-            if s in (4, 5):
-                _set(r, {4: 44, 5: 3}[s])
-            del calls[:]
-            with torch.no_grad():
-                compiled(IDS)
-            truth.append(count(calls))
-            h.step()
-        stats = h.stats()
+
+    def before(s, h):
+        state["step"] = s
+        if s in (4, 5):
+            _set(r, {4: 44, 5: 3}[s])
+    truth, got, stats, _ = run(model, store_root, "cgrow", before=before, call=compiled, hooks=_clone_truth)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert max(e for (layer, e) in truth[3] if layer == 1) >= 8   # the growth was routed to
     assert max(e for (layer, e) in truth[4] if layer == 1) >= 8
-    got = stored(store_root, "cgrow")
     assert diff(truth, got) == [], diff(truth, got)[:4]
     assert stats["invalid_indices"] == 0 and stats["faults"] == 0
 
@@ -211,8 +201,6 @@ def test_every_hf_family_reads_its_count_with_the_dict_lookup_and_it_equals_the_
 def test_a_router_spec_without_n_experts_reads_the_default_way_and_one_with_it_its_own():
     """A ``RouterSpec`` with no ``n_experts`` reads the count as an adapter's default reading
     does (so the one-lookup key applies); one with ``n_experts`` (int or callable) keeps it."""
-    import probes
-    from probes.discovery import find_sites
     model = MoE([Router(), Router()])
     (site, _) = find_sites(model, specs=[probes.RouterSpec("routers.*")])
     assert site.count_key == "n_experts" and site.experts_of(site.module) == 8
