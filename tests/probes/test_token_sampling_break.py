@@ -1,0 +1,166 @@
+"""Review 7 of token sampling's host path (``TokenSampler._sample_host``): router outputs in
+shapes and dtypes ``Recorder.record`` accepts, sampled on both paths, every pre-filter row
+(``token_rows``) checked against the ground truth: the test's own forward hooks (registered
+before probes attach) clone each router output and the forward's token ids, and the row of
+token ``t``, slot ``kk`` must hold what the router returned for assignment ``t * k + kk`` in
+flat order (``k``: assignments per token of the call's indices), the token id the model got
+(only when the router saw batch x sequence tokens) and the dropped flag; counted with NumPy.
+The two paths must also store identical rows. Faults found: a float (e.g. bfloat16) dropped
+mask made the host path's one ``cat`` of int columns a float tensor (token ids rounded: 7945
+stored as 7936); 2-D weights of another shape than the indices' ``[T, k]`` (``[T*k, 1]``,
+``[1, T*k]``) lost the whole window's write (weights misaligned with rows) or, with indices
+``[T*k, 1]``, stored other assignments' weights; a call of 0 tokens was a telemetry fault.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import chrono
+import probes
+from probes import sampling, window
+
+from .staging_review import D, K, Router
+
+VOCAB = 40000   # token ids above 256: a bfloat16 column rounds them
+IDS = [torch.randint(300, 30000, (3, 7), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+
+class Shaped(Router):
+    """Returns ``(logits, weights, indices[, dropped])`` in the form ``variant`` names."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, x):
+        logits, w, idx = super().forward(x)
+        v = self.variant
+        if v.startswith("drop_"):   # a capacity-drop mask in another dtype than bool
+            return logits, w, idx, (idx % 3 == 0).to(getattr(torch, v[5:]))
+        if v == "weights_column":      # [T*k, 1]: one weight per assignment, as a column
+            return logits, w.reshape(-1, 1), idx
+        if v == "weights_row":         # [1, T*k]
+            return logits, w.reshape(1, -1), idx
+        if v == "indices_column":      # indices [T*k, 1], weights [T, k]: flat order pairs them
+            return logits, w, idx.reshape(-1, 1)
+        if v == "empty":               # every call of the first forward has 0 tokens
+            return logits, w, idx
+        return logits, w, idx
+
+
+class Model(torch.nn.Module):
+    def __init__(self, variant, n=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(VOCAB, D)
+        self.routers = torch.nn.ModuleList(Shaped(variant) for _ in range(n))
+        self.table = torch.nn.Parameter(torch.randn(8, D) * 0.1)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids).reshape(-1, D)
+        for r in self.routers:
+            out = r(x)
+            idx = out[2].reshape(-1, K).long()
+            x = x + (out[1].reshape(-1, K)[..., None] * self.table[idx]).sum(1)
+        return x.sum()
+
+
+def _record(monkeypatch, root, run, variant, rate, host):
+    """Three steps of one forward each (the first with 0 tokens for ``empty``); returns the
+    truth calls ``{(step, layer): (ids, indices, weights, dropped)}``, the pre-filter rows
+    and weights of ``token_rows``, the stored rows, stats and how many calls took the host path."""
+    draw, orig_host, orig_rows = sampling.TokenSampler._draw_on, sampling.TokenSampler._sample_host, window.token_rows
+    host_calls, sampled = [], []
+
+    def draw_on(self, device):
+        draw(self, device)
+        if not host:
+            self._host = None   # as on CUDA: the device path
+
+    def sample_host(self, *a):
+        host_calls.append(1)
+        return orig_host(self, *a)
+
+    def token_rows(ready):
+        out = orig_rows(ready)
+        if out is not None:
+            sampled.append(out)
+        return out
+
+    m = Model(variant)
+    calls: dict = {}
+    step = [0]
+    for i, r in enumerate(m.routers):
+        r.register_forward_hook(lambda mod, a, out, i=i: calls.__setitem__((step[0], i), tuple(
+            None if t is None else t.detach().clone() for t in (cur[0], out[2], out[1], out[3] if len(out) > 3 else None))))
+    cur = [None]
+    with monkeypatch.context() as mp:
+        mp.setattr(sampling.TokenSampler, "_draw_on", draw_on)
+        mp.setattr(sampling.TokenSampler, "_sample_host", sample_host)
+        mp.setattr(window, "token_rows", token_rows)
+        with torch.no_grad(), probes.attach(m, run=run, root=root, tokens=rate, seed=4, steps="manual") as h:
+            for s in range(3):
+                step[0] = s
+                cur[0] = IDS[s][:, :0] if variant == "empty" and s == 0 else IDS[s]
+                m(cur[0])
+                h.step()
+            stats = h.stats()
+    ints = np.concatenate([i for i, _ in sampled]) if sampled else np.zeros((0, 10), np.int64)
+    weights = np.concatenate([w for _, w in sampled]) if sampled else np.zeros(0, np.float32)
+    stored = chrono.connect(root).execute(
+        "SELECT step, layer, batch_idx, position, k, expert, weight, token_id FROM tokens WHERE run_id = ? "
+        "ORDER BY ALL", [run]).fetchall()
+    return calls, ints, weights, stored, stats, len(host_calls)
+
+
+def _truth_errors(calls, ints, weights, rate) -> list:
+    """Rows that disagree with the routers' outputs, and (step, layer) whose row count is not
+    ``ceil(rate * T) * k``."""
+    bad, per_call = [], {}
+    for row, w in zip(ints.tolist(), weights.tolist()):
+        step, layer, _, b, p, kk, e, tid, dropped, padding = row
+        ids, idx, wts, drop = calls[step, layer]
+        T = idx.shape[0]
+        k = idx.numel() // T
+        B, S = ids.shape
+        ctx = T == B * S
+        t = b * S + p if ctx else p
+        a = t * k + kk
+        want = (int(idx.reshape(-1)[a]), int(ids.reshape(-1)[t]) if ctx else -1,
+                0 if drop is None else int(drop.reshape(-1)[a] != 0), 0)
+        if (e, tid, dropped, padding) != want or not (ctx or b == 0) \
+                or not np.isclose(w, float(wts.reshape(-1)[a]), rtol=1e-6):
+            bad.append((row, w, want, float(wts.reshape(-1)[a])))
+        per_call[step, layer] = per_call.get((step, layer), 0) + 1
+    for (step, layer), (_, idx, _, _) in calls.items():
+        T = idx.shape[0]
+        want = math.ceil(rate * T) * (idx.numel() // max(T, 1)) if T else 0
+        if per_call.get((step, layer), 0) != want:
+            bad.append(("rows", step, layer, per_call.get((step, layer), 0), want))
+    return bad
+
+
+VARIANTS = ["drop_bfloat16", "drop_float16", "drop_float32", "drop_uint8", "weights_column", "weights_row",
+            "indices_column", "empty"]
+
+
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampled_rows_are_the_routers_outputs_on_both_paths(store_root, monkeypatch, variant, rate):
+    results = {}
+    for host in (True, False):
+        run = f"{variant}-{'host' if host else 'dev'}"
+        calls, ints, weights, stored, stats, n_host = _record(monkeypatch, store_root, run, variant, rate, host)
+        assert (n_host > 0) == host   # each run took the path it is named after
+        assert _truth_errors(calls, ints, weights, rate)[:4] == [], run
+        assert stats["faults"] == 0 and stats["write_errors"] == 0, (run, stats)
+        assert len(ints) and stored, run
+        results[host] = (ints, weights, stored)
+    (ih, wh, sh), (idv, wd, sd) = results[True], results[False]
+    np.testing.assert_array_equal(ih, idv)
+    np.testing.assert_array_equal(wh, wd)
+    assert sh == sd
