@@ -69,10 +69,10 @@ class TokenSampler:
     def sample(self, layer: int, mode: int, indices, weights=None, dropped=None, ctx=None) -> None:
         """Sample this router call's tokens. ``ctx``: the ``probes.context.ForwardContext`` of the
         call when it describes these tokens (``T == B*S``), else None (flat positions, no ids)."""
+        if indices.shape[0] == 0:   # (a reshape to [0, -1] is ambiguous: it raises)
+            return
         idx = indices.detach().reshape(indices.shape[0], -1)
         T, k = idx.shape
-        if T == 0:
-            return
         budget = self.max_tokens_per_step - self._used.get(layer, 0)
         n = min(math.ceil(self.rate * T), budget, T)
         if n <= 0:
@@ -129,14 +129,17 @@ class TokenSampler:
         if tid is not None:
             cols.append(tid[rows])
         if dropped is not None:
-            cols.append(dropped.detach().reshape(T, -1)[rows])
+            drop = dropped.detach().reshape(T, -1)[rows]
+            if drop.is_floating_point():   # (in the cat, a float column would make every column
+                drop = drop.to(torch.int64)  # float: bfloat16 rounds token ids above 256)
+            cols.append(drop)
         if pad is not None:
             cols.append(pad[rows])
         ints = torch.cat(cols, 1) if len(cols) > 1 else idx[rows].to(torch.int64, copy=True)
         if weights is not None:
             weights = weights.detach()
-            if weights.dim() != 2:
-                weights = weights.reshape(T, -1)
+            if weights.dim() != 2 or weights.shape[0] != T:   # ([T*k, 1], [1, T*k]...: paired with
+                weights = weights.reshape(T, -1)               # the indices in flat order)
         w = None if weights is None else weights[rows].to(torch.float32, copy=True)
         where = (off, stride, None if ctx is None else ctx.seq, positions)
         self._pending.append([None, layer, mode, n, k, tid is not None, dropped is not None, pad is not None,
