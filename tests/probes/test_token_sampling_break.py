@@ -164,3 +164,36 @@ def test_sampled_rows_are_the_routers_outputs_on_both_paths(store_root, monkeypa
     np.testing.assert_array_equal(ih, idv)
     np.testing.assert_array_equal(wh, wd)
     assert sh == sd
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_token_sampling_inside_torch_func_transforms_keeps_the_window(store_root, transform):
+    """A forward inside ``torch.func.vmap`` (or ``grad``) over ``functional_call``, then a plain
+    one, in one window: the routing rows of both steps are written (truth from the shapes: every
+    token makes K assignments, 21 tokens per forward, 2 x 21 under ``vmap``), the plain
+    forward's tokens are sampled; under ``vmap`` the sampler escaped batched tensors into the window and
+    its write failed: every row of the window was lost."""
+    from torch.func import functional_call, grad, vmap
+
+    m = Model("plain")
+    params = dict(m.named_parameters())
+    with probes.attach(m, run=transform, root=store_root, tokens=0.5, seed=3, steps="manual") as h:
+        if transform == "vmap":
+            with torch.no_grad():
+                vmap(lambda i: functional_call(m, params, (i,)))(torch.stack([IDS[0], IDS[0]]))
+        else:
+            grad(lambda p: functional_call(m, p, (IDS[0],)))(params)
+        h.step()
+        with torch.no_grad():
+            m(IDS[1])
+        h.step()
+    con = chrono.connect(store_root)
+    per_step = con.execute("SELECT step, layer, sum(tokens) FROM routing WHERE run_id = ? GROUP BY ALL ORDER BY ALL",
+                           [transform]).fetchall()
+    first = 2 * 21 * K if transform == "vmap" else 21 * K
+    assert per_step == [(0, 0, first), (0, 1, first), (1, 0, 21 * K), (1, 1, 21 * K)]
+    tokens = con.execute("SELECT step, layer, count(*) FROM tokens WHERE run_id = ? GROUP BY ALL ORDER BY ALL",
+                         [transform]).fetchall()
+    assert (1, 0, math.ceil(0.5 * 21) * K) in tokens and (1, 1, math.ceil(0.5 * 21) * K) in tokens
+    if transform == "grad":
+        assert (0, 0, math.ceil(0.5 * 21) * K) in tokens
