@@ -31,6 +31,10 @@ import math
 import numpy as np
 import torch
 
+from .recorder import _unwrap
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
 OFFSET_SLOTS = 64  # random words per step: router calls of one layer beyond 64 in a step reuse them
 N_INT_COLS = 10  # step, layer, mode, batch_idx, position, k, expert, token_id (-1: none), dropped, padding
 
@@ -70,6 +74,9 @@ class TokenSampler:
         """Sample this router call's tokens. ``ctx``: the ``probes.context.ForwardContext`` of the
         call when it describes these tokens (``T == B*S``), else None (flat positions, no ids)."""
         if indices.shape[0] == 0:   # (a reshape to [0, -1] is ambiguous: it raises)
+            return
+        if not torch.compiler.is_compiling() and _is_wrapped(indices):
+            self._sample_unwrapped(layer, mode, indices, weights, dropped, ctx)
             return
         idx = indices.detach().reshape(indices.shape[0], -1)
         T, k = idx.shape
@@ -113,6 +120,18 @@ class TokenSampler:
         w = None if weights is None else weights.detach().reshape(T, -1)[pos].reshape(-1).float()
         self._pending.append([None, layer, mode, n, k, has_tid, dropped is not None, has_mask, ints, w, None])
         self.sampled += n
+
+    def _sample_unwrapped(self, layer, mode, indices, weights, dropped, ctx) -> None:
+        """``sample`` for a call inside a ``torch.func`` transform: its outputs are wrapped
+        tensors, which must not outlive the transform (the window's write would fail, losing
+        every row of it). Under ``grad`` / ``jacrev`` (wrappers of the same values) the call is
+        sampled from the unwrapped tensors; under ``vmap`` (one call for a batch of forwards)
+        it is not sampled: ValueError, a telemetry fault (its counts are kept)."""
+        plain = _unwrap(indices)
+        if plain.numel() != indices.numel():
+            raise ValueError("token sampling skips router calls inside torch.func.vmap (their counts are kept)")
+        with torch._C._DisableFuncTorch():
+            self.sample(layer, mode, plain, _unwrap(weights), _unwrap(dropped), ctx)
 
     def _sample_host(self, layer, mode, idx, n, stride, call, weights, dropped, ctx) -> None:
         """``sample`` for ``idx`` ``[T, k]`` on CPU, eager: the offset is read from the host
