@@ -41,6 +41,8 @@ class Shaped(Router):
         v = self.variant
         if v.startswith("drop_"):   # a capacity-drop mask in another dtype than bool
             return logits, w, idx, (idx % 3 == 0).to(getattr(torch, v[5:]))
+        if v == "drop_bool":
+            return logits, w, idx, idx % 3 == 0
         if v == "weights_column":      # [T*k, 1]: one weight per assignment, as a column
             return logits, w.reshape(-1, 1), idx
         if v == "weights_row":         # [1, T*k]
@@ -197,3 +199,47 @@ def test_token_sampling_inside_torch_func_transforms_keeps_the_window(store_root
     assert (1, 0, math.ceil(0.5 * 21) * K) in tokens and (1, 1, math.ceil(0.5 * 21) * K) in tokens
     if transform == "grad":
         assert (0, 0, math.ceil(0.5 * 21) * K) in tokens
+
+
+def test_host_path_rows_from_concurrent_forwards_belong_to_one_forward(store_root, monkeypatch):
+    """4 threads, 10 forwards each, one step: every sampled row (before the writer's filter)
+    must be the output of some forward's router at its token, with that forward's token id at
+    (batch, position): the per-forward columns (``_columns``, cached per context) of one
+    thread's forward never serve another's. Truth: the test's own hooks, per thread."""
+    import threading
+
+    m = Model("drop_bool")
+    seen, local = [], threading.local()
+    for i, r in enumerate(m.routers):
+        r.register_forward_hook(lambda mod, a, out, i=i: seen.append(
+            (local.ids, i, out[2].detach().clone(), out[1].detach().clone())))
+    captured, orig_rows = [], window.token_rows
+    monkeypatch.setattr(window, "token_rows", lambda ready: captured.append(orig_rows(ready)) or captured[-1])
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(10):
+            local.ids = torch.randint(300, 30000, (3, 7), generator=g)
+            with torch.no_grad():
+                m(local.ids)
+
+    with probes.attach(m, run="threads", root=store_root, tokens=0.3, seed=2, steps="manual") as h:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        h.step()
+        stats = h.stats()
+    ints = np.concatenate([c[0] for c in captured if c is not None])
+    weights = np.concatenate([c[1] for c in captured if c is not None])
+    assert len(ints) == 40 * 2 * math.ceil(0.3 * 21) * K and stats["faults"] == 0
+    truth = {}
+    for ids, layer, idx, w in seen:
+        for t in range(21):
+            for kk in range(K):
+                truth.setdefault((layer, t // 7, t % 7, kk, int(ids.reshape(-1)[t]), int(idx[t, kk])), []).append(
+                    float(w[t, kk]))
+    bad = [(row, w) for row, w in zip(ints.tolist(), weights.tolist())
+           if not any(np.isclose(w, x, rtol=1e-6) for x in truth.get((row[1], row[3], row[4], row[5], row[7], row[6]), ()))]
+    assert bad == []
