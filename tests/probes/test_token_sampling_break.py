@@ -243,3 +243,41 @@ def test_host_path_rows_from_concurrent_forwards_belong_to_one_forward(store_roo
     bad = [(row, w) for row, w in zip(ints.tolist(), weights.tolist())
            if not any(np.isclose(w, x, rtol=1e-6) for x in truth.get((row[1], row[3], row[4], row[5], row[7], row[6]), ()))]
     assert bad == []
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_attach_under_inference_mode_then_steps_outside_it(store_root, monkeypatch, host):
+    """``probes.attach`` inside ``torch.inference_mode()`` (a serving setup), forwards and
+    ``h.step()`` outside it: the sampler's random words were an inference tensor, redrawn in
+    place at every step outside inference mode: every step was a fault and the window's
+    routing rows were lost. Truth: 21 tokens x K per router per step, and the rows' token ids
+    and experts against the test's own hooks."""
+    if not host:
+        draw = sampling.TokenSampler._draw_on
+
+        def draw_on(self, device):
+            draw(self, device)
+            self._host = None
+
+        monkeypatch.setattr(sampling.TokenSampler, "_draw_on", draw_on)
+    m = Model("plain")
+    outs = []
+    for i, r in enumerate(m.routers):
+        r.register_forward_hook(lambda mod, a, out, i=i: outs.append((i, out[2].detach().clone())))
+    with torch.inference_mode():
+        h = probes.attach(m, run="inf", root=store_root, tokens=1.0, seed=1, steps="manual")
+    for s in range(2):
+        with torch.no_grad():
+            m(IDS[s])
+        h.step()
+    stats = h.stats()
+    h.detach()
+    assert stats["faults"] == 0
+    con = chrono.connect(store_root)
+    assert con.execute("SELECT step, layer, sum(tokens) FROM routing WHERE run_id = 'inf' GROUP BY ALL ORDER BY ALL"
+                       ).fetchall() == [(s, i, 21 * K) for s in range(2) for i in range(2)]
+    rows = con.execute("SELECT step, layer, batch_idx, position, k, expert, token_id FROM tokens "
+                       "WHERE run_id = 'inf' ORDER BY ALL").fetchall()
+    want = sorted((s, i, t // 7, t % 7, kk, int(idx[t, kk]), int(IDS[s].reshape(-1)[t]))
+                  for (i, idx), s in zip(outs, [0, 0, 1, 1]) for t in range(21) for kk in range(K))
+    assert rows == want
