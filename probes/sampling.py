@@ -61,7 +61,8 @@ class TokenSampler:
         model moved: the only place a generator is created, never inside a compiled region)."""
         self._gen = torch.Generator(device=device)
         self._gen.manual_seed(self.seed)
-        self._rand = torch.empty(OFFSET_SLOTS, dtype=torch.int64, device=device)
+        with torch.inference_mode(False):   # redrawn in place at every step, in any mode
+            self._rand = torch.empty(OFFSET_SLOTS, dtype=torch.int64, device=device)
         self._host = self._rand.numpy() if device.type == "cpu" else None   # the same memory
         self._ctx_columns = None   # (ForwardContext, device, its columns): _columns
         self._redraw()
