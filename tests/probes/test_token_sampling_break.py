@@ -21,8 +21,9 @@ import torch
 
 import chrono
 import probes
-from probes import sampling, window
+from probes import window
 
+from .sampling_review import patch_paths
 from .staging_review import D, K, Router
 
 VOCAB = 40000   # token ids above 256: a bfloat16 column rounds them
@@ -75,24 +76,6 @@ def _record(monkeypatch, root, run, variant, rate, host):
     """Three steps of one forward each (the first with 0 tokens for ``empty``); returns the
     truth calls ``{(step, layer): (ids, indices, weights, dropped)}``, the pre-filter rows
     and weights of ``token_rows``, the stored rows, stats and how many calls took the host path."""
-    draw, orig_host, orig_rows = sampling.TokenSampler._draw_on, sampling.TokenSampler._sample_host, window.token_rows
-    host_calls, sampled = [], []
-
-    def draw_on(self, device):
-        draw(self, device)
-        if not host:
-            self._host = None   # as on CUDA: the device path
-
-    def sample_host(self, *a):
-        host_calls.append(1)
-        return orig_host(self, *a)
-
-    def token_rows(ready):
-        out = orig_rows(ready)
-        if out is not None:
-            sampled.append(out)
-        return out
-
     m = Model(variant)
     calls: dict = {}
     step = [0]
@@ -101,9 +84,7 @@ def _record(monkeypatch, root, run, variant, rate, host):
             None if t is None else t.detach().clone() for t in (cur[0], out[2], out[1], out[3] if len(out) > 3 else None))))
     cur = [None]
     with monkeypatch.context() as mp:
-        mp.setattr(sampling.TokenSampler, "_draw_on", draw_on)
-        mp.setattr(sampling.TokenSampler, "_sample_host", sample_host)
-        mp.setattr(window, "token_rows", token_rows)
+        host_calls, sampled = patch_paths(mp, host)
         with torch.no_grad(), probes.attach(m, run=run, root=root, tokens=rate, seed=4, steps="manual") as h:
             for s in range(3):
                 step[0] = s
@@ -252,14 +233,7 @@ def test_attach_under_inference_mode_then_steps_outside_it(store_root, monkeypat
     place at every step outside inference mode: every step was a fault and the window's
     routing rows were lost. Truth: 21 tokens x K per router per step, and the rows' token ids
     and experts against the test's own hooks."""
-    if not host:
-        draw = sampling.TokenSampler._draw_on
-
-        def draw_on(self, device):
-            draw(self, device)
-            self._host = None
-
-        monkeypatch.setattr(sampling.TokenSampler, "_draw_on", draw_on)
+    host_calls, _ = patch_paths(monkeypatch, host)
     m = Model("plain")
     outs = []
     for i, r in enumerate(m.routers):
@@ -272,7 +246,7 @@ def test_attach_under_inference_mode_then_steps_outside_it(store_root, monkeypat
         h.step()
     stats = h.stats()
     h.detach()
-    assert stats["faults"] == 0
+    assert stats["faults"] == 0 and bool(host_calls) == host
     con = chrono.connect(store_root)
     assert con.execute("SELECT step, layer, sum(tokens) FROM routing WHERE run_id = 'inf' GROUP BY ALL ORDER BY ALL"
                        ).fetchall() == [(s, i, 21 * K) for s in range(2) for i in range(2)]

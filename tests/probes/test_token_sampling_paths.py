@@ -19,9 +19,10 @@ import torch
 import chrono
 import probe_models as T
 import probes
-from probes import sampling, window
+from probes import window
 
 from . import staging_review as R
+from .sampling_review import patch_paths
 
 torch.set_num_threads(1)
 
@@ -90,28 +91,8 @@ def _record(monkeypatch, root, run, scenario, rate, host: bool, seed=11):
     ``[rows, 10]`` int64 sorted, then the weights in that order), and how many calls took the
     host path."""
     build, work = SCENARIOS[scenario]
-    draw, orig_host, orig_rows = sampling.TokenSampler._draw_on, sampling.TokenSampler._sample_host, window.token_rows
-    host_calls, sampled = [], []
-
-    def draw_on(self, device):
-        draw(self, device)
-        if not host:
-            self._host = None   # as on CUDA: the device path
-
-    def sample_host(self, *a):
-        host_calls.append(1)
-        return orig_host(self, *a)
-
-    def token_rows(ready):
-        out = orig_rows(ready)
-        if out is not None:
-            sampled.append(out)
-        return out
-
     with monkeypatch.context() as mp:
-        mp.setattr(sampling.TokenSampler, "_draw_on", draw_on)
-        mp.setattr(sampling.TokenSampler, "_sample_host", sample_host)
-        mp.setattr(window, "token_rows", token_rows)
+        host_calls, sampled = patch_paths(mp, host)
         m = build()
         with probes.attach(m, run=run, root=root, tokens=rate, seed=seed):
             work(m)
