@@ -9,7 +9,10 @@ The two paths must also store identical rows. Faults found: a float (e.g. bfloat
 mask made the host path's one ``cat`` of int columns a float tensor (token ids rounded: 7945
 stored as 7936); 2-D weights of another shape than the indices' ``[T, k]`` (``[T*k, 1]``,
 ``[1, T*k]``) lost the whole window's write (weights misaligned with rows) or, with indices
-``[T*k, 1]``, stored other assignments' weights; a call of 0 tokens was a telemetry fault.
+``[T*k, 1]``, stored other assignments' weights; a call of 0 tokens was a telemetry fault;
+``[B, S, k]`` indices (a native router's own shape) were sampled as B tokens of S*k
+assignments (log_tokens refused the window's rows: k beyond the run's top_k) and, seeing B
+and not B*S tokens, got no token ids or positions.
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class Shaped(Router):
             return logits, w.reshape(1, -1), idx
         if v == "indices_column":      # indices [T*k, 1], weights [T, k]: flat order pairs them
             return logits, w, idx.reshape(-1, 1)
+        if v == "three_d":             # [B, S, k] indices and weights (a native router's own shape)
+            return logits, w.reshape(3, -1, K), idx.reshape(3, -1, K)
         if v == "empty":               # every call of the first forward has 0 tokens
             return logits, w, idx
         return logits, w, idx
@@ -107,8 +112,8 @@ def _truth_errors(calls, ints, weights, rate) -> list:
     for row, w in zip(ints.tolist(), weights.tolist()):
         step, layer, _, b, p, kk, e, tid, dropped, padding = row
         ids, idx, wts, drop = calls[step, layer]
-        T = idx.shape[0]
-        k = idx.numel() // T
+        k = idx.shape[-1] if idx.dim() > 1 else 1   # assignments per token: the last axis
+        T = idx.numel() // k
         B, S = ids.shape
         ctx = T == B * S
         t = b * S + p if ctx else p
@@ -120,15 +125,16 @@ def _truth_errors(calls, ints, weights, rate) -> list:
             bad.append((row, w, want, float(wts.reshape(-1)[a])))
         per_call[step, layer] = per_call.get((step, layer), 0) + 1
     for (step, layer), (_, idx, _, _) in calls.items():
-        T = idx.shape[0]
-        want = math.ceil(rate * T) * (idx.numel() // max(T, 1)) if T else 0
+        k = idx.shape[-1] if idx.dim() > 1 else 1
+        T = idx.numel() // max(k, 1)
+        want = math.ceil(rate * T) * k if T else 0
         if per_call.get((step, layer), 0) != want:
             bad.append(("rows", step, layer, per_call.get((step, layer), 0), want))
     return bad
 
 
 VARIANTS = ["drop_bfloat16", "drop_float16", "drop_float32", "drop_uint8", "weights_column", "weights_row",
-            "indices_column", "empty"]
+            "indices_column", "three_d", "empty"]
 
 
 @pytest.mark.parametrize("rate", [0.3, 1.0])
