@@ -68,7 +68,7 @@ class Model(torch.nn.Module):
         self.routers = torch.nn.ModuleList(Shaped(variant) for _ in range(n))
         self.table = torch.nn.Parameter(torch.randn(8, D) * 0.1)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask=None):   # (the mask is for probes only)
         x = self.emb(input_ids).reshape(-1, D)
         for r in self.routers:
             out = r(x)
@@ -261,3 +261,34 @@ def test_attach_under_inference_mode_then_steps_outside_it(store_root, monkeypat
     want = sorted((s, i, t // 7, t % 7, kk, int(idx[t, kk]), int(IDS[s].reshape(-1)[t]))
                   for (i, idx), s in zip(outs, [0, 0, 1, 1]) for t in range(21) for kk in range(K))
     assert rows == want
+
+
+def test_three_d_router_with_a_padding_mask_counts_and_samples_only_real_tokens(store_root):
+    """A native router returning ``[B, S, k]`` and a padding mask: its counts exclude the
+    padding tokens (before, seeing B and not B*S tokens, it got no mask: padding was counted)
+    and its sampled rows carry token ids and positions. Truth: the test's own hooks and the
+    mask, counted with NumPy."""
+    m = Model("three_d")
+    ids = IDS[0]
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :3] = mask[2, :5] = 0   # left padding
+    outs = []
+    for i, r in enumerate(m.routers):
+        r.register_forward_hook(lambda mod, a, out, i=i: outs.append((i, out[2].detach().reshape(-1, K).clone())))
+    with torch.no_grad(), probes.attach(m, run="3d", root=store_root, tokens=1.0, seed=1, steps="manual") as h:
+        m(ids, attention_mask=mask)
+        h.step()
+        stats = h.stats()
+    keep = mask.reshape(-1).numpy() != 0
+    want = []
+    for layer, idx in outs:
+        n = np.bincount(idx.numpy()[keep].reshape(-1), minlength=8)
+        want += [(layer, e, int(n[e])) for e in range(8) if n[e]]
+    con = chrono.connect(store_root)
+    got = con.execute("SELECT layer, expert, sum(tokens) FROM routing WHERE run_id = '3d' AND tokens > 0 "
+                      "GROUP BY ALL ORDER BY ALL").fetchall()
+    assert got == sorted(want) and stats["faults"] == 0
+    rows = con.execute("SELECT layer, batch_idx, position, k, expert, token_id FROM tokens WHERE run_id = '3d' "
+                       "ORDER BY ALL").fetchall()
+    assert rows == sorted((layer, t // 7, t % 7, kk, int(idx[t, kk]), int(ids.reshape(-1)[t]))
+                          for layer, idx in outs for t in range(21) if keep[t] for kk in range(K))
