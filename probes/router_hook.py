@@ -119,10 +119,12 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
 def _token_context(ctx, routed, site, slot, faults):
     """``ctx`` for a call whose forward has a padding mask or sampled tokens, if the router saw
     its batch x sequence tokens; else None (no mask, ids or positions for it), warned once."""
-    if ctx.n_tokens != routed.indices.shape[0]:
+    idx = routed.indices   # [T, k], or [B, S, k] from a native router (tokens row-major)
+    tokens = idx.shape[0] if idx.dim() <= 2 else idx.numel() // max(1, idx.shape[-1])
+    if ctx.n_tokens != tokens:
         faults.warn_once(f"ctx{slot}", "probes: router %s saw %d tokens, not batch x sequence = %s "
                          "of its forward: no padding mask, token ids or positions for it",
-                         site.name, routed.indices.shape[0], ctx.n_tokens)
+                         site.name, tokens, ctx.n_tokens)
         return None
     return ctx
 

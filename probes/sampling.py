@@ -74,13 +74,15 @@ class TokenSampler:
     def sample(self, layer: int, mode: int, indices, weights=None, dropped=None, ctx=None) -> None:
         """Sample this router call's tokens. ``ctx``: the ``probes.context.ForwardContext`` of the
         call when it describes these tokens (``T == B*S``), else None (flat positions, no ids)."""
-        if indices.shape[0] == 0:   # (a reshape to [0, -1] is ambiguous: it raises)
-            return
         if not torch.compiler.is_compiling() and _is_wrapped(indices):
             self._sample_unwrapped(layer, mode, indices, weights, dropped, ctx)
             return
-        idx = indices.detach().reshape(indices.shape[0], -1)
+        idx = indices.detach()
+        if idx.dim() != 2:   # [B, S, k] -> [B*S, k] (row-major tokens); [T] -> [T, 1]
+            idx = idx.reshape(-1, idx.shape[-1]) if idx.dim() > 2 else idx.reshape(-1, 1)
         T, k = idx.shape
+        if T == 0:
+            return
         budget = self.max_tokens_per_step - self._used.get(layer, 0)
         n = min(math.ceil(self.rate * T), budget, T)
         if n <= 0:
