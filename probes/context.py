@@ -17,7 +17,8 @@ stack captures, per call, a ``ForwardContext``:
   from a 2-D ``attention_mask`` (its last ``S`` columns, the current tokens);
   ``pad`` is the number of padding tokens (0-d tensor). None: count all.
 
-A router that sees ``T == B*S`` tokens maps token ``p`` to batch ``p // S`` and
+A router that sees ``T == B*S`` tokens (indices ``[T, k]``, or ``[B, S, k]`` from a native
+router: ``B*S`` tokens) maps token ``p`` to batch ``p // S`` and
 position ``positions[p % S]`` (the row-major flattening every HF MoE block
 uses). A router that sees another number of tokens gets no mask and flat
 positions, and the handle warns once.
