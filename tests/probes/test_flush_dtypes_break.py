@@ -15,7 +15,7 @@ import torch
 
 from probes import staging
 
-from .staging_review import IDS, K, Router, VariantMoE, count, truth_hooks
+from .staging_review import D, IDS, K, Router, VariantMoE, count, truth_hooks
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -191,3 +191,59 @@ def test_concurrent_forwards_with_different_weights_dtypes(store_root):
     counts, weight = arrays.counts[1].sum(axis=0), arrays.weight[1].sum(axis=0)   # [slot, expert]
     got = {(layers[slot], int(e)): (int(counts[slot, e]), float(weight[slot, e])) for slot, e in zip(*counts.nonzero())}
     assert _strict([count(calls)], {0: got}) == []
+
+
+class Misshapen(Shifting):
+    """From the test's switch on, returns weights ``[T, 1]`` beside indices ``[T*k - 1]`` (as
+    ``tests/reliability/moe_tiny.py``'s ``wrong_shapes``): ``Recorder.record`` refuses such a
+    call (a fault); the model mixes its own top-k of the logits, so training is unaffected."""
+
+    bad = False
+
+    def _route(self, x):
+        logits, w, idx = super()._route(x)
+        if self.bad:
+            return logits, w[:, :1], idx.reshape(-1)[:-1]
+        return logits, w, idx
+
+
+class OwnTopK(VariantMoE):
+    def forward(self, input_ids):
+        x = self.emb(input_ids).reshape(-1, D)
+        for r in self.routers:
+            w, idx = torch.topk(r(x)[0].float().softmax(-1), K, dim=-1)
+            x = x + (w[..., None] * self.table[idx]).sum(1)
+        return x.sum()
+
+
+@pytest.mark.parametrize("others", ["f32", "bf16_and_f32"])
+def test_a_misshapen_staged_call_loses_no_other_call(store_root, others):
+    """Router 0 turns misshapen after its probation forward (staged by then), beside 9 healthy
+    routers (weights float32, or bfloat16 and float32: the flat path without ``wbuf``). The
+    misshapen calls are faults and not counted; every healthy call is counted exactly. Before:
+    with ``wbuf`` the flush raised, and the fallback's first failing call stopped the loop (the
+    healthy calls after it in the batch were lost: ``tests/reliability/test_model_faults.py``
+    ``[wrong_shapes]`` failed since 90220d3); without ``wbuf`` the cat into ``src`` resized a
+    view and counted the healthy calls with shifted weights."""
+    import probes
+
+    routers = [Misshapen(wdtype=BF16 if others == "bf16_and_f32" and i % 2 else F32) for i in range(10)]
+    model = OwnTopK(routers)
+    calls = truth_hooks(model)
+    truth, got = [], {}
+    with probes.attach(model, run=others, root=store_root, steps="manual", flush_every=50) as h:
+        for s in range(4):
+            routers[0].bad = s >= 1
+            del calls[:]
+            with torch.no_grad():
+                model(IDS)
+            truth.append(count([c for c in calls if c[0] != 0 or s == 0]))
+            h.step()
+        arrays = h._window.live()
+        layers = h._window.layer_ids.tolist()
+        stats = h.stats()
+    counts, weight = arrays.counts.sum(axis=1), arrays.weight.sum(axis=1)
+    for s, slot, e in zip(*counts[:4].nonzero()):
+        got.setdefault(int(s), {})[layers[slot], int(e)] = (int(counts[s, slot, e]), float(weight[s, slot, e]))
+    assert _strict(truth, got) == []
+    assert stats["faults"] >= 3   # each misshapen call
