@@ -57,7 +57,9 @@ A reference is only safe while nobody changes the tensor in place before the flu
   those calls are dropped with a fault.
 * A call outside any top-level forward (a router called by hand) is counted at once: nothing
   would flush it before the caller's own code runs. Tensors without storage of their own
-  (``torch.func`` transforms, fake tensors) are counted at once too.
+  (``torch.func`` transforms, fake tensors) are counted at once too, and so is a staged call
+  whose weights do not match its indices in number (``Recorder.record`` refuses it: a fault,
+  and the flush goes on with the other calls).
 * Not detected: a write that bypasses version counters (``.data``, a NumPy view, DLPack, a raw
   kernel) to a router's own output after it returned: the flush counts the changed values
   (``tests/probes/test_staging_break3_handles.py``, strict xfail; telling it would take a device
@@ -273,7 +275,10 @@ class Stage:
                             continue
                         routed = Routed(indices, weights)   # counted without its non-finite check
                 m = indices.numel()
-                if m > MAX_CALL:   # (this router's calls have grown: counted at once from now on)
+                # calls grown past MAX_CALL (counted at once from now on), and weights that do not
+                # match the indices (record refuses the call: a fault; the cat would shift the
+                # other calls' weights or fail the batch)
+                if m > MAX_CALL or (weights is not None and weights.numel() != m):
                     self._eager(mode, slot, routed)
                     continue
                 if n + m > MAX_ASSIGNMENTS:
@@ -337,7 +342,12 @@ class Stage:
         is counted at once from now on (the hook then follows it to its device)."""
         self.state[slot] = EAGER
         rec = self.rec
-        rec.record_plain(mode, slot, Routed(*(None if t is None else t.to(rec.device) for t in routed)))
+        try:
+            rec.record_plain(mode, slot, Routed(*(None if t is None else t.to(rec.device) for t in routed)))
+        except Exception as e:   # a call record refuses is a fault of its own: the flush goes on
+            if self.faults is None:
+                raise
+            self.faults.fault(f"router slot {slot}", e)
 
     def _layout(self, batch: list, n: int) -> tuple:
         """Buffers and views of one layout (``j`` of its calls have logits or a logit sum), cached:
