@@ -83,3 +83,18 @@ def test_flush_anatomy_quick(tmp_path):
     assert all(v > 0 for v in cell["flush_us"].values()) and cell["ratio_vs_eager_a"]["eager_a"] == 1.0
     assert list(cell["first_us"]) == list(cell["again_us"]) == mod.OPS
     assert "load average" in cell["uptime_after"]
+
+
+def test_probe_ab_quick(tmp_path):
+    """This tree's probes against HEAD's (git archive), sampling tokens too: all three handles
+    store the same counts for the check step, and every timed round has one value per arm."""
+    mod = _load("probe_ab")
+    out = tmp_path / "ab.json"
+    res = mod.main(["--quick", "--ref", "HEAD", "--tokens", "0.5", "--mode", "infer", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    cell = res["cell"]
+    assert cell["counts_equal"] and cell["check_tokens"] == 2 * 16 * 2 * 4   # batch x seq x top-2 x layers
+    assert {k: len(v) for k, v in cell["in_hook_s"].items()} == {"A": 2, "B": 2, "A2": 2}
+    assert set(cell["per_round_ratio_quartiles"]) == {"A/B", "A2/B", "A/A2"}
+    for lo, mid, hi in cell["per_round_ratio_quartiles"].values():
+        assert 0 < lo <= mid <= hi
