@@ -72,9 +72,9 @@ Memory: staged references (and copies) keep tensors alive until the forward ends
 ``MAX_LOGITS`` elements (a fuller stage is flushed first: 64 MiB of float32 logits); calls of
 more than ``MAX_CALL`` assignments are counted at once; a flush counts at most
 ``MAX_ASSIGNMENTS`` per batch. Per forward layout (the last ``_LAYOUTS``): three int64 vectors,
-a float64 ``[2, N]`` source and the weights in their own dtype, at most 44 bytes per assignment
-(22 MiB at the bound), plus the concatenated logits when summed in one op (at most ``_LCAT``
-elements).
+a float64 ``[2, N]`` source and the weights in their own dtype: 40 bytes per assignment plus one
+weight (44 with float32 weights: 22 MiB at the bound), plus the concatenated logits when summed
+in one op (at most ``_LCAT`` elements).
 """
 from __future__ import annotations
 
