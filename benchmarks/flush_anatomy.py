@@ -45,18 +45,20 @@ from benchmarks.probe_overhead import EXPERTS, SHAPES, VOCAB, build, routers  # 
 CLOCK = time.thread_time
 WIDTH = EXPERTS + 2          # per router: the -1 column, the experts, the overflow column
 LCAT_MIN = 8                 # as probes/staging.py: logits concatenated for one sum from 8 calls
-OPS = ["cat indices", "cat weights (to float64)", "logit sums", "clamp_", "add (column base)", "index_add_"]
+# as probes/staging.py since 90220d3: weights concatenated in their own dtype, then one copy_ into the
+# float64 source; fewer than 8 logit sums stacked in float32, then one copy_
+OPS = ["cat indices", "cat weights + copy_", "logit sums", "clamp_", "add (column base)", "index_add_"]
 
 
 def eager_flush(idx, w, logits, buf, acc, times=None):
     """The flush's device ops on preallocated buffers (``buf``: ``layout``). ``times``: a dict
     op -> seconds to add each op's thread CPU time to (None: untimed)."""
-    raw, base, col, src, ix, wx, sums = buf
+    raw, base, col, src, ix, wx, sums, wbuf, sbuf = buf
     n = ix.numel()
     steps = [lambda: torch.cat(idx, out=ix),
-             lambda: torch.cat(w, out=wx),
+             lambda: wx.copy_(torch.cat(w, out=wbuf)),
              (lambda: sums.copy_(torch.cat(logits).view(len(logits), -1).sum(1))) if len(logits) >= LCAT_MIN
-             else (lambda: torch.stack([t.sum() for t in logits], out=sums)),
+             else (lambda: sums.copy_(torch.stack([t.sum() for t in logits], out=sbuf))),
              lambda: raw[:n].clamp_(-1, EXPERTS),
              lambda: torch.add(raw, base, out=col),
              lambda: acc.index_add_(1, col, src)]
@@ -84,7 +86,8 @@ def layout(calls: int, tokens: int, k: int):
     raw = torch.full((n + calls,), -1, dtype=torch.int64)
     src = torch.ones((2, n + calls), dtype=torch.float64)
     src[0, n:] = 0
-    return raw, base, torch.empty_like(raw), src, raw[:n].view(-1, k), src[1, :n].view(-1, k), src[1, n:]
+    return (raw, base, torch.empty_like(raw), src, raw[:n].view(-1, k), src[1, :n].view(-1, k), src[1, n:],
+            torch.empty((calls * tokens, k)), torch.empty(calls))   # float32 weights and logit sums
 
 
 def run_cell(shape: str, mode: str, layers: int, rounds: int, warmup: int, batch: int, seq: int) -> dict:
