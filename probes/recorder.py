@@ -150,13 +150,16 @@ class Recorder:
             self._src_dirty = False
         return v
 
-    def add(self, mode: int, slot: int, routed: Routed, mask=None, pad=None, in_forward: bool = True) -> None:
+    def add(self, mode: int, slot: int, routed: Routed, mask=None, pad=None, in_forward: bool = True,
+            sample=None) -> bool:
         """Count one router call: staged (``probes.staging``: counted at ``flush``) when it is
         part of a top-level forward (``in_forward``) and has no padding mask and no capacity
-        drops, else at once (``record_plain``). Sync-free."""
-        if mask is None and routed.dropped is None and self.stage.add(mode, slot, routed, in_forward):
-            return
+        drops, else at once (``record_plain``). Sync-free. ``sample``: ``(layer, ctx)`` to sample
+        the call's tokens at the flush if it is staged (``Stage.sampler``). True when staged."""
+        if mask is None and routed.dropped is None and self.stage.add(mode, slot, routed, in_forward, sample):
+            return True
         self.record_plain(mode, slot, routed, mask, pad)
+        return False
 
     def flush(self, forward_ended: int | None = None) -> None:
         """Count the staged calls (before anything reads ``acc``); ``forward_ended``: the ident

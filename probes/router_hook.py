@@ -16,7 +16,8 @@ Otherwise, per call: parse, read the expert count (as above), pick the forward's
 padding mask, capacity drops, under
 ``torch.compile``, on probation or under ``inference_mode`` in a model with few routers,
 count it at once (``Recorder.record``: device ``index_add_``, no host sync); when tokens are
-sampled, also hand it to ``TokenSampler.sample``. Returns None (a value would replace the
+sampled, a staged call is sampled when the flush counts it (``Stage._sample``, in one loop over
+the forward's calls), any other call here (``TokenSampler.sample``). Returns None (a value would replace the
 router's output). Anything that can be looked up once is bound when the hook is built; a
 failure is a telemetry fault, never an exception in the forward. The activation-recompute
 test (``in_backward``) only runs for a call outside any top-level forward, the only place a
@@ -102,10 +103,11 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             with contextlib.nullcontext() if compiling else lock:
                 if n > window.widest[slot]:   # under the lock: another thread may flush
                     window.saw(slot, n)
-                rec.add(mode, slot, routed, mask, pad, in_forward=not compiling and (
-                    st.root_mode is not None or st.pseudo_root is not None))
-                if sampler is not None:
-                    sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
+                defer = None if sampler is None or compiling else (site.layer, ctx)
+                staged = rec.add(mode, slot, routed, mask, pad, in_forward=not compiling and (
+                    st.root_mode is not None or st.pseudo_root is not None), sample=defer)
+                if sampler is not None and not (staged and defer is not None):   # (else sampled
+                    sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)  # at the flush)
         except Exception as e:  # telemetry must never break the forward
             faults.fault(f"router {site.name}", e)
         if not compiling:

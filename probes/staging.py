@@ -66,6 +66,10 @@ A reference is only safe while nobody changes the tensor in place before the flu
   compare per call and a host read). ``probes.attach(..., staging=False)`` counts every call
   when its router returns.
 
+With token sampling on, each staged call also carries ``(layer, forward context)``: the flush
+samples it (``TokenSampler.sample``) in call order, from the values it counts, right where it
+decides to count it; a call it drops is not sampled.
+
 Nothing here reads a value on the host.
 
 Memory: staged references (and copies) keep tensors alive until the forward ends, bounded by
@@ -160,10 +164,11 @@ class Stage:
     def __init__(self, rec, faults=None):
         self.rec, self.faults = rec, faults
         self.state = [PROBATION] * rec.n_slots
-        self.calls: list = []   # (mode, slot, Routed, versions or None, logit sum or None)
+        self.calls: list = []   # (mode, slot, Routed, versions or None, logit sum or None, sample)
         self.nl = 0             # staged logits (elements) kept alive
         self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
         self.enabled = True     # False: attach(staging=False), every call counted at once
+        self.sampler = None     # the window's TokenSampler: staged calls are sampled at the flush
         self._layouts: OrderedDict = OrderedDict()
 
     def reset(self) -> None:
@@ -192,10 +197,10 @@ class Stage:
             if nl > MAX_LOGITS:
                 return False
             self.nl = nl
-        self.calls.append((mode, slot, routed, versions, None))
+        self.calls.append((mode, slot, routed, versions, None, None))
         return True
 
-    def _copy(self, mode: int, slot: int, routed: Routed) -> bool:
+    def _copy(self, mode: int, slot: int, routed: Routed, sample=None) -> bool:
         """Stage private copies of a call whose indices are inference tensors (no version
         counter): its indices and weights (2 copies) and its logit sum (1 op). False (count it at
         once) for a call of more than ``MAX_CALL`` assignments. ``add`` calls it, having checked
@@ -209,10 +214,10 @@ class Stage:
         self.nl += held
         logits, weights = routed.logits, routed.weights
         self.calls.append((mode, slot, Routed(routed.indices.clone(), None if weights is None else weights.clone()),
-                           None, None if logits is None else logit_sum(logits)))
+                           None, None if logits is None else logit_sum(logits), sample))
         return True
 
-    def add(self, mode: int, slot: int, routed: Routed, in_forward: bool) -> bool:
+    def add(self, mode: int, slot: int, routed: Routed, in_forward: bool, sample=None) -> bool:
         """Stage one router call of a top-level forward (``in_forward``); False if it must be
         counted at once (``Recorder.record``): a call outside any forward (nothing would flush
         it before the caller's own code runs), a router on probation (its call is then watched)
@@ -223,7 +228,7 @@ class Stage:
         if few and mode == INFER:
             return False
         if routed.indices.is_inference():   # no version counter: private copies (also for a
-            return not few and self._copy(mode, slot, routed)   # forward entering inference mode)
+            return not few and self._copy(mode, slot, routed, sample)   # forward entering inference mode)
         logits = routed.logits
         state = self.state[slot]
         versions = _versions(routed)
@@ -241,7 +246,7 @@ class Stage:
                 if nl > MAX_LOGITS:
                     return False
             self.nl += nl
-        self.calls.append((mode, slot, routed, versions, None))
+        self.calls.append((mode, slot, routed, versions, None, sample))
         return True
 
     def flush(self, forward_ended: int | None = None) -> None:
@@ -258,10 +263,14 @@ class Stage:
         shared = _reused(addresses) if len(set(flat)) < len(flat) else ()
         with grad_off_eager():
             batch, n = [], 0
-            for j, ((mode, slot, routed, versions, norm), address) in enumerate(zip(calls, addresses)):
+            for j, ((mode, slot, routed, versions, norm, sample), address) in enumerate(zip(calls, addresses)):
                 indices, weights, _, logits = routed
+                if sample is not None:   # (a call not counted below is not sampled either)
+                    sample = (mode, routed, *sample)
                 if versions is not None:
                     if address is None:   # no storage of its own (a torch.func transform's tensor)
+                        if sample is not None:
+                            self._sample(*sample)
                         self._eager(mode, slot, routed)
                         continue
                     if j in shared:
@@ -274,6 +283,8 @@ class Stage:
                         if self._changed(slot, routed, versions) == "counts":
                             continue
                         routed = Routed(indices, weights)   # counted without its non-finite check
+                if sample is not None:
+                    self._sample(*sample)
                 m = indices.numel()
                 # calls grown past MAX_CALL (counted at once from now on), and weights that do not
                 # match the indices (record refuses the call: a fault; the cat would shift the
@@ -288,6 +299,17 @@ class Stage:
                 n += m
             if batch:
                 self._count_or_eager(batch, n)
+
+    def _sample(self, mode: int, routed: Routed, layer: int, ctx) -> None:
+        """Sample a staged call's tokens (``TokenSampler.sample``) at the flush, in call order,
+        from the same values it is counted from: the ops run in one loop over the forward's
+        calls, with warm caches, instead of in each router hook. A failure is a fault."""
+        try:
+            self.sampler.sample(layer, mode, routed.indices, routed.weights, None, ctx)
+        except Exception as e:  # telemetry must never break the forward
+            if self.faults is None:
+                raise
+            self.faults.fault(f"token sampling, layer {layer}", e)
 
     def _changed(self, slot: int, routed: Routed, versions: tuple) -> str | None:
         """What of a staged call changed in place since the router returned: None, "logits"

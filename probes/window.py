@@ -34,7 +34,7 @@ class Window:
         self.routers = routers
         self.layer_ids = np.array([s.layer for s in routers], dtype=np.int32)
         self.rec = recorder
-        self.sampler = sampler
+        self.sampler = recorder.stage.sampler = sampler   # staged calls are sampled at the flush
         self.dist = dist                            # probes.distributed.DistributedSync or None
         self.steps: list[int] = []                  # step number of each history row
         self.widest = [0] * len(routers)            # largest n_experts seen per router this window
