@@ -13,12 +13,12 @@ once, with the bookkeeping of all calls in one tight loop:
     src  = [1 per assignment, 0 per logits; cat(weights, logit sums)]      1-2 ops (the
            (weights of one dtype: cat in that dtype, then one copy_)         cat, the copy_),
            logit sums: cat(logits), summed per call in one op, copied        3 ops, or one
-           (>= 8 calls, logits of one shape and dtype, <= _LCAT elements)    sum per call
+           (>= 8 calls, logits of one shape and dtype, <= 2^20 elements)    sum per call
                                                                              + a stack (+ a
                                                                              copy_, as above)
     acc[tokens, weight] .index_add_(col, src)                              1 op
 
-writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
+(those ops, on buffers cached per batch layout: ``probes.batch_count``), writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
 expert). A call's logit sum (in the logits' dtype, float32 at least, either way: the same
 value as the eager path's ``logit_sum``) lands in the weight cell of column 0 (the column of
 negative indices, whose weight sum nothing reads) and adds 0 tokens: it only flags non-finite
@@ -78,18 +78,16 @@ more than ``MAX_CALL`` assignments are counted at once; a flush counts at most
 ``MAX_ASSIGNMENTS`` per batch. Per forward layout (the last ``_LAYOUTS``): three int64 vectors,
 a float64 ``[2, N]`` source and the weights in their own dtype: 40 bytes per assignment plus one
 weight (44 with float32 weights: 22 MiB at the bound), plus the concatenated logits when summed
-in one op (at most ``_LCAT`` elements).
+in one op (at most 2^20 elements: ``probes.batch_count``).
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-
-import torch
 
 from chrono.schema import MODES
 
-from .ops import grad_off_eager, logit_sum, sum_dtype
+from .batch_count import Layouts
+from .ops import grad_off_eager, logit_sum
 from .routing import Routed
 
 MAX_ASSIGNMENTS = 1 << 19   # (token, k) assignments counted by one index_add_
@@ -102,11 +100,6 @@ MAX_LOGITS = 1 << 24        # logits (elements) kept alive by the stage before a
 COPIES_MIN_ROUTERS = 8      # inference tensors are staged as copies only from this many routers
 PROBATION, STAGED, EAGER = 0, 1, 2
 INFER = MODES.index("INFER")
-_LAYOUTS = 8                # forward layouts whose column bases and sources are kept
-_LCAT = 1 << 20             # logits (elements) of one flush concatenated for one sum per call
-# ... from this many calls with logits: fewer calls save fewer ops than the copy costs (CPU,
-# interleaved: 61 calls of 8 x 256 logits 12 % less in-hook time, 4 calls of 1024 x 8 ~3 % more)
-_LCAT_MIN_CALLS = 8
 
 
 def _addresses(routed: Routed) -> tuple | None:
@@ -145,14 +138,6 @@ def _versions(routed: Routed) -> tuple | None:
         return None
 
 
-def _on(device: torch.device, values: list[int]) -> torch.Tensor:
-    """A small long tensor on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 class Stage:
     """The staged router calls of one recorder (see the module docstring).
 
@@ -169,7 +154,7 @@ class Stage:
         self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
         self.enabled = True     # False: attach(staging=False), every call counted at once
         self.sampler = None     # the window's TokenSampler: staged calls are sampled at the flush
-        self._layouts: OrderedDict = OrderedDict()
+        self._layouts = Layouts(rec)   # the flush's buffers, per batch layout
 
     def reset(self) -> None:
         """The recorder's buffers were reallocated (grown, moved): column bases change."""
@@ -371,102 +356,6 @@ class Stage:
                 raise
             self.faults.fault(f"router slot {slot}", e)
 
-    def _layout(self, batch: list, n: int) -> tuple:
-        """Buffers and views of one layout (``j`` of its calls have logits or a logit sum), cached:
-
-        ``raw [n + j]`` int64: a flush writes the indices into ``raw[:n]``; ``raw[n:]`` stays
-        -1 (the raw index of a logit sum: column 0). ``base [n + j]`` int64: the column base
-        of each entry. ``col [n + j]`` int64: the columns a flush computes. ``src [2, n + j]``
-        float64: row 0 is 1 per assignment and 0 per logit sum; a flush writes row 1 (weights,
-        then logit sums). ``ix`` / ``wx``: ``raw[:n]`` / ``src[1, :n]`` as the ``[T, k]`` of
-        the calls when they all have that shape (one ``cat`` along tokens, no reshapes), else
-        None. ``lbuf``: when at least ``_LCAT_MIN_CALLS`` logit sums are computed here from
-        logits of one shape and dtype (at most ``_LCAT`` elements in all), a buffer for the
-        calls' logits concatenated and one for their sums (float32 at least, as ``logit_sum``);
-        else None (one ``logit_sum`` per call). ``wbuf`` / ``sbuf``: when every call's weights
-        (logit sums) have one dtype other than float64, a buffer of that dtype, shaped as the
-        weights' (sums') place in ``src``, that they are concatenated (stacked) into before one
-        ``copy_`` to ``src``; else None (straight into ``src``). A ``cat`` or ``stack`` whose
-        ``out`` has another dtype than its inputs measured 3-5x slower than one that has it
-        plus the ``copy_`` (CPU, 32 calls: 47 against 9.5 us for [8, 2] weights, 86 against
-        18 us for 0-d sums).
-        """
-        key = tuple((mode, slot, routed.indices.shape,
-                     None if routed.weights is None else (routed.weights.shape, routed.weights.dtype),
-                     None if routed.logits is None else (routed.logits.shape, routed.logits.dtype),
-                     None if norm is None else norm.dtype)
-                    for mode, slot, routed, norm in batch)
-        hit = self._layouts.get(key)
-        if hit is not None:
-            self._layouts.move_to_end(key)
-            return hit
-        rec = self.rec
-        width = rec.capacity + 2
-        bases = [(mode * rec.n_slots + slot) * width + 1 for mode, slot, _, _, _, _ in key]
-        sizes = [ishape.numel() for _, _, ishape, _, _, _ in key]
-        has = [lg is not None or norm is not None for _, _, _, _, lg, norm in key]
-        norm_bases = [b for b, h in zip(bases, has) if h]
-        j = len(norm_bases)
-        k = key[0][2][-1] if key[0][2] else 0
-        flat = not all(len(ish) == 2 and ish[1] == k and w is not None and w[0] == ish for _, _, ish, w, _, _ in key)
-        shapes = {lg for _, _, _, _, lg, _ in key if lg is not None}   # (shape, dtype) of the logits
-        one = next(iter(shapes)) if len(shapes) == 1 else None
-        lcat = (j >= _LCAT_MIN_CALLS and one is not None and len(one[0]) >= 1 and j * one[0].numel() <= _LCAT
-                and all(norm is None for *_, norm in key))
-        wdt = {None if w is None else w[1] for _, _, _, w, _, _ in key}
-        wdt = next(iter(wdt)) if len(wdt) == 1 and None not in wdt and torch.float64 not in wdt else None
-        sdt = {sum_dtype(lg[1]) if norm is None else norm for _, _, _, _, lg, norm in key if lg is not None or norm is not None}
-        sdt = next(iter(sdt)) if len(sdt) == 1 and torch.float64 not in sdt and not lcat else None
-        with torch.inference_mode(False):   # written in place by later flushes in any mode
-            base = torch.repeat_interleave(_on(rec.device, bases + norm_bases),
-                                           _on(rec.device, sizes + [1] * j), output_size=n + j)
-            raw = torch.full((n + j,), -1, dtype=torch.int64, device=rec.device)
-            src = torch.ones((2, n + j), dtype=torch.float64, device=rec.device)
-            src[0, n:] = 0
-            ix, wx = (None, None) if flat else (raw[:n].view(-1, k), src[1, :n].view(-1, k))
-            lbuf = None
-            if lcat:
-                shape, dtype = one[0], sum_dtype(one[1])
-                lbuf = (torch.empty((j * shape[0], *shape[1:]), dtype=dtype, device=rec.device),
-                        torch.empty(j, dtype=dtype, device=rec.device))
-            wbuf = None if wdt is None else torch.empty(n, dtype=wdt, device=rec.device)
-            if wbuf is not None and not flat:
-                wbuf = wbuf.view(-1, k)
-            sbuf = None if sdt is None else torch.empty(j, dtype=sdt, device=rec.device)
-            hit = self._layouts[key] = (raw, base, torch.empty_like(raw), src, ix, wx, src[1, n:], lbuf, wbuf, sbuf)
-        if len(self._layouts) > _LAYOUTS:
-            self._layouts.popitem(last=False)
-        return hit
-
     def _count(self, batch: list, n: int) -> None:
-        rec = self.rec
-        raw, base, col, src, ix, wx, sums, lbuf, wbuf, sbuf = self._layout(batch, n)
-        calls = [routed for _, _, routed, _ in batch]
-        if ix is not None:   # [T, k] tensors concatenate along tokens straight into the buffers
-            torch.cat([r.indices for r in calls], out=ix)
-            if wbuf is None:
-                torch.cat([r.weights for r in calls], out=wx)
-            else:
-                wx.copy_(torch.cat([r.weights for r in calls], out=wbuf))
-        else:
-            torch.cat([r.indices.reshape(-1) for r in calls], out=raw[:n])
-            if wbuf is None:
-                torch.cat([r.weights.reshape(-1) if r.weights is not None
-                           else r.indices.new_zeros(r.indices.numel(), dtype=torch.float64)
-                           for r in calls], out=src[1, :n])
-            else:
-                src[1, :n].copy_(torch.cat([r.weights.reshape(-1) for r in calls], out=wbuf))
-        if lbuf is not None:   # each logit sum goes to the weight cell of column 0 of its router
-            logits, per_call = lbuf   # summed in the logits' dtype, float32 at least, as logit_sum
-            torch.cat([r.logits for r in calls if r.logits is not None], out=logits)
-            sums.copy_(torch.sum(logits.view(per_call.shape[0], -1), 1, out=per_call))
-        elif sums.shape[0]:
-            values = [norm if norm is not None else logit_sum(r.logits)
-                      for _, _, r, norm in batch if norm is not None or r.logits is not None]
-            if sbuf is None:
-                torch.stack(values, out=sums)
-            else:
-                sums.copy_(torch.stack(values, out=sbuf))
-        raw[:n].clamp_(-1, rec.capacity)
-        torch.add(raw, base, out=col)
-        rec.tw_cells.index_add_(1, col, src)
+        """One batch's device ops (``probes.batch_count.Layouts.count``)."""
+        self._layouts.count(batch, n)
