@@ -75,8 +75,7 @@ def _run(root, run, staging_on, rate, budget, steps=3):
     return per_step, rows, staged
 
 
-@pytest.mark.parametrize("staging_on", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="review 8: an at-once call takes the budget before a staged call of its layer"))])
+@pytest.mark.parametrize("staging_on", [False, True])
 def test_the_budget_goes_to_a_layers_first_call_of_the_step(store_root, staging_on):
     per_step, rows, states = _run(store_root, f"budget{int(staging_on)}", staging_on, 1.0, M)
     if staging_on:
@@ -92,7 +91,6 @@ def test_the_budget_goes_to_a_layers_first_call_of_the_step(store_root, staging_
             np.testing.assert_array_equal(have, want[np.lexsort(want.T[::-1])], err_msg=f"step {s} layer {layer}")
 
 
-@pytest.mark.xfail(strict=True, reason="review 8: staged and at-once calls of a layer swap offset words")
 def test_rows_equal_sampling_at_once_when_a_layer_mixes_staged_and_at_once_calls(store_root):
     _, rows, states = _run(store_root, "mixed", True, 0.4, 4096)
     _, rows_once, _ = _run(store_root, "mixed_once", False, 0.4, 4096)
