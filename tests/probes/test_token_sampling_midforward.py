@@ -117,3 +117,39 @@ def test_a_sampler_fault_at_the_flush_loses_no_counts(store_root, monkeypatch):
     _check([c for c in calls if c[1] != 1], [r for r in rows if r[1] != 1], {k: v for k, v in routed.items()
                                                                             if k[1] != 1})
     assert not [r for r in rows if r[1] == 1]
+
+
+def _accumulate(root, run, rate, staging_on, steps_rule):
+    """Three forwards (training, gradients accumulated) per optimizer step, 3 optimizer steps."""
+    model = MoE([Router() for _ in range(4)], order=ORDER)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    calls = _truth(model, lambda: None)
+    per_call_step = []
+    with probes.attach(model, run=run, root=root, tokens=rate, seed=4, steps=steps_rule, flush_every=8,
+                       staging=staging_on) as h:
+        model.train()
+        for s in range(3):
+            for f in range(3):
+                start = len(calls)
+                model(torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(10 * s + f))).backward()
+                per_call_step += [s] * (len(calls) - start)
+            opt.step()
+            opt.zero_grad()
+        staged = list(h._window.rec.stage.state)
+    con = chrono.connect(root)
+    rows = con.execute("SELECT step, layer, batch_idx, position, k, expert, token_id FROM tokens "
+                       "WHERE run_id = ? ORDER BY ALL", [run]).fetchall()
+    routed = dict(((s, l), int(n)) for s, l, n in con.execute(
+        "SELECT step, layer, sum(tokens) FROM routing WHERE run_id = ? GROUP BY ALL", [run]).fetchall())
+    return [(s, l, e) for s, (_, l, e) in zip(per_call_step, calls)], rows, routed, staged
+
+
+@pytest.mark.parametrize("steps_rule", ["auto", "optimizer"])
+def test_steps_of_accumulated_forwards_merged_at_the_optimizer_step(store_root, steps_rule):
+    calls, rows, routed, staged = _accumulate(store_root, "acc" + steps_rule, 1.0, True, steps_rule)
+    assert staged == [staging.STAGED] * 4
+    _check(calls, [r[:6] for r in rows], routed)
+    for rate in (1.0, 0.3):
+        on = _accumulate(store_root, f"acc{steps_rule}{rate}", rate, True, steps_rule)[1]
+        off = _accumulate(store_root, f"acc{steps_rule}{rate}_once", rate, False, steps_rule)[1]
+        assert on and on == off
