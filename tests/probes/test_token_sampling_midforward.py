@@ -21,6 +21,7 @@ import chrono
 import probes
 from probes import sampling, staging
 
+from .sampling_review import patch_paths
 from .staging_review import MoE, Router
 
 ORDER = [0, 1, 0, 2, 1, 3]   # routers 0 and 1 are called twice per forward
@@ -155,23 +156,51 @@ def test_steps_of_accumulated_forwards_merged_at_the_optimizer_step(store_root, 
         assert on and on == off
 
 
-@pytest.mark.xfail(strict=True, reason="pre-existing (same with staging=False, not from 1c2b081): forwards folded "
-                   "into one step at the first optimizer step (steps='auto') each had a fresh sampling budget, so "
-                   "the merged step holds up to forwards x max_tokens_per_step sampled tokens per layer")
+@pytest.mark.parametrize("host", [True, False])
 @pytest.mark.parametrize("staging_on", [True, False])
-def test_a_merged_step_keeps_the_per_step_sampling_budget(store_root, staging_on):
+def test_a_merged_step_keeps_the_per_step_sampling_budget(store_root, monkeypatch, staging_on, host):
+    """steps='auto': the 3 forwards before the first optimizer step were provisional steps, each
+    with a fresh budget; folded into one step they keep ``max_tokens_per_step`` tokens per layer
+    (was: 3 x), first come, first served; a forward over the rest of the budget is thinned
+    evenly, not cut to its first tokens. Every kept row is one the routers returned (the test's own hooks), with the
+    forward's token id; on both sampling paths (host; device, as on CUDA or compiled)."""
+    patch_paths(monkeypatch, host)
     model = MoE([Router() for _ in range(2)])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    budget, run = 5, f"merge{int(staging_on)}"
+    budget, run, truth = 7, f"merge{int(staging_on)}{int(host)}", set()
+    step_of, by_forward = [0], collections.defaultdict(set)
+    for i, r in enumerate(model.routers):
+        r.register_forward_hook(lambda m, a, out, i=i: by_forward[step_of[0], model.forward_no].update(
+            (step_of[0], i, t // model.ids.shape[1], t % model.ids.shape[1], kk, int(out[2][t, kk]),
+             int(model.ids.reshape(-1)[t]))
+            for t in range(out[2].shape[0]) for kk in range(out[2].shape[1])))
+        r.register_forward_hook(lambda m, a, out, i=i: truth.update(
+            (step_of[0], i, t // model.ids.shape[1], t % model.ids.shape[1], kk, int(out[2][t, kk]),
+             int(model.ids.reshape(-1)[t]))
+            for t in range(out[2].shape[0]) for kk in range(out[2].shape[1])))
     with probes.attach(model, run=run, root=store_root, tokens=1.0, max_tokens_per_step=budget, steps="auto",
                        flush_every=8, staging=staging_on):
         model.train()
         for s in range(2):
-            for f in range(3):   # 3 forwards (2 x 5 tokens each) accumulated per optimizer step
-                model(torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(10 * s + f))).backward()
+            step_of[0] = s
+            for f, seq in enumerate((2, 8, 8)):   # 3 forwards (2 x seq tokens) per optimizer step
+                model.forward_no = f
+                model.ids = torch.randint(1, 50, (2, seq), generator=torch.Generator().manual_seed(10 * s + f))
+                model(model.ids).backward()
             opt.step()
             opt.zero_grad()
-    per_step = chrono.connect(store_root).execute(
-        "SELECT step, layer, count(*) FROM tokens WHERE run_id = ? GROUP BY ALL ORDER BY ALL", [run]).fetchall()
-    assert {s for s, _, _ in per_step} == {0, 1}
-    assert all(n <= budget * 2 for _, _, n in per_step), per_step   # k = 2 rows per sampled token
+    rows = chrono.connect(store_root).execute(
+        "SELECT step, layer, batch_idx, position, k, expert, token_id FROM tokens WHERE run_id = ? ORDER BY ALL",
+        [run]).fetchall()
+    assert set(rows) <= truth   # each kept row is what a router returned for that token
+    per = collections.Counter((r[0], r[1]) for r in rows)
+    assert per == {(s, layer): budget * 2 for s in (0, 1) for layer in (0, 1)}   # k = 2 rows per token
+    # merged step: the first forward's 4 tokens, then 3 of the second's 7 (stride 2) thinned to
+    # stride 4 (tokens off, off + 4, off + 8 of 16: both sequences), the third's none
+    for layer in (0, 1):
+        mine = [r for r in rows if r[0] == 0 and r[1] == layer]
+        first = {r[2:4] for r in mine if r in by_forward[0, 0]}
+        second = sorted({r[2] * 8 + r[3] for r in mine if r in by_forward[0, 1] and r not in by_forward[0, 0]})
+        assert len(first) == 4 and len(second) == 3 and not [r for r in mine if r in by_forward[0, 2]
+                                                              and r not in by_forward[0, 1]]
+        assert np.diff(second).tolist() == [4, 4], second
