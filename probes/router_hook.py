@@ -107,6 +107,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                 staged = rec.add(mode, slot, routed, mask, pad, in_forward=not compiling and (
                     st.root_mode is not None or st.pseudo_root is not None), sample=defer)
                 if sampler is not None and not (staged and defer is not None):   # (else sampled
+                    if not compiling:   # the layer's staged calls first: sampled in call order
+                        rec.stage.before_sampling(site.layer)
                     sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)  # at the flush)
         except Exception as e:  # telemetry must never break the forward
             faults.fault(f"router {site.name}", e)

@@ -188,7 +188,30 @@ class TokenSampler:
         back = [e for e in self._ready if e[0] >= from_step]
         if back:
             self._ready = [e for e in self._ready if e[0] < from_step]
-            self._pending = back + self._pending
+            self._pending = self._within_budget(back + self._pending)
+
+    def _within_budget(self, entries: list) -> list:
+        """``entries`` of one (merged) step, in call order, cut to ``max_tokens_per_step`` tokens
+        per layer: first come, first served, as in one step; an entry over the rest of its layer's
+        budget keeps every ``q``-th of its tokens (``q = n // rest``: still a systematic sample,
+        of stride ``q * stride``). ``_used`` and ``_calls`` then count what was kept."""
+        used: dict[int, int] = {}
+        calls: dict[int, int] = {}
+        kept = []
+        for e in entries:
+            layer, n = e[1], e[3]
+            rest = self.max_tokens_per_step - used.get(layer, 0)
+            if rest <= 0:
+                self.sampled -= n
+                continue
+            if n > rest:
+                e = _thin(e, n // rest, rest)
+                self.sampled -= n - rest
+            used[layer] = used.get(layer, 0) + e[3]
+            calls[layer] = calls.get(layer, 0) + 1
+            kept.append(e)
+        self._used, self._calls = used, calls
+        return kept
 
     def end_step(self, step: int) -> None:
         for entry in self._pending:
@@ -249,6 +272,23 @@ def token_rows(ready: list | None) -> tuple[np.ndarray, np.ndarray] | None:
         else:
             wout.append(wts[wo: wo + n * k]); wo += n * k
     return np.concatenate(out), np.concatenate(wout)
+
+
+def _thin(e: list, q: int, m: int) -> list:
+    """Entry ``e`` of ``n`` sampled tokens with every ``q``-th token kept, ``m`` of them."""
+    _, layer, mode, n, k, has_tid, has_drop, has_mask, ints, w, where = e
+    keep = slice(0, q * m, q)
+    if w is not None:
+        w = w.reshape(n, -1)[keep].reshape(-1) if where is None else w[keep]
+    if where is not None:   # host path: [n, width] rows, positions from (offset, stride)
+        off, stride, seq, positions = where
+        return [e[0], layer, mode, m, k, has_tid, has_drop, has_mask, ints[keep], w, (off, q * stride, seq, positions)]
+    widths = [1, 1, k] + [1] * has_tid + [k] * has_drop + [1] * has_mask   # device path sections
+    parts, at = [], 0
+    for c in widths:
+        parts.append(ints[at: at + n * c].reshape(n, c)[keep].reshape(-1))
+        at += n * c
+    return [e[0], layer, mode, m, k, has_tid, has_drop, has_mask, torch.cat(parts), w, None]
 
 
 def _host_columns(a: np.ndarray, n: int, k: int, has_tid, has_drop, has_mask, off, stride, seq, positions):

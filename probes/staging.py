@@ -154,6 +154,7 @@ class Stage:
         self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
         self.enabled = True     # False: attach(staging=False), every call counted at once
         self.sampler = None     # the window's TokenSampler: staged calls are sampled at the flush
+        self.deferred: set = set()   # layers of the staged calls that the flush samples
         self._layouts = Layouts(rec)   # the flush's buffers, per batch layout
 
     def reset(self) -> None:
@@ -200,6 +201,8 @@ class Stage:
         logits, weights = routed.logits, routed.weights
         self.calls.append((mode, slot, Routed(routed.indices.clone(), None if weights is None else weights.clone()),
                            None, None if logits is None else logit_sum(logits), sample))
+        if sample is not None:
+            self.deferred.add(sample[0])
         return True
 
     def add(self, mode: int, slot: int, routed: Routed, in_forward: bool, sample=None) -> bool:
@@ -232,7 +235,17 @@ class Stage:
                     return False
             self.nl += nl
         self.calls.append((mode, slot, routed, versions, None, sample))
+        if sample is not None:
+            self.deferred.add(sample[0])
         return True
+
+    def before_sampling(self, layer: int) -> None:
+        """A call of ``layer`` is about to be sampled at once (in its hook): flush first if a
+        staged call of that layer waits to be sampled, so that the layer's calls are sampled in
+        call order (the sampler gives the i-th call of a layer in a step the i-th offset word,
+        and the per-layer budget first come, first served). Caller holds the lock."""
+        if layer in self.deferred:
+            self.flush()
 
     def flush(self, forward_ended: int | None = None) -> None:
         """Count every staged call into ``rec.acc``. ``forward_ended``: the ident of the thread
@@ -242,6 +255,7 @@ class Stage:
         if not self.calls:
             return
         calls, self.calls, self.nl = self.calls, [], 0
+        self.deferred.clear()
         # addresses of the referenced outputs (a tensor's never changes), read here in one loop
         addresses = [None if c[3] is None else _addresses(c[2]) for c in calls]
         flat = [a for pair in addresses if pair is not None for a in pair if a]
