@@ -264,14 +264,9 @@ class Stage:
             batch, n = [], 0
             for j, ((mode, slot, routed, versions, norm, sample), address) in enumerate(zip(calls, addresses)):
                 indices, weights, _, logits = routed
-                if sample is not None:   # (a call not counted below is not sampled either)
-                    sample = (mode, routed, *sample)
-                if versions is not None:
-                    if address is None:   # no storage of its own (a torch.func transform's tensor)
-                        if sample is not None:
-                            self._sample(*sample)
-                        self._eager(mode, slot, routed)
-                        continue
+                # no storage of its own (a torch.func transform's tensor): counted at once, unchecked
+                storeless = versions is not None and address is None
+                if versions is not None and not storeless:
                     if j in shared:
                         self._fault(slot, "counts", "shares its memory with another call's (a buffer "
                                     "rewritten without a version bump)")
@@ -282,13 +277,13 @@ class Stage:
                         if self._changed(slot, routed, versions) == "counts":
                             continue
                         routed = Routed(indices, weights)   # counted without its non-finite check
-                if sample is not None:
-                    self._sample(*sample)
+                if sample is not None:   # (a call dropped above is not sampled either)
+                    self._sample(mode, indices, weights, *sample)
                 m = indices.numel()
                 # calls grown past MAX_CALL (counted at once from now on), and weights that do not
                 # match the indices (record refuses the call: a fault; the cat would shift the
                 # other calls' weights or fail the batch)
-                if m > MAX_CALL or (weights is not None and weights.numel() != m):
+                if storeless or m > MAX_CALL or (weights is not None and weights.numel() != m):
                     self._eager(mode, slot, routed)
                     continue
                 if n + m > MAX_ASSIGNMENTS:
@@ -299,12 +294,12 @@ class Stage:
             if batch:
                 self._count_or_eager(batch, n)
 
-    def _sample(self, mode: int, routed: Routed, layer: int, ctx) -> None:
+    def _sample(self, mode: int, indices, weights, layer: int, ctx) -> None:
         """Sample a staged call's tokens (``TokenSampler.sample``) at the flush, in call order,
         from the same values it is counted from: the ops run in one loop over the forward's
         calls, with warm caches, instead of in each router hook. A failure is a fault."""
         try:
-            self.sampler.sample(layer, mode, routed.indices, routed.weights, None, ctx)
+            self.sampler.sample(layer, mode, indices, weights, None, ctx)
         except Exception as e:  # telemetry must never break the forward
             if self.faults is None:
                 raise

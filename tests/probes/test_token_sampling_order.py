@@ -80,7 +80,7 @@ def _run(root, run, staging_on, rate, budget, variant="mask", n_routers=L, steps
     with probes.attach(model, run=run, root=root, tokens=rate, seed=5, steps="manual", flush_every=1,
                        max_tokens_per_step=budget, staging=staging_on) as h:
         stage = h._window.rec.stage
-        stage._sample = lambda *a, f=stage._sample: at_flush.append(a[2]) or f(*a)
+        stage._sample = lambda *a, f=stage._sample: at_flush.append(a[3]) or f(*a)   # (mode, indices, weights, layer, ctx)
         for s in range(steps):
             start = len(calls)
             with torch.inference_mode() if infer else torch.no_grad():
