@@ -103,13 +103,14 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             with contextlib.nullcontext() if compiling else lock:
                 if n > window.widest[slot]:   # under the lock: another thread may flush
                     window.saw(slot, n)
-                defer = None if sampler is None or compiling else (site.layer, ctx)
+                # a staged call is sampled when the flush counts it (never staged when compiling)
                 staged = rec.add(mode, slot, routed, mask, pad, in_forward=not compiling and (
-                    st.root_mode is not None or st.pseudo_root is not None), sample=defer)
-                if sampler is not None and not (staged and defer is not None):   # (else sampled
+                    st.root_mode is not None or st.pseudo_root is not None),
+                    sample=None if sampler is None or compiling else (site.layer, ctx))
+                if sampler is not None and not staged:
                     if not compiling:   # the layer's staged calls first: sampled in call order
                         rec.stage.before_sampling(site.layer)
-                    sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)  # at the flush)
+                    sampler.sample(site.layer, mode, routed.indices, routed.weights, routed.dropped, ctx)
         except Exception as e:  # telemetry must never break the forward
             faults.fault(f"router {site.name}", e)
         if not compiling:
