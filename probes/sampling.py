@@ -283,9 +283,8 @@ def _thin(e: list, q: int, m: int) -> list:
     if where is not None:   # host path: [n, width] rows, positions from (offset, stride)
         off, stride, seq, positions = where
         return [e[0], layer, mode, m, k, has_tid, has_drop, has_mask, ints[keep], w, (off, q * stride, seq, positions)]
-    widths = [1, 1, k] + [1] * has_tid + [k] * has_drop + [1] * has_mask   # device path sections
     parts, at = [], 0
-    for c in widths:
+    for c in _device_widths(k, has_tid, has_drop, has_mask):
         parts.append(ints[at: at + n * c].reshape(n, c)[keep].reshape(-1))
         at += n * c
     return [e[0], layer, mode, m, k, has_tid, has_drop, has_mask, torch.cat(parts), w, None]
@@ -308,19 +307,22 @@ def _host_columns(a: np.ndarray, n: int, k: int, has_tid, has_drop, has_mask, of
     return batch, position, a[:, :k].reshape(-1), tid, drop, masked
 
 
+def _device_widths(k: int, has_tid, has_drop, has_mask) -> list:
+    """Per sampled token, the widths of a device-path entry's int sections, in the order
+    ``TokenSampler.sample`` concatenates them: batch, position, experts (k), token id, dropped
+    (k), padding (the last three when present)."""
+    return [1, 1, k] + [1] * has_tid + [k] * has_drop + [1] * has_mask
+
+
 def _device_columns(ints: np.ndarray, io: int, n: int, k: int, has_tid, has_drop, has_mask):
     """Columns of a device-path entry (``TokenSampler.sample``'s tensor ops) at ``ints[io:]``,
     and the offset after it."""
-    batch = ints[io: io + n]; io += n
-    position = ints[io: io + n]; io += n
-    expert = ints[io: io + n * k]; io += n * k
-    tid = None
-    if has_tid:
-        tid = ints[io: io + n]; io += n
-    drop = None
-    if has_drop:
-        drop = ints[io: io + n * k]; io += n * k
-    masked = None
-    if has_mask:
-        masked = ints[io: io + n]; io += n
+    sections = []
+    for c in _device_widths(k, has_tid, has_drop, has_mask):
+        sections.append(ints[io: io + n * c])
+        io += n * c
+    batch, position, expert, *rest = sections
+    tid = rest.pop(0) if has_tid else None
+    drop = rest.pop(0) if has_drop else None
+    masked = rest.pop(0) if has_mask else None
     return batch, position, expert, tid, drop, masked, io
