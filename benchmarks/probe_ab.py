@@ -52,29 +52,28 @@ def run(ref: str, shape: str, mode: str, layers: int, batch: int, seq: int, roun
             "A2": ChronoArm(model, tmp, "a2", tokens)}
     bracket.close()
 
-    def step(name):
-        arm = arms[name]
-        arm.active = True
-        s0 = bracket.seconds
+    def forward(update=True):   # one training step (``update``: with the optimizer step), or inference
         if mode == "train":
             model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
+            if update:
+                opt.step()
             opt.zero_grad(set_to_none=True)
         else:
             with torch.inference_mode():
                 model(input_ids=ids)
+
+    def step(name):
+        arm = arms[name]
+        arm.active = True
+        s0 = bracket.seconds
+        forward()
         arm.end_step()
         arm.active = False
         return bracket.seconds - s0
 
     for arm in arms.values():   # the check step (step 0 of every handle): all three active
         arm.active = True
-    if mode == "train":
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.zero_grad(set_to_none=True)
-    else:
-        with torch.inference_mode():
-            model(input_ids=ids)
+    forward(update=False)
     for arm in arms.values():
         arm.end_step()
         arm.active = False
