@@ -39,6 +39,7 @@ from chrono.schema import MODES   # the one owner of the mode names; indices bel
 
 from .records import WindowArrays
 from .routing import Routed
+from . import native
 from .ops import grad_off, logit_sum
 from .staging import Stage
 
@@ -102,6 +103,16 @@ class Recorder:
                          acc[SCALARS, m, s, PADDING]) for s in range(self.n_slots)] for m in range(len(MODES))]
         self._last_col = self.capacity + 1
         self.tw_cells = acc[TOKENS:WEIGHT + 1].view(2, -1)   # what a staged flush adds to
+        # native counting (CPU): the C function, the tokens / weight rows' pointer and size, and
+        # per (mode, slot) its first cell and its dropped row, logit-sum and padding cells
+        self.native = native.load() if self.device.type == "cpu" else None
+        if self.native is not None:
+            width = self.capacity + 2
+            self._native_at = (self.tw_cells.data_ptr(), self.tw_cells.shape[1], self.capacity)
+            self._native_cells = [[((m * self.n_slots + s) * width,
+                                     (acc[DROPPED, m, s].data_ptr(), acc[SCALARS, m, s, LOGIT_SUM].data_ptr(),
+                                      acc[SCALARS, m, s, PADDING].data_ptr()))
+                                    for s in range(self.n_slots)] for m in range(len(MODES))]
         self.stage.reset()
 
     def to(self, device) -> None:
@@ -191,6 +202,9 @@ class Recorder:
         number of those tokens (``T - mask.sum()``). Runs under ``no_grad`` (nothing joins the
         autograd graph, no ``.detach()`` per tensor). Without mask or drops: 7 device ops.
         """
+        if self.native is not None and not torch.compiler.is_compiling() and \
+                self.count_native(mode, slot, routed, mask, pad):
+            return
         indices, weights, dropped, logits = routed
         tw, drop_row, logit_cell, pad_cell = self._views[mode][slot]
         with grad_off():
@@ -225,6 +239,14 @@ class Recorder:
                 tw.index_add_(1, col, src)
             if logits is not None:  # a non-finite logit makes the sum non-finite: flagged at take()
                 logit_cell.add_(logit_sum(logits))
+
+    def count_native(self, mode: int, slot: int, routed: Routed, mask=None, pad=None) -> bool:
+        """``record`` in one C call (``probes.native``; the recorder is on the CPU and the
+        library loaded: ``self.native``). False, with nothing counted, when a tensor is not
+        eligible (``native.describe``): then ``record``'s PyTorch ops count it."""
+        col0, cells = self._native_cells[mode][slot]
+        hold = []   # contiguous copies describe makes, alive until the C call
+        return native.count(self.native, *self._native_at, [native.describe(col0, routed, None, mask, pad, cells, hold)])
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""

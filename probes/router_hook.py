@@ -35,7 +35,7 @@ import torch
 from . import context as C
 from .discovery import RouterSite
 from .recorder import mode_index
-from .staging import INFER, STAGED
+from .staging import EAGER, INFER, STAGED
 
 log = logging.getLogger("probes")
 
@@ -55,11 +55,13 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
             return None   # detached, or a deep copy of the model that carries this hook
         st = fwd.tls
         mode, routed = st.root_mode, None
-        if mode is not None and mode != INFER and state[slot] == STAGED and sampler is None \
-                and not is_compiling():
+        if mode is not None and sampler is None and not is_compiling() and (
+                mode != INFER and state[slot] == STAGED or rec.native is not None and (
+                    mode == INFER or state[slot] == EAGER)):
             ctx = st.ctx[stack]
             if ctx is None or ctx.keep is None:
-                # the hot path: a staged router's call in a running forward, nothing per token
+                # the hot paths: a staged router's call in a running forward (a reference), or
+                # on CPU a call counted at once (one C call), nothing per token
                 t0 = clock()
                 try:
                     routed = parse(module, args, output)
@@ -69,11 +71,14 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                     with lock:
                         if n > window.widest[slot]:   # (rare: a new window, or lifecycle growth)
                             window.saw(slot, n)
-                        staged = push(mode, slot, routed)
+                        if mode != INFER and state[slot] == STAGED:
+                            done = push(mode, slot, routed)
+                        else:   # (False: a tensor C cannot read, left to the general path)
+                            done = rec.native is not None and rec.count_native(mode, slot, routed)
                 except Exception as e:  # telemetry must never break the forward
                     faults.fault(f"router {site.name}", e)
-                    staged = True
-                if staged:
+                    done = True
+                if done:
                     steps.dirty = True
                     h._hook_seconds += clock() - t0
                     h._hook_calls += 1

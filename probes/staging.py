@@ -86,6 +86,7 @@ import threading
 
 from chrono.schema import MODES
 
+from . import native
 from .batch_count import Layouts
 from .ops import grad_off_eager, logit_sum
 from .routing import Routed
@@ -216,7 +217,8 @@ class Stage:
         if few and mode == INFER:
             return False
         if routed.indices.is_inference():   # no version counter: private copies (also for a
-            return not few and self._copy(mode, slot, routed, sample)   # forward entering inference mode)
+            # forward entering inference mode); on CPU one C call at once costs less than copies
+            return not few and self.rec.native is None and self._copy(mode, slot, routed, sample)
         logits = routed.logits
         state = self.state[slot]
         versions = _versions(routed)
@@ -366,5 +368,13 @@ class Stage:
             self.faults.fault(f"router slot {slot}", e)
 
     def _count(self, batch: list, n: int) -> None:
-        """One batch's device ops (``probes.batch_count.Layouts.count``)."""
+        """One batch's device ops (``probes.batch_count.Layouts.count``), or on CPU one C call
+        (``probes.native.count_staged``: the same cells)."""
+        rec = self.rec
+        if rec.native is not None:
+            width, slots, hold = rec.capacity + 2, rec.n_slots, []   # (hold: describe's copies)
+            if native.count(rec.native, *rec._native_at, [native.describe((mode * slots + slot) * width, routed, norm,
+                                                                          hold=hold)
+                                                          for mode, slot, routed, norm in batch]):
+                return
         self._layouts.count(batch, n)

@@ -21,6 +21,9 @@ from probes import staging
 
 from . import probe_models as T
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 L, E, K = 3, 5, 2
 
 
@@ -284,6 +287,7 @@ def test_a_batch_that_cannot_be_counted_at_once_is_counted_eagerly(store_root, m
     assert_equal_per_step(truth, got)
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 def test_few_routers_count_inference_calls_at_once(store_root, monkeypatch):
     """Below ``COPIES_MIN_ROUTERS`` routers an inference-mode call is counted at once (copies
     would cost more than they save), exactly."""
@@ -294,6 +298,7 @@ def test_few_routers_count_inference_calls_at_once(store_root, monkeypatch):
     assert_equal_per_step(truth, got)
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 @pytest.mark.parametrize("infer", [False, True], ids=["train", "inference"])
 def test_calls_above_max_call_are_counted_at_once(store_root, monkeypatch, infer):
     """A call of more than ``MAX_CALL`` top-k assignments (here 3 x 7 x 2 = 42 > 41) is counted

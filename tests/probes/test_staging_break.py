@@ -17,12 +17,16 @@ import threading
 import types
 
 import numpy as np
+import pytest
 import torch
 
 import probes
 
 from .test_staging import E, L, MoE, counted, run_steps, stored, truth_hooks
 from .test_staging import copies_always  # noqa: F401  (autouse: inference calls staged as copies)
+
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def wrong_cells(truth, got, stats) -> list:

@@ -22,6 +22,9 @@ from .test_field_review import Wrapper
 from .test_staging import E, K, L, MoE, Router, counted, stored, truth_hooks
 from .test_staging import copies_always  # noqa: F401  (autouse: inference calls staged as copies)
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 IDS = torch.randint(1, 97, (3, 7), generator=torch.Generator().manual_seed(0))
 
 

@@ -16,6 +16,9 @@ from probes import staging
 
 from .staging_review import VARIANTS, K, IDS, Router, MoE, Variant, VariantMoE, truth_hooks, count, stored, signals, diff, run
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 # ----------------------------------------------------------------------------- lifecycle
 

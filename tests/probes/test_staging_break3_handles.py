@@ -16,6 +16,9 @@ from probes import staging
 from . import probe_models as T
 from .staging_review import D, W, IDS, Router, MoE, Variant, VariantMoE, truth_hooks, count, stored, signals, diff, run
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 # ----------------------------------------------------------------------------- HF models
 
@@ -333,6 +336,7 @@ def test_two_handles_on_one_model_each_count_every_call(store_root):
         assert diff(truth, stored(store_root, run_id)) == [] and h.stats()["faults"] == 0, run_id
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 @pytest.mark.parametrize("variant", ["three_d", "non_contiguous", "expanded", "float64"])
 def test_one_op_logit_sum_flags_exactly_the_poisoned_call(store_root, variant):
     """Every router returns logits in the same ``variant`` form (one shape and dtype: the flush

@@ -20,6 +20,9 @@ from probes.recorder import Recorder
 from . import probe_models as T
 from .staging_review import D, IDS, K, Router, MoE, truth_hooks, count, stored, signals, diff, run
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 # ----------------------------------------------------------------------------- inference tensors
 

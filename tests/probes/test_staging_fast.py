@@ -20,6 +20,9 @@ from probes import staging
 
 from . import probe_models as T
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 K, D = 2, 8
 
 
@@ -198,6 +201,7 @@ def test_finite_logits_whose_float32_sum_overflows_are_flagged_alike_on_every_pa
     assert sig == [(s, layer, 2.0) for s in (1, 3) for layer in range(n)]
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 def test_one_sum_for_all_logits_is_used_only_when_they_share_shape_and_dtype(store_root):
     """The flush layout concatenates logits for one sum only when it can and from 8 calls
     (checked on the cached layouts, so this test fails if either branch is never taken)."""
@@ -282,6 +286,7 @@ def test_counting_never_joins_the_autograd_graph(store_root, ctx):
             h.step()
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 @pytest.mark.parametrize("n_routers", [staging.COPIES_MIN_ROUTERS, staging.COPIES_MIN_ROUTERS - 1],
                          ids=["copies_staged", "counted_at_once"])
 def test_inference_calls_are_counted_as_returned_before_the_model_changes_them(store_root, monkeypatch,

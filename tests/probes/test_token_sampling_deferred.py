@@ -17,6 +17,9 @@ from probes import staging, window
 from . import staging_review as R
 from . import test_staging as S
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 COLUMNS = "step, mode, layer, batch_idx, position, k, expert, weight, token_id"
 
 
@@ -70,6 +73,7 @@ def _record(monkeypatch, root, run, scenario, rate, staging_on: bool):
     return rows, ints[np.lexsort(ints.T[::-1])], len(at_flush)
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 @pytest.mark.parametrize("rate", [0.3, 1.0])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_staged_calls_sampled_at_the_flush_store_the_rows_of_sampling_at_once(store_root, monkeypatch,

@@ -29,6 +29,9 @@ from probes import staging
 
 from .staging_review import D, K, Router
 
+# every test runs with both counting backends (tests/probes/conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
+
 L, M, B, S, VOCAB = 3, 5, 2, 6, 50
 
 
@@ -99,6 +102,7 @@ def _run(root, run, staging_on, rate, budget, variant="mask", n_routers=L, steps
 VARIANTS = [("mask", L), ("large", staging.COPIES_MIN_ROUTERS)]
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 @pytest.mark.parametrize("variant, n_routers", VARIANTS)
 @pytest.mark.parametrize("staging_on", [False, True])
 def test_the_budget_goes_to_a_layers_first_call_of_the_step(store_root, staging_on, variant, n_routers):
@@ -117,6 +121,7 @@ def test_the_budget_goes_to_a_layers_first_call_of_the_step(store_root, staging_
             np.testing.assert_array_equal(have, want[np.lexsort(want.T[::-1])], err_msg=f"step {s} layer {layer}")
 
 
+@pytest.mark.torch_ops_only   # checks the PyTorch ops' own buffers / branches
 @pytest.mark.parametrize("variant, n_routers", VARIANTS)
 def test_rows_equal_sampling_at_once_when_a_layer_mixes_staged_and_at_once_calls(store_root, variant, n_routers):
     run = f"mixed{variant}{n_routers}"
