@@ -63,9 +63,10 @@ def cache_dir() -> Path:
     return Path(base) / "chrono"
 
 
-def _build() -> Path:
+def _build(fresh: bool = False) -> Path:
     """The built module's path: compiled here unless a build of this source, flags and Python
-    exists. Raises OSError (no compiler, no Python headers, the compiler failed)."""
+    exists (``fresh``: compiled anyway, replacing it). Raises OSError (no compiler, no Python
+    headers, the compiler failed)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise OSError("no C compiler found (set $CC, or install gcc)")
@@ -77,7 +78,7 @@ def _build() -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     tag = hashlib.sha256(src + " ".join([cc, *flags, sys.version]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{MODULE}-{tag}{suffix}"
-    if out.exists():
+    if out.exists() and not fresh:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
@@ -115,7 +116,10 @@ def load():
             log.info("probes: CHRONO_NATIVE=0: counting on CPU with PyTorch ops")
         else:
             try:
-                mod = _import(_build())
+                try:
+                    mod = _import(_build())
+                except ImportError:   # a cached file that does not load (truncated, foreign)
+                    mod = _import(_build(fresh=True))
                 if mod.DESC != DESC:
                     raise OSError(f"{MODULE} has {mod.DESC} fields per call, not {DESC}")
                 fn = mod.count
