@@ -11,6 +11,9 @@ device ops. Every buffer view a call writes is built once per allocation (``_vie
 scratch views per indices shape), not indexed per call. Everything that reads ``acc``
 flushes the staged calls first.
 
+On CPU, with ``probes.native`` built (``self.native``), ``record`` is one C call that adds into
+the same cells (``count_native``), and so is a staged flush.
+
 Why ``scatter_add_`` and not ``bincount``: bincount reads min/max on the host
 (a CUDA sync per call, even with ``minlength``) and breaks a ``torch.compile``
 graph per call; a fixed-shape scatter into a preallocated buffer is sync-free

@@ -11,6 +11,11 @@ calls take the general path: staging their copies from the hot path measured no 
 (``benchmarks/probe_overhead.py --layers 12 --modes infer --base``: +0.06 ms per forward of 12
 calls, net of an A/A run of identical code).
 
+Second hot path, on CPU with ``probes.native`` built (``Recorder.native``): a call of a running
+top-level forward that is counted at once anyway (under ``inference_mode``, or a router counted
+at once for good), without padding mask or sampled tokens, is parsed and counted in one C call
+(``Recorder.count_native``), nothing else; a call C cannot read goes on to the general path.
+
 Otherwise, per call: parse, read the expert count (as above), pick the forward's context
 (mode, padding mask) from the stack's ``ForwardState``, and stage the call or, with a
 padding mask, capacity drops, under

@@ -18,7 +18,8 @@ once, with the bookkeeping of all calls in one tight loop:
                                                                              copy_, as above)
     acc[tokens, weight] .index_add_(col, src)                              1 op
 
-(those ops, on buffers cached per batch layout: ``probes.batch_count``), writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
+(those ops, on buffers cached per batch layout: ``probes.batch_count``; on CPU one C call for all
+the calls instead, ``probes.native``, into the same cells), writing the cells ``Recorder.record`` writes: tokens and weight sums per (mode, router,
 expert). A call's logit sum (in the logits' dtype, float32 at least, either way: the same
 value as the eager path's ``logit_sum``) lands in the weight cell of column 0 (the column of
 negative indices, whose weight sum nothing reads) and adds 0 tokens: it only flags non-finite
@@ -35,6 +36,7 @@ A reference is only safe while nobody changes the tensor in place before the flu
 * Under ``torch.inference_mode`` (serving, generation) outputs are inference tensors, which
   have no version counter: a call there stages private *copies* of its indices and weights
   (2 copies) and its logit sum (1 op), 3 ops per call instead of 7, safe by construction;
+  not on CPU with ``probes.native`` built (one C call at once costs less than the copies), and
   only in models with at least ``COPIES_MIN_ROUTERS`` routers, since the flush's fixed cost
   is paid back only over many calls (measured on CPU, ``benchmarks/probe_overhead.py`` and
   ``probe_scale.py --inference``: 4 routers 25-35 % slower than counting at once, 61 routers
