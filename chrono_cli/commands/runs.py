@@ -82,7 +82,7 @@ def _model_line(model: dict) -> str:
 
 
 def cmd_show(args) -> int:
-    from chrono.health import run_health
+    from chrono.health import Health, run_health
     from chrono.queries import LATEST_SNAPSHOTS_SQL
     from chrono.schema import TABLES
     from chrono.store import read_manifest, require_run
@@ -94,12 +94,11 @@ def cmd_show(args) -> int:
     for t in TABLES:
         ((n,),) = con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [args.run]).fetchall()
         counts[t] = int(n)
-    health = run_health(con, args.run).get(args.run)
+    health = run_health(con, args.run).get(args.run, Health())   # no active alert: OK
     if args.json:
         print(json.dumps({"run_id": args.run, "path": str(path), "manifest": manifest, "rows": counts,
-                          "health": None if health is None else {
-                              "status": health.status, "worst_layer": health.worst_layer,
-                              "active": [list(a) for a in health.active]}},
+                          "health": {"status": health.status, "worst_layer": health.worst_layer,
+                                     "active": [list(a) for a in health.active]}},
                          indent=2, default=str))
         return 0
     steps = con.execute("SELECT count(DISTINCT step), min(step), max(step) FROM routing WHERE run_id = ?",
@@ -119,7 +118,7 @@ def cmd_show(args) -> int:
         print(f"steps    {plural(int(steps[0]), 'step')} recorded, {steps[1]:,} to {steps[2]:,}")
     print("rows     " + ", ".join(f"{t} {n:,}" for t, n in counts.items() if n) if any(counts.values())
           else "rows     none yet")
-    print(f"health   {health.label() if health else 'OK (no active alert)'}")
+    print(f"health   {health.label() if health.active else 'OK (no active alert)'}")
     latest = con.sql(
         "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
         "round(top2_share, 3) AS top2_share, dead, nearly_dead "
