@@ -5,6 +5,7 @@ Each test is a fault found by following the docs; ground truth is written out in
 import json
 
 import numpy as np
+import pytest
 
 import chrono
 from chrono_cli.main import main
@@ -30,3 +31,35 @@ def test_show_json_gives_a_healthy_run_an_ok_status(tmp_path, capsys):
     raw = json.loads(capsys.readouterr().out)
     assert raw["rows"]["snapshots"] == 3 * 2   # 3 windows x (layer 0 + the global row)
     assert raw["health"] == {"status": "OK", "worst_layer": None, "active": []}
+
+
+def _store_files(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json", "table"])
+def test_query_output_never_overwrites_the_store(tmp_path, capsys, fmt):
+    # `chrono query SQL --output F` wrote F wherever it pointed: --output at a part file
+    # replaced the run's routing rows by the query result, at manifest.json the run's manifest
+    # (data lost for good). Any path inside the store is now refused, with one line and exit 2,
+    # the store unchanged; the same path through a symlink from outside too.
+    root = tmp_path / "store"
+    _calm_run(root)
+    part = next((root / "routing" / "run_id=calm").glob("*.parquet"))
+    manifest = root / "runs" / "run_id=calm" / "manifest.json"
+    link = tmp_path / "out.file"
+    link.symlink_to(part)
+    before = _store_files(root)
+    capsys.readouterr()
+    for target in (part, manifest, root / "result.out", link):
+        assert main(["--root", str(root), "query", "SELECT 1 AS x", "--format", fmt,
+                     "--output", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("chrono: error: ") and "inside the store" in err[0], err
+    assert _store_files(root) == before
+    # a file outside the store is still written
+    assert main(["--root", str(root), "query", "SELECT 1 AS x", "--format", fmt,
+                 "--output", str(tmp_path / "ok.out")]) == 0
+    assert (tmp_path / "ok.out").stat().st_size > 0

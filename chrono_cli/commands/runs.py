@@ -151,6 +151,9 @@ def cmd_query(args) -> int:
         out_path = Path(args.output)
         if not out_path.parent.exists():
             raise UserError(f"output directory {out_path.parent} does not exist")
+        if out_path.resolve().is_relative_to(_root(args).resolve()):   # symlinks followed
+            raise UserError(f"--output {args.output} is inside the store {args.root}: "
+                            f"chrono writes the store itself; write the result elsewhere")
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
