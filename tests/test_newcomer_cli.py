@@ -63,3 +63,25 @@ def test_query_output_never_overwrites_the_store(tmp_path, capsys, fmt):
     assert main(["--root", str(root), "query", "SELECT 1 AS x", "--format", fmt,
                  "--output", str(tmp_path / "ok.out")]) == 0
     assert (tmp_path / "ok.out").stat().st_size > 0
+
+
+def test_recomputed_snapshots_end_at_the_runs_last_step(tmp_path, capsys):
+    # `chrono snapshot RUN --every K` labelled the last, partial window with its planned end:
+    # a run of steps 0..23 got a snapshot at step 29 (window_end 29), a 4-step generation run
+    # recomputed with --every 50 one at step 49, steps the run never reached (chrono show,
+    # the dashboard and the TensorBoard export then put them there). The probes' own last
+    # window ends at the last step; the recomputed one must too.
+    with chrono.open_run(tmp_path, "short", model={"layers": [0, 1], "experts_per_layer": {"0": 4, "1": 4},
+                                                   "top_k": 1}) as w:
+        for step in range(24):
+            for layer in (0, 1):
+                w.log_routing(step, layer=layer, counts=[70, 10, 10, 10])
+    assert main(["--root", str(tmp_path), "snapshot", "short", "--every", "10"]) == 0
+    con = chrono.connect(tmp_path)
+    got = con.execute("SELECT DISTINCT step, window_start, window_end FROM snapshots ORDER BY ALL").fetchall()
+    assert got == [(9, 0, 9), (19, 10, 19), (23, 20, 23)]
+    # the partial window's metrics are those of its 4 steps x 100 tokens
+    assert con.execute("SELECT token_count FROM snapshots WHERE step = 23 AND layer = 0").fetchall() == [(400,)]
+    # Top2 0.8 > 0.75 for 3 windows: PRE_COLLAPSE raised at the third, at the run's last step
+    assert con.execute("SELECT DISTINCT step, alert FROM alerts WHERE transition = 'raised'").fetchall() == [
+        (23, "PRE_COLLAPSE")]
