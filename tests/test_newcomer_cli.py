@@ -85,3 +85,28 @@ def test_recomputed_snapshots_end_at_the_runs_last_step(tmp_path, capsys):
     # Top2 0.8 > 0.75 for 3 windows: PRE_COLLAPSE raised at the third, at the run's last step
     assert con.execute("SELECT DISTINCT step, alert FROM alerts WHERE transition = 'raised'").fetchall() == [
         (23, "PRE_COLLAPSE")]
+
+
+def test_query_csv_writes_list_struct_map_and_interval_columns(tmp_path, capsys):
+    # `chrono query "SELECT layer, list(expert ...) ..." --format csv` ended in a pyarrow
+    # traceback (ArrowInvalid: Unsupported Type: list<...>, exit 1): pyarrow's CSV writer has
+    # no nested or interval types. Their cells now hold the JSON that --format json writes.
+    import csv
+    import io
+
+    _calm_run(tmp_path)
+    capsys.readouterr()
+    sql = ("SELECT layer, list(DISTINCT expert ORDER BY expert) AS experts, {'n': count(*)} AS s, "
+           "map([1], [2]) AS m, INTERVAL 1 DAY AS i, [{'a': 1}] AS ls "
+           "FROM routing WHERE run_id = 'calm' GROUP BY layer")
+    assert main(["--root", str(tmp_path), "query", sql, "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    (row,) = list(csv.DictReader(io.StringIO(captured.out)))
+    assert main(["--root", str(tmp_path), "query", sql, "--format", "json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert row["layer"] == "0"
+    assert json.loads(row["experts"]) == as_json["experts"] == list(range(8))
+    assert json.loads(row["s"]) == as_json["s"] == {"n": 30 * 8}
+    for col in ("m", "i", "ls"):
+        assert json.loads(row[col]) == as_json[col]

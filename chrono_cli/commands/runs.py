@@ -26,6 +26,19 @@ def _json_value(v):
     return str(v)
 
 
+def _csv_ready(table):
+    """``table`` with list / struct / map / union / interval columns (which pyarrow's CSV writer
+    cannot write) as strings holding the JSON ``--format json`` writes for them."""
+    import pyarrow as pa
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_nested(f.type) or pa.types.is_interval(f.type):
+            cells = [None if v is None else json.dumps(v, default=_json_value)
+                     for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.name, pa.array(cells, pa.string()))
+    return table
+
+
 def _check_rows(con, run: str, tables) -> None:
     """Stop (exit 2, one line naming run, table, step, layer) at rows the write API would refuse."""
     from chrono.rules import check_run
@@ -174,7 +187,7 @@ def cmd_query(args) -> int:
         import pyarrow.csv as pcsv
 
         sink = args.output or sys.stdout.buffer
-        pcsv.write_csv(result, sink)
+        pcsv.write_csv(_csv_ready(result), sink)
         return 0
     # json: one object per line
     lines = "".join(json.dumps(r, default=_json_value) + "\n" for r in result.to_pylist())
