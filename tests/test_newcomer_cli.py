@@ -110,3 +110,21 @@ def test_query_csv_writes_list_struct_map_and_interval_columns(tmp_path, capsys)
     assert json.loads(row["s"]) == as_json["s"] == {"n": 30 * 8}
     for col in ("m", "i", "ls"):
         assert json.loads(row[col]) == as_json[col]
+
+
+@pytest.mark.parametrize("expr", ["INTERVAL 1 DAY", "union_value(k := 1)"])
+def test_query_parquet_of_a_type_parquet_lacks_is_one_line(tmp_path, capsys, expr):
+    # --format parquet of an interval or union column ended in a pyarrow traceback (exit 1);
+    _calm_run(tmp_path / "store")
+    capsys.readouterr()
+    # pyarrow also deleted a file already at --output when the write failed: it must stay as it was
+    out, kept = tmp_path / "out.parquet", tmp_path / "kept.parquet"
+    kept.write_bytes(b"the user's earlier result")
+    for target in (out, kept):
+        assert main(["--root", str(tmp_path / "store"), "query", f"SELECT {expr} AS v", "--format", "parquet",
+                     "--output", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("chrono: error: ") and "Parquet" in err[0], err
+    assert not out.exists()
+    assert kept.read_bytes() == b"the user's earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.parquet", "store"]

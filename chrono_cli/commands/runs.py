@@ -168,9 +168,18 @@ def cmd_query(args) -> int:
             raise UserError(f"--output {args.output} is inside the store {args.root}: "
                             f"chrono writes the store itself; write the result elsewhere")
     if fmt == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(result, args.output)
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.chrono-tmp")   # a failed write leaves a file there intact
+        try:
+            pq.write_table(result, tmp)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:   # interval, union columns
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write this result as Parquet ({e}); cast that column, "
+                            f"e.g. to VARCHAR, or use --format json") from None
+        tmp.replace(out)
         print(f"wrote {result.num_rows} rows to {args.output}", file=sys.stderr)
         return 0
     if fmt == "table":
