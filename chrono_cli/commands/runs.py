@@ -277,7 +277,10 @@ def cmd_compact(args) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("runs", help="list runs with layers, experts, steps and alerts")
+    s = sub.add_parser("runs", help="list runs with layers, experts, steps and alerts",
+                       description="Every run in the store, newest update first: health (OK / PRE_COLLAPSE / "
+                                   "COLLAPSE_CONFIRMED and the worst layer), layers, experts, top-k, "
+                                   "adapter, steps, last step, alerts raised, last update.")
     s.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("show", help="summary of one run: model, rows, health, latest snapshot",
@@ -297,7 +300,10 @@ def register(sub) -> None:
     s.add_argument("--max-rows", type=int, default=100, help="rows shown in table format (default 100)")
     s.set_defaults(func=cmd_query)
 
-    s = sub.add_parser("snapshot", help="(re)compute snapshots and alerts of a run from its routing rows")
+    s = sub.add_parser("snapshot", help="(re)compute snapshots and alerts of a run from its routing rows",
+                       description="Replace RUN's snapshots and alerts by ones computed from its routing "
+                                   "rows, windows of --every steps (steps kK .. kK+K-1; the last window "
+                                   "ends at the run's last step). Refuses a run being written.")
     s.add_argument("run")
     s.add_argument("--every", type=int, default=10, help="window size in steps (default 10)")
     s.add_argument("--skip-invalid", action="store_true",
@@ -305,10 +311,14 @@ def register(sub) -> None:
                         "instead of stopping at the first one")
     s.set_defaults(func=cmd_snapshot)
 
-    s = sub.add_parser("alerts", help="alert transitions (raised / cleared) of a run")
+    s = sub.add_parser("alerts", help="alert transitions (raised / cleared) of a run",
+                       description="RUN's PRE_COLLAPSE / COLLAPSE_CONFIRMED transitions, raised and "
+                                   "cleared, with the Neff, Top2 and dead experts that triggered them.")
     s.add_argument("run")
     s.set_defaults(func=cmd_alerts)
 
-    s = sub.add_parser("compact", help="merge a run's small part files into one per table and rank")
+    s = sub.add_parser("compact", help="merge a run's small part files into one per table and rank",
+                       description="Merge RUN's part files into one per table and rank; readers never "
+                                   "see duplicates, even if compaction is killed midway.")
     s.add_argument("run")
     s.set_defaults(func=cmd_compact)
