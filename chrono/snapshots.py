@@ -144,7 +144,9 @@ def _global_row(run_id, start, end, rows: list[dict]) -> dict:
 def build_snapshots(run_id: str, routing: pa.Table, every: int) -> pa.Table:
     """Snapshots for a whole run from its routing rows (any order), windows of ``every`` steps.
 
-    ``routing`` needs columns step, layer, expert, tokens (dropped optional).
+    ``routing`` needs columns step, layer, expert, tokens (dropped optional). Windows are
+    aligned to multiples of ``every`` (steps kK .. kK+K-1); the last one ends at the largest
+    step in ``routing`` (its snapshot step), as the probes' last window does.
     A layer's expert count is 1 + the largest expert index it ever reported.
     Vectorised: counts are scattered into a [window, layer, expert] array and
     summarised in one batched call per distinct expert count.
@@ -160,6 +162,7 @@ def build_snapshots(run_id: str, routing: pa.Table, every: int) -> pa.Table:
     dropped = (routing.column("dropped").fill_null(0).to_numpy().astype(np.int64)
                if "dropped" in routing.column_names else np.zeros_like(tokens))
     windows, w_idx = np.unique(step // every, return_inverse=True)
+    last = int(step.max())   # the last window ends at the run's last step, not past it
     layers, l_idx = np.unique(layer, return_inverse=True)
     n_exp = np.zeros(len(layers), dtype=np.int64)
     np.maximum.at(n_exp, l_idx, expert + 1)
@@ -178,14 +181,14 @@ def build_snapshots(run_id: str, routing: pa.Table, every: int) -> pa.Table:
             for j, li in enumerate(cols):
                 if present[wi, li]:
                     start = int(windows[wi]) * every
-                    per_layer[(wi, li)] = _row(run_id, start, start + every - 1, int(layers[li]),
-                                               _pick(m, (wi, j)))
+                    per_layer[(wi, li)] = _row(run_id, start, min(start + every - 1, last),
+                                               int(layers[li]), _pick(m, (wi, j)))
     rows: list[dict] = []
     for wi in range(len(windows)):
         window_rows = [per_layer[(wi, li)] for li in range(len(layers)) if (wi, li) in per_layer]
         start = int(windows[wi]) * every
         rows.extend(window_rows)
-        rows.append(_global_row(run_id, start, start + every - 1, window_rows))
+        rows.append(_global_row(run_id, start, min(start + every - 1, last), window_rows))
     return pa.Table.from_pylist(rows, schema=SNAPSHOTS)
 
 

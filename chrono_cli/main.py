@@ -48,7 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in COMMANDS:
         importlib.import_module(mod).register(sub)
+    _root_after_every_command(p)
     return p
+
+
+def _root_after_every_command(parser: argparse.ArgumentParser) -> None:
+    """``--root`` after any (sub)command name too (``chrono runs --root DIR``); given there, it
+    overrides the one before the name (SUPPRESS: absent, the global value stays)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--root" not in sub._option_string_actions:
+                    sub.add_argument("--root", default=argparse.SUPPRESS,
+                                     help="store root (same as the global --root)")
+                _root_after_every_command(sub)
 
 
 def main(argv=None) -> int:

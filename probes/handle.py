@@ -358,13 +358,19 @@ class Handle:
                     handles.remove(self)
             self._clock.remove()
             self.hooks.remove()
-            self._sink.close()
             try:
-                self.writer.close()
-            except Exception as e:
-                self._faults.fault("close", e)
-            if self.metrics_server is not None:   # the port is free again once detached
-                self.metrics_server.close()
+                try:
+                    self._sink.close()
+                except KeyboardInterrupt:   # Ctrl-C while the last windows are written:
+                    self._sink.wait()       # let them finish (ms), then release the run, re-raise
+                    raise
+            finally:
+                try:
+                    self.writer.close()
+                except Exception as e:
+                    self._faults.fault("close", e)
+                if self.metrics_server is not None:   # the port is free again once detached
+                    self.metrics_server.close()
 
     def __enter__(self) -> "Handle":
         return self

@@ -103,7 +103,7 @@ class Session:
         except AttachError as e:
             if strict:
                 raise
-            log.error("chrono: not recording routing for this training (%s)", e)
+            log.error("chrono: not recording routing for this training (%s)", " ".join(str(e).split()))
             return False
         self._atexit = _close_at_exit(self)
         if govern is not None:

@@ -13,7 +13,9 @@ Write failures (disk full, permission, directory removed) never raise out of
 ``flush()`` when ``on_error="count"`` (what probes use): the batch stays
 buffered (bounded by ``max_pending_rows``; beyond that the oldest rows are
 dropped and counted), the error is counted and logged once per kind, and the
-next flush retries.
+next flush retries. With ``on_error="raise"`` (the default) the error, like a
+KeyboardInterrupt in the middle of a write, propagates and the batch stays
+buffered too: the next ``flush()`` or ``close()`` writes it.
 """
 from __future__ import annotations
 
@@ -290,7 +292,11 @@ class RunWriter:
                 t = buf.take()
                 if t is None:
                     continue
-                ok = self._guarded(lambda: self._write_part(name, buf.finalize(t)))
+                try:
+                    ok = self._guarded(lambda: self._write_part(name, buf.finalize(t)))
+                except BaseException:   # on_error="raise", or Ctrl-C mid-write: rows stay pending
+                    self.stats.rows_dropped += buf.put_back(t, self.max_pending_rows)
+                    raise
                 if ok:
                     written += t.num_rows
                     self.stats.rows_written[name] += t.num_rows
@@ -363,15 +369,24 @@ class RunWriter:
             return False
 
     def close(self) -> None:
-        """Flush, update the manifest and release the writer lock (also when the flush raises)."""
+        """Flush, update the manifest and release the writer lock (also when the flush raises).
+
+        A KeyboardInterrupt during the flush finishes the write first, then propagates."""
         if self._closed:
             return
+        interrupted = None
         try:
-            self.flush()
+            try:
+                self.flush()
+            except KeyboardInterrupt as e:   # Ctrl-C mid-write: the rows went back to the buffer;
+                interrupted = e              # write them (milliseconds) before the lock goes
+                self.flush()
             self.update_manifest()
         finally:
             self._closed = True
             self._writer_lock.release()
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> "RunWriter":
         return self

@@ -302,7 +302,8 @@ def register(sub) -> None:
                        description="Records RUN (synthetic routing drifting into collapse) and RUN-mixtral "
                                    "(a tiny Hugging Face Mixtral trained on Python's docs with probes and the "
                                    "governance controller), prints a summary, then serves the dashboard and "
-                                   "the Prometheus endpoint on 127.0.0.1 (free ports) until Ctrl-C.")
+                                   "the Prometheus endpoint on 127.0.0.1 (ports 8501 and 9108, any free ones when "
+                                   "those are taken) until Ctrl-C.")
     s.add_argument("--run", default="demo", help="run id (default: demo)")
     s.add_argument("--steps", type=int, default=300, help="steps of the synthetic run (default 300)")
     s.add_argument("--model-steps", type=int, default=200,

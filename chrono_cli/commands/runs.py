@@ -26,6 +26,19 @@ def _json_value(v):
     return str(v)
 
 
+def _csv_ready(table):
+    """``table`` with list / struct / map / union / interval columns (which pyarrow's CSV writer
+    cannot write) as strings holding the JSON ``--format json`` writes for them."""
+    import pyarrow as pa
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_nested(f.type) or pa.types.is_interval(f.type):
+            cells = [None if v is None else json.dumps(v, default=_json_value)
+                     for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.name, pa.array(cells, pa.string()))
+    return table
+
+
 def _check_rows(con, run: str, tables) -> None:
     """Stop (exit 2, one line naming run, table, step, layer) at rows the write API would refuse."""
     from chrono.rules import check_run
@@ -82,7 +95,7 @@ def _model_line(model: dict) -> str:
 
 
 def cmd_show(args) -> int:
-    from chrono.health import run_health
+    from chrono.health import Health, run_health
     from chrono.queries import LATEST_SNAPSHOTS_SQL
     from chrono.schema import TABLES
     from chrono.store import read_manifest, require_run
@@ -94,12 +107,11 @@ def cmd_show(args) -> int:
     for t in TABLES:
         ((n,),) = con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [args.run]).fetchall()
         counts[t] = int(n)
-    health = run_health(con, args.run).get(args.run)
+    health = run_health(con, args.run).get(args.run, Health())   # no active alert: OK
     if args.json:
         print(json.dumps({"run_id": args.run, "path": str(path), "manifest": manifest, "rows": counts,
-                          "health": None if health is None else {
-                              "status": health.status, "worst_layer": health.worst_layer,
-                              "active": [list(a) for a in health.active]}},
+                          "health": {"status": health.status, "worst_layer": health.worst_layer,
+                                     "active": [list(a) for a in health.active]}},
                          indent=2, default=str))
         return 0
     steps = con.execute("SELECT count(DISTINCT step), min(step), max(step) FROM routing WHERE run_id = ?",
@@ -119,7 +131,7 @@ def cmd_show(args) -> int:
         print(f"steps    {plural(int(steps[0]), 'step')} recorded, {steps[1]:,} to {steps[2]:,}")
     print("rows     " + ", ".join(f"{t} {n:,}" for t, n in counts.items() if n) if any(counts.values())
           else "rows     none yet")
-    print(f"health   {health.label() if health else 'OK (no active alert)'}")
+    print(f"health   {health.label() if health.active else 'OK (no active alert)'}")
     latest = con.sql(
         "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
         "round(top2_share, 3) AS top2_share, dead, nearly_dead "
@@ -152,10 +164,22 @@ def cmd_query(args) -> int:
         out_path = Path(args.output)
         if not out_path.parent.exists():
             raise UserError(f"output directory {out_path.parent} does not exist")
+        if out_path.resolve().is_relative_to(_root(args).resolve()):   # symlinks followed
+            raise UserError(f"--output {args.output} is inside the store {args.root}: "
+                            f"chrono writes the store itself; write the result elsewhere")
     if fmt == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(result, args.output)
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.chrono-tmp")   # a failed write leaves a file there intact
+        try:
+            pq.write_table(result, tmp)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:   # interval, union columns
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write this result as Parquet ({e}); cast that column, "
+                            f"e.g. to VARCHAR, or use --format json") from None
+        tmp.replace(out)
         print(f"wrote {result.num_rows} rows to {args.output}", file=sys.stderr)
         return 0
     if fmt == "table":
@@ -172,7 +196,7 @@ def cmd_query(args) -> int:
         import pyarrow.csv as pcsv
 
         sink = args.output or sys.stdout.buffer
-        pcsv.write_csv(result, sink)
+        pcsv.write_csv(_csv_ready(result), sink)
         return 0
     # json: one object per line
     lines = "".join(json.dumps(r, default=_json_value) + "\n" for r in result.to_pylist())
@@ -253,7 +277,10 @@ def cmd_compact(args) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("runs", help="list runs with layers, experts, steps and alerts")
+    s = sub.add_parser("runs", help="list runs with layers, experts, steps and alerts",
+                       description="Every run in the store, newest update first: health (OK / PRE_COLLAPSE / "
+                                   "COLLAPSE_CONFIRMED and the worst layer), layers, experts, top-k, "
+                                   "adapter, steps, last step, alerts raised, last update.")
     s.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("show", help="summary of one run: model, rows, health, latest snapshot",
@@ -273,7 +300,10 @@ def register(sub) -> None:
     s.add_argument("--max-rows", type=int, default=100, help="rows shown in table format (default 100)")
     s.set_defaults(func=cmd_query)
 
-    s = sub.add_parser("snapshot", help="(re)compute snapshots and alerts of a run from its routing rows")
+    s = sub.add_parser("snapshot", help="(re)compute snapshots and alerts of a run from its routing rows",
+                       description="Replace RUN's snapshots and alerts by ones computed from its routing "
+                                   "rows, windows of --every steps (steps kK .. kK+K-1; the last window "
+                                   "ends at the run's last step). Refuses a run being written.")
     s.add_argument("run")
     s.add_argument("--every", type=int, default=10, help="window size in steps (default 10)")
     s.add_argument("--skip-invalid", action="store_true",
@@ -281,10 +311,14 @@ def register(sub) -> None:
                         "instead of stopping at the first one")
     s.set_defaults(func=cmd_snapshot)
 
-    s = sub.add_parser("alerts", help="alert transitions (raised / cleared) of a run")
+    s = sub.add_parser("alerts", help="alert transitions (raised / cleared) of a run",
+                       description="RUN's PRE_COLLAPSE / COLLAPSE_CONFIRMED transitions, raised and "
+                                   "cleared, with the Neff, Top2 and dead experts that triggered them.")
     s.add_argument("run")
     s.set_defaults(func=cmd_alerts)
 
-    s = sub.add_parser("compact", help="merge a run's small part files into one per table and rank")
+    s = sub.add_parser("compact", help="merge a run's small part files into one per table and rank",
+                       description="Merge RUN's part files into one per table and rank; readers never "
+                                   "see duplicates, even if compaction is killed midway.")
     s.add_argument("run")
     s.set_defaults(func=cmd_compact)

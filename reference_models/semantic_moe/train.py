@@ -67,6 +67,7 @@ class TrainMetrics:
     evals: list = field(default_factory=list)       # {"step", "val_loss", "agreement", ...}
     lifecycle: list = field(default_factory=list)   # LIFECYCLE rows
     final: dict = field(default_factory=dict)
+    last_window: dict = field(default_factory=dict)  # {layer: counts} of the last closed window
 
     def log(self, name, value):  # the seed's MetricsLogger.log
         self.history.setdefault(name, []).append(value)
@@ -187,6 +188,7 @@ def train(dataloader: Iterable, vocab_size: int, n_experts: int, config: Trainin
     def on_snapshot(step, rows, h):
         nonlocal opt
         counts = {r.layer_id: r.window_counts.to("cpu", copy=True).numpy() for r in model.routers()}
+        metrics.last_window = counts
         for r in model.routers():
             r.window_counts.zero_()
         if not config.lifecycle or config.faithful:
@@ -297,6 +299,9 @@ def _final(model: SemanticMoELM, metrics: TrainMetrics, steps: int) -> dict:
             c = metrics.evals[-1]["counts"].get(r.layer_id) if metrics.evals else None
             if c is None or len(c) != r.n_experts:  # no eval since the last lifecycle change
                 c = r.window_counts.to("cpu", copy=True).numpy()
+                last = metrics.last_window.get(r.layer_id)
+                if c.sum() == 0 and last is not None and len(last) == len(c):
+                    c = last   # a snapshot just emptied the window: report the window it closed
             m = summarize(c)
             f["layers"].append(r.layer_id)
             f["n_experts"].append(r.n_experts)
