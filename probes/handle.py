@@ -39,6 +39,7 @@ from .distributed import resolve as resolve_distributed
 from .faults import Faults
 from .forwards import Forwards
 from .loads import RecorderLoads
+from .options import check_options
 from .recorder import Recorder, model_device
 from .router_hook import router_hook
 from .routing import ProbeError
@@ -49,30 +50,10 @@ from .steps import Steps
 from .window import Window
 
 log = logging.getLogger("probes")
-STEP_RULES = ("auto", "optimizer", "forward", "manual")
 # attached handles by model (weak key, strong value): a handle lives as long as the model it is
 # attached to, until detach, even when the caller does not keep it (``probes.attach(model)`` alone
 # records, like a registered hook); the handle holds the model only weakly, so no cycle keeps it
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
-
-
-def _check_options(model, flush_every, tokens, padding, steps, start_step, staging):
-    if not isinstance(model, nn.Module):
-        raise ProbeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(flush_every, int) or flush_every < 1:
-        raise ProbeError(f"flush_every must be an int >= 1, got {flush_every!r}")
-    if not (0.0 <= float(tokens) <= 1.0):
-        raise ProbeError(f"tokens must be 0 (aggregate only) or a fraction in (0, 1], got {tokens!r}")
-    if padding not in ("exclude", "count"):
-        raise ProbeError(f"padding must be 'exclude' (default) or 'count', got {padding!r}")
-    if not isinstance(staging, bool):
-        raise ProbeError(f"staging must be True (default) or False, got {staging!r}")
-    if steps not in STEP_RULES:
-        raise ProbeError(f"steps must be 'auto', 'optimizer', 'forward', 'manual' or a probes "
-                         f"Handle to follow, got {steps!r}")
-    if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)
-                                   or start_step < 0):
-        raise ProbeError(f"start_step must be None or an int >= 0, got {start_step!r}")
 
 
 class Handle:
@@ -103,7 +84,9 @@ class Handle:
             self._leader, steps = steps, "manual"
             if start_step is None:
                 start_step = self._leader.current_step
-        _check_options(model, flush_every, tokens, padding, steps, start_step, staging)
+        check_options(model, flush_every=flush_every, tokens=tokens, padding=padding, steps=steps,
+                      start_step=start_step, staging=staging, max_tokens_per_step=max_tokens_per_step,
+                      seed=seed, metrics_port=metrics_port)
         self.routers: list[RouterSite] = find_sites(model, specs=specs, generic=generic)
         self._dist = resolve_distributed(distributed, self.routers)  # None on a single process
         if self._dist is not None:  # only h.step() ends steps: the flush collective never runs in a hook

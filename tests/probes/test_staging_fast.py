@@ -220,7 +220,18 @@ def test_one_sum_for_all_logits_is_used_only_when_they_share_shape_and_dtype(sto
 
 @pytest.mark.parametrize("option, match", [({"staging": "no"}, "staging must be True"),
                                            ({"padding": "drop"}, "padding must be"),
-                                           ({"flush_every": 0}, "flush_every must be")])
+                                           ({"flush_every": 0}, "flush_every must be"),
+                                           ({"flush_every": True}, "flush_every must be"),
+                                           ({"tokens": "0.05"}, "tokens must be"),
+                                           ({"tokens": True}, "tokens must be"),
+                                           ({"tokens": 1.5}, "tokens must be"),
+                                           ({"max_tokens_per_step": 1.5}, "max_tokens_per_step must be"),
+                                           ({"max_tokens_per_step": 0}, "max_tokens_per_step must be"),
+                                           ({"seed": "a"}, "seed must be an int"),
+                                           ({"start_step": -1}, "start_step must be"),
+                                           ({"metrics_port": "abc"}, "metrics_port must be"),
+                                           ({"metrics_port": 70000}, "metrics_port must be"),
+                                           ({"metrics_port": True}, "metrics_port must be")])
 def test_bad_attach_options_are_refused_before_anything_is_hooked_or_written(store_root, option, match):
     model = MoE([Router(), Router()])
     with pytest.raises(probes.ProbeError, match=match):
