@@ -142,8 +142,7 @@ def describe(col0: int, routed, norm=None, mask=None, pad=None, cells=(0, 0, 0),
     dropped row, logit-sum and padding cells (0: the logit sum goes to the weight cell of column
     0, as in the staged path)."""
     try:
-        with grad_off():   # (a copy made here joins no autograd graph)
-            return _describe(col0, routed, norm, mask, pad, cells, hold)
+        return _describe(col0, routed, norm, mask, pad, cells, hold)
     except RuntimeError:   # no storage: reading a data pointer raises
         return None
 
@@ -157,7 +156,8 @@ def _dense(t, codes: dict, hold) -> tuple | None:
     if not t.is_contiguous():
         if hold is None:
             return None
-        t = t.contiguous()
+        with grad_off():   # (the copy joins no autograd graph)
+            t = t.contiguous()
         hold.append(t)
     return t.data_ptr(), code
 
@@ -177,7 +177,8 @@ def _describe(col0: int, routed, norm, mask, pad, cells, hold) -> tuple | None:
         w, wcode = got
     if norm is None and logits is not None and logits.is_cpu and not logits.is_contiguous() \
             and logits.dtype in FLOAT_CODES and hold is not None:
-        norm = logit_sum(logits)
+        with grad_off():
+            norm = logit_sum(logits)
         hold.append(norm)
     if norm is not None:
         if norm.dtype not in (torch.float32, torch.float64) or not norm.is_cpu or norm.numel() != 1:
@@ -212,4 +213,15 @@ def count(fn, tw: int, cells: int, cap: int, calls: list) -> bool:
     if None in calls:
         return False
     fn(tw, cells, cap, *(calls[0] if len(calls) == 1 else [x for c in calls for x in c]))
+    return True
+
+
+def count_one(fn, tw: int, cells: int, cap: int, col0: int, slot_cells: tuple, routed, mask=None, pad=None) -> bool:
+    """``count`` of one call (``describe(col0, routed, None, mask, pad, slot_cells)``) without
+    the list: the path of a call counted at once, from the router hook."""
+    hold = []   # describe's contiguous copies, alive until the C call
+    call = describe(col0, routed, None, mask, pad, slot_cells, hold)
+    if call is None:
+        return False
+    fn(tw, cells, cap, *call)
     return True
