@@ -50,28 +50,33 @@ static inline double weight_at(const void *w, int dt, int64_t a) {
     }
 }
 
+/* LANES independent partial sums (one add chain each), so the vectorised loop is not bound by
+ * the latency of one chain: a single accumulator measured ~2x slower than torch.sum on
+ * [4096, 256] float32 logits. */
+#define LANES 32
+#define SUM_LOOP(T, CONV)                                                   \
+    {                                                                       \
+        const T *x = (const T *)lg;                                         \
+        int64_t j;                                                          \
+        for (j = 0; j < LANES; j++) part[j] = 0;                            \
+        for (i = 0; i + LANES <= nl; i += LANES)                            \
+            for (j = 0; j < LANES; j++) part[j] += CONV(x[i + j]);          \
+        for (; i < nl; i++) part[0] += CONV(x[i]);                          \
+        for (j = 0; j < LANES; j++) s += part[j];                           \
+    }
+#define SAME(v) (v)
+
 static double logit_sum(const void *lg, int dt, int64_t nl) {
-    int64_t i;
+    int64_t i = 0;
     if (dt == 1) {
-        const double *x = (const double *)lg;
-        double s = 0.0;
-#pragma omp simd reduction(+:s)
-        for (i = 0; i < nl; i++) s += x[i];
+        double part[LANES], s = 0.0;
+        SUM_LOOP(double, SAME)
         return s;
     }
-    float s = 0.0f;
-    if (dt == 0) {
-        const float *x = (const float *)lg;
-#pragma omp simd reduction(+:s)
-        for (i = 0; i < nl; i++) s += x[i];
-    } else if (dt == 2) {
-        const uint16_t *x = (const uint16_t *)lg;
-#pragma omp simd reduction(+:s)
-        for (i = 0; i < nl; i++) s += bf16(x[i]);
-    } else {
-        const uint16_t *x = (const uint16_t *)lg;
-        for (i = 0; i < nl; i++) s += f16(x[i]);
-    }
+    float part[LANES], s = 0.0f;
+    if (dt == 0) SUM_LOOP(float, SAME)
+    else if (dt == 2) SUM_LOOP(uint16_t, bf16)
+    else SUM_LOOP(uint16_t, f16)
     return (double)s;
 }
 

@@ -111,10 +111,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("c_logits", [native.C_LOGITS, 4], ids=["logits_in_c", "logits_by_torch"])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_record_counts_what_the_pytorch_ops_count(case, masked):
-    g = torch.Generator().manual_seed(hash(case) % 1000 + masked)
+def test_record_counts_what_the_pytorch_ops_count(case, masked, c_logits, monkeypatch):
+    """``c_logits`` 4: every call's logits are summed by torch (``native.C_LOGITS``, large calls)."""
+    monkeypatch.setattr(native, "C_LOGITS", c_logits)
+    g = torch.Generator().manual_seed(sum(map(ord, case)) + masked)
     nat, ops = _recorders()
     calls = []
     for i, t in enumerate([8, 1, 0, 12, 5, 8]):
