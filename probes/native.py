@@ -131,12 +131,13 @@ def describe(col0: int, routed, norm=None, mask=None, pad=None, cells=(0, 0, 0),
     eligible: not on the CPU, another dtype (indices int64 / int32; weights and logits float32 /
     float64 / bfloat16 / float16; dropped bool; mask ``[T]`` and ``pad`` 0-d float64; ``norm``,
     a precomputed 0-d logit sum, float32 / float64), element counts that do not match (weights,
-    dropped: as many as the indices; the indices a multiple of the mask's T), or no storage of
-    their own (``torch.func`` wrappers, fake tensors). Non-contiguous indices, weights or drops
-    are copied contiguous, non-contiguous logits summed (``ops.logit_sum``), one op each; the
-    copies go to ``hold`` (a list the caller keeps until the C call). ``cells``: the slot's
-    dropped row, logit-sum and padding cells (0: the logit sum goes to the weight cell of column
-    0, as in the staged path)."""
+    dropped: as many as the indices; the indices a multiple of the mask's T), no storage of
+    their own (``torch.func`` wrappers), not a plain ``torch.Tensor`` (a subclass: a FakeTensor
+    says CPU and contiguous, and its data pointer is 0), or data at address 0 (a ZeroTensor).
+    Non-contiguous indices, weights or drops are copied contiguous, non-contiguous logits summed
+    (``ops.logit_sum``), one op each; the copies go to ``hold`` (a list the caller keeps until
+    the C call). ``cells``: the slot's dropped row, logit-sum and padding cells (0: the logit sum
+    goes to the weight cell of column 0, as in the staged path)."""
     try:
         with grad_off():   # (a copy made here joins no autograd graph)
             return _describe(col0, routed, norm, mask, pad, cells, hold)
@@ -148,14 +149,15 @@ def _dense(t, codes: dict, hold) -> tuple | None:
     """(data pointer, dtype code) of CPU tensor ``t`` (copied contiguous into ``hold`` if it is
     not), None for another dtype or device."""
     code = codes.get(t.dtype)
-    if code is None or not t.is_cpu:
-        return None
+    if code is None or not t.is_cpu or type(t) is not torch.Tensor:
+        return None   # (a subclass: a FakeTensor is "CPU", contiguous, and its data pointer 0)
     if not t.is_contiguous():
         if hold is None:
             return None
         t = t.contiguous()
         hold.append(t)
-    return t.data_ptr(), code
+    ptr = t.data_ptr()
+    return None if ptr == 0 and t.numel() else (ptr, code)   # (0: no memory, e.g. a ZeroTensor)
 
 
 def _describe(col0: int, routed, norm, mask, pad, cells, hold) -> tuple | None:
@@ -176,7 +178,8 @@ def _describe(col0: int, routed, norm, mask, pad, cells, hold) -> tuple | None:
         norm = logit_sum(logits)
         hold.append(norm)
     if norm is not None:
-        if norm.dtype not in (torch.float32, torch.float64) or not norm.is_cpu or norm.numel() != 1:
+        if norm.dtype not in (torch.float32, torch.float64) or not norm.is_cpu or norm.numel() != 1 \
+                or type(norm) is not torch.Tensor or not norm.data_ptr():
             return None
         lg, lcode, nl = norm.data_ptr(), FLOAT_CODES[norm.dtype], -1
     elif logits is not None:
@@ -191,7 +194,8 @@ def _describe(col0: int, routed, norm, mask, pad, cells, hold) -> tuple | None:
         d = got[0]
     if mask is not None:
         t = mask.numel()
-        if t == 0 or n % t or pad is None or pad.dtype != torch.float64 or not pad.is_cpu or pad.numel() != 1:
+        if t == 0 or n % t or pad is None or pad.dtype != torch.float64 or not pad.is_cpu or pad.numel() != 1 \
+                or type(pad) is not torch.Tensor or not pad.data_ptr():
             return None
         got = _dense(mask, MASK_CODES, hold)
         if got is None:
