@@ -134,10 +134,10 @@ def describe(col0: int, routed, norm=None, mask=None, pad=None, cells=(0, 0, 0),
     dropped: as many as the indices; the indices a multiple of the mask's T), no storage of
     their own (``torch.func`` wrappers), not a plain ``torch.Tensor`` (a subclass: a FakeTensor
     says CPU and contiguous, and its data pointer is 0), or data at address 0 (a ZeroTensor).
-    Non-contiguous indices, weights or drops are copied contiguous, non-contiguous logits summed
-    (``ops.logit_sum``), one op each; the copies go to ``hold`` (a list the caller keeps until
-    the C call). ``cells``: the slot's dropped row, logit-sum and padding cells (0: the logit sum
-    goes to the weight cell of column 0, as in the staged path)."""
+    Non-contiguous (or negative-view) indices, weights or drops are copied contiguous,
+    non-contiguous logits summed (``ops.logit_sum``), one op each; the copies go to ``hold`` (a
+    list the caller keeps until the C call). ``cells``: the slot's dropped row, logit-sum and
+    padding cells (0: the logit sum goes to the weight cell of column 0, as in the staged path)."""
     try:
         with grad_off():   # (a copy made here joins no autograd graph)
             return _describe(col0, routed, norm, mask, pad, cells, hold)
@@ -147,14 +147,14 @@ def describe(col0: int, routed, norm=None, mask=None, pad=None, cells=(0, 0, 0),
 
 def _dense(t, codes: dict, hold) -> tuple | None:
     """(data pointer, dtype code) of CPU tensor ``t`` (copied contiguous into ``hold`` if it is
-    not), None for another dtype or device."""
+    not, or is a negative view), None for another dtype or device."""
     code = codes.get(t.dtype)
     if code is None or not t.is_cpu or type(t) is not torch.Tensor:
         return None   # (a subclass: a FakeTensor is "CPU", contiguous, and its data pointer 0)
-    if not t.is_contiguous():
+    if not t.is_contiguous() or t.is_neg():   # (neg bit: memory holds the negated values)
         if hold is None:
             return None
-        t = t.contiguous()
+        t = t.resolve_neg().contiguous()
         hold.append(t)
     ptr = t.data_ptr()
     return None if ptr == 0 and t.numel() else (ptr, code)   # (0: no memory, e.g. a ZeroTensor)

@@ -99,7 +99,6 @@ def _count_both(routed: Routed) -> tuple:
     return tuple(out)
 
 
-@pytest.mark.xfail(strict=True, reason="native reads a negative view's memory without its neg bit")
 def test_negative_view_weights_are_counted_with_their_sign():
     """A tensor with the negative bit (``torch._neg_view``; ``x.conj().imag`` of a complex
     tensor is one) is contiguous and shares its base's memory: the values are the negation of
