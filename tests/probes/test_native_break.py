@@ -112,3 +112,39 @@ def test_negative_view_weights_are_counted_with_their_sign():
     c_path, ops = _count_both(Routed(idx, w))
     assert np.array_equal(ops[1], truth)   # (the PyTorch ops: the reference)
     assert np.array_equal(c_path[1], truth)
+
+
+_LOAD = "from probes import native; fn = native.load(); print('LOADED' if fn is not None else 'NONE')"
+
+
+def _load_in_child(cache, **env) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "CHRONO_NATIVE"}, "PYTHONPATH": ROOT,
+           "CHRONO_NATIVE_DIR": str(cache), **env}
+    return subprocess.run([sys.executable, "-c", _LOAD], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.xfail(strict=True, reason="a truncated cached module is dlopen()ed: SIGBUS, in every later process")
+def test_a_truncated_cached_module_is_rebuilt_not_loaded(tmp_path):
+    """The cached build cut short (a copy of ~/.cache interrupted, a crash after the rename
+    before the data reached the disk): ``load`` must not hand it to the dynamic loader, which
+    dies of SIGBUS on it, and keeps dying in every process until the file is deleted by hand."""
+    _needs_native()
+    first = _load_in_child(tmp_path)
+    assert first.returncode == 0 and "LOADED" in first.stdout, first.stderr[-2000:]
+    (built,) = [p for p in tmp_path.iterdir() if p.name.startswith(native.MODULE) and p.suffix == ".so"]
+    data = built.read_bytes()
+    built.write_bytes(data[: len(data) // 2])
+    second = _load_in_child(tmp_path)
+    assert second.returncode == 0, f"rc {second.returncode}: {second.stderr[-2000:]}"
+    assert "LOADED" in second.stdout, second.stderr[-2000:]   # rebuilt, not just disabled
+
+
+def test_build_failures_fall_back_to_the_pytorch_ops(tmp_path):
+    """No compiler ($CC=/bin/false), a cache path that cannot be a directory, CHRONO_NATIVE=0:
+    ``load`` returns None (the PyTorch ops count), the process lives."""
+    (tmp_path / "file").write_text("")
+    for cache, env in [(tmp_path / "a", {"CC": "/bin/false"}), (tmp_path / "file", {}),
+                       (tmp_path / "b", {"CHRONO_NATIVE": "0"})]:
+        r = _load_in_child(cache, **env)
+        assert r.returncode == 0 and "NONE" in r.stdout, (env, r.stdout, r.stderr[-1000:])
