@@ -11,8 +11,9 @@ tensors, ``torch.compile`` and anything ``describe`` refuses keep the PyTorch op
 ``load`` compiles the C file once, with the system C compiler (``$CC``, else ``cc``; ~0.3 s)
 and Python's own headers (no torch headers), into ``$CHRONO_NATIVE_DIR`` (default
 ``$XDG_CACHE_HOME/chrono`` or ``~/.cache/chrono``) under a name hashed from the source, the
-flags and the Python build, written atomically, and imports it as an extension module (a
-``METH_FASTCALL`` function: ~1 us a call, where ``ctypes`` measured 14 us in situ). No
+flags and the Python build, written atomically with its sha256 beside it (a cached file that
+does not match, e.g. cut short, is rebuilt: the dynamic loader dies of SIGBUS on it), and
+imports it as an extension module (a ``METH_FASTCALL`` function: ~1 us a call, where ``ctypes`` measured 14 us in situ). No
 compiler or headers, a failed build, or ``CHRONO_NATIVE=0``: ``load`` returns None, logged
 once, and counting uses the PyTorch ops (the same counts).
 
@@ -77,8 +78,9 @@ def _build() -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     tag = hashlib.sha256(src + " ".join([cc, *flags, sys.version]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{MODULE}-{tag}{suffix}"
-    if out.exists():
-        return out
+    digest = out.with_name(out.name + ".sha256")   # the build's own hash, written after it
+    if _intact(out, digest):
+        return out   # (a cut-short file would kill the process in dlopen: SIGBUS; rebuilt instead)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -86,11 +88,29 @@ def _build() -> Path:
         r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {r.stderr.strip()[:500]}")
+        with open(tmp, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+            os.fsync(f.fileno())   # on disk before the rename
         os.replace(tmp, out)   # atomic: another process building the same file is harmless
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=digest.name, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            f.write(sha)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _intact(path: Path, digest: Path) -> bool:
+    """True if ``path`` exists and hashes to the sha256 in ``digest`` (False: missing, cut
+    short, changed, or built by a version without a digest)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest.read_text().strip()
+    except OSError:
+        return False
 
 
 def _import(path: Path):

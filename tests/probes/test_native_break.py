@@ -124,7 +124,6 @@ def _load_in_child(cache, **env) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.xfail(strict=True, reason="a truncated cached module is dlopen()ed: SIGBUS, in every later process")
 def test_a_truncated_cached_module_is_rebuilt_not_loaded(tmp_path):
     """The cached build cut short (a copy of ~/.cache interrupted, a crash after the rename
     before the data reached the disk): ``load`` must not hand it to the dynamic loader, which
