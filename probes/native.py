@@ -8,8 +8,8 @@ weights, drops, padding masks and logits; ``describe`` checks every tensor (CPU,
 dtype, element counts) and ``count`` hands their data pointers to the C function. CUDA
 tensors, ``torch.compile`` and anything ``describe`` refuses keep the PyTorch ops.
 
-``load`` compiles the C file once, with the system C compiler (``$CC``, else ``cc``; ~0.3 s)
-and Python's own headers (no torch headers), into ``$CHRONO_NATIVE_DIR`` (default
+``load`` compiles the C file once, with the system C compiler (``$CC``, split as a shell
+would, else ``cc``; ~0.3 s) and Python's own headers (no torch headers), into ``$CHRONO_NATIVE_DIR`` (default
 ``$XDG_CACHE_HOME/chrono`` or ``~/.cache/chrono``) under a name hashed from the source, the
 flags and the Python build, written atomically with its sha256 beside it (a cached file that
 does not match, e.g. cut short, is rebuilt: the dynamic loader dies of SIGBUS on it), and
@@ -30,6 +30,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def cache_dir() -> Path:
 def _build() -> Path:
     """The built module's path: compiled here unless a build of this source, flags and Python
     exists. Raises OSError (no compiler, no Python headers, the compiler failed)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = shlex.split(os.environ.get("CC", ""))   # (may carry arguments: "ccache gcc", as make splits it)
+    if not cc:
+        cc = [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not cc:
         raise OSError("no C compiler found (set $CC, or install gcc)")
     include = sysconfig.get_paths()["include"]
@@ -76,7 +79,7 @@ def _build() -> Path:
     flags = [*FLAGS, f"-I{include}"]
     src = SOURCE.read_bytes()
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    tag = hashlib.sha256(src + " ".join([cc, *flags, sys.version]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([*cc, *flags, sys.version]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{MODULE}-{tag}{suffix}"
     digest = out.with_name(out.name + ".sha256")   # the build's own hash, written after it
     if _intact(out, digest):
@@ -85,9 +88,9 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise OSError(f"{cc} failed: {r.stderr.strip()[:500]}")
+            raise OSError(f"{' '.join(cc)} failed: {r.stderr.strip()[:500]}")
         with open(tmp, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
             os.fsync(f.fileno())   # on disk before the rename
