@@ -8,14 +8,15 @@ weights, drops, padding masks and logits; ``describe`` checks every tensor (CPU,
 dtype, element counts) and ``count`` hands their data pointers to the C function. CUDA
 tensors, ``torch.compile`` and anything ``describe`` refuses keep the PyTorch ops.
 
-``load`` compiles the C file once, with the system C compiler (``$CC``, split as a shell
-would, else ``cc``; ~0.3 s) and Python's own headers (no torch headers), into ``$CHRONO_NATIVE_DIR`` (default
-``$XDG_CACHE_HOME/chrono`` or ``~/.cache/chrono``) under a name hashed from the source, the
-flags and the Python build, written atomically with its sha256 beside it (a cached file that
-does not match, e.g. cut short, is rebuilt: the dynamic loader dies of SIGBUS on it), and
-imports it as an extension module (a ``METH_FASTCALL`` function: ~1 us a call, where ``ctypes`` measured 14 us in situ). No
-compiler or headers, a failed build, or ``CHRONO_NATIVE=0``: ``load`` returns None, logged
-once, and counting uses the PyTorch ops (the same counts).
+``load`` compiles the C file once, with the system C compiler (``$CC``, split as a shell would,
+else ``cc``; ~0.3 s) and Python's own headers (no torch headers), into ``$CHRONO_NATIVE_DIR``
+(default ``$XDG_CACHE_HOME/chrono`` or ``~/.cache/chrono``) under a name hashed from the
+source, the flags and the Python build, written atomically with its sha256 beside it (a cached
+file that does not match, e.g. cut short, is rebuilt: the dynamic loader dies of SIGBUS on it),
+and imports it as an extension module (a ``METH_FASTCALL`` function: ~1 us a call, where
+``ctypes`` measured 14 us in situ). No compiler or headers, a failed build, or
+``CHRONO_NATIVE=0``: ``load`` returns None, logged once, and counting uses the PyTorch ops (the
+same counts).
 
 Same cells, same order of additions as the PyTorch path: token counts, weight sums, drops and
 padding are bit-identical (``tests/probes/test_native_count.py``). Logit sums only flag
