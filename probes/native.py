@@ -94,18 +94,26 @@ def _build() -> Path:
             raise OSError(f"{' '.join(cc)} failed: {r.stderr.strip()[:500]}")
         with open(tmp, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
-            os.fsync(f.fileno())   # on disk before the rename
+            _sync(f)   # on disk before the rename
         os.replace(tmp, out)   # atomic: another process building the same file is harmless
         with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=digest.name, suffix=".tmp", delete=False) as f:
             tmp = f.name
             f.write(sha)
             f.flush()
-            os.fsync(f.fileno())
+            _sync(f)
         os.replace(tmp, digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _sync(f) -> None:
+    """fsync ``f``, where the file system can (some FUSE mounts refuse: EINVAL, ENOTSUP)."""
+    try:
+        os.fsync(f.fileno())
+    except OSError:
+        pass
 
 
 def _intact(path: Path, digest: Path) -> bool:

@@ -166,3 +166,13 @@ def test_cc_with_arguments_builds(tmp_path, monkeypatch):
     fn = _load_fresh(monkeypatch, tmp_path, CC="cc -pipe")
     assert fn is not None
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".sha256", ".so"]   # built here, with $CC
+
+
+def test_build_where_fsync_is_refused(tmp_path, monkeypatch):
+    """A file system that refuses fsync (some FUSE mounts: EINVAL) still gets its build."""
+    _needs_native()
+
+    def refuse(fd):
+        raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(native.os, "fsync", refuse)
+    assert _load_fresh(monkeypatch, tmp_path) is not None
