@@ -176,3 +176,29 @@ def test_build_where_fsync_is_refused(tmp_path, monkeypatch):
         raise OSError(22, "Invalid argument")
     monkeypatch.setattr(native.os, "fsync", refuse)
     assert _load_fresh(monkeypatch, tmp_path) is not None
+
+
+WRAPS = pytest.mark.xfail(strict=True, reason="Recorder.record's PyTorch ops compute index + 1 before "
+                          "clamping: the largest index wraps to the column of negative indices")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("use_native", [True, pytest.param(False, marks=WRAPS)], ids=["native", "torch_ops"])
+def test_the_largest_index_is_out_of_range_on_every_path(dtype, use_native):
+    """An index of the dtype's maximum is an index >= capacity like any other: counted invalid
+    in the column of too-large indices, so its rows equal those of index ``capacity`` (the C
+    path and the staged flush clamp first; the eager PyTorch ops added 1 first, and int
+    overflow sent it to the column of negative indices, whose weight cell the non-finite check
+    reads: a NaN weight there was flagged by one backend and not the other)."""
+    if use_native:
+        _needs_native()
+    big = torch.iinfo(dtype).max
+    rows = []
+    for index in (4, big):   # capacity 4: index 4 is the first out of range
+        rec = Recorder(1, 4, 2)
+        if not use_native:
+            rec.native = None
+        rec.record_plain(0, 0, Routed(torch.tensor([[0, index]], dtype=dtype), torch.tensor([[0.5, float("nan")]])))
+        rows.append(rec.acc.numpy().copy())
+    assert np.array_equal(rows[0], rows[1], equal_nan=True)
+    assert rows[1][TOKENS, 0, 0, 5] == 1 and rows[1][TOKENS, 0, 0, 0] == 0   # column capacity + 1
