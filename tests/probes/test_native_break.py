@@ -178,12 +178,8 @@ def test_build_where_fsync_is_refused(tmp_path, monkeypatch):
     assert _load_fresh(monkeypatch, tmp_path) is not None
 
 
-WRAPS = pytest.mark.xfail(strict=True, reason="Recorder.record's PyTorch ops compute index + 1 before "
-                          "clamping: the largest index wraps to the column of negative indices")
-
-
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("use_native", [True, pytest.param(False, marks=WRAPS)], ids=["native", "torch_ops"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch_ops"])
 def test_the_largest_index_is_out_of_range_on_every_path(dtype, use_native):
     """An index of the dtype's maximum is an index >= capacity like any other: counted invalid
     in the column of too-large indices, so its rows equal those of index ``capacity`` (the C
