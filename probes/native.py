@@ -8,13 +8,15 @@ weights, drops, padding masks and logits; ``describe`` checks every tensor (CPU,
 dtype, element counts) and ``count`` hands their data pointers to the C function. CUDA
 tensors, ``torch.compile`` and anything ``describe`` refuses keep the PyTorch ops.
 
-``load`` compiles the C file once, with the system C compiler (``$CC``, else ``cc``; ~0.3 s)
-and Python's own headers (no torch headers), into ``$CHRONO_NATIVE_DIR`` (default
-``$XDG_CACHE_HOME/chrono`` or ``~/.cache/chrono``) under a name hashed from the source, the
-flags and the Python build, written atomically, and imports it as an extension module (a
-``METH_FASTCALL`` function: ~1 us a call, where ``ctypes`` measured 14 us in situ). No
-compiler or headers, a failed build, or ``CHRONO_NATIVE=0``: ``load`` returns None, logged
-once, and counting uses the PyTorch ops (the same counts).
+``load`` compiles the C file once, with the system C compiler (``$CC``, split as a shell would,
+else ``cc``; ~0.3 s) and Python's own headers (no torch headers), into ``$CHRONO_NATIVE_DIR``
+(default ``$XDG_CACHE_HOME/chrono`` or ``~/.cache/chrono``) under a name hashed from the
+source, the flags and the Python build, written atomically with its sha256 beside it (a cached
+file that does not match, e.g. cut short, is rebuilt: the dynamic loader dies of SIGBUS on it),
+and imports it as an extension module (a ``METH_FASTCALL`` function: ~1 us a call, where
+``ctypes`` measured 14 us in situ). No compiler or headers, a failed build, or
+``CHRONO_NATIVE=0``: ``load`` returns None, logged once, and counting uses the PyTorch ops (the
+same counts).
 
 Same cells, same order of additions as the PyTorch path: token counts, weight sums, drops and
 padding are bit-identical (``tests/probes/test_native_count.py``). Logit sums only flag
@@ -29,6 +31,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,7 +74,9 @@ def _build(fresh: bool = False) -> Path:
     """The built module's path: compiled here unless a build of this source, flags and Python
     exists (``fresh``: compiled anyway, replacing it). Raises OSError (no compiler, no Python
     headers, the compiler failed)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = shlex.split(os.environ.get("CC", ""))   # (may carry arguments: "ccache gcc", as make splits it)
+    if not cc:
+        cc = [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not cc:
         raise OSError("no C compiler found (set $CC, or install gcc)")
     include = sysconfig.get_paths()["include"]
@@ -80,22 +85,49 @@ def _build(fresh: bool = False) -> Path:
     flags = [*FLAGS, f"-I{include}"]
     src = SOURCE.read_bytes()
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    tag = hashlib.sha256(src + " ".join([cc, *flags, sys.version]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([*cc, *flags, sys.version]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{MODULE}-{tag}{suffix}"
-    if out.exists() and not fresh:
-        return out
+    digest = out.with_name(out.name + ".sha256")   # the build's own hash, written after it
+    if not fresh and _intact(out, digest):
+        return out   # (a cut-short file would kill the process in dlopen: SIGBUS; rebuilt instead)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise OSError(f"{cc} failed: {r.stderr.strip()[:500]}")
+            raise OSError(f"{' '.join(cc)} failed: {r.stderr.strip()[:500]}")
+        with open(tmp, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+            _sync(f)   # on disk before the rename
         os.replace(tmp, out)   # atomic: another process building the same file is harmless
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=digest.name, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            f.write(sha)
+            f.flush()
+            _sync(f)
+        os.replace(tmp, digest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _sync(f) -> None:
+    """fsync ``f``, where the file system can (some FUSE mounts refuse: EINVAL, ENOTSUP)."""
+    try:
+        os.fsync(f.fileno())
+    except OSError:
+        pass
+
+
+def _intact(path: Path, digest: Path) -> bool:
+    """True if ``path`` exists and hashes to the sha256 in ``digest`` (False: missing, cut
+    short, changed, or built by a version without a digest)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest.read_text().strip()
+    except OSError:
+        return False
 
 
 def _import(path: Path):
@@ -139,13 +171,14 @@ def describe(col0: int, routed, norm=None, mask=None, pad=None, cells=(0, 0, 0),
     eligible: not on the CPU, another dtype (indices int64 / int32; weights and logits float32 /
     float64 / bfloat16 / float16; dropped bool; mask ``[T]`` and ``pad`` 0-d float64; ``norm``,
     a precomputed 0-d logit sum, float32 / float64), element counts that do not match (weights,
-    dropped: as many as the indices; the indices a multiple of the mask's T), or no storage of
-    their own (``torch.func`` wrappers, fake tensors). Non-contiguous indices, weights or drops
-    are copied contiguous, non-contiguous logits or more than ``C_LOGITS`` of them summed
-    (``ops.logit_sum``), one op each; the
-    copies go to ``hold`` (a list the caller keeps until the C call). ``cells``: the slot's
-    dropped row, logit-sum and padding cells (0: the logit sum goes to the weight cell of column
-    0, as in the staged path)."""
+    dropped: as many as the indices; the indices a multiple of the mask's T), no storage of
+    their own (``torch.func`` wrappers), not a plain ``torch.Tensor`` (a subclass: a FakeTensor
+    says CPU and contiguous, and its data pointer is 0), or data at address 0 (a ZeroTensor).
+    Non-contiguous (or negative-view) indices, weights or drops are copied contiguous,
+    non-contiguous logits or more than ``C_LOGITS`` of them summed (``ops.logit_sum``), one op
+    each; the copies go to ``hold`` (a list the caller keeps until the C call). ``cells``: the
+    slot's dropped row, logit-sum and padding cells (0: the logit sum goes to the weight cell of
+    column 0, as in the staged path)."""
     try:
         return _describe(col0, routed, norm, mask, pad, cells, hold)
     except RuntimeError:   # no storage: reading a data pointer raises
@@ -154,17 +187,18 @@ def describe(col0: int, routed, norm=None, mask=None, pad=None, cells=(0, 0, 0),
 
 def _dense(t, codes: dict, hold) -> tuple | None:
     """(data pointer, dtype code) of CPU tensor ``t`` (copied contiguous into ``hold`` if it is
-    not), None for another dtype or device."""
+    not, or is a negative view), None for another dtype or device."""
     code = codes.get(t.dtype)
-    if code is None or not t.is_cpu:
-        return None
-    if not t.is_contiguous():
+    if code is None or not t.is_cpu or type(t) is not torch.Tensor:
+        return None   # (a subclass: a FakeTensor is "CPU", contiguous, and its data pointer 0)
+    if not t.is_contiguous() or t.is_neg():   # (neg bit: memory holds the negated values)
         if hold is None:
             return None
         with grad_off():   # (the copy joins no autograd graph)
-            t = t.contiguous()
+            t = t.resolve_neg().contiguous()
         hold.append(t)
-    return t.data_ptr(), code
+    ptr = t.data_ptr()
+    return None if ptr == 0 and t.numel() else (ptr, code)   # (0: no memory, e.g. a ZeroTensor)
 
 
 def _describe(col0: int, routed, norm, mask, pad, cells, hold) -> tuple | None:
@@ -180,13 +214,15 @@ def _describe(col0: int, routed, norm, mask, pad, cells, hold) -> tuple | None:
         if got is None or weights.numel() != n:
             return None
         w, wcode = got
-    if norm is None and logits is not None and logits.is_cpu and logits.dtype in FLOAT_CODES \
-            and hold is not None and (not logits.is_contiguous() or logits.numel() > C_LOGITS):
+    if norm is None and logits is not None and type(logits) is torch.Tensor and logits.is_cpu \
+            and logits.dtype in FLOAT_CODES and hold is not None \
+            and (not logits.is_contiguous() or logits.numel() > C_LOGITS):
         with grad_off():
             norm = logit_sum(logits)
         hold.append(norm)
     if norm is not None:
-        if norm.dtype not in (torch.float32, torch.float64) or not norm.is_cpu or norm.numel() != 1:
+        if norm.dtype not in (torch.float32, torch.float64) or not norm.is_cpu or norm.numel() != 1 \
+                or type(norm) is not torch.Tensor or not norm.data_ptr():
             return None
         lg, lcode, nl = norm.data_ptr(), FLOAT_CODES[norm.dtype], -1
     elif logits is not None:
@@ -201,7 +237,8 @@ def _describe(col0: int, routed, norm, mask, pad, cells, hold) -> tuple | None:
         d = got[0]
     if mask is not None:
         t = mask.numel()
-        if t == 0 or n % t or pad is None or pad.dtype != torch.float64 or not pad.is_cpu or pad.numel() != 1:
+        if t == 0 or n % t or pad is None or pad.dtype != torch.float64 or not pad.is_cpu or pad.numel() != 1 \
+                or type(pad) is not torch.Tensor or not pad.data_ptr():
             return None
         got = _dense(mask, MASK_CODES, hold)
         if got is None:

@@ -104,7 +104,6 @@ class Recorder:
         acc = self.acc
         self._views = [[(acc[TOKENS:WEIGHT + 1, m, s], acc[DROPPED, m, s], acc[SCALARS, m, s, LOGIT_SUM],
                          acc[SCALARS, m, s, PADDING]) for s in range(self.n_slots)] for m in range(len(MODES))]
-        self._last_col = self.capacity + 1
         self.tw_cells = acc[TOKENS:WEIGHT + 1].view(2, -1)   # what a staged flush adds to
         # native counting (CPU): the C function, the tokens / weight rows' pointer and size, and
         # per (mode, slot) its first cell and its dropped row, logit-sum and padding cells
@@ -211,9 +210,11 @@ class Recorder:
         indices, weights, dropped, logits = routed
         tw, drop_row, logit_cell, pad_cell = self._views[mode][slot]
         with grad_off():
-            col = indices.add(1).clamp_(0, self._last_col).reshape(-1)
-            if col.dtype != torch.int64:
-                col = col.long()
+            # clamped before the + 1 (the dtype's largest index must not wrap to column 0), in
+            # int64 (a clamp bound may not fit a narrower dtype)
+            col = indices.clamp(-1, self.capacity) if indices.dtype == torch.int64 else \
+                indices.long().clamp_(-1, self.capacity)
+            col = col.add_(1).reshape(-1)
             n = col.shape[0]
             src, ones, w_row, w_shaped = self._scratch(indices.shape, n)
             keep = None   # per assignment: 1 if it counts (None: all count)
