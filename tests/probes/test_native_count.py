@@ -193,12 +193,12 @@ def test_built_once_then_loaded_from_the_cache(tmp_path):
     first = _run(COUNT, tmp_path)
     assert first.returncode == 0, first.stderr
     assert f"native True {WANT}" in first.stdout
-    built = list(tmp_path.glob("_chrono_native-*"))
+    built = list(tmp_path.glob("_chrono_native-*.so"))
     assert len(built) == 1, built
     stamp = built[0].stat().st_mtime_ns
     again = _run(COUNT, tmp_path)
     assert f"native True {WANT}" in again.stdout
-    assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("_chrono_native-*")) == built
+    assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.glob("_chrono_native-*.so")) == built
 
 
 @pytest.mark.parametrize("env", [{"CHRONO_NATIVE": "0"}, {"CC": "/bin/false"}], ids=["disabled", "compiler_fails"])
@@ -211,7 +211,7 @@ def test_without_the_module_the_pytorch_ops_count_the_same(tmp_path, env):
 
 def test_a_broken_cached_file_is_rebuilt(tmp_path):
     assert _run(COUNT, tmp_path).returncode == 0
-    (so,) = tmp_path.glob("_chrono_native-*")
+    (so,) = tmp_path.glob("_chrono_native-*.so")
     so.write_bytes(b"not a shared object")
     out = _run(COUNT, tmp_path)
     assert f"native True {WANT}" in out.stdout, out.stderr
@@ -223,5 +223,5 @@ def test_two_processes_building_at_once(tmp_path):
                               text=True, env=e) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(f"native True {WANT}" in o for o, _ in outs), outs
-    assert len(list(tmp_path.glob("_chrono_native-*"))) == 1
+    assert len(list(tmp_path.glob("_chrono_native-*.so"))) == 1
     assert not list(tmp_path.glob("*.tmp"))
