@@ -49,8 +49,6 @@ class PenaltyMoE(MoE):
         return x.sum() + g.detach().pow(2).sum()
 
 
-@pytest.mark.xfail(strict=True, reason="router_hook skips the activation-recompute test (in_backward) for any call of a "
-                   "running top-level forward: a recompute in a backward inside the forward is counted twice")
 @pytest.mark.parametrize("staging", [True, False], ids=["staged", "staging_off"])
 @pytest.mark.parametrize("eager", [False, True], ids=["clean_routers", "router0_in_place"])
 def test_a_recompute_in_a_backward_inside_the_forward_is_not_counted(store_root, staging, eager):
