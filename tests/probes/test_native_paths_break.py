@@ -77,3 +77,65 @@ def test_a_recompute_in_a_backward_inside_the_forward_is_not_counted(store_root,
     modes = chrono.connect(store_root).execute("select distinct mode from routing where run_id = 'pen'").fetchall()
     assert diff(truth, stored(store_root, "pen")) == [] and modes == [("TRAIN",)]
     assert h.stats()["faults"] == 0
+
+
+class InferenceInside(MoE):
+    """Router 1 runs under ``torch.inference_mode`` inside a normal forward (its outputs are
+    inference tensors; the forward's mode is the top-level forward's)."""
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids).reshape(-1, D)
+        for i in self.order:
+            if i == 1 and not torch.is_inference_mode_enabled():
+                with torch.inference_mode():
+                    _, w, idx = self.routers[i](x.detach())[:3]
+                w, idx = w.clone(), idx.clone()
+            else:
+                _, w, idx = self.routers[i](x)[:3]
+            x = x + (w[..., None] * self.table[idx]).sum(1)
+        return x.sum()
+
+
+@pytest.mark.parametrize("n_routers", [3, 9])
+def test_modes_of_calls_counted_at_once_and_staged_in_one_session(store_root, n_routers):
+    """One session mixing what decides where a call is counted: router 0 counted at once for
+    good (EAGER, renormalises in place), router 1 called under ``inference_mode`` inside the
+    training / no_grad forwards, the others on probation then staged; training forwards,
+    ``inference_mode`` forwards (C hot path: at once, on probation too, few or many routers),
+    ``no_grad`` forwards and a router called by hand between forwards. Every (step, mode, layer,
+    expert) cell equals the truth: the test's own hooks, each call tagged with the mode of the
+    loop's own context (a call by hand: its own context)."""
+    model = InferenceInside([InPlace()] + [Router() for _ in range(n_routers - 1)])
+    where = {"mode": None}
+    calls: list = []
+    for i, r in enumerate(model.routers):
+        r.register_forward_hook(lambda m, a, out, i=i: calls.append(
+            (where["mode"], i, out[2].detach().clone().long().reshape(-1), out[1].detach().clone().double().reshape(-1))))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    plan = [("INFER", torch.inference_mode), ("TRAIN", torch.enable_grad), ("EVAL", torch.no_grad)]
+    truth: dict = {}
+    with probes.attach(model, run="modes", root=store_root, steps="manual", flush_every=2) as h:
+        for step in range(4):
+            del calls[:]
+            for mode, ctx in (plan if step % 2 else plan[::-1]):
+                where["mode"] = mode
+                with ctx():
+                    out = model(IDS)
+                if mode == "TRAIN":
+                    out.backward()
+                    opt.step()
+                    opt.zero_grad()
+            where["mode"] = "INFER"
+            with torch.inference_mode():   # by hand, outside any top-level forward
+                model.routers[2](torch.randn(5, D))
+            for mode, layer, idx, w in calls:
+                for e, weight in zip(idx.tolist(), w.tolist()):
+                    t, s = truth.get((step, mode, layer, e), (0, 0.0))
+                    truth[step, mode, layer, e] = (t + 1, s + weight)
+            h.step()
+    got = {(s, m, l, e): (n, w) for s, m, l, e, n, w in chrono.connect(store_root).execute(
+        "select step, mode, layer, expert, tokens, weight_sum from routing where run_id = 'modes' and tokens > 0").fetchall()}
+    assert sorted(got) == sorted(truth)
+    bad = [(k, truth[k], got[k]) for k in truth if truth[k][0] != got[k][0]
+           or abs(truth[k][1] - got[k][1]) > 1e-4 * max(1.0, truth[k][1])]
+    assert bad == [] and h.stats()["faults"] == 0
