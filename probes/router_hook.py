@@ -24,9 +24,10 @@ count it at once (``Recorder.record``: device ``index_add_``, no host sync); whe
 sampled, a staged call is sampled when the flush counts it (``Stage._sample``, in one loop over
 the forward's calls), any other call here (``TokenSampler.sample``). Returns None (a value would replace the
 router's output). Anything that can be looked up once is bound when the hook is built; a
-failure is a telemetry fault, never an exception in the forward. The activation-recompute
-test (``in_backward``) only runs for a call outside any top-level forward, the only place a
-recompute can be.
+failure is a telemetry fault, never an exception in the forward. A call in a backward (an
+activation recompute: after the forward, or inside it when the forward itself takes a gradient,
+``torch.autograd.grad`` of an input-gradient penalty) is not counted, on every path: its tokens
+were counted when the forward called the router (``in_backward``, ~80 ns, before both hot paths).
 """
 from __future__ import annotations
 
@@ -52,15 +53,18 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
     handle_ref, router_ref = weakref.ref(handle), site._module
     state, push, parse, experts_of = rec.stage.state, rec.stage.push, site.parse, site.experts_of
     count_key = site.count_key   # (experts_of's first lines, inlined: ~9 us per call saved in situ)
-    is_compiling, clock = torch.compiler.is_compiling, time.perf_counter
+    is_compiling, in_backward, clock = torch.compiler.is_compiling, C.in_backward, time.perf_counter
 
     def on_router_output(module, args, output):
         h = handle_ref()
         if h is None or not h._active or module is not router_ref():
             return None   # detached, or a deep copy of the model that carries this hook
+        compiling = is_compiling()
+        if not compiling and in_backward():
+            return None   # activation recompute: these tokens were counted in the forward
         st = fwd.tls
         mode, routed = st.root_mode, None
-        if mode is not None and sampler is None and not is_compiling() and (
+        if mode is not None and sampler is None and not compiling and (
                 mode != INFER and state[slot] == STAGED or rec.native is not None and (
                     mode == INFER or state[slot] == EAGER)):
             ctx = st.ctx[stack]
@@ -88,9 +92,6 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                     h._hook_seconds += clock() - t0
                     h._hook_calls += 1
                     return None
-        compiling = is_compiling()
-        if not compiling and st.root_mode is None and st.pseudo_root is None and C.in_backward():
-            return None   # activation recompute: these tokens were counted in the forward
         t0 = 0.0 if compiling else clock()
         try:
             if routed is None:   # (else the hot path parsed it and handed it over: parsed once)

@@ -59,6 +59,17 @@ class Window:
         """Expert count per router for the window being closed: the largest seen in it."""
         return [max(s.n_experts, w) for s, w in zip(self.routers, self.widest)]
 
+    def fit(self) -> list[int]:
+        """``experts()``, with the recorder widened (``saw``) for a router that grew after its
+        last call: its rows must be as wide as the count declared with them (narrower rows of a
+        count never declared are refused by the writer: the window's rows of that layer lost).
+        Lock held."""
+        experts = self.experts()
+        for slot, n in enumerate(experts):
+            if n > self.rec.capacity:
+                self.saw(slot, n)
+        return experts
+
     def settle(self) -> None:
         """Wait until the last closed window is written (durability: a crash loses at most one
         flush interval, since the window closed at a step's end is on disk when the next step
@@ -91,6 +102,7 @@ class Window:
 
     def live(self) -> WindowArrays:
         """The window so far, the open step included (host copy; ``h.metrics()``)."""
+        self.fit()
         return self.rec.take(len(self.steps), include_current=True)
 
     def close(self, stage: SnapshotStage, faults: Faults, reduce: bool = True) -> WindowJob | None:
@@ -102,6 +114,7 @@ class Window:
         The previous job must be finished (its history buffer is written again from now on).
         """
         self.settle()
+        self.fit()   # (before the steps are handed over: a failed growth leaves the window open)
         n = len(self.steps)
         steps = np.array(self.steps, dtype=np.int64)
         self.steps = []
