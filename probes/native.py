@@ -15,8 +15,8 @@ source, the flags and the Python build, written atomically with its sha256 besid
 file that does not match, e.g. cut short, is rebuilt: the dynamic loader dies of SIGBUS on it),
 and imports it as an extension module (a ``METH_FASTCALL`` function: ~1 us a call, where
 ``ctypes`` measured 14 us in situ). No compiler or headers, a failed build, or
-``CHRONO_NATIVE=0``: ``load`` returns None, logged once, and counting uses the PyTorch ops (the
-same counts).
+``CHRONO_NATIVE`` set to ``0``, ``false``, ``no`` or ``off`` (any case): ``load`` returns None,
+logged once, and counting uses the PyTorch ops (the same counts).
 
 Same cells, same order of additions as the PyTorch path: token counts, weight sums, drops and
 padding are bit-identical (``tests/probes/test_native_count.py``). Logit sums only flag
@@ -48,6 +48,7 @@ log = logging.getLogger("probes")
 
 SOURCE = Path(__file__).with_name("native_count.c")
 FLAGS = ["-O3", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99"]
+OFF = ("0", "false", "no", "off")   # CHRONO_NATIVE values that switch the C module off
 MODULE = "_chrono_native"   # the extension module's name (PyInit__chrono_native)
 DESC = 16                   # int64 fields per call (native_count.c)
 # logits (elements) of one call summed in C; more are summed by torch.sum, whose vectorised
@@ -148,8 +149,9 @@ def load():
         if _lib:
             return _lib[0]
         fn = None
-        if os.environ.get("CHRONO_NATIVE", "1") == "0":
-            log.info("probes: CHRONO_NATIVE=0: counting on CPU with PyTorch ops")
+        flag = os.environ.get("CHRONO_NATIVE", "1").strip().lower()
+        if flag in OFF:
+            log.info("probes: CHRONO_NATIVE=%s: counting on CPU with PyTorch ops", flag)
         else:
             try:
                 try:
