@@ -40,10 +40,10 @@ import torch
 
 from chrono.schema import MODES   # the one owner of the mode names; indices below follow it
 
-from .records import WindowArrays
-from .routing import Routed
 from . import native
 from .ops import grad_off, logit_sum
+from .records import WindowArrays
+from .routing import Routed
 from .staging import Stage
 
 TRAIN, EVAL, INFER = (MODES.index(m) for m in ("TRAIN", "EVAL", "INFER"))

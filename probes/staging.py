@@ -371,7 +371,8 @@ class Stage:
 
     def _count(self, batch: list, n: int) -> None:
         """One batch's device ops (``probes.batch_count.Layouts.count``), or on CPU one C call
-        (``probes.native.count_staged``: the same cells)."""
+        for all its calls (``probes.native.describe`` each, then ``native.count``: the same
+        cells); a batch with a call C cannot read takes the ops."""
         rec = self.rec
         if rec.native is not None:
             width, slots, hold = rec.capacity + 2, rec.n_slots, []   # (hold: describe's copies)
