@@ -16,7 +16,8 @@ def coactivation_heatmap(cells, layer: int) -> alt.Chart:
     return alt.Chart(cells, title=f"Co-activation lift, {charts.layer_label(layer)}").mark_rect().encode(
         x=alt.X("expert_a:O", title="expert"), y=alt.Y("expert_b:O", title="expert"),
         color=alt.Color("lift:Q", title="lift (1 = independent)",
-                        scale=alt.Scale(type="symlog", scheme="redblue", domainMid=1, reverse=True)),
+                        # (a diverging scheme without red: red means COLLAPSE_CONFIRMED here)
+                        scale=alt.Scale(type="symlog", scheme="purplegreen", domainMid=1, reverse=True)),
         tooltip=[alt.Tooltip("expert_a:O", title="expert"), alt.Tooltip("expert_b:O", title="with"),
                  alt.Tooltip("tokens_both:Q", title="tokens choosing both", format=","),
                  alt.Tooltip("lift:Q", format=".2f")],
