@@ -259,13 +259,3 @@ def count(fn, tw: int, cells: int, cap: int, calls: list) -> bool:
     fn(tw, cells, cap, *(calls[0] if len(calls) == 1 else [x for c in calls for x in c]))
     return True
 
-
-def count_one(fn, tw: int, cells: int, cap: int, col0: int, slot_cells: tuple, routed, mask=None, pad=None) -> bool:
-    """``count`` of one call (``describe(col0, routed, None, mask, pad, slot_cells)``) without
-    the list: the path of a call counted at once, from the router hook."""
-    hold = []   # describe's contiguous copies, alive until the C call
-    call = describe(col0, routed, None, mask, pad, slot_cells, hold)
-    if call is None:
-        return False
-    fn(tw, cells, cap, *call)
-    return True

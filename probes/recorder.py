@@ -248,7 +248,9 @@ class Recorder:
         """``record`` in one C call (``probes.native``; the recorder is on the CPU and the
         library loaded: ``self.native``). False, with nothing counted, when a tensor is not
         eligible (``native.describe``): then ``record``'s PyTorch ops count it."""
-        return native.count_one(self.native, *self._native_at, *self._native_cells[mode][slot], routed, mask, pad)
+        col0, cells = self._native_cells[mode][slot]
+        hold = []   # describe's contiguous copies, alive until the C call
+        return native.count(self.native, *self._native_at, [native.describe(col0, routed, None, mask, pad, cells, hold)])
 
     def end_step(self, i: int) -> None:
         """Move the current step into history row ``i`` and the window sum, reset it (on the device)."""

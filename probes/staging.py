@@ -375,9 +375,9 @@ class Stage:
         cells); a batch with a call C cannot read takes the ops."""
         rec = self.rec
         if rec.native is not None:
-            width, slots, hold = rec.capacity + 2, rec.n_slots, []   # (hold: describe's copies)
-            if native.count(rec.native, *rec._native_at, [native.describe((mode * slots + slot) * width, routed, norm,
-                                                                          hold=hold)
+            hold = []   # describe's contiguous copies, alive until the C call
+            if native.count(rec.native, *rec._native_at, [native.describe(rec._native_cells[mode][slot][0], routed,
+                                                                          norm, hold=hold)
                                                           for mode, slot, routed, norm in batch]):
                 return
         self._layouts.count(batch, n)
