@@ -6,6 +6,8 @@ stored values are read back from the ``routing`` and ``signals`` tables after de
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -180,3 +182,12 @@ class VariantMoE(MoE):
 
 
 VARIANTS = ["no_logits", "no_weights", "int32", "three_d", "non_contiguous", "expanded", "float64", "fewer_tokens"]
+
+
+def run_threads(target, args: list) -> None:
+    """``target(a)`` in one thread per ``a`` of ``args``, all started, then all joined."""
+    threads = [threading.Thread(target=target, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

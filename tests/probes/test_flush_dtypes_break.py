@@ -15,7 +15,7 @@ import torch
 
 from probes import staging
 
-from .staging_review import D, IDS, K, Router, VariantMoE, count, truth_hooks
+from .staging_review import D, IDS, K, Router, VariantMoE, count, run_threads, truth_hooks
 
 # every test runs with both counting backends (tests/probes/conftest.py)
 pytestmark = pytest.mark.usefixtures("backend")
@@ -188,11 +188,7 @@ def test_concurrent_forwards_with_different_weights_dtypes(store_root):
             model(ids)   # probation forward: routers staged after it
         h.step()
         del calls[:]
-        threads = [threading.Thread(target=work, args=(d,)) for d in DTYPES]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(work, DTYPES)
         assert h._window.rec.stage.state == [staging.STAGED] * 10
         arrays = h._window.live()   # the open step (row 1), float64
         layers = h._window.layer_ids.tolist()

@@ -14,7 +14,7 @@ import torch
 import probes
 from probes import staging
 
-from .staging_review import VARIANTS, K, IDS, Router, MoE, Variant, VariantMoE, truth_hooks, count, stored, signals, diff, run
+from .staging_review import VARIANTS, K, IDS, Router, MoE, Variant, VariantMoE, truth_hooks, count, stored, signals, diff, run, run_threads
 
 # every test runs with both counting backends (tests/probes/conftest.py)
 pytestmark = pytest.mark.usefixtures("backend")
@@ -157,11 +157,7 @@ def test_two_threads_in_lock_step_through_one_model(store_root, modes):
     with probes.attach(model, run="th", root=store_root, steps="manual", flush_every=2) as h:
         for _ in range(5):
             del calls[:]
-            ts = [threading.Thread(target=work, args=(m,)) for m in modes]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+            run_threads(work, modes)
             truth.append(count(calls, 3))
             h.step()
         states = list(h._window.rec.stage.state)
