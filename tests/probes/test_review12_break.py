@@ -239,3 +239,30 @@ def test_threads_mixing_fast_and_captured_forwards(store_root, backend, training
     for layer in (0, 1):
         np.testing.assert_array_equal(got[(0, mode, layer)], want[layer])
         assert sig[(0, layer)] == TOP_K * float(pad)
+
+
+def test_staged_calls_are_counted_when_their_forward_ends(store_root, backend):
+    """The forward's end must still flush when calls are staged (only an empty stage may skip
+    it): user code that rewrites a router output it kept, after the forward returned and before
+    the step ends, must not change (or drop) what was counted. Truth: the outputs as returned."""
+    m = T.NativeMoE(layers=2).eval()
+    kept = []
+    hooks = [r.register_forward_hook(lambda mod, a, out: kept.append(out)) for r in m.routers]
+    truths = []
+    with torch.no_grad(), probes.attach(m, run="end", root=store_root, steps="manual") as h:
+        for i in range(4):
+            kept.clear()
+            truths.append(capture(m, lambda: m(_ids(2, 6, seed=i))))
+            if i:   # (the first forward is on probation: counted at once)
+                assert not h._window.rec.stage.calls   # flushed at the forward's end
+            for _, w, idx in kept:
+                idx.zero_()   # the caller reuses the buffers it kept
+                w.mul_(3.0)
+        h.step()
+        assert h._window.rec.stage.state == [STAGED, STAGED]
+    for x in hooks:
+        x.remove()
+    got = stored(store_root, "end")
+    for layer in (0, 1):
+        np.testing.assert_array_equal(got[(0, "EVAL", layer)], count([t[layer][0] for t in truths], 4))
+    assert h.stats()["faults"] == 0   # no call found changed in place: all counted in time
