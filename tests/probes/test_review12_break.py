@@ -22,19 +22,9 @@ from field_truth import capture, count, router_modules, stored
 from probes import context as C
 from probes.recorder import EVAL
 from probes.staging import STAGED
+from test_forward_fast_path import _ids, _left_padded   # the same inputs as the fast path's own tests
 
 torch.set_num_threads(1)
-
-
-def _ids(b=3, s=10, seed=0):
-    return torch.randint(1, T.VOCAB, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def _left_padded(b=3, s=10):
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[0, :4] = 0
-    mask[2, :7] = 0
-    return mask
 
 
 def _signals(root, run, name="probes.padding_excluded"):
