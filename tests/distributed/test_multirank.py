@@ -208,7 +208,6 @@ def test_evaluation_script_without_steps_keeps_every_rank_rows(tmp_path):
     assert set(con.execute("SELECT DISTINCT mode FROM routing WHERE run_id = 'evalonly'").fetchall()) == {("EVAL",)}
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: a failed window all-reduce loses that window's rows")
 @pytest.mark.slow   # a torchrun launch
 def test_uneven_steps_keep_every_rank_rows_when_a_collective_fails(tmp_path):
     """Review 11: rank 1 ends 3 more steps than rank 0 (an uneven last epoch), flush_every 2.
