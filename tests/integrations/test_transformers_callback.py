@@ -261,3 +261,29 @@ def test_add_callback_after_construction_still_reaches_the_reporters(tmp_path):
     tr.add_callback(ChronoCallback(root=tmp_path / "store"))   # appended after TensorBoardCallback
     tr.train()
     assert_health_tags(tensorboard_scalars(tmp_path / "late"), prefix="train/")
+
+
+@pytest.mark.xfail(strict=True, reason="review 11: eval_on_start is stored at step 1")
+def test_eval_on_start_is_stored_at_step_zero_where_the_trainer_logs_it(tmp_path):
+    """Review 11: ``eval_on_start=True`` evaluates before the first update; the Trainer logs that
+    ``eval_loss`` at step 0, so its routing is EVAL rows at step 0 (it was stored at step 1, mixed
+    into the first update's step). Windows still end at the logging steps (steps 1-2, 3-4).
+    Truth: the routers' own hooks keyed by the Trainer's global step (``_truth``)."""
+    torch.set_num_threads(1)
+    root = tmp_path / "store"
+    model = qwen3_moe()
+    spy = StateSpy()
+    truth = _truth(model, spy)
+    cb = ChronoCallback(root=root, flush_every=2)
+    args = _args(tmp_path / "out", max_steps=4, gradient_accumulation_steps=1, eval_on_start=True,
+                 eval_steps=2, logging_steps=2)
+    trainer = _trainer(model, args, spy, cb)
+    trainer.train()
+    truth.remove()
+    stored = stored_counts(root, cb.run_id)
+    assert stored == truth.counts
+    evals = sorted({s for s, m, *_ in stored if m == "EVAL"})
+    assert evals == [0, 2, 4] == [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    windows = chrono.connect(root).execute("SELECT DISTINCT window_start, window_end FROM snapshots WHERE "
+                                           "run_id = ? AND layer = -1 ORDER BY ALL", [cb.run_id]).fetchall()
+    assert windows == [(0, 0), (1, 2), (3, 4)]
