@@ -102,6 +102,7 @@ class ChronoCallback(CallbackOptions, TrainerCallback, ExportableState):
                               "resumed_at": state.global_step}}
         if self._session.start(model, run, root, state.global_step, self.tokens, flush_every,
                                govern=self.govern, strict=self.strict, config=config,
+                               eval_first=bool(getattr(args, "eval_on_start", False)),
                                **self.attach_options):
             self.run_id = self._session.run_id
 

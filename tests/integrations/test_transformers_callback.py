@@ -263,7 +263,6 @@ def test_add_callback_after_construction_still_reaches_the_reporters(tmp_path):
     assert_health_tags(tensorboard_scalars(tmp_path / "late"), prefix="train/")
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: eval_on_start is stored at step 1")
 def test_eval_on_start_is_stored_at_step_zero_where_the_trainer_logs_it(tmp_path):
     """Review 11: ``eval_on_start=True`` evaluates before the first update; the Trainer logs that
     ``eval_loss`` at step 0, so its routing is EVAL rows at step 0 (it was stored at step 1, mixed
