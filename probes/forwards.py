@@ -49,7 +49,7 @@ class Forwards:
 
     def starts(self, mode: int) -> None:
         self.tls.pseudo_ended = None
-        if self.steps.clock.forward_starts(mode, self.steps.current):
+        if self.steps.clock.forward_starts(mode, self.steps.current, self.steps.loose):
             self.steps.advance()
         self.tls.root_mode = mode
 

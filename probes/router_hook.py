@@ -104,6 +104,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                 if ctx.keep is not None or sampler is not None:   # something per token is used
                     ctx = _token_context(ctx, routed, site, slot, faults)
             steps.dirty = True
+            if not compiling and st.root_mode is None and st.pseudo_root is None:
+                steps.loose = True   # outside any forward seen to start: the next forward is a new step
             mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
             # in-place adds from two threads would race: serialise them; a lock cannot be traced,
             # so compiled code runs unguarded and counts at once (compiled serving from threads:

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.usefixtures("backend")
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: routing outside a forward joins the next forward's step")
 @pytest.mark.parametrize("rule", ["auto", "forward"])
 @pytest.mark.parametrize("ctx", list(CONTEXTS))
 def test_attach_during_a_forward_makes_its_rest_a_step_of_its_own(store_root, rule, ctx):
@@ -50,7 +49,6 @@ def test_attach_during_a_forward_makes_its_rest_a_step_of_its_own(store_root, ru
     assert box["h"].stats()["faults"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: routing outside a forward joins the next forward's step")
 @pytest.mark.parametrize("rule", ["auto", "forward"])
 def test_a_router_called_by_hand_before_the_first_forward_is_not_merged_into_it(store_root, rule):
     """A router called by hand right after attach, before any forward (a warm-up, a probe of the
