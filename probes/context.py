@@ -14,7 +14,8 @@ stack captures, per call, a ``ForwardContext``:
   the forward got (``cache=`` in transformers 5, ``past_key_values=`` before),
   else the part of a 2-D attention mask longer than ``S``.
 * ``keep``: ``[B*S]`` float64, 1 for tokens that count and 0 for padding,
-  from a 2-D ``attention_mask`` (its last ``S`` columns, the current tokens);
+  from a 2-D ``attention_mask`` (its last ``S`` columns, the current tokens), else
+  from a 4-D one (``generate`` with a static cache: ``_keep_from_4d``);
   ``pad`` is the number of padding tokens (0-d tensor). None: count all.
 
 A router that sees ``T == B*S`` tokens (indices ``[T, k]``, or ``[B, S, k]`` from a native
@@ -144,6 +145,11 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
     else:
         return ctx
     mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict):   # per layer type (models with sliding-window layers): the full one first
+        mask4 = [m for k, m in sorted(mask.items(), key=lambda kv: kv[0] != "full_attention")
+                 if torch.is_tensor(m) and m.dim() == 4]
+    else:
+        mask4 = [mask] if torch.is_tensor(mask) and mask.dim() == 4 else []
     if not (torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == ctx.batch
             and mask.shape[1] >= ctx.seq):
         mask = None
@@ -160,11 +166,43 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
             past = int(mask.shape[1]) - ctx.seq if mask is not None else 0
         if past:
             ctx.positions = torch.arange(past, past + ctx.seq, device=_device(ids, emb, mask))
+    keep = None
     if exclude_padding and keep_mask is not None:
         keep = (keep_mask[:, -ctx.seq:] != 0).reshape(-1).to(torch.float64)
+    elif exclude_padding:
+        for m4 in mask4:
+            keep = _keep_from_4d(m4, ctx)
+            if keep is not None:
+                break
+    if keep is not None:
         ctx.keep = keep
         ctx.pad = keep.numel() - keep.sum()
     return ctx
+
+
+def _keep_from_4d(mask, ctx: ForwardContext):
+    """``[B*S]`` float64 keep mask from a 4-D attention mask ``[B, 1 or heads, S or 1, K]``
+    (``generate`` with a static cache passes one instead of the 2-D mask: bool, True = attend, or
+    additive float, 0 = attend), or None when its shape does not fit this call. Token ``j`` of
+    row ``b`` counts when its own key (index ``positions[j]``, the cache slot of an absolute
+    position, else ``j``) is attended by its own query: a padding token's key is attended by
+    nobody, left or right padding. A key index past ``K`` (a rolling sliding-window cache)
+    gives None: everything is counted, as without a mask."""
+    B, S = ctx.batch, ctx.seq
+    if mask.shape[0] != B or mask.shape[2] not in (S, 1):
+        return None
+    keys = ctx.positions if ctx.positions is not None else torch.arange(S, device=mask.device)
+    if S and int(keys.max()) >= mask.shape[-1]:
+        return None
+    rows = mask[:, 0].expand(B, S, mask.shape[-1])                    # query j's row: [B, S, K]
+    own = rows.gather(2, keys.to(mask.device).reshape(1, S, 1).expand(B, S, 1)).reshape(-1)
+    if own.dtype == torch.bool:
+        attend = own
+    elif torch.is_floating_point(own):
+        attend = own > torch.finfo(own.dtype).min / 2    # additive: 0 (or a bias) vs a large negative
+    else:
+        attend = own != 0
+    return attend.to(torch.float64)
 
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")   # transformers 5.x / 4.x names

@@ -68,13 +68,15 @@ def test_a_router_called_by_hand_before_the_first_forward_is_not_merged_into_it(
     assert h.stats()["faults"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: a 4-D attention mask is not read: padding counted")
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])   # bool 4-D masks, float additive 4-D masks
-@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
-def test_generate_with_a_static_cache_excludes_left_padding(store_root, attn, ctx):
+# bool 4-D masks (sdpa), float additive ones (eager); Qwen2-MoE and GPT-OSS get a dict of them per
+# layer type ({"full_attention": mask}), GPT-OSS has no sdpa
+@pytest.mark.parametrize("family, attn, ctx", [("mixtral", "sdpa", "no_grad"), ("mixtral", "eager", "inference_mode"),
+                                               ("qwen2_moe", "sdpa", "inference_mode"), ("gpt_oss", "eager", "no_grad")])
+def test_generate_with_a_static_cache_excludes_left_padding(store_root, family, attn, ctx):
     """``generate(..., cache_implementation="static")`` hands the model a 4-D attention mask
-    ``[B, 1, S, max_cache_len]`` (bool for sdpa, additive float for eager attention) and the
-    cache as ``cache=``, never the 2-D mask: the left padding of the prompt must still be
+    ``[B, 1, S, max_cache_len]`` (bool for sdpa, additive float for eager attention; a dict of
+    them per layer type for models with sliding-window layers) and the cache as ``cache=``,
+    never the 2-D mask: the left padding of the prompt must still be
     excluded (and counted apart in ``probes.padding_excluded``), as with the default dynamic
     cache. Was: 36 assignments stored per layer at the prefill instead of 24 (6 pads x top-2
     counted), no padding signal. Truth: the routers' own outputs; pads from the 2-D mask the
@@ -83,7 +85,7 @@ def test_generate_with_a_static_cache_excludes_left_padding(store_root, attn, ct
     from .field_truth import capture, count, stored as field_stored
     import chrono
 
-    m = T.mixtral().eval()
+    m = getattr(T, family)().eval()
     m.set_attn_implementation(attn)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, T.VOCAB, (3, 6), generator=g)
