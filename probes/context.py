@@ -186,23 +186,23 @@ def _keep_from_4d(mask, ctx: ForwardContext):
     additive float, 0 = attend), or None when its shape does not fit this call. Token ``j`` of
     row ``b`` counts when its own key (index ``positions[j]``, the cache slot of an absolute
     position, else ``j``) is attended by its own query: a padding token's key is attended by
-    nobody, left or right padding. A key index past ``K`` (a rolling sliding-window cache)
-    gives None: everything is counted, as without a mask."""
+    nobody, left or right padding. A token whose key index is past ``K`` (a rolling
+    sliding-window cache) counts, as without a mask. Device ops only (no host sync)."""
     B, S = ctx.batch, ctx.seq
-    if mask.shape[0] != B or mask.shape[2] not in (S, 1):
+    if mask.shape[0] != B or mask.shape[2] not in (S, 1) or mask.shape[-1] == 0:
         return None
-    keys = ctx.positions if ctx.positions is not None else torch.arange(S, device=mask.device)
-    if S and int(keys.max()) >= mask.shape[-1]:
-        return None
-    rows = mask[:, 0].expand(B, S, mask.shape[-1])                    # query j's row: [B, S, K]
-    own = rows.gather(2, keys.to(mask.device).reshape(1, S, 1).expand(B, S, 1)).reshape(-1)
+    K = mask.shape[-1]
+    keys = (ctx.positions if ctx.positions is not None else torch.arange(S)).to(mask.device).reshape(1, S, 1)
+    rows = mask[:, 0].expand(B, S, K)                                   # query j's row: [B, S, K]
+    own = rows.gather(2, keys.clamp(max=K - 1).expand(B, S, 1)).reshape(-1)
     if own.dtype == torch.bool:
         attend = own
     elif torch.is_floating_point(own):
         attend = own > torch.finfo(own.dtype).min / 2    # additive: 0 (or a bias) vs a large negative
     else:
         attend = own != 0
-    return attend.to(torch.float64)
+    # a key past the mask (a rolling sliding-window cache): that token counts (no host sync to ask)
+    return (attend | (keys >= K).expand(B, S, 1).reshape(-1)).to(torch.float64)
 
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")   # transformers 5.x / 4.x names
