@@ -128,7 +128,6 @@ class TrainingOnlyInPlace(MoE):
         return x.sum()
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: probation in one mode stages a router that changes its weights in another")
 @pytest.mark.parametrize("first", ["no_grad_eval", "inference_then_no_grad_eval"])
 def test_a_router_judged_clean_in_eval_mode_loses_no_training_call(store_root, first):
     """Probation judged the routers clean in an evaluation forward (no in-place change there);
