@@ -169,9 +169,9 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
     keep = None
     if exclude_padding and keep_mask is not None:
         keep = (keep_mask[:, -ctx.seq:] != 0).reshape(-1).to(torch.float64)
-    elif exclude_padding:
+    elif exclude_padding and mask4 and (layout := _key_layout(kwargs)):
         for m4 in mask4:
-            keep = _keep_from_4d(m4, ctx)
+            keep = _keep_from_4d(m4, ctx, layout == "cache")
             if keep is not None:
                 break
     if keep is not None:
@@ -180,16 +180,33 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
     return ctx
 
 
-def _keep_from_4d(mask, ctx: ForwardContext):
+def _key_layout(kwargs: dict):
+    """Where a 4-D mask keeps a token's key: "cache" (a cache that reports its length and is not
+    paged: at its absolute position, ``cache_position`` or the cache length + its index), "none"
+    (no cache: at its index), or None (unknown: packed sequences, ``cu_seq_lens_*`` of continuous
+    batching, or a paged cache, which puts each sequence's keys in blocks of its own)."""
+    if any(k.startswith(("cu_seq_lens", "cu_seqlens")) and v is not None for k, v in kwargs.items()):
+        return None
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            ok = hasattr(cache, "get_seq_length") and "paged" not in type(cache).__name__.lower()
+            return "cache" if ok else None
+    return "none"
+
+
+def _keep_from_4d(mask, ctx: ForwardContext, cached: bool):
     """``[B*S]`` float64 keep mask from a 4-D attention mask ``[B, 1 or heads, S or 1, K]``
     (``generate`` with a static cache passes one instead of the 2-D mask: bool, True = attend, or
     additive float, 0 = attend), or None when its shape does not fit this call. Token ``j`` of
     row ``b`` counts when its own key (index ``positions[j]``, the cache slot of an absolute
-    position, else ``j``) is attended by its own query: a padding token's key is attended by
+    position, else ``j`` when there are ``S`` keys; only for the layouts ``_key_layout``
+    knows, ``cached``: a cache that reports its length) is attended by its own query: a padding token's key is attended by
     nobody, left or right padding. A token whose key index is past ``K`` (a rolling
     sliding-window cache) counts, as without a mask. Device ops only (no host sync)."""
     B, S = ctx.batch, ctx.seq
-    if mask.shape[0] != B or mask.shape[2] not in (S, 1) or mask.shape[-1] == 0:
+    if mask.shape[0] != B or mask.shape[2] not in (S, 1) or mask.shape[-1] == 0 \
+            or (not cached and ctx.positions is None and mask.shape[-1] != S):   # keys laid out otherwise
         return None
     K = mask.shape[-1]
     keys = (ctx.positions if ctx.positions is not None else torch.arange(S)).to(mask.device).reshape(1, S, 1)

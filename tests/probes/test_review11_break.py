@@ -153,3 +153,30 @@ def test_a_router_judged_clean_in_eval_mode_loses_no_training_call(store_root, f
     assert all(sum(t for t, _ in step.values()) == 3 * IDS.numel() * K for step in truth)
     assert diff(truth, stored(store_root, "mode")) == []
     assert h.stats()["faults"] == 0
+
+
+@pytest.mark.slow   # continuous batching starts a manager thread: ~12 s a run here
+def test_continuous_batching_counts_every_token(store_root):
+    """``generate_batch`` (continuous batching, a paged cache) packs the sequences into one row
+    with a 4-D mask whose keys sit in each sequence's own cache blocks, with ``cu_seq_lens_*``:
+    no token there is padding, and none may be dropped by reading the mask's diagonal as if keys
+    were laid out by position (what the first 4-D mask reading of this review did: 60 of 84
+    assignments stored). Truth: the routers' own outputs, every token counted."""
+    from transformers import GenerationConfig
+
+    from . import probe_models as T
+    from .field_truth import capture, count, stored as field_stored
+
+    m = T.mixtral().eval()
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              num_blocks=8, block_size=16, max_batch_tokens=32)
+    with probes.attach(m, run="cb", root=store_root) as h:
+        truth = capture(m, lambda: m.generate_batch(inputs=[[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]],
+                                                     generation_config=config))
+    got = field_stored(store_root, "cb")
+    for layer in (0, 1):
+        want = count(truth[layer], 6)
+        assert want.sum() == 2 * (12 + 3 * 3)   # 12 prompt tokens, then 3 decode steps of 3 (top-2)
+        have = sum((v for (s, mode, l), v in got.items() if l == layer), start=0 * want)
+        assert have.tolist() == want.tolist()
+    assert h.stats()["faults"] == 0
