@@ -180,3 +180,43 @@ def test_continuous_batching_counts_every_token(store_root):
         have = sum((v for (s, mode, l), v in got.items() if l == layer), start=0 * want)
         assert have.tolist() == want.tolist()
     assert h.stats()["faults"] == 0
+
+
+@pytest.mark.parametrize("how", ["beam", "sample_nrs", "no_cache"])
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+def test_generate_with_left_padding_every_forward_is_a_step_of_real_tokens(store_root, how, ctx):
+    """Review 11, no fault found: ``generate`` with a left-padded prompt by beam search (the batch
+    expanded to batch x beams), sampling with ``num_return_sequences``, and ``use_cache=False``
+    (every forward re-reads the whole sequence and its 2-D mask): one step per forward, the
+    padding of each forward excluded. Truth: the routers' own outputs, and the 2-D mask each
+    forward received (the test's own pre-hook on the model), counted with NumPy."""
+    from . import probe_models as T
+    from .field_truth import capture, count, stored as field_stored
+
+    m = T.mixtral().eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, T.VOCAB, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    masks: list = []
+    hk = m.register_forward_pre_hook(lambda mod, a, kw: masks.append((kw["attention_mask"], kw["input_ids"].shape[1])),
+                                     with_kwargs=True)
+    kw = {"beam": dict(num_beams=3, do_sample=False), "sample_nrs": dict(do_sample=True, top_k=5, num_return_sequences=2),
+          "no_cache": dict(do_sample=False, use_cache=False)}[how]
+    torch.manual_seed(0)
+    with probes.attach(m, run="gen", root=store_root) as h, CONTEXTS[ctx]():
+        truth = capture(m, lambda: m.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0,
+                                              eos_token_id=None, **kw))
+    hk.remove()
+    got = field_stored(store_root, "gen")
+    mode = "INFER" if ctx == "inference_mode" else "EVAL"
+    assert len(masks) == 4 and sorted({s for s, _, _ in got}) == [0, 1, 2, 3]
+    for layer in (0, 1):
+        for step, (idx, (am, s)) in enumerate(zip(truth[layer], masks)):
+            keep = (am[:, -s:] != 0).reshape(-1).numpy()
+            assert keep.shape[0] == idx.shape[0]
+            assert got[(step, mode, layer)].tolist() == count([idx], 6, [keep]).tolist()
+    assert count([truth[0][0]], 6, [(masks[0][0] != 0).reshape(-1).numpy()]).sum() < truth[0][0].numel()  # pads seen
+    assert h.stats()["faults"] == 0
