@@ -9,13 +9,26 @@ from __future__ import annotations
 import pytest
 import torch
 
+import chrono
 import probes
 
+from . import probe_models as T
+from .field_truth import capture, count as field_count, stored as field_stored
 from .staging_review import D, IDS, K, MoE, Router, count, diff, stored, truth_hooks
 
 pytestmark = pytest.mark.usefixtures("backend")
 
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}
+
+
+def left_padded(seq: int, pads: tuple, seed: int) -> tuple:
+    """``(ids, mask)`` ``[len(pads), seq]``: row ``b`` left-padded by ``pads[b]`` (id 0, mask 0)."""
+    ids = torch.randint(1, T.VOCAB, (len(pads), seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(pads):
+        mask[b, :n] = 0
+    ids[mask == 0] = 0
+    return ids, mask
 
 
 @pytest.mark.parametrize("rule", ["auto", "forward"])
@@ -81,18 +94,9 @@ def test_generate_with_a_static_cache_excludes_left_padding(store_root, family, 
     cache. Was: 36 assignments stored per layer at the prefill instead of 24 (6 pads x top-2
     counted), no padding signal. Truth: the routers' own outputs; pads from the 2-D mask the
     test passed (prefill), every decode token real."""
-    from . import probe_models as T
-    from .field_truth import capture, count, stored as field_stored
-    import chrono
-
     m = getattr(T, family)().eval()
     m.set_attn_implementation(attn)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, T.VOCAB, (3, 6), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    mask[2, :4] = 0
-    ids[mask == 0] = 0
+    ids, mask = left_padded(6, (0, 2, 4), seed=0)
     with probes.attach(m, run="static", root=store_root) as h, CONTEXTS[ctx]():
         truth = capture(m, lambda: m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                                               pad_token_id=0, eos_token_id=None, cache_implementation="static"))
@@ -102,10 +106,10 @@ def test_generate_with_a_static_cache_excludes_left_padding(store_root, family, 
         assert len(calls) == 3 and calls[0].shape[0] == 18                # prefill, then 2 decode steps
         keep = [mask.reshape(-1).numpy().astype(bool)] + [None] * 2
         for step, idx in enumerate(calls):
-            want = count([idx], 6, None if keep[step] is None else [keep[step]])
+            want = field_count([idx], 6, None if keep[step] is None else [keep[step]])
             mode = "INFER" if ctx == "inference_mode" else "EVAL"
             assert got[(step, mode, layer)].tolist() == want.tolist()
-    assert want.sum() == 6 and count([calls[0]], 6, [keep[0]]).sum() == 24
+    assert want.sum() == 6 and field_count([calls[0]], 6, [keep[0]]).sum() == 24
     pads = chrono.connect(store_root).execute(
         "SELECT step, layer, value FROM signals WHERE run_id = 'static' AND name = 'probes.padding_excluded' "
         "ORDER BY ALL").fetchall()
@@ -164,9 +168,6 @@ def test_continuous_batching_counts_every_token(store_root):
     assignments stored). Truth: the routers' own outputs, every token counted."""
     from transformers import GenerationConfig
 
-    from . import probe_models as T
-    from .field_truth import capture, count, stored as field_stored
-
     m = T.mixtral().eval()
     config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0,
                               num_blocks=8, block_size=16, max_batch_tokens=32)
@@ -175,7 +176,7 @@ def test_continuous_batching_counts_every_token(store_root):
                                                      generation_config=config))
     got = field_stored(store_root, "cb")
     for layer in (0, 1):
-        want = count(truth[layer], 6)
+        want = field_count(truth[layer], 6)
         assert want.sum() == 2 * (12 + 3 * 3)   # 12 prompt tokens, then 3 decode steps of 3 (top-2)
         have = sum((v for (s, mode, l), v in got.items() if l == layer), start=0 * want)
         assert have.tolist() == want.tolist()
@@ -190,16 +191,8 @@ def test_generate_with_left_padding_every_forward_is_a_step_of_real_tokens(store
     (every forward re-reads the whole sequence and its 2-D mask): one step per forward, the
     padding of each forward excluded. Truth: the routers' own outputs, and the 2-D mask each
     forward received (the test's own pre-hook on the model), counted with NumPy."""
-    from . import probe_models as T
-    from .field_truth import capture, count, stored as field_stored
-
     m = T.mixtral().eval()
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, T.VOCAB, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    ids[mask == 0] = 0
+    ids, mask = left_padded(7, (0, 3, 5), seed=3)
     masks: list = []
     hk = m.register_forward_pre_hook(lambda mod, a, kw: masks.append((kw["attention_mask"], kw["input_ids"].shape[1])),
                                      with_kwargs=True)
@@ -217,6 +210,6 @@ def test_generate_with_left_padding_every_forward_is_a_step_of_real_tokens(store
         for step, (idx, (am, s)) in enumerate(zip(truth[layer], masks)):
             keep = (am[:, -s:] != 0).reshape(-1).numpy()
             assert keep.shape[0] == idx.shape[0]
-            assert got[(step, mode, layer)].tolist() == count([idx], 6, [keep]).tolist()
-    assert count([truth[0][0]], 6, [(masks[0][0] != 0).reshape(-1).numpy()]).sum() < truth[0][0].numel()  # pads seen
+            assert got[(step, mode, layer)].tolist() == field_count([idx], 6, [keep]).tolist()
+    assert field_count([truth[0][0]], 6, [(masks[0][0] != 0).reshape(-1).numpy()]).sum() < truth[0][0].numel()  # pads seen
     assert h.stats()["faults"] == 0
