@@ -215,7 +215,6 @@ def test_generate_with_left_padding_every_forward_is_a_step_of_real_tokens(store
     assert h.stats()["faults"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: an offloaded model's meta parameters put the recorder on meta")
 @pytest.mark.parametrize("tokens", [0.0, 1.0])
 def test_a_model_offloaded_by_accelerate_is_counted(store_root, tokens):
     """Big-model inference: ``accelerate.cpu_offload`` (as ``from_pretrained(device_map=...)``
