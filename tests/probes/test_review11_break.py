@@ -239,3 +239,33 @@ def test_a_model_offloaded_by_accelerate_is_counted(store_root, tokens):
     if tokens:
         n = chrono.connect(store_root).execute("SELECT count(*) FROM tokens WHERE run_id = 'offload'").fetchone()[0]
         assert n == 2 * 2 * int(keep.sum()) * 2   # steps x layers x real tokens x top-2
+
+
+@pytest.mark.xfail(strict=True, reason="review 11: a dry run on meta moves the recorder to meta for good")
+@pytest.mark.parametrize("ctx", ["no_grad", "grad"])
+@pytest.mark.parametrize("tokens", [0.0, 1.0])
+def test_a_dry_run_on_meta_loses_nothing_after_it(store_root, ctx, tokens):
+    """A model built on ``meta`` (``init_empty_weights``), attached, run once on meta tensors (a
+    shape or FLOP-count dry run: no data, nothing to count), then materialised and loaded: every
+    real forward after it must be counted. Was: the recorder followed the dry run's outputs to
+    ``meta`` and stayed there: every later call a fault, nothing stored. Truth: the routers' own
+    outputs after the load; the dry run's step holds nothing."""
+    real = MoE([Router() for _ in range(3)])
+    model = MoE([Router() for _ in range(3)]).to("meta")
+    h = probes.attach(model, run="dry", root=store_root, steps="manual", tokens=tokens)
+    with CONTEXTS[ctx]():
+        model(IDS.to("meta"))
+    h.step()
+    model.to_empty(device="cpu")
+    model.load_state_dict(real.state_dict())
+    calls = truth_hooks(model)
+    truth = [{}]
+    for _ in range(2):
+        del calls[:]
+        with CONTEXTS[ctx]():
+            model(IDS)
+        truth.append(count(calls))
+        h.step()
+    h.detach()
+    assert diff(truth, stored(store_root, "dry")) == []
+    assert h.stats()["faults"] == 0
