@@ -241,7 +241,6 @@ def test_a_model_offloaded_by_accelerate_is_counted(store_root, tokens):
         assert n == 2 * 2 * int(keep.sum()) * 2   # steps x layers x real tokens x top-2
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: a dry run on meta moves the recorder to meta for good")
 @pytest.mark.parametrize("ctx", ["no_grad", "grad"])
 @pytest.mark.parametrize("tokens", [0.0, 1.0])
 def test_a_dry_run_on_meta_loses_nothing_after_it(store_root, ctx, tokens):
