@@ -90,11 +90,14 @@ class Session:
 
     def start(self, model, run: str, root, global_step: int, tokens: float, flush_every: int,
               govern=None, strict: bool = False, config: dict | None = None, attach=None,
-              eval_first: bool = False, **attach_options) -> bool:
+              eval_first: bool = False, retry: bool = False, **attach_options) -> bool:
         """Attach to ``model``; ``attach``: a callable like ``probes.attach`` (default: the
         ``chrono.attach`` entry point, see ``find_attacher``). ``eval_first``: the trainer
         evaluates before the first update (transformers' ``eval_on_start``); on a fresh run
-        that evaluation is step 0, where the trainer logs it, in a window of its own."""
+        that evaluation is step 0, where the trainer logs it, in a window of its own.
+        ``retry``: the trainer starts this training again after the previous attempt raised
+        (``auto_find_batch_size`` after an out-of-memory error): the steps it redoes replace the
+        failed attempt's in the same run."""
         attach = attach or find_attacher()
         self.close()
         model = unwrap(model)
@@ -103,7 +106,7 @@ class Session:
         try:
             self.handle = attach(model, run=run, root=root, tokens=tokens,
                                  flush_every=flush_every, start_step=0 if self._step_zero else global_step + 1,
-                                 overwrite=resumed, steps="manual", config=config, **attach_options)
+                                 overwrite=resumed or retry, steps="manual", config=config, **attach_options)
         except AttachError as e:
             if strict:
                 raise

@@ -288,7 +288,6 @@ def test_eval_on_start_is_stored_at_step_zero_where_the_trainer_logs_it(tmp_path
     assert windows == [(0, 0), (1, 2), (3, 4)]
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: an auto_find_batch_size retry is a new run, or refused")
 @pytest.mark.parametrize("run", [None, "mine"])
 def test_auto_find_batch_size_retry_replaces_the_failed_attempt_in_one_run(tmp_path, run):
     """``auto_find_batch_size=True``: an out-of-memory error at step 2 makes the Trainer start
