@@ -30,13 +30,15 @@ class HookBracket:
     ``routers``: the router modules (their forward hooks: ``router_seconds``); ``modules``:
     other modules whose forward pre-hooks and forward hooks recorders may use, e.g. the model
     and its decoder stack, where work done once per forward lives (``model_seconds``).
-    ``seconds`` is the sum; ``calls`` counts bracketed router calls. Hooks return None (a
-    returned value would replace the router's output).
+    ``seconds`` is the sum; ``calls`` counts bracketed router calls; ``per_hook`` splits
+    ``model_seconds`` by ``"pre|post/<module class>"``. Hooks return None (a returned value would
+    replace the router's output).
     """
 
     def __init__(self, routers, modules=()):
         self.routers, self.modules = list(routers), list(modules)
         self.router_seconds = self.model_seconds = 0.0
+        self.per_hook: dict[str, float] = {}
         self.calls = 0
         self._t0 = {}
         self._handles = [r.register_forward_hook(self._start("r")) for r in self.routers]
@@ -62,7 +64,10 @@ class HookBracket:
                     self.router_seconds += CLOCK() - t0
                     self.calls += 1
                 else:
-                    self.model_seconds += CLOCK() - t0
+                    dt = CLOCK() - t0
+                    self.model_seconds += dt
+                    name = f"{key}/{type(module).__name__}"
+                    self.per_hook[name] = self.per_hook.get(name, 0.0) + dt
             return None
         return stop
 

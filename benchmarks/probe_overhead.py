@@ -27,7 +27,8 @@ forward hooks of the model and its decoder stack (where a recorder does its once
 work: chrono counts the router calls it staged when the top-level forward ends), measured
 for every arm by the same ``HookBracket`` (``benchmarks/hook_cpu_time.py``); for
 ``hf_router_logits`` it is the thread CPU time of the recompute after the forward
-(``router_hooks_net_ms``: the router hooks alone). ``net`` subtracts the median of ``none_a``
+(``router_hooks_net_ms``: the router hooks alone; ``model_hooks_net_us``: each model or stack
+pre-hook / forward hook, by module class). ``net`` subtracts the median of ``none_a``
 (the inactive hooks every step runs). Ratios are net in-hook time over the ``sglang_style``
 arm and over the ``bincount_floor`` arm. Step time is wall time of the whole step (median).
 With ``--base REF`` (e.g. ``main``) one more arm, ``chrono_base``, is ``probes.attach`` of the
@@ -333,6 +334,7 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
         a.active = True
         sync()
         b0, r0, p0, c0 = bracket.seconds, bracket.router_seconds, a.post_seconds, CLOCK()
+        h0 = dict(bracket.per_hook)
         t0 = time.perf_counter()
         out = forward(a.forward_kwargs)
         a.after_forward(out)
@@ -341,7 +343,8 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
         dt = time.perf_counter() - t0
         a.active = False
         return (dt, bracket.seconds - b0 + a.post_seconds - p0, CLOCK() - c0,
-                bracket.router_seconds - r0 + a.post_seconds - p0)
+                bracket.router_seconds - r0 + a.post_seconds - p0,
+                {k: v - h0.get(k, 0.0) for k, v in bracket.per_hook.items()})
 
     load_before = os.getloadavg()
     for _ in range(warmup):
@@ -351,13 +354,16 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
     hook = {n: [] for n in names}
     cpu = {n: [] for n in names}
     router = {n: [] for n in names}
+    per_hook = {n: {} for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            dt, hs, c, rs = one_step(n)
+            dt, hs, c, rs, ph = one_step(n)
             steps[n].append(dt)
             hook[n].append(hs)
             cpu[n].append(c)
             router[n].append(rs)
+            for k, v in ph.items():
+                per_hook[n].setdefault(k, []).append(v)
     load_after = os.getloadavg()
     h_step = {n: 1e3 * statistics.median(a.step_seconds[1 + warmup:]) for n, a in arms.items()
               if isinstance(a, ChronoArm) and len(a.step_seconds) > 1 + warmup}
@@ -380,6 +386,8 @@ def run_cell(shape: str, mode: str, rounds: int, warmup: int, batch: int, seq: i
                   "in_hook_net_ms": 1e3 * (med_hook - base_hook),
                   "in_hook_net_pct_of_step": 100 * (med_hook - base_hook) / base_step,
                   "router_hooks_net_ms": 1e3 * (statistics.median(router[n]) - base_router),
+                  "model_hooks_net_us": {k: 1e6 * (statistics.median(v) - statistics.median(per_hook["none_a"][k]))
+                                         for k, v in per_hook[n].items() if per_hook["none_a"].get(k)},
                   "h_step_ms": h_step.get(n),
                   "steps_s": steps[n], "in_hook_s": hook[n]}
     for n in names:

@@ -35,6 +35,11 @@ forwards under ``torch.no_grad`` (mode EVAL; ``--inference``: ``torch.inference_
   (2 + 2 x flush_every); before item 3 ``acc`` + one ``hist``, x (1 + flush_every));
 * Parquet bytes per step, by table, after detach.
 
+``--backends native torch_ops`` measures the C counting and the PyTorch ops in one run: one
+handle per backend on the same model, taking turns step by step (the order rotates), each cell
+once per backend (``backend``, ``native``: whether its recorder counted in C;
+``rows_equal_across_backends``: every backend stored the same routing rows, bit for bit).
+
 Each (shape, flush_every) cell is cached under ``--cache`` (resumable). Writes
 ``benchmarks/results/probe_scale.json``.
 
@@ -42,11 +47,12 @@ With ``--on-snapshot`` a no-op ``on_snapshot`` callback is registered (what ``ch
 does), so the snapshot rows and alerts are built in the training thread at window close.
 
 usage: nice -n 10 python benchmarks/probe_scale.py [--quick] [--shapes deepseek_v3 olmoe] [--flush 1 10 50 200]
-       [--on-snapshot]
+       [--on-snapshot] [--backends native torch_ops]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -59,7 +65,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import chrono  # noqa: E402
 import probes  # noqa: E402
+from probes import native  # noqa: E402
 from benchmarks._common import cached, fmt, uptime, write_json  # noqa: E402
 from benchmarks.hook_cpu_time import CLOCK, HookBracket  # noqa: E402
 
@@ -162,83 +170,132 @@ def parquet_bytes(root: Path, run: str) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _backend(name: str):
+    """Attach under counting backend ``name``: ``default`` (what ``probes.attach`` picks here),
+    ``native`` (the C module; an error if it cannot be built) or ``torch_ops`` (``probes.native``
+    made unavailable while attaching, as ``CHRONO_NATIVE=0`` does)."""
+    if name == "native" and native.load() is None:
+        raise SystemExit("probe_scale: --backends native: probes.native could not build its C module "
+                         "(see the log); install a C compiler and Python headers, or drop it")
+    saved = native.load
+    if name == "torch_ops":
+        native.load = lambda: None
+    try:
+        yield
+    finally:
+        native.load = saved
+
+
 def run_cell(shape: str, flush_every: int, windows: int, min_steps: int, variants: int = 2,
-             on_snapshot: bool = False, inference: bool = False) -> dict:
+             on_snapshot: bool = False, inference: bool = False, backends=("default",)) -> list:
+    """One (shape, flush_every): a list of one cell per backend. With several backends each has
+    its own handle on the same model and they take turns, step by step (the order rotates), so
+    load drift hits them alike; only the handle whose turn it is records."""
     s = SHAPES[shape]
     model = RoutingOnly(s["layers"], s["experts"], s["top_k"], s["router"]).eval()
     g = torch.Generator().manual_seed(1)
     model.replay([torch.randn(s["tokens"], HIDDEN, generator=g) for _ in range(variants)], inference)
     steps = max(min_steps, windows * flush_every)
     root = Path(tempfile.mkdtemp(prefix="probe_scale_"))
-    run = f"{shape}-f{flush_every}"
     routers = [b.mlp.gate for b in model.layers]
     bracket = HookBracket(routers, [model])   # the model: where staged calls are counted
-    h = probes.attach(model, run=run, root=root, flush_every=flush_every, steps="manual")
-    if on_snapshot:   # what chrono.govern does: the snapshot is then built in the training thread
-        h.on_snapshot(lambda step, rows, handle: None)
+    arms = {}
+    for b in backends:
+        run = f"{shape}-f{flush_every}" + ("" if len(backends) == 1 else f"-{b}")
+        with _backend(b):
+            h = probes.attach(model, run=run, root=root, flush_every=flush_every, steps="manual")
+        if on_snapshot:   # what chrono.govern does: the snapshot is then built in the training thread
+            h.on_snapshot(lambda step, rows, handle: None)
+        h._active = len(backends) == 1
+        arms[b] = {"h": h, "run": run, "hook": [], "step": [], "stall": [], "stall_cpu": [], "fwd": [],
+                   "after": [], "after_cpu": [], "closed_last": False}
     bracket.close()
-    hook_ms, step_ms, stall_ms, stall_cpu_ms, fwd_ms = [], [], [], [], []
-    after_ms, after_cpu_ms, closed_last = [], [], False
     load_before = os.getloadavg()
+    names = list(backends)
     with torch.inference_mode() if inference else torch.no_grad():
         for i in range(steps):
-            b0 = bracket.seconds
-            t0 = time.perf_counter()
-            model(i)
-            t1 = time.perf_counter()
-            w0 = h.stats()["windows"]
-            c1 = CLOCK()
-            h.step()
-            t2 = time.perf_counter()
-            hook_ms.append(1e3 * (bracket.seconds - b0))
-            fwd_ms.append(1e3 * (t1 - t0))
-            closed = h.stats()["windows"] != w0
-            if closed:
-                stall_ms.append(1e3 * (t2 - t1))
-                stall_cpu_ms.append(1e3 * (CLOCK() - c1))
-            else:
-                step_ms.append(1e3 * (t2 - t1))
-            if closed_last:   # the step after a close (it may wait for that window's write)
-                after_ms.append(1e3 * (t2 - t1))
-                after_cpu_ms.append(1e3 * (CLOCK() - c1))
-            closed_last = closed
-    buf_bytes = recorder_bytes(h)   # after the windows: a second history buffer may exist by now
-    h.detach()
-    stats = h.stats()               # after detach: the last window's write is done
+            for b in names[i % len(names):] + names[:i % len(names)]:
+                a, h = arms[b], arms[b]["h"]
+                h._active = True
+                b0 = bracket.seconds
+                t0 = time.perf_counter()
+                model(i)
+                t1 = time.perf_counter()
+                w0 = h.stats()["windows"]
+                c1 = CLOCK()
+                h.step()
+                t2 = time.perf_counter()
+                if len(names) > 1:
+                    h._active = False
+                a["hook"].append(1e3 * (bracket.seconds - b0))
+                a["fwd"].append(1e3 * (t1 - t0))
+                closed = h.stats()["windows"] != w0
+                if closed:
+                    a["stall"].append(1e3 * (t2 - t1))
+                    a["stall_cpu"].append(1e3 * (CLOCK() - c1))
+                else:
+                    a["step"].append(1e3 * (t2 - t1))
+                if a["closed_last"]:   # the step after a close (it may wait for that window's write)
+                    a["after"].append(1e3 * (t2 - t1))
+                    a["after_cpu"].append(1e3 * (CLOCK() - c1))
+                a["closed_last"] = closed
+    for a in arms.values():
+        a["buf_bytes"] = recorder_bytes(a["h"])   # after the windows: a second history buffer may exist
+        a["native"] = a["h"]._window.rec.native is not None
+    for a in arms.values():
+        a["h"]._active = True
+        a["h"].detach()
+        a["stats"] = a["h"].stats()   # after detach: the last window's write is done
     bracket.remove()
     load_after = os.getloadavg()
-    pq = parquet_bytes(root, run)
     med = (lambda v: statistics.median(v) if v else None)
-    return {
-        "shape": shape, **{k: v for k, v in s.items()}, "hidden": HIDDEN, "flush_every": flush_every,
-        "replayed_variants": variants, "on_snapshot_callback": on_snapshot,
-        "grad_mode": "inference_mode" if inference else "no_grad",
-        "steps": steps, "windows_closed": len(stall_ms),
-        "in_hook_ms_per_step": med(hook_ms), "in_hook_ms_max": max(hook_ms),
-        "forward_ms_per_step": med(fwd_ms),
-        "h_step_ms": med(step_ms), "h_step_ms_max": max(step_ms) if step_ms else None,
-        "window_close_stall_ms_median": med(stall_ms), "window_close_stall_ms_max": max(stall_ms) if stall_ms else None,
-        "window_close_cpu_ms_median": med(stall_cpu_ms),
-        "window_close_cpu_ms_max": max(stall_cpu_ms) if stall_cpu_ms else None,
-        "after_close_step_ms_median": med(after_ms), "after_close_step_ms_max": max(after_ms) if after_ms else None,
-        "after_close_step_cpu_ms_median": med(after_cpu_ms),
-        "device_buffer_bytes": buf_bytes,
-        "parquet_bytes_per_step": {t: b / steps for t, b in sorted(pq.items())},
-        "parquet_bytes_per_step_total": sum(pq.values()) / steps,
-        "rows_written": stats.get("rows_written"), "write_errors": stats.get("write_errors"),
-        "stall_ms": stall_ms, "loadavg_before": load_before, "loadavg_after": load_after,
-        "uptime_after": uptime(),
-    }
+    same = None   # every backend stored the same rows (each handle saw the same router outputs)
+    if len(arms) > 1:
+        con = chrono.connect(root)
+        q = ("SELECT step, mode, layer, expert, tokens, weight_sum, dropped FROM routing "
+             "WHERE run_id = ? ORDER BY ALL")
+        got = [con.execute(q, [a["run"]]).fetchall() for a in arms.values()]
+        same = all(g == got[0] for g in got) and len(got[0]) > 0
+    cells = []
+    for b, a in arms.items():
+        pq = parquet_bytes(root, a["run"])
+        stats = a["stats"]
+        cells.append({
+            "shape": shape, **{k: v for k, v in s.items()}, "hidden": HIDDEN, "flush_every": flush_every,
+            "backend": b, "native": a["native"], "interleaved_with": [x for x in names if x != b],
+            "rows_equal_across_backends": same,
+            "replayed_variants": variants, "on_snapshot_callback": on_snapshot,
+            "grad_mode": "inference_mode" if inference else "no_grad",
+            "steps": steps, "windows_closed": len(a["stall"]),
+            "in_hook_ms_per_step": med(a["hook"]), "in_hook_ms_max": max(a["hook"]),
+            "forward_ms_per_step": med(a["fwd"]),
+            "h_step_ms": med(a["step"]), "h_step_ms_max": max(a["step"]) if a["step"] else None,
+            "window_close_stall_ms_median": med(a["stall"]),
+            "window_close_stall_ms_max": max(a["stall"]) if a["stall"] else None,
+            "window_close_cpu_ms_median": med(a["stall_cpu"]),
+            "window_close_cpu_ms_max": max(a["stall_cpu"]) if a["stall_cpu"] else None,
+            "after_close_step_ms_median": med(a["after"]),
+            "after_close_step_ms_max": max(a["after"]) if a["after"] else None,
+            "after_close_step_cpu_ms_median": med(a["after_cpu"]),
+            "device_buffer_bytes": a["buf_bytes"],
+            "parquet_bytes_per_step": {t: n / steps for t, n in sorted(pq.items())},
+            "parquet_bytes_per_step_total": sum(pq.values()) / steps,
+            "rows_written": stats.get("rows_written"), "write_errors": stats.get("write_errors"),
+            "stall_ms": a["stall"], "loadavg_before": load_before, "loadavg_after": load_after,
+            "uptime_after": uptime(),
+        })
+    return cells
 
 
 def table(cells) -> str:
-    head = (f"{'shape':<12} {'flush':>5} {'steps':>5} {'in-hook ms':>10} {'fwd ms':>7} {'h.step ms':>9} "
+    head = (f"{'shape':<12} {'backend':<9} {'flush':>5} {'steps':>5} {'in-hook ms':>10} {'fwd ms':>7} {'h.step ms':>9} "
             f"{'stall med':>9} {'stall max':>9} {'close CPU med':>13} {'close CPU max':>13} {'next step ms':>12} "
             f"{'buffers MiB':>11} {'Parquet B/step':>14}")
     rows = [head]
     f = fmt
     for c in cells:
-        rows.append(f"{c['shape']:<12} {c['flush_every']:>5} {c['steps']:>5} {f(c['in_hook_ms_per_step'], 10, 2)} "
+        rows.append(f"{c['shape']:<12} {c.get('backend', 'default'):<9} {c['flush_every']:>5} {c['steps']:>5} {f(c['in_hook_ms_per_step'], 10, 2)} "
                     f"{f(c['forward_ms_per_step'], 7, 1)} {f(c['h_step_ms'], 9, 3)} "
                     f"{f(c['window_close_stall_ms_median'], 9, 1)} {f(c['window_close_stall_ms_max'], 9, 1)} "
                     f"{f(c.get('window_close_cpu_ms_median'), 13, 1)} {f(c.get('window_close_cpu_ms_max'), 13, 1)} "
@@ -261,6 +318,10 @@ def main(argv=None) -> dict:
                         "rows are then built in the training thread at window close")
     p.add_argument("--inference", action="store_true",
                    help="forwards under torch.inference_mode instead of torch.no_grad")
+    p.add_argument("--backends", nargs="+", default=["default"], choices=["default", "native", "torch_ops"],
+                   help="counting backends, each its own handle on the same model, taking turns step by "
+                        "step (default: 'default', what probes.attach picks here; 'native torch_ops' "
+                        "compares the C counting with the PyTorch ops in one run)")
     p.add_argument("--quick", action="store_true", help="tiny shape, flush_every 1 and 2: checks the script only")
     p.add_argument("--cache", default=str(HERE / "results" / "probe_scale_cache"),
                    help="per-(shape, flush_every) results; a cell found here is not rerun")
@@ -273,11 +334,14 @@ def main(argv=None) -> dict:
     for shape in a.shapes:
         for f in a.flush:
             cb = ("_cb" if a.on_snapshot else "") + ("_inf" if a.inference else "")
-            path = Path(a.cache) / f"{shape}_f{f}_w{a.windows}{cb}.json"
-            cells.append(cached(path, lambda: run_cell(shape, f, a.windows, a.min_steps, a.variants,
-                                                       a.on_snapshot, a.inference),
-                                use_cache=not a.quick))
-            print(table([cells[-1]]).splitlines()[-1], flush=True)
+            be = "" if a.backends == ["default"] else "_" + "-".join(a.backends)
+            path = Path(a.cache) / f"{shape}_f{f}_w{a.windows}{cb}{be}.json"
+            got = cached(path, lambda: {"cells": run_cell(shape, f, a.windows, a.min_steps, a.variants,
+                                                          a.on_snapshot, a.inference, a.backends)},
+                         use_cache=not a.quick)
+            got = got["cells"] if "cells" in got else [got]   # (a cell cached before --backends)
+            cells += got
+            print("\n".join(table(got).splitlines()[1:]), flush=True)
     print("\n" + STAND_IN + "\n" + table(cells))
     return write_json(a.out, "probe_scale", {"cells": cells}, quick=a.quick, model=STAND_IN)
 

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .recorder import EVAL, TRAIN, mode_index
+from .recorder import EVAL, INFER, TRAIN, mode_index
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
@@ -85,6 +85,11 @@ class ForwardContext:
     @property
     def n_tokens(self) -> Optional[int]:
         return None if self.batch is None or self.seq is None else self.batch * self.seq
+
+
+# the context of a stack call when nothing per token is read (no padding mask applies, no token
+# is sampled): one shared instance per mode, never written (capture builds its own)
+BARE = {m: ForwardContext(m) for m in (TRAIN, EVAL, INFER)}
 
 
 def _ids_param_index(module: nn.Module) -> Optional[int]:

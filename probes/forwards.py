@@ -9,6 +9,14 @@
   same forward instead of starting another (and so another step under ``steps="forward"``).
 * ``h.set_mask(mask)`` is kept here for the next top-level forward of the same thread.
 
+Fast paths (what runs once per forward was ~70 us of thread CPU in a 4-layer inference forward,
+a quarter of the probes' in-hook time; in situ, right after the model's own work, a few lines of
+Python cost several times what they cost in a hot loop): a stack call with nothing per token to
+read (no sampled tokens, no ``h.set_mask``, no ``attention_mask`` under ``padding="exclude"``)
+gives its routers the shared ``context.BARE[mode]`` instead of capturing a context, and a
+forward's end with no staged or watched router call skips the flush and its lock
+(``benchmarks/probe_overhead.py --base REF`` reports each hook's time, ``model_hooks_net_us``).
+
 Hooks are closures over weak references (not bound methods), so ``copy.deepcopy(model)``
 never copies the handle, and a copy's forwards are not recorded. They return None.
 """
@@ -40,11 +48,13 @@ class ForwardState(threading.local):
 class Forwards:
     """Top-level forward start/end for the step clock, and the per-thread ``ForwardState``."""
 
-    def __init__(self, stack_paths: list[str], steps: Steps, faults: Faults, exclude_padding: bool):
+    def __init__(self, stack_paths: list[str], steps: Steps, faults: Faults, exclude_padding: bool,
+                 per_token: bool = False):
         self.stack_paths = stack_paths
         self.tls = ForwardState(len(stack_paths))   # threaded serving: one request's mask never
         self.steps = steps                          # applies to another's
         self.exclude_padding = exclude_padding
+        self.per_token = per_token   # tokens are sampled: routers read ids and positions
         self._faults = faults
 
     def starts(self, mode: int) -> None:
@@ -54,7 +64,9 @@ class Forwards:
         self.tls.root_mode = mode
 
     def ends(self) -> None:
-        self.steps.flush_staged(threading.get_ident())
+        stage = self.steps.window.rec.stage
+        if stage.calls or stage.watch:   # (read without the lock: a call staged after this read is
+            self.steps.flush_staged(threading.get_ident())   # another thread's, whose forward runs)
         st = self.tls
         st.root_mode = None
         if st.user_mask is not None and not st.mask_used:
@@ -125,6 +137,10 @@ def _stack_hooks(handle_ref, i: int, stack: nn.Module):
                 else:
                     fwd.starts(C.forward_mode(module))
             mode = st.root_mode if st.root_mode is not None else C.forward_mode(module)
+            if not fwd.per_token and st.user_mask is None and (
+                    not fwd.exclude_padding or kwargs.get("attention_mask") is None):
+                st.ctx[i] = C.BARE[mode]   # no mask to apply and no token sampled: the mode is all
+                return None                # the routers read (capture would find nothing more)
             st.ctx[i] = ctx = C.capture(module, args, kwargs, mode, ids_index, fwd.exclude_padding,
                                         user_mask=st.user_mask)
             st.mask_used = st.mask_used or ctx.used_user_mask

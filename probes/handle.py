@@ -128,7 +128,7 @@ class Handle:
                             weakref.WeakMethod(self._window_full))
         if self._leader is not None:
             self._steps.follow(self._leader._steps)
-        self._fwd = Forwards(stack_paths, self._steps, self._faults, padding == "exclude")
+        self._fwd = Forwards(stack_paths, self._steps, self._faults, padding == "exclude", sampler is not None)
         self.metrics_server = None
         try:
             self._install(model, lenses or {}, stack_of)

@@ -69,6 +69,22 @@ def test_probe_scale_quick(tmp_path):
     assert res["cells"][1]["h_step_ms"] is not None   # flush_every 2: every other step closes no window
 
 
+@pytest.mark.slow   # two handles, a window closing at every step of each (~10 s)
+def test_probe_scale_backends_take_turns_and_store_the_same_rows(tmp_path):
+    mod = _load("probe_scale")
+    res = mod.main(["--quick", "--backends", "native", "torch_ops", "--out",
+                    str(tmp_path / "ps.json"), "--cache", str(tmp_path / "cache")])
+    shape = mod.SHAPES["tiny"]
+    assert [(c["flush_every"], c["backend"], c["native"], c["interleaved_with"]) for c in res["cells"]] == \
+        [(f, "native", True, ["torch_ops"]) if b == 0 else (f, "torch_ops", False, ["native"])
+         for f in (1, 2) for b in (0, 1)]
+    for c in res["cells"]:
+        assert c["steps"] == 4 and c["windows_closed"] == 4 // c["flush_every"] and c["write_errors"] == 0
+        assert c["rows_written"]["routing"] == 4 * shape["layers"] * shape["experts"]
+        assert c["rows_equal_across_backends"] is True
+        assert c["in_hook_ms_per_step"] > 0
+
+
 @pytest.mark.slow   # one tiny HF Mixtral cell, 5 arms x 3 forwards, and one torch.compile (~10 s)
 def test_flush_anatomy_quick(tmp_path):
     mod = _load("flush_anatomy")
