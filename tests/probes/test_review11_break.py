@@ -268,3 +268,38 @@ def test_a_dry_run_on_meta_loses_nothing_after_it(store_root, ctx, tokens):
     h.detach()
     assert diff(truth, stored(store_root, "dry")) == []
     assert h.stats()["faults"] == 0
+
+
+class Classifier(torch.nn.Module):
+    """A user's head over a transformers backbone, calling it positionally (common in user code)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(32, 2)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.backbone(input_ids, attention_mask).last_hidden_state[:, -1])
+
+
+@pytest.mark.xfail(strict=True, reason="review 11: an attention_mask passed positionally is not read")
+@pytest.mark.parametrize("how", ["base_model", "user_head"])
+def test_an_attention_mask_passed_positionally_excludes_padding(store_root, how):
+    """The stack (the module whose forward takes ``input_ids``) called with its arguments by
+    position, ``backbone(input_ids, attention_mask)``: attached to the base model itself, or to a
+    user's head around it. The mask must be read as if given by name. Was: only the keyword
+    was read, so padding was counted (72 assignments instead of 48, no padding signal). Truth:
+    the routers' own outputs and the test's mask."""
+    base = T.mixtral().model.eval()
+    model = base if how == "base_model" else Classifier(base).eval()
+    ids, mask = left_padded(6, (0, 2, 4), seed=5)
+    with probes.attach(model, run="pos", root=store_root) as h, torch.no_grad():
+        truth = capture(base, lambda: model(ids, mask))
+    got = field_stored(store_root, "pos")
+    keep = mask.reshape(-1).numpy().astype(bool)
+    for layer in (0, 1):
+        assert got[(0, "EVAL", layer)].tolist() == field_count(truth[layer], 6, [keep]).tolist()
+    pads = chrono.connect(store_root).execute("SELECT sum(value) FROM signals WHERE run_id = 'pos' AND "
+                                              "name = 'probes.padding_excluded'").fetchone()[0]
+    assert pads == 2 * 6 * 2   # 6 padding tokens x top-2, 2 layers
+    assert h.stats()["faults"] == 0
