@@ -92,17 +92,28 @@ class ForwardContext:
 BARE = {m: ForwardContext(m) for m in (TRAIN, EVAL, INFER)}
 
 
-def _ids_param_index(module: nn.Module) -> Optional[int]:
-    """Position of ``input_ids`` among ``forward``'s positional parameters, None if it has none."""
+def positional_params(module: nn.Module) -> tuple:
+    """Names of ``forward``'s parameters that take a positional argument, in order (() if its
+    signature cannot be read)."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    for i, p in enumerate(pos):
-        if p.name == "input_ids":
-            return i
-    return None
+        return ()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _ids_param_index(module: nn.Module) -> Optional[int]:
+    """Position of ``input_ids`` among ``forward``'s positional parameters, None if it has none."""
+    names = positional_params(module)
+    return names.index("input_ids") if "input_ids" in names else None
+
+
+def by_name(names: tuple, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` with the positional ``args`` added under their parameter ``names`` (a stack
+    called as ``backbone(input_ids, attention_mask)`` gives its mask, cache, ... by position)."""
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    return named
 
 
 def find_stacks(model: nn.Module, router_names: list[str]) -> tuple[list[str], list[int]]:

@@ -282,7 +282,6 @@ class Classifier(torch.nn.Module):
         return self.head(self.backbone(input_ids, attention_mask).last_hidden_state[:, -1])
 
 
-@pytest.mark.xfail(strict=True, reason="review 11: an attention_mask passed positionally is not read")
 @pytest.mark.parametrize("how", ["base_model", "user_head"])
 def test_an_attention_mask_passed_positionally_excludes_padding(store_root, how):
     """The stack (the module whose forward takes ``input_ids``) called with its arguments by
