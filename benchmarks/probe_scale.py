@@ -39,6 +39,9 @@ forwards under ``torch.no_grad`` (mode EVAL; ``--inference``: ``torch.inference_
 handle per backend on the same model, taking turns step by step (the order rotates), each cell
 once per backend (``backend``, ``native``: whether its recorder counted in C;
 ``rows_equal_across_backends``: every backend stored the same routing rows, bit for bit).
+Both handles close a window at the same step, so the step after it is not comparable between
+them: the first to run waits for its write while the other's write shares the CPU, and the
+second finds its write done (compare in-hook time and window-close CPU time instead).
 
 Each (shape, flush_every) cell is cached under ``--cache`` (resumable). Writes
 ``benchmarks/results/probe_scale.json``.
