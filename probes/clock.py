@@ -81,13 +81,16 @@ class StepClock:
                 self.on_first_update(self.first_step, self.split)
             self.first_step = None
 
-    def forward_starts(self, mode: int, open_step: int) -> bool:
-        """A top-level forward in ``mode`` starts; True if the open step must end first."""
+    def forward_starts(self, mode: int, open_step: int, loose: bool = False) -> bool:
+        """A top-level forward in ``mode`` starts; True if the open step must end first.
+        ``loose``: the open step holds routing counted outside any top-level forward (a router
+        called by hand, the rest of a forward that was running when the handle attached): under
+        the forward rule that is not this forward's step either."""
         if self.rule == "manual":
             return False
         if self.training:
             return self.updated and mode == TRAIN
-        end = self.forward_pending
+        end = self.forward_pending or loose
         if self.first_step is None:
             self.first_step = open_step
         return end

@@ -14,7 +14,8 @@ stack captures, per call, a ``ForwardContext``:
   the forward got (``cache=`` in transformers 5, ``past_key_values=`` before),
   else the part of a 2-D attention mask longer than ``S``.
 * ``keep``: ``[B*S]`` float64, 1 for tokens that count and 0 for padding,
-  from a 2-D ``attention_mask`` (its last ``S`` columns, the current tokens);
+  from a 2-D ``attention_mask`` (its last ``S`` columns, the current tokens), else
+  from a 4-D one (``generate`` with a static cache: ``_keep_from_4d``);
   ``pad`` is the number of padding tokens (0-d tensor). None: count all.
 
 A router that sees ``T == B*S`` tokens (indices ``[T, k]``, or ``[B, S, k]`` from a native
@@ -91,17 +92,28 @@ class ForwardContext:
 BARE = {m: ForwardContext(m) for m in (TRAIN, EVAL, INFER)}
 
 
-def _ids_param_index(module: nn.Module) -> Optional[int]:
-    """Position of ``input_ids`` among ``forward``'s positional parameters, None if it has none."""
+def positional_params(module: nn.Module) -> tuple:
+    """Names of ``forward``'s parameters that take a positional argument, in order (() if its
+    signature cannot be read)."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    for i, p in enumerate(pos):
-        if p.name == "input_ids":
-            return i
-    return None
+        return ()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _ids_param_index(module: nn.Module) -> Optional[int]:
+    """Position of ``input_ids`` among ``forward``'s positional parameters, None if it has none."""
+    names = positional_params(module)
+    return names.index("input_ids") if "input_ids" in names else None
+
+
+def by_name(names: tuple, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` with the positional ``args`` added under their parameter ``names`` (a stack
+    called as ``backbone(input_ids, attention_mask)`` gives its mask, cache, ... by position)."""
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    return named
 
 
 def find_stacks(model: nn.Module, router_names: list[str]) -> tuple[list[str], list[int]]:
@@ -149,6 +161,11 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
     else:
         return ctx
     mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict):   # per layer type (models with sliding-window layers): the full one first
+        mask4 = [m for k, m in sorted(mask.items(), key=lambda kv: kv[0] != "full_attention")
+                 if torch.is_tensor(m) and m.dim() == 4]
+    else:
+        mask4 = [mask] if torch.is_tensor(mask) and mask.dim() == 4 else []
     if not (torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == ctx.batch
             and mask.shape[1] >= ctx.seq):
         mask = None
@@ -165,11 +182,60 @@ def capture(module: nn.Module, args: tuple, kwargs: dict, mode: int, ids_index: 
             past = int(mask.shape[1]) - ctx.seq if mask is not None else 0
         if past:
             ctx.positions = torch.arange(past, past + ctx.seq, device=_device(ids, emb, mask))
+    keep = None
     if exclude_padding and keep_mask is not None:
         keep = (keep_mask[:, -ctx.seq:] != 0).reshape(-1).to(torch.float64)
+    elif exclude_padding and mask4 and (layout := _key_layout(kwargs)):
+        for m4 in mask4:
+            keep = _keep_from_4d(m4, ctx, layout == "cache")
+            if keep is not None:
+                break
+    if keep is not None:
         ctx.keep = keep
         ctx.pad = keep.numel() - keep.sum()
     return ctx
+
+
+def _key_layout(kwargs: dict):
+    """Where a 4-D mask keeps a token's key: "cache" (a cache that reports its length and is not
+    paged: at its absolute position, ``cache_position`` or the cache length + its index), "none"
+    (no cache: at its index), or None (unknown: packed sequences, ``cu_seq_lens_*`` of continuous
+    batching, or a paged cache, which puts each sequence's keys in blocks of its own)."""
+    if any(k.startswith(("cu_seq_lens", "cu_seqlens")) and v is not None for k, v in kwargs.items()):
+        return None
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            ok = hasattr(cache, "get_seq_length") and "paged" not in type(cache).__name__.lower()
+            return "cache" if ok else None
+    return "none"
+
+
+def _keep_from_4d(mask, ctx: ForwardContext, cached: bool):
+    """``[B*S]`` float64 keep mask from a 4-D attention mask ``[B, 1 or heads, S or 1, K]``
+    (``generate`` with a static cache passes one instead of the 2-D mask: bool, True = attend, or
+    additive float, 0 = attend), or None when its shape does not fit this call. Token ``j`` of
+    row ``b`` counts when its own key (index ``positions[j]``, the cache slot of an absolute
+    position, else ``j`` when there are ``S`` keys; only for the layouts ``_key_layout``
+    knows, ``cached``: a cache that reports its length) is attended by its own query: a padding token's key is attended by
+    nobody, left or right padding. A token whose key index is past ``K`` (a rolling
+    sliding-window cache) counts, as without a mask. Device ops only (no host sync)."""
+    B, S = ctx.batch, ctx.seq
+    if mask.shape[0] != B or mask.shape[2] not in (S, 1) or mask.shape[-1] == 0 \
+            or (not cached and ctx.positions is None and mask.shape[-1] != S):   # keys laid out otherwise
+        return None
+    K = mask.shape[-1]
+    keys = (ctx.positions if ctx.positions is not None else torch.arange(S)).to(mask.device).reshape(1, S, 1)
+    rows = mask[:, 0].expand(B, S, K)                                   # query j's row: [B, S, K]
+    own = rows.gather(2, keys.clamp(max=K - 1).expand(B, S, 1)).reshape(-1)
+    if own.dtype == torch.bool:
+        attend = own
+    elif torch.is_floating_point(own):
+        attend = own > torch.finfo(own.dtype).min / 2    # additive: 0 (or a bias) vs a large negative
+    else:
+        attend = own != 0
+    # a key past the mask (a rolling sliding-window cache): that token counts (no host sync to ask)
+    return (attend | (keys >= K).expand(B, S, 1).reshape(-1)).to(torch.float64)
 
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")   # transformers 5.x / 4.x names

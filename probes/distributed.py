@@ -132,6 +132,7 @@ class DistributedSync:
         self.bytes_reduced = 0
         self.seconds = 0.0
         self.mismatches = 0
+        self.failures = 0   # all-reduces that raised (then stopped)
         self.stopped: str | None = None
         self._routers = routers
         self.offsets = np.zeros(len(routers), dtype=np.int64)
@@ -218,7 +219,9 @@ class DistributedSync:
         Returns ``(counts [slot, G], dropped [slot, G], n_global per slot)`` in the
         global expert space, identical on every rank. After ``stop()`` it returns
         zeros without communicating (no snapshot for that window; the rank's own
-        routing rows are still written).
+        routing rows are still written). A collective that raises (another rank left, a
+        timeout: ranks that ended different numbers of steps) stops this handle's reducing:
+        that window's routing rows are written as this rank's rows all the same.
         """
         g_n = self.global_experts(local_experts)
         if self.stopped is not None:
@@ -235,9 +238,14 @@ class DistributedSync:
             body_c[a:a + n] = win_counts[i, :n]
             body_d[a:a + n] = win_drop[i, :n]
         t0 = time.perf_counter()
-        t = torch.from_numpy(buf).to(self.device)
-        _dist().all_reduce(t, op=_dist().ReduceOp.SUM, group=self.group)
-        out = t.cpu().numpy() if t.device.type != "cpu" else t.numpy()
+        try:
+            t = torch.from_numpy(buf).to(self.device)
+            _dist().all_reduce(t, op=_dist().ReduceOp.SUM, group=self.group)
+            out = t.cpu().numpy() if t.device.type != "cpu" else t.numpy()
+        except Exception as e:   # a peer gone or timed out (uneven steps): keep the rank's rows
+            self.failures += 1
+            self.stop(f"the window's all-reduce failed: {type(e).__name__}: {e}")
+            return self.reduce_window(win_counts, win_drop, local_experts, n_steps, last_step)
         self.seconds += time.perf_counter() - t0
         self.reduces += 1
         self.bytes_reduced += buf.nbytes
@@ -300,7 +308,7 @@ class DistributedSync:
     def stats(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "reduces": self.reduces,
                 "bytes_reduced": self.bytes_reduced, "reduce_seconds": self.seconds,
-                "window_mismatches": self.mismatches}
+                "window_mismatches": self.mismatches, "reduce_failures": self.failures}
 
 
 def payload_bytes(layers: int, experts: int) -> int:

@@ -59,7 +59,7 @@ class Forwards:
 
     def starts(self, mode: int) -> None:
         self.tls.pseudo_ended = None
-        if self.steps.clock.forward_starts(mode, self.steps.current):
+        if self.steps.clock.forward_starts(mode, self.steps.current, self.steps.loose):
             self.steps.advance()
         self.tls.root_mode = mode
 
@@ -117,7 +117,8 @@ def _root_hooks(handle_ref, model: nn.Module):
 
 def _stack_hooks(handle_ref, i: int, stack: nn.Module):
     stack_ref = weakref.ref(stack)
-    ids_index = C._ids_param_index(stack)
+    names = C.positional_params(stack)
+    ids_index = names.index("input_ids") if "input_ids" in names else None
 
     @torch._dynamo.disable
     def stack_pre(module, args, kwargs):
@@ -137,6 +138,8 @@ def _stack_hooks(handle_ref, i: int, stack: nn.Module):
                 else:
                     fwd.starts(C.forward_mode(module))
             mode = st.root_mode if st.root_mode is not None else C.forward_mode(module)
+            if len(args) > 1 and names:   # (the mask, cache, ... given by position: read by name)
+                kwargs = C.by_name(names, args, kwargs)
             if not fwd.per_token and st.user_mask is None and (
                     not fwd.exclude_padding or kwargs.get("attention_mask") is None):
                 st.ctx[i] = C.BARE[mode]   # no mask to apply and no token sampled: the mode is all

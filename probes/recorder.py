@@ -35,6 +35,8 @@ staged path: the weight cell of column 0, which no weight sum uses).
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -53,11 +55,13 @@ LOGIT_SUM, PADDING = 0, 1   # columns of the per-slot SCALARS kind
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter (else buffer, else CPU): where the buffers start."""
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
+    """Device of the model's first parameter (else buffer, else CPU) that is not on ``meta``:
+    where the buffers start. A model offloaded by accelerate (``cpu_offload``, ``device_map``
+    with CPU or disk offload) keeps its offloaded weights on ``meta`` between forwards; counting
+    there would fail (the recorder follows the routers' outputs to their device anyway)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if not t.is_meta:
+            return t.device
     return torch.device("cpu")
 
 

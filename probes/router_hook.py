@@ -28,6 +28,8 @@ failure is a telemetry fault, never an exception in the forward. A call in a bac
 activation recompute: after the forward, or inside it when the forward itself takes a gradient,
 ``torch.autograd.grad`` of an input-gradient penalty) is not counted, on every path: its tokens
 were counted when the forward called the router (``in_backward``, ~80 ns, before both hot paths).
+A call on ``meta`` tensors (a shape or FLOP-count dry run) has no data and is not counted: the
+recorder, which follows the routers' outputs to their device, must not move to ``meta``.
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                 t0 = clock()
                 try:
                     routed = parse(module, args, output)
+                    if routed.indices.is_meta:
+                        return None   # a dry run on meta (shapes, FLOPs): no data, nothing to count
                     n = module.__dict__.get(count_key)   # now: lifecycle may change it before
                     if n.__class__ is not int:             # the forward ends
                         n = experts_of(module)
@@ -96,6 +100,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
         try:
             if routed is None:   # (else the hot path parsed it and handed it over: parsed once)
                 routed = parse(module, args, output)
+            if routed.indices.is_meta:
+                return None   # a dry run on meta: the recorder must not follow it to meta
             ctx = st.ctx[stack]
             if ctx is None:
                 mode = st.root_mode if st.root_mode is not None else mode_index(module)
@@ -104,6 +110,8 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                 if ctx.keep is not None or sampler is not None:   # something per token is used
                     ctx = _token_context(ctx, routed, site, slot, faults)
             steps.dirty = True
+            if not compiling and st.root_mode is None and st.pseudo_root is None:
+                steps.loose = True   # outside any forward seen to start: the next forward is a new step
             mask, pad = (ctx.keep, ctx.pad) if ctx is not None and ctx.keep is not None else (None, None)
             # in-place adds from two threads would race: serialise them; a lock cannot be traced,
             # so compiled code runs unguarded and counts at once (compiled serving from threads:

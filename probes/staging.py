@@ -48,7 +48,9 @@ A reference is only safe while nobody changes the tensor in place before the flu
   once and watched; when the top-level forward of the watching thread ends (not at another
   thread's, nor at a flush in mid-forward), a router any of whose watched outputs the model
   changed in place (e.g. ``weights /= weights.sum(-1, keepdim=True)`` after the router) is
-  counted at once for good, the others are staged. At every flush each staged call's versions
+  counted at once for good, the others are staged, in that forward's mode: the first call in
+  another mode (TRAIN after EVAL: a model may change the gate weights in place in training
+  only, an in-place dropout) is on probation again (review 11). At every flush each staged call's versions
   are checked again: a call whose indices or weights changed anyway is not counted (its values
   are no longer the router's), one whose logits changed is counted without its non-finite
   check; either is a telemetry fault, and the router is counted at once from then on. Nothing
@@ -152,9 +154,10 @@ class Stage:
     def __init__(self, rec, faults=None):
         self.rec, self.faults = rec, faults
         self.state = [PROBATION] * rec.n_slots
+        self.clean = [0] * rec.n_slots   # per slot, a bit per mode the router was judged clean in
         self.calls: list = []   # (mode, slot, Routed, versions or None, logit sum or None, sample)
         self.nl = 0             # staged logits (elements) kept alive
-        self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions)
+        self.watch: list = []   # probation calls: (thread, slot, (indices, weights, logits), versions, mode)
         self.enabled = True     # False: attach(staging=False), every call counted at once
         self.sampler = None     # the window's TokenSampler: staged calls are sampled at the flush
         self.deferred: set = set()   # layers of the staged calls that the flush samples
@@ -176,7 +179,8 @@ class Stage:
         drops, inference tensors, the ``MAX_LOGITS`` bound, a router no longer ``STAGED``:
         another thread's flush found a call changed in place). Caller holds the lock."""
         indices, _, dropped, logits = routed
-        if dropped is not None or indices.is_inference() or self.state[slot] != STAGED:
+        if dropped is not None or indices.is_inference() or self.state[slot] != STAGED \
+                or not self.clean[slot] >> mode & 1:   # (a mode it was not judged in: probation)
             return False
         versions = _versions(routed)
         if versions is None:
@@ -226,10 +230,13 @@ class Stage:
         versions = _versions(routed)
         if versions is None:
             return False
+        if state == STAGED and not self.clean[slot] >> mode & 1:
+            state = PROBATION   # judged clean in other modes only: a model may change its outputs
+            # in place in training and not in evaluation (an in-place dropout of the gate weights)
         if state != STAGED:
             if state == PROBATION and len(self.watch) < 8 * len(self.state):
                 self.watch.append((threading.get_ident(), slot, (routed.indices, routed.weights, logits),
-                                   versions))
+                                   versions, mode))
             return False
         if logits is not None:
             nl = logits.numel()
@@ -335,18 +342,19 @@ class Stage:
         """Probation calls of ``thread``'s forward, which just ended: a router whose indices,
         weights or logits changed in place since it returned stays eager, else it is staged."""
         mine, self.watch = [w for w in self.watch if w[0] == thread], [w for w in self.watch if w[0] != thread]
-        addresses = [_addresses(Routed(t[0], t[1])) for _, _, t, _ in mine]
+        addresses = [_addresses(Routed(t[0], t[1])) for _, _, t, _, _ in mine]
         shared = _reused(addresses)
         clean = []
-        for i, (_, slot, tensors, versions) in enumerate(mine):
+        for i, (_, slot, tensors, versions, mode) in enumerate(mine):
             if i in shared or addresses[i] is None or tensors[0].numel() > MAX_CALL \
                     or any(v >= 0 and t._version != v for t, v in zip(tensors, versions)):
                 self.state[slot] = EAGER
             else:
-                clean.append(slot)
-        for slot in clean:
-            if self.state[slot] == PROBATION:
+                clean.append((slot, mode))
+        for slot, mode in clean:   # staged in the modes it was judged clean in
+            if self.state[slot] != EAGER:
                 self.state[slot] = STAGED
+                self.clean[slot] |= 1 << mode
 
     def _count_or_eager(self, batch: list, n: int) -> None:
         """``_count``; if it fails before writing (a call on another device than the

@@ -25,6 +25,9 @@ class Steps:
         self.window = window
         self.current = int(start)         # number of the open step
         self.dirty = False                # routing was recorded in the open step
+        self.loose = False                # ... outside any top-level forward seen to start (a
+        # router called by hand, the rest of a forward running when attach was called): under
+        # the forward rule the next top-level forward starts a new step
         self.flush_seconds = 0.0          # in flush_staged (staged router calls counted)
         self.closed = False               # the handle is detached
         self.followers: list = []         # weakrefs to the Steps of handles following this one
@@ -55,7 +58,7 @@ class Steps:
         with self._lock:
             if self.closed:
                 return
-            self.dirty = False
+            self.dirty = self.loose = False
             self.clock.step_ended()
             try:
                 self.window.end_step(self.current)

@@ -86,20 +86,27 @@ class Session:
         self.handle = None
         self.governor = None
         self._atexit = None
+        self._step_zero = False   # the open step 0 holds an evaluation before the first update
 
     def start(self, model, run: str, root, global_step: int, tokens: float, flush_every: int,
               govern=None, strict: bool = False, config: dict | None = None, attach=None,
-              **attach_options) -> bool:
+              eval_first: bool = False, retry: bool = False, **attach_options) -> bool:
         """Attach to ``model``; ``attach``: a callable like ``probes.attach`` (default: the
-        ``chrono.attach`` entry point, see ``find_attacher``)."""
+        ``chrono.attach`` entry point, see ``find_attacher``). ``eval_first``: the trainer
+        evaluates before the first update (transformers' ``eval_on_start``); on a fresh run
+        that evaluation is step 0, where the trainer logs it, in a window of its own.
+        ``retry``: the trainer starts this training again after the previous attempt raised
+        (``auto_find_batch_size`` after an out-of-memory error): the steps it redoes replace the
+        failed attempt's in the same run."""
         attach = attach or find_attacher()
         self.close()
         model = unwrap(model)
         resumed = global_step > 0
+        self._step_zero = eval_first and not resumed
         try:
             self.handle = attach(model, run=run, root=root, tokens=tokens,
-                                 flush_every=flush_every, start_step=global_step + 1,
-                                 overwrite=resumed, steps="manual", config=config, **attach_options)
+                                 flush_every=flush_every, start_step=0 if self._step_zero else global_step + 1,
+                                 overwrite=resumed or retry, steps="manual", config=config, **attach_options)
         except AttachError as e:
             if strict:
                 raise
@@ -121,6 +128,9 @@ class Session:
         h = self.handle
         if h is not None and h.current_step <= global_step:
             h.step(next_step=global_step + 1)
+            if self._step_zero:   # step 0 (the evaluation before training) is a window of its
+                self._step_zero = False   # own: the next windows end at the logging steps
+                h.flush()
 
     def after_update(self) -> None:
         if self.governor is not None:

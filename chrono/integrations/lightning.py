@@ -11,7 +11,8 @@ Same behaviour as the transformers callback (``chrono.integrations.common``):
 * one chrono step per optimizer step (``trainer.global_step``), whatever
   ``accumulate_grad_batches`` is: the micro-batches of the update that makes
   ``global_step == N`` are step N; validation loops run after update N are
-  stored as mode ``EVAL`` at step N.
+  stored as mode ``EVAL`` at step N (one that runs between two micro-batches of
+  update N + 1: at step N + 1, the open step).
 * ``ckpt_path=`` resume: the run id is saved in the checkpoint (``state_dict``)
   and read back; steps continue at ``global_step + 1``, rows of later steps
   stored before (logged after the checkpoint) are replaced.

@@ -13,6 +13,8 @@ What the callback does (docs/integrations.md has the long form):
   ``gradient_accumulation_steps`` is; the step is ended when the next update's
   first micro-batch begins (``on_step_begin``), so an evaluation run after
   update N is stored as mode ``EVAL`` at step N, where the Trainer logs it.
+* a retry (``auto_find_batch_size`` after an out-of-memory error: ``train`` starts again
+  with no ``on_train_end``): the same run, the failed attempt's steps replaced by the redone ones.
 * resume (``trainer.train(resume_from_checkpoint=...)``): the run id is read back
   from the checkpoint (``trainer_state.json``, ``stateful_callbacks``), steps
   continue at ``global_step + 1`` and rows of steps after the checkpoint (logged
@@ -93,15 +95,20 @@ class ChronoCallback(CallbackOptions, TrainerCallback, ExportableState):
         from chrono.store import default_root
 
         self._run_first()
-        self._session.close()   # a previous train() that raised left its attachment open
+        # a previous train() that raised left its attachment open: this one is a retry of the
+        # same training (auto_find_batch_size after an out-of-memory error restarts train()
+        # without on_train_end): same run, the redone steps replace the failed attempt's
+        retry = self._session.handle is not None and self.run_id is not None
+        self._session.close()
         root = default_root() if self.root is None else self.root
-        run = agree_run_id(self._resolve_run(args, state, root))
+        run = agree_run_id(self.run_id if retry else self._resolve_run(args, state, root))
         flush_every = self.flush_every or flush_every_for(args.logging_steps, args.logging_strategy)
         config = {"trainer": {"framework": "transformers",
                               "gradient_accumulation_steps": args.gradient_accumulation_steps,
                               "resumed_at": state.global_step}}
         if self._session.start(model, run, root, state.global_step, self.tokens, flush_every,
                                govern=self.govern, strict=self.strict, config=config,
+                               eval_first=bool(getattr(args, "eval_on_start", False)), retry=retry,
                                **self.attach_options):
             self.run_id = self._session.run_id
 

@@ -206,3 +206,22 @@ def test_evaluation_script_without_steps_keeps_every_rank_rows(tmp_path):
     con = chrono.connect(root)
     assert con.execute("SELECT count(*) FROM snapshots WHERE run_id = 'evalonly'").fetchone()[0] == 0
     assert set(con.execute("SELECT DISTINCT mode FROM routing WHERE run_id = 'evalonly'").fetchall()) == {("EVAL",)}
+
+
+@pytest.mark.slow   # a torchrun launch
+def test_uneven_steps_keep_every_rank_rows_when_a_collective_fails(tmp_path):
+    """Review 11: rank 1 ends 3 more steps than rank 0 (an uneven last epoch), flush_every 2.
+    Rank 0 leaves after its 3 flushes (windows 0-1, 2-3, 4); rank 1's 4th flush (steps 6-7)
+    finds no partner: its all-reduce fails. That window's rank-local routing rows must still be
+    written ("several ranks: nothing dropped"); before the fix the failed reduction lost them
+    (a telemetry fault in step, rows of steps 6-7 gone). Truth: each rank's own router hook."""
+    p, root, out = torchrun(tmp_path, "uneven", "--uneven", "3")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for r in (0, 1):
+        mine = np.array(rank_out(out, r)["counts"])
+        assert mine.sum() == (STEPS + 3 * r) * (24 + 8 * r) * 2 * LAYERS
+        np.testing.assert_array_equal(store_counts(root, "uneven", rank=r), mine)
+    steps = chrono.connect(root).execute("SELECT rank, count(DISTINCT step), max(step) FROM routing "
+                                         "WHERE run_id = 'uneven' GROUP BY ALL ORDER BY ALL").fetchall()
+    assert steps == [(0, STEPS, STEPS - 1), (1, STEPS + 3, STEPS + 2)]
+    assert rank_out(out, 1)["stats"]["reduce_failures"] == 1   # then no collective: stopped

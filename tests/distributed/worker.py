@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--metrics-port", type=int, default=None)
     ap.add_argument("--eval-only", action="store_true",
                     help="an evaluation script: STEPS no-grad forwards, no h.step(), then detach")
+    ap.add_argument("--uneven", type=int, default=0,
+                    help="rank 1 trains this many steps more than rank 0 (no gradient sync), each "
+                         "ending with h.step(); rank 0 exits when done: rank 1's later collectives fail")
     a = ap.parse_args()
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -147,6 +150,21 @@ def main() -> None:
         Path(a.out, f"rank{rank}.json").write_text(json.dumps(
             {"counts": mine.tolist(), "stats": stats["distributed"], "steps": stats["steps"]}))
         dist.barrier()
+        dist.destroy_process_group()
+        return
+    if a.uneven:
+        with probes.attach(model, run=a.run, root=a.root, flush_every=a.flush_every, distributed=dopt) as h:
+            for step in range(a.steps + a.uneven * rank):
+                x = torch.randn(24 + 8 * rank, D, generator=gen)
+                loss = (model(x) - x.sum(-1)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                h.step()
+        stats = h.stats()
+        Path(a.out, f"rank{rank}.json").write_text(json.dumps(
+            {"counts": mine.tolist(), "stats": stats["distributed"], "steps": stats["steps"],
+             "faults": stats["faults"]}))
         dist.destroy_process_group()
         return
     scrape = None

@@ -154,3 +154,34 @@ def test_governance_and_no_router(tmp_path, caplog):
     assert tr.global_step == 2
     assert len([r for r in caplog.records if r.name == "chrono.integrations"]) == 1
     assert chrono.store.list_runs(root) == ["gov"]
+
+
+def test_validation_in_the_middle_of_an_accumulation_is_stored_at_the_open_step(tmp_path):
+    """Review 11: ``val_check_interval`` counted in batches that is not a multiple of
+    ``accumulate_grad_batches`` runs validation between two micro-batches of update N + 1
+    (``global_step == N``, where Lightning logs it). Its rows cannot go to step N (ended, maybe
+    written, when update N + 1's first micro-batch began): they are ``EVAL`` rows at the open
+    step N + 1, as docs/integrations.md says. Truth: the routers' own hooks; a validation that
+    starts with a micro-batch of the next update already run is keyed N + 1."""
+    torch.set_num_threads(1)
+    lm, spy, cb = LM(), TrainerSpy(), ChronoCallback(root=tmp_path / "store", flush_every=2)
+    state = {"mid": False}
+
+    class Mid(Callback):   # the test's own record of where validation starts
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state["mid"] = (batch_idx + 1) % ACC != 0
+
+    def key(m):
+        if spy.trainer.sanity_checking:
+            return (None, "SANITY")
+        step = spy.trainer.global_step
+        return (step + 1, "TRAIN") if m.training else (step + (1 if state["mid"] else 0), "EVAL")
+
+    truth = RouterTruth(lm.model, key)
+    _trainer(tmp_path, [spy, Mid(), cb], max_steps=6, val_check_interval=3, enable_checkpointing=False,
+             num_sanity_val_steps=1).fit(lm)
+    truth.remove()
+    stored = stored_counts(tmp_path / "store", cb.run_id)
+    assert stored == {k: v for k, v in truth.counts.items() if k[1] != "SANITY"}
+    evals = sorted({s for s, m, *_ in stored if m == "EVAL"})
+    assert evals == [2, 3, 5, 6]   # after batches 3, 6, 9, 12: mid-update 2, after 3, mid 5, after 6

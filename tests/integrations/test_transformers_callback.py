@@ -261,3 +261,67 @@ def test_add_callback_after_construction_still_reaches_the_reporters(tmp_path):
     tr.add_callback(ChronoCallback(root=tmp_path / "store"))   # appended after TensorBoardCallback
     tr.train()
     assert_health_tags(tensorboard_scalars(tmp_path / "late"), prefix="train/")
+
+
+def test_eval_on_start_is_stored_at_step_zero_where_the_trainer_logs_it(tmp_path):
+    """Review 11: ``eval_on_start=True`` evaluates before the first update; the Trainer logs that
+    ``eval_loss`` at step 0, so its routing is EVAL rows at step 0 (it was stored at step 1, mixed
+    into the first update's step). Windows still end at the logging steps (steps 1-2, 3-4).
+    Truth: the routers' own hooks keyed by the Trainer's global step (``_truth``)."""
+    torch.set_num_threads(1)
+    root = tmp_path / "store"
+    model = qwen3_moe()
+    spy = StateSpy()
+    truth = _truth(model, spy)
+    cb = ChronoCallback(root=root, flush_every=2)
+    args = _args(tmp_path / "out", max_steps=4, gradient_accumulation_steps=1, eval_on_start=True,
+                 eval_steps=2, logging_steps=2)
+    trainer = _trainer(model, args, spy, cb)
+    trainer.train()
+    truth.remove()
+    stored = stored_counts(root, cb.run_id)
+    assert stored == truth.counts
+    evals = sorted({s for s, m, *_ in stored if m == "EVAL"})
+    assert evals == [0, 2, 4] == [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    windows = chrono.connect(root).execute("SELECT DISTINCT window_start, window_end FROM snapshots WHERE "
+                                           "run_id = ? AND layer = -1 ORDER BY ALL", [cb.run_id]).fetchall()
+    assert windows == [(0, 0), (1, 2), (3, 4)]
+
+
+@pytest.mark.parametrize("run", [None, "mine"])
+def test_auto_find_batch_size_retry_replaces_the_failed_attempt_in_one_run(tmp_path, run):
+    """``auto_find_batch_size=True``: an out-of-memory error at step 2 makes the Trainer start
+    ``train`` again from step 0 with a smaller batch (no ``on_train_end`` in between). The retry
+    redoes steps 1.. of the same training: one run whose steps are the retry's, the failed
+    attempt's rows replaced. Was: with the default id the retry became a new run (``out-2``) beside
+    the failed attempt's partial run; with an explicit ``run=`` the retry's attach was refused
+    (``StoreError``: steps 1, 2 stored already) and the training crashed. Truth: the routers' own
+    hooks during the retry."""
+    torch.set_num_threads(1)
+    root = tmp_path / "store"
+    model = qwen3_moe()
+    spy = StateSpy()
+    attempts = []
+
+    class OOMOnce(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            attempts.append(state.train_batch_size)
+            truth.counts.clear()
+            truth.calls.clear()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2 and len(attempts) == 1:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    truth = _truth(model, spy)
+    cb = ChronoCallback(run=run, root=root)
+    args = _args(tmp_path / "out", max_steps=4, gradient_accumulation_steps=1, per_device_train_batch_size=4,
+                 eval_strategy="no", auto_find_batch_size=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(32), callbacks=[spy, OOMOnce(), cb])
+    trainer.train()
+    truth.remove()
+    assert len(attempts) == 2 and attempts[1] < attempts[0] == 4   # the Trainer retried with a smaller batch
+    assert chrono.store.list_runs(root) == [run or "out"] and cb.run_id == (run or "out")
+    stored = stored_counts(root, cb.run_id)
+    assert stored == truth.counts
+    assert sorted({s for s, *_ in stored}) == [1, 2, 3, 4]
