@@ -65,11 +65,13 @@ def _fmt_cell(v) -> str:
     return str(v)
 
 
-def print_table(table, out=None, max_rows: int | None = None) -> None:
+def print_table(table, out=None, max_rows: int | None = None, more: str = "") -> None:
     """Print a table as aligned text columns.
 
     ``table``: a ``pyarrow.Table``, or a ``(column_names, rows)`` pair of plain
     Python values (what DuckDB's ``fetchall`` returns; no pyarrow needed).
+    ``more``: how the calling command shows the rows beyond ``max_rows`` (its own options),
+    printed after "... N more rows".
     """
     out = out or sys.stdout
     if isinstance(table, tuple):
@@ -87,6 +89,6 @@ def print_table(table, out=None, max_rows: int | None = None) -> None:
     for row in cells:
         out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
     if hidden:
-        out.write(f"... {hidden} more rows (use --format csv/json/parquet --output F for all)\n")
+        out.write(f"... {hidden} more rows" + (f" ({more})" if more else "") + "\n")
     if not rows:
         out.write("(no rows)\n")

@@ -74,6 +74,9 @@ def cmd_replay(args) -> int:
     from chrono.store import require_run
     from chrono.rules import check_run
 
+    for name in ("show", "max_diffs"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     path = require_run(require_store(Path(args.root)), args.run)
     cfg_path = path / CONFIG_NAME
     try:
@@ -120,7 +123,8 @@ def cmd_replay(args) -> int:
 
         print_table(pa.Table.from_pylist([{k: r[k] for k in ("step", "layer", "debt", "pressure",
                                                                 "lens_scale", "backoff", "abstain")}
-                                          for r in replayed]), max_rows=args.show)
+                                          for r in replayed]), max_rows=args.show,
+                    more=f"--show {len(replayed)} shows all")
     return 0
 
 

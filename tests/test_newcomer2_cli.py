@@ -1,0 +1,76 @@
+"""newcomer2: replay / plan-placement row limits and wording (one-line errors, hints that work)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import chrono
+from chrono.controller import ControlConfig, Controller
+from chrono.governance import CONFIG_NAME
+from chrono.snapshots import layer_rows
+from chrono.store import run_dir
+from chrono_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A run with routing (4 experts, skewed), snapshots and the decisions a controller took."""
+    r = tmp_path_factory.mktemp("nc2") / "store"
+    rng = np.random.default_rng(0)
+    ctl = Controller(1, {0: 4}, ControlConfig())
+    with chrono.open_run(r, "gov", model={"layers": [0], "experts_per_layer": {"0": 4}, "top_k": 1}) as w:
+        for step in range(40):
+            counts = rng.multinomial(100, [0.7, 0.2, 0.05, 0.05])
+            w.log_routing(step, 0, counts)
+            if step % 5 == 4:
+                rows = layer_rows("gov", step - 4, step, {0: counts * 5})
+                w.log_rows("snapshots", rows)
+                w.log_rows("decisions", [d.as_row("gov") for d in ctl.update(rows)])
+    (run_dir(r, "gov") / CONFIG_NAME).write_text(json.dumps(ctl.config.to_dict()))
+    return r
+
+
+def _run(root, *argv):
+    return main(["--root", str(root), *argv])
+
+
+def test_replay_show_says_how_to_see_more(root, capsys):
+    # The hint was the query command's "use --format csv/json/parquet --output F for all":
+    # replay has neither option, so following it gave "unrecognized arguments".
+    assert _run(root, "replay", "gov", "--show", "3") == 0
+    out = capsys.readouterr().out
+    assert "reproduces all 8 decisions" in out
+    assert "... 5 more rows (--show 8 shows all)" in out and "--format" not in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["replay", "gov", "--show", "-2"], "--show must be >= 0"),
+    (["replay", "gov", "--max-diffs", "-1"], "--max-diffs must be >= 0"),
+    (["plan-placement", "gov", "--gpus", "2", "--max-rows", "0"], "--max-rows must be >= 1"),
+    (["plan-placement", "gov", "--gpus", "2", "--max-rows", "-3"], "--max-rows must be >= 1"),
+])
+def test_bad_row_limits_are_one_line_errors(root, argv, match, capsys):
+    # `--show -2` printed all but the last 2 decisions and a wrong "... 42 more rows";
+    # plan-placement `--max-rows 0` printed "... 2 more rows" and "(no rows)" together.
+    assert _run(root, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chrono: error:") and match in err and err.count("\n") == 1
+
+
+def test_plan_placement_says_what_before_and_after_are(root, capsys):
+    assert _run(root, "plan-placement", "gov", "--gpus", "2") == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert "node(s)" not in first and "(1 node, " in first
+    assert "before = trivial placement (slot p holds expert p mod 4)" in out
+    assert "ratio = busiest GPU / mean GPU (1 = balanced)" in out
+    assert "with the trivial placement," in out and "with this plan" in out
+    assert "-o DIR" in out                               # where the engine files come from
+
+
+def test_plan_placement_more_rows_hint(root, capsys, tmp_path):
+    assert _run(root, "plan-placement", "gov", "--gpus", "2", "--max-rows", "1") == 0
+    out = capsys.readouterr().out
+    assert "--format csv/json/parquet" not in out            # plan-placement has no such formats
