@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 import time
 from pathlib import Path
 
@@ -61,7 +62,9 @@ class Store:
         self.lock = threading.RLock()
         self.follower = Follower(self.root)
         self.follower.poll()  # before the views: what they cover is never older than the version
-        self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
+        with warnings.catch_warnings():   # a mistyped root: the welcome page says it
+            warnings.simplefilter("ignore", UserWarning)
+            self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
         self.checked_at = time.monotonic()
 
     def sync(self, force: bool = False) -> None:

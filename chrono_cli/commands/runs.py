@@ -47,9 +47,13 @@ def _check_rows(con, run: str, tables) -> None:
 
 
 def _connect(args, tables=None):
+    import warnings
+
     import chrono
 
-    return chrono.connect(_root(args), tables=tables)
+    with warnings.catch_warnings():   # a mistyped root: `chrono runs` says it as a note
+        warnings.simplefilter("ignore", UserWarning)
+        return chrono.connect(_root(args), tables=tables)
 
 
 # ------------------------------------------------------------------ commands
@@ -64,6 +68,12 @@ def cmd_runs(args) -> int:
     health = run_health(con)
     labels = [health[r[0]].label() if r[0] in health else OK for r in rows]
     print_table((cols[:1] + ["health"] + cols[1:], [r[:1] + (h,) + r[1:] for r, h in zip(rows, labels)]))
+    if not rows:
+        from chrono.store import store_note
+
+        note = store_note(_root(args))
+        if note is not None:
+            print(f"chrono: note: {note}", file=sys.stderr)
     return 0
 
 
