@@ -350,6 +350,19 @@ def run_set(root: Path | None = None) -> set[str]:
     return get_store(root).runs()
 
 
+def control_config(run: str, root: Path | None = None) -> dict:
+    """The run's ``control_config.json`` (mode, set point, actuator label; what ``chrono replay``
+    uses); {} when absent or unreadable (the faithful policy then, as replay assumes)."""
+    from chrono.controller import CONFIG_NAME
+    from chrono.store import run_meta_dir
+
+    d = run_meta_dir(root or store_root(), run)
+    try:
+        return json.loads((d / CONFIG_NAME).read_text()) if d is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def run_ids() -> list[str]:
     """Run ids, newest first (cheap: one cached query keyed on the store's version)."""
     return list(query(RUNS_SQL)["run_id"])
