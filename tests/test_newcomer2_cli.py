@@ -74,3 +74,22 @@ def test_plan_placement_more_rows_hint(root, capsys, tmp_path):
     assert _run(root, "plan-placement", "gov", "--gpus", "2", "--max-rows", "1") == 0
     out = capsys.readouterr().out
     assert "--format csv/json/parquet" not in out            # plan-placement has no such formats
+
+
+def test_show_says_how_the_run_is_governed(root, capsys):
+    # `chrono show` listed "decisions 8" among the row counts and nothing else about governance.
+    assert _run(root, "show", "gov") == 0
+    out = capsys.readouterr().out
+    (line,) = [l for l in out.splitlines() if l.startswith("governed")]
+    con = chrono.connect(root)
+    ((acting,),) = con.execute("SELECT count(*) FILTER (WHERE NOT abstain) FROM decisions "
+                               "WHERE run_id = 'gov' AND step = 39").fetchall()
+    assert line == (f"governed lens, faithful policy; 8 decisions, the latest (step 39): {acting} of 1 layer "
+                    f"acting ('chrono replay gov' re-derives them)")
+
+
+def test_show_of_an_ungoverned_run_has_no_governed_line(tmp_path, capsys):
+    with chrono.open_run(tmp_path, "plain", model={"layers": [0], "experts_per_layer": {"0": 2}}) as w:
+        w.log_routing(0, 0, [1, 1])
+    assert _run(tmp_path, "show", "plain") == 0
+    assert not [l for l in capsys.readouterr().out.splitlines() if l.startswith("governed")]

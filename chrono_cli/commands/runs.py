@@ -96,12 +96,31 @@ def _model_line(model: dict) -> str:
     if layers is not None:
         n_exp = ("/".join(map(str, experts)) if len(experts) <= 3 else f"{experts[0]}-{experts[-1]}") \
             if experts else "?"
-        parts.append(f"{len(layers)} layers x {n_exp} experts")
+        parts.append(f"{plural(len(layers), 'layer')} x {n_exp} experts")
     if model.get("top_k") is not None:
         parts.append(f"top-{model['top_k']}")
     if model.get("adapter"):
         parts.append(f"adapter {model['adapter']}")
     return ", ".join(parts)
+
+
+def _governed_line(con, run: str, path, n_decisions: int) -> str:
+    """'governed ACTUATORS, POLICY; N decisions, the latest (step S): A of L layers acting ...'."""
+    from chrono.controller import CONFIG_NAME
+
+    try:
+        cfg = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    policy = (f"setpoint policy (Neff target {cfg.get('neff_target')}·n)" if cfg.get("mode") == "setpoint"
+              else "faithful policy")
+    ((actuators, step, acting, layers),) = con.execute(
+        "WITH d AS (SELECT * FROM decisions WHERE run_id = ?), last AS (SELECT * FROM d WHERE step = "
+        "(SELECT max(step) FROM d)) SELECT (SELECT string_agg(DISTINCT actuator, ', ' ORDER BY actuator) "
+        "FROM d), (SELECT max(step) FROM d), count(*) FILTER (WHERE NOT abstain), count(*) FROM last",
+        [run]).fetchall()
+    return (f"governed {actuators}, {policy}; {plural(n_decisions, 'decision')}, the latest (step {step}): "
+            f"{acting} of {plural(layers, 'layer')} acting ('chrono replay {run}' re-derives them)")
 
 
 def cmd_show(args) -> int:
@@ -142,6 +161,8 @@ def cmd_show(args) -> int:
     print("rows     " + ", ".join(f"{t} {n:,}" for t, n in counts.items() if n) if any(counts.values())
           else "rows     none yet")
     print(f"health   {health.label() if health.active else 'OK (no active alert)'}")
+    if counts.get("decisions"):
+        print(_governed_line(con, args.run, path, counts["decisions"]))
     latest = con.sql(
         "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
         "round(top2_share, 3) AS top2_share, dead, nearly_dead "
