@@ -93,3 +93,18 @@ def test_show_of_an_ungoverned_run_has_no_governed_line(tmp_path, capsys):
         w.log_routing(0, 0, [1, 1])
     assert _run(tmp_path, "show", "plain") == 0
     assert not [l for l in capsys.readouterr().out.splitlines() if l.startswith("governed")]
+
+
+def test_dashboard_help_names_every_page():
+    # the one-line help listed 6 of the 8 pages (no Specialization, no Lifecycle & workloads)
+    import ast
+    from pathlib import Path
+
+    from chrono_cli.commands import dashboard as cmd
+
+    app = Path(__file__).resolve().parents[1] / "dashboard" / "streamlit_app.py"
+    tree = ast.parse(app.read_text())
+    (pages,) = [ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "PAGES"]
+    assert len(pages) == 8
+    assert all(title in cmd.HELP for _, title, _ in pages), cmd.HELP

@@ -5,10 +5,13 @@ import argparse
 import signal
 import sys
 
+HELP = ("serve the live dashboard (pages: Runs, Routing, Health, Alerts, Governance, Specialization, "
+        "Lifecycle & workloads, SQL)")
+
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "dashboard", help="serve the live dashboard (runs, routing, health, alerts, governance, SQL)",
+        "dashboard", help=HELP,
         description="Start the Streamlit dashboard over the store and print its URL. It reads the "
                     "store read-only and refreshes by itself while runs are written. Ctrl-C stops it.")
     p.add_argument("--root", default=argparse.SUPPRESS,
