@@ -49,8 +49,8 @@ def share_legend(n_experts: int) -> alt.Legend:
     u = 1.0 / max(1, int(n_experts))
     return alt.Legend(format=".1~%", values=sorted({0.0, round(u, 4), 0.5, 1.0}), gradientLength=320,
                       orient="bottom", direction="horizontal", titleOrient="top", titleLimit=600,
-                      title=f"share of tokens: white = uniform share 1/{int(n_experts)} = {u:.1%}, "
-                            "blue = starved, purple = hot")
+                      title=[f"share of tokens: white = uniform share 1/{int(n_experts)} = {u:.1%},",
+                             "blue = starved, purple = hot"])   # two lines: fits a half-width chart
 
 
 def _expert_axis(n_exp: int) -> alt.Axis:

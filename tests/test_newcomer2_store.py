@@ -118,3 +118,15 @@ def test_governance_page_says_what_governs_the_run(tmp_path, monkeypatch, config
     assert pressure_title in chart_titles(at)
     labels = [m.label for m in at.metric]
     assert ("Max effort u now" in labels) == bool(config) and ("Max pressure now" in labels) != bool(config)
+
+
+def test_share_legend_title_fits_a_half_width_chart():
+    # On the Routing page the whole-run heatmap sits in a half-width column, and its one-line
+    # legend title was cut off at "... blue = starved, pu" (screenshot 2026-12-01, 1400 px wide).
+    # The column showed the first 73 characters of that title; lines of at most 60 fit.
+    from dashboard.charts import share_legend
+
+    title = share_legend(8).to_dict()["title"]
+    lines = [title] if isinstance(title, str) else title
+    assert " ".join(lines) == "share of tokens: white = uniform share 1/8 = 12.5%, blue = starved, purple = hot"
+    assert len(lines) > 1 and max(len(l) for l in lines) <= 60, lines
