@@ -48,7 +48,8 @@ class GovernedHandle(Protocol):
     ``n_experts``; ``run_id``; ``writer`` (optional: the store writer, whose ``path`` and
     ``rank`` say where decisions are mirrored); ``on_snapshot(fn)`` registers
     ``fn(step, rows, handle)``; ``record_decisions(rows)`` logs DECISIONS rows. Optional:
-    ``load_cursor(layer)`` (``RouterLoads``) and ``hooks`` (``HookRegistry``).
+    ``load_cursor(layer)`` (``RouterLoads``), ``hooks`` (``HookRegistry``) and ``wait_written()``
+    (block until closed windows are in the store: the warm start of a resumed run reads them).
     """
 
     routers: list
@@ -317,6 +318,8 @@ def govern(model: nn.Module, handle: GovernedHandle, actuators=("informed-lens",
         routers = _routers(model, handle)
         history = None
         if previous is None and meta is not None and isinstance(getattr(writer, "root", None), Path):
+            if callable(getattr(handle, "wait_written", None)):
+                handle.wait_written()   # windows this session closed are still being written
             history = stored_history(writer.root, handle.run_id)[1]   # a resumed governed run
         loads = handle if isinstance(handle, RouterLoads) else None
         gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir, loads=loads,

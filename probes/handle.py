@@ -225,6 +225,11 @@ class Handle:
             self._close_window()
         self._sink.wait()
 
+    def wait_written(self) -> None:
+        """Wait until every window closed so far is in the store (closes no window)."""
+        if not self._detached:
+            self._sink.wait()
+
     def metrics(self) -> dict:
         """Live ``{layer: LayerMetrics}`` of the current window (finished steps + the running one)."""
         with self._lock:

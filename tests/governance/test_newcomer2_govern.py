@@ -158,3 +158,32 @@ def test_an_actuator_named_twice_is_refused(store_root, tiny_model):
         h.step()
         with pytest.raises(ActuatorError, match="'bias' given twice"):
             chrono.govern(model, h, actuators=("bias", "bias"))
+
+
+def test_resumed_run_governed_late_with_a_slow_writer_replays(store_root, tiny_model, capsys, monkeypatch):
+    # Resumed session, a few steps, then govern: the warm start reads the run's windows from
+    # the store, and with a slow disk the windows this session closed were still queued (the
+    # controller missed them, replay did not: DIFFERS). govern now waits for queued writes.
+    import time
+
+    from chrono.store.writer import RunWriter
+
+    model, shared = _model(tiny_model)
+    with probes.attach(model, run="slow", root=store_root, flush_every=5) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        _train(model, h, gov, 10, shared)
+    real = RunWriter.flush
+
+    def slow_flush(self):
+        time.sleep(0.3)      # a slow disk, on the background writer's thread
+        return real(self)
+
+    monkeypatch.setattr(RunWriter, "flush", slow_flush)
+    with probes.attach(model, run="slow", root=store_root, flush_every=5) as h:
+        _train(model, h, None, 10, shared)
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        assert {d.step for d in gov.latest.values()} == {19}   # it saw the window just closed
+        _train(model, h, gov, 10, shared)
+    monkeypatch.undo()
+    rc, out = _replay(store_root, "slow", capsys)
+    assert rc == 0, out
