@@ -118,3 +118,6 @@ def test_a_second_ctrl_c_is_not_held(tmp_path, monkeypatch):
     monkeypatch.undo()
     with probes.attach(model, run="r2", root=tmp_path) as h2:   # not left locked
         model(input_ids=torch.randint(0, 64, (2, 8)))
+    # the second Ctrl-C stopped at once, as the log line offers: the open window (steps 0-2)
+    # was not written, so the run resumes at step 0
+    assert h2.current_step == 1
