@@ -304,6 +304,9 @@ def govern(model: nn.Module, handle: GovernedHandle, actuators=("informed-lens",
     then nothing is left behind: no actuator hook, and when the handle has
     recorded nothing yet (no step, no row) it is detached and its empty run deleted.
     """
+    if getattr(handle, "detached", False) is True:
+        raise ActuatorError(f"the handle of run {handle.run_id!r} is detached (its `with probes.attach(...)` "
+                            f"block ended): call govern inside the block")
     previous = _GOVERNORS.get(handle)
     if previous is not None and not previous.removed:
         raise ActuatorError(f"run {handle.run_id!r} is already governed through this handle (actuators "

@@ -191,6 +191,11 @@ class Handle:
     def current_step(self) -> int:
         return self._steps.current
 
+    @property
+    def detached(self) -> bool:
+        """True once ``detach()`` ran (the ``with`` block ended): nothing is recorded any more."""
+        return self._detached
+
     # ----------------------------------------------------------------- window
     def _window_full(self) -> None:
         # durability (issue #11): the write runs while the next step computes; that step's

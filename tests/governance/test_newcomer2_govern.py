@@ -187,3 +187,16 @@ def test_resumed_run_governed_late_with_a_slow_writer_replays(store_root, tiny_m
     monkeypatch.undo()
     rc, out = _replay(store_root, "slow", capsys)
     assert rc == 0, out
+
+
+def test_govern_on_a_detached_handle_is_refused(store_root, tiny_model):
+    # After the `with probes.attach(...)` block, govern() installed actuators that never got a
+    # window: no decision, no effect, no message.
+    model, shared = _model(tiny_model)
+    with probes.attach(model, run="gone", root=store_root, flush_every=5) as h:
+        _train(model, h, None, 5, shared)
+    assert h.detached
+    with pytest.raises(ActuatorError, match="detached"):
+        chrono.govern(model, h, actuators=("bias",))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert "gone" in chrono.store.list_runs(store_root)          # the run with its data is kept
