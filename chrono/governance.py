@@ -97,6 +97,11 @@ class Governor:
     probes handle); None: one shared counting hook per router (``HookLoads``).
     ``hooks``: a registry that adopts the governor, so its ``remove()`` (a probes
     handle's detach) removes the governor too.
+    ``history``: snapshot windows the run's controller saw before (``chrono.control_history``):
+    fed to a new controller first (warm start). ``takes_over``: the handle's removed governor,
+    whose controller (and config) this one continues. ``config_dir``: a run directory whose
+    ``control_config.json`` binds (the run has stored decisions). Another config than the
+    bound one raises ActuatorError (``check_same_config``).
     """
 
     def __init__(self, routers: dict[int, tuple[nn.Module, int]], actuators=("informed-lens",),
@@ -118,7 +123,7 @@ class Governor:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.removed = False
         previous = takes_over.controller.config if takes_over is not None else None
-        check_same_config(Path(config_dir) if config_dir is not None else self.run_dir, config, previous)
+        check_same_config(Path(config_dir) if config_dir is not None else None, config, previous)
         layers = sorted(routers)
         if takes_over is not None:      # the handle's earlier governor: its controller goes on
             self.controller, self.latest = takes_over.controller, dict(takes_over.latest)
@@ -319,15 +324,17 @@ def govern(model: nn.Module, handle: GovernedHandle, actuators=("informed-lens",
     run_dir = meta if getattr(writer, "rank", 0) == 0 else None
     try:
         routers = _routers(model, handle)
-        history = None
+        first, history = None, None
         if previous is None and meta is not None and isinstance(getattr(writer, "root", None), Path):
             if callable(getattr(handle, "wait_written", None)):
                 handle.wait_written()   # windows this session closed are still being written
-            history = stored_history(writer.root, handle.run_id)[1]   # a resumed governed run
+            first, history = stored_history(writer.root, handle.run_id)   # a resumed governed run
         loads = handle if isinstance(handle, RouterLoads) else None
+        # the stored config binds only while stored decisions derive from it (an overwrite from
+        # step 0 removed them all)
         gov = Governor(routers, actuators, config, lenses, actuator_kwargs, run_dir, loads=loads,
                        hooks=getattr(handle, "hooks", None), history=history, takes_over=previous,
-                       config_dir=meta)
+                       config_dir=meta if first is not None else None)
     except BaseException:
         _discard_if_empty(handle)
         raise

@@ -200,3 +200,19 @@ def test_govern_on_a_detached_handle_is_refused(store_root, tiny_model):
         chrono.govern(model, h, actuators=("bias",))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert "gone" in chrono.store.list_runs(store_root)          # the run with its data is kept
+
+
+def test_rerecording_a_run_from_step_0_may_change_the_config(store_root, tiny_model, capsys):
+    # overwrite=True from step 0 removes every stored decision (and the JSONL mirror's lines):
+    # nothing is left that the old control_config.json re-derives, so a new config is fine.
+    model, shared = _model(tiny_model)
+    with probes.attach(model, run="again", root=store_root, flush_every=5) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        _train(model, h, gov, 10, shared)
+    with probes.attach(model, run="again", root=store_root, flush_every=5, start_step=0, overwrite=True) as h:
+        gov = chrono.govern(model, h, actuators=("temperature",))
+        assert gov.latest == {}                      # a fresh controller: nothing stored to follow
+        _train(model, h, gov, 10, shared)
+    assert json.loads((run_dir(store_root, "again") / CONFIG_NAME).read_text())["actuator"] == "temperature"
+    rc, out = _replay(store_root, "again", capsys)
+    assert rc == 0, out
