@@ -132,7 +132,10 @@ def register(sub) -> None:
     s = sub.add_parser("replay", help="re-run the governance policy over stored snapshots and "
                                       "check it reproduces the stored decisions",
                        description="Re-derives every controller decision of RUN from its snapshots "
-                                   "and control_config.json; exit 0 if identical, 1 if not.")
+                                   "(from the window of the first stored decision on: the run's one "
+                                   "controller, across re-attaches) and control_config.json; exit 0 "
+                                   "if identical, 1 if not. Windows without any stored decision (no "
+                                   "governor attached then) are counted, not compared.")
     s.add_argument("run")
     s.add_argument("--max-diffs", type=int, default=20, help="differences printed (default 20)")
     s.add_argument("--show", type=int, default=0, metavar="N",
