@@ -323,7 +323,8 @@ def abstain_band(df: pd.DataFrame, height: int | None = None) -> alt.Chart:
     """
     n = max(1, df["layer"].nunique())
     return alt.Chart(df, title="When the controller abstained (dark) or acted (light)").mark_rect().encode(
-        x=alt.X("step_start:Q", title="training step", axis=alt.Axis(format="~s")), x2="step_end:Q",
+        x=alt.X("step_start:Q", title="training step", axis=alt.Axis(format="~s"),
+                scale=alt.Scale(zero=False)), x2="step_end:Q",   # from the first decision, as the lines
         y=alt.Y("layer_name:N", title=None, sort=alt.SortField("layer")),
         color=alt.Color("abstain_fraction:Q", title="share of decisions abstaining",
                         scale=alt.Scale(domain=[0, 1], range=["#e8eef6", "#1f3b73"]),

@@ -64,3 +64,18 @@ def test_share_legend_title_fits_a_half_width_chart():
     lines = [title] if isinstance(title, str) else title
     assert " ".join(lines) == "share of tokens: white = uniform share 1/8 = 12.5%, blue = starved, purple = hot"
     assert len(lines) > 1 and max(len(l) for l in lines) <= 60, lines
+
+
+def test_abstain_band_starts_where_the_decisions_start():
+    # The band's step axis began at 0 (Vega's zero default for a quantitative scale) while the
+    # line charts beside it began at the first decision (14 in a run governed from step 14):
+    # the two did not line up (screenshot 2026-12-01).
+    import pandas as pd
+
+    from dashboard import charts, status
+
+    binned = pd.DataFrame({"layer": [0, 0, 1, 1], "layer_name": ["layer 0", "layer 0", "layer 1", "layer 1"],
+                           "step_start": [14, 19, 14, 19], "step": [14, 19, 14, 19],
+                           "abstain_fraction": [1.0, 0.0, 0.0, 1.0], "decisions": [1, 1, 1, 1]})
+    spec = charts.abstain_band(status.decision_spans(binned)).to_dict()
+    assert spec["encoding"]["x"]["scale"]["zero"] is False
