@@ -19,6 +19,15 @@ import probes
 from probes import window as window_mod
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler, as in a plain training script (an earlier test of the
+    suite, or a framework, may have installed another; detach then leaves Ctrl-C to it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -121,3 +130,24 @@ def test_a_second_ctrl_c_is_not_held(tmp_path, monkeypatch):
     # the second Ctrl-C stopped at once, as the log line offers: the open window (steps 0-2)
     # was not written, so the run resumes at step 0
     assert h2.current_step == 1
+
+
+def test_an_application_sigint_handler_is_left_alone(tmp_path, monkeypatch):
+    # a framework's own Ctrl-C handler (graceful shutdown) keeps receiving the signal
+    got = []
+    signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    model = _mixtral()
+    seen = _count_gates(model)
+    h = probes.attach(model, run="r3", root=tmp_path, flush_every=5)
+    _train(model, h, 3, seen)
+    real = window_mod.Window.close
+
+    def close_with_ctrl_c(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(window_mod.Window, "close", close_with_ctrl_c)
+    h.detach()                                        # no KeyboardInterrupt: the handler took it
+    assert got == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert chrono.connect(tmp_path).execute("SELECT sum(tokens) FROM routing").fetchall() == [(sum(seen),)]
