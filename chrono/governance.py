@@ -248,6 +248,14 @@ def check_same_config(run_dir: Path | None, config: ControlConfig,
         f"and ControlConfig, or record into a new run")
 
 
+def _governor_of(handle) -> "Governor | None":
+    """The handle's latest Governor (None: none, or a handle that cannot be weakly keyed)."""
+    try:
+        return _GOVERNORS.get(handle)
+    except TypeError:
+        return None
+
+
 def _routers(model: nn.Module, handle) -> dict[int, tuple[nn.Module, int]]:
     """``{layer: (router module in model, n_experts)}`` for the handle's routers; ActuatorError
     when ``model`` is not the model the handle is attached to."""
@@ -312,7 +320,7 @@ def govern(model: nn.Module, handle: GovernedHandle, actuators=("informed-lens",
     if getattr(handle, "detached", False) is True:
         raise ActuatorError(f"the handle of run {handle.run_id!r} is detached (its `with probes.attach(...)` "
                             f"block ended): call govern inside the block")
-    previous = _GOVERNORS.get(handle)
+    previous = _governor_of(handle)
     if previous is not None and not previous.removed:
         raise ActuatorError(f"run {handle.run_id!r} is already governed through this handle (actuators "
                             f"{previous.controller.config.actuator}); call gov.remove() first")
@@ -338,7 +346,10 @@ def govern(model: nn.Module, handle: GovernedHandle, actuators=("informed-lens",
     except BaseException:
         _discard_if_empty(handle)
         raise
-    _GOVERNORS[handle] = gov
+    try:
+        _GOVERNORS[handle] = gov
+    except TypeError:   # unhashable or not weakly referenceable: no one-per-handle bookkeeping
+        pass
 
     def _on_snapshot(step, rows, h):
         decisions = gov.observe(step, rows)

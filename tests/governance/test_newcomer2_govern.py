@@ -216,3 +216,20 @@ def test_rerecording_a_run_from_step_0_may_change_the_config(store_root, tiny_mo
     assert json.loads((run_dir(store_root, "again") / CONFIG_NAME).read_text())["actuator"] == "temperature"
     rc, out = _replay(store_root, "again", capsys)
     assert rc == 0, out
+
+
+def test_a_handle_that_cannot_be_weakly_keyed_still_governs(store_root, tiny_model, fake_handle):
+    # the one-governor-per-handle bookkeeping keys handles weakly; a GovernedHandle that is an
+    # eq-dataclass (unhashable) or has __slots__ (no weakref) must still be governable
+    class Unhashable(fake_handle):
+        __hash__ = None
+
+    model, _ = _model(tiny_model)
+    h = Unhashable(model, run_id="u", flush_every=5)
+    gov = chrono.govern(model, h, actuators=("bias",))
+    for _ in range(10):
+        h.observe(model(torch.randn(8, 16)))
+        h.step()
+        gov.step()
+    assert len(h.decisions) == 4
+    gov.remove()
