@@ -108,3 +108,17 @@ def test_dashboard_help_names_every_page():
                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "PAGES"]
     assert len(pages) == 8
     assert all(title in cmd.HELP for _, title, _ in pages), cmd.HELP
+
+
+def test_plan_placement_error_names_the_plan(root, capsys):
+    # it said "load percentiles needs routing rows", the name of another analysis
+    assert _run(root, "plan-placement", "gov", "--gpus", "2", "--layer", "9") == 2
+    err = capsys.readouterr().err
+    assert err == "chrono: error: the placement plan needs routing rows, and run 'gov' has none in all steps, layer 9\n"
+
+
+def test_drift_overlap_suggests_a_range_that_exists(root, capsys):
+    # `--against :` (the whole run) suggested "--steps 40: --against 0:40", past the last step
+    assert _run(root, "analyze", "gov", "drift", "--against", ":") == 2
+    err = capsys.readouterr().err
+    assert "overlap" in err and "--steps 40:" not in err and err.count("\n") == 1

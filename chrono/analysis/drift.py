@@ -166,10 +166,10 @@ def drift(con, scope: Scope, against: tuple[int | None, int | None] | None = Non
         a_lo, a_hi = step_bounds(con, scope)
         b_lo, b_hi = step_bounds(con, scope.with_steps(against))
         if a_lo < b_hi and b_lo < a_hi:   # a step can count in one range only
+            example = f", e.g. --steps {b_hi}: --against {b_lo}:{b_hi}" if b_hi < a_hi else ""
             raise AnalysisError(
                 f"the step ranges overlap: {scope.describe()} covers steps {a_lo}..{a_hi - 1} and "
-                f"--against has {b_lo}..{b_hi - 1}; drift compares two disjoint ranges, e.g. "
-                f"--steps {b_hi}: --against {b_lo}:{b_hi}")
+                f"--against has {b_lo}..{b_hi - 1}; drift compares two disjoint ranges{example}")
         ranges = [(a_lo, a_hi), (b_lo, b_hi)]
     else:
         if n_windows < 2:
