@@ -90,7 +90,6 @@ def cmd_serve_metrics(args) -> int:
         runs = source.current_runs()
         following = (f"every run under {root} written within {recent} (now: "
                      f"{', '.join(runs) if runs else 'none'}; at most {max_runs})")
-    print(f"serving Prometheus metrics for {following} at {server.url} (Ctrl-C to stop)", flush=True)
     if not args.run:
         from chrono.store import list_runs, store_note
 
@@ -99,6 +98,8 @@ def cmd_serve_metrics(args) -> int:
             print(f"chrono: note: {note}", file=sys.stderr, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill` stops it as cleanly as Ctrl-C
+    # the banner last: whoever waits for it may stop the process right away
+    print(f"serving Prometheus metrics for {following} at {server.url} (Ctrl-C to stop)", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:
