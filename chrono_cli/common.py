@@ -57,6 +57,14 @@ def require_store(root) -> Path:
     return root
 
 
+def refuse_inside_store(path, root, option: str) -> None:
+    """UserError when ``path`` (a file or directory a command writes) lies inside the store
+    ``root`` (symlinks followed): chrono alone writes the store."""
+    if Path(path).resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{option} {path} is inside the store {root}: chrono writes the store itself; "
+                        f"write the result elsewhere")
+
+
 def _fmt_cell(v) -> str:
     if v is None:
         return ""

@@ -122,3 +122,19 @@ def test_drift_overlap_suggests_a_range_that_exists(root, capsys):
     assert _run(root, "analyze", "gov", "drift", "--against", ":") == 2
     err = capsys.readouterr().err
     assert "overlap" in err and "--steps 40:" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan-placement", "gov", "--gpus", "2", "-o", "{root}/routing"],
+    ["plan-placement", "gov", "--gpus", "2", "-o", "{root}"],
+    ["export", "tensorboard", "gov", "--logdir", "{root}"],
+])
+def test_writing_files_into_the_store_is_refused(root, argv, capsys):
+    # plan-placement -o and export --logdir wrote their files among the store's tables
+    # (routing/placement.json; <root>/gov/events... where a legacy-layout run 'gov' would live);
+    # `chrono query --output` already refused this
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert _run(root, *[a.format(root=root) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chrono: error:") and "inside the store" in err and err.count("\n") == 1
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

@@ -18,7 +18,7 @@ def cmd_plan_placement(args) -> int:
     from chrono.analysis import AnalysisError, Scope, parse_steps
     from chrono.analysis.placement_io import (chrono_json, plan_run, sglang_json, vllm_initial_map,
                                               vllm_json)
-    from chrono_cli.common import UserError, print_table
+    from chrono_cli.common import UserError, print_table, refuse_inside_store
     from chrono.store import require_run
 
     if args.max_rows < 1:
@@ -27,6 +27,8 @@ def cmd_plan_placement(args) -> int:
     out = Path(args.output) if args.output else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a directory")
+    if out is not None:
+        refuse_inside_store(out, args.root, "--output")
     try:
         scope = Scope(args.run, parse_steps(args.steps), args.layer, args.mode)
         rep = plan_run(chrono.connect(args.root), scope, args.gpus, replicas=args.replicas,

@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from chrono_cli.common import UserError, invocation, plural, print_table, require_store
+from chrono_cli.common import (UserError, invocation, plural, print_table, refuse_inside_store,
+                               require_store)
 
 
 def _root(args) -> Path:
@@ -195,9 +196,7 @@ def cmd_query(args) -> int:
         out_path = Path(args.output)
         if not out_path.parent.exists():
             raise UserError(f"output directory {out_path.parent} does not exist")
-        if out_path.resolve().is_relative_to(_root(args).resolve()):   # symlinks followed
-            raise UserError(f"--output {args.output} is inside the store {args.root}: "
-                            f"chrono writes the store itself; write the result elsewhere")
+        refuse_inside_store(out_path, _root(args), "--output")
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
