@@ -40,6 +40,23 @@ def _until(cond, timeout: float) -> bool:
     return False
 
 
+def _terminate_and_check_child(proc, start_timeout: float) -> None:
+    """SIGTERM ``proc`` once its (streamlit) child exists; the child must be gone after it."""
+    child = None
+    try:
+        assert _until(lambda: _children(proc.pid), start_timeout), "no dashboard server started"
+        (child,) = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert _until(lambda: not _alive(child), 30), "the dashboard server outlived chrono"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_sigterm_during_start_up_stops_the_streamlit_child(tmp_path):
     # The SIGTERM handler was installed only once the server answered: a `kill` (or a `timeout`)
     # during the seconds of start-up ended chrono and left the streamlit server running,
@@ -49,19 +66,7 @@ def test_sigterm_during_start_up_stops_the_streamlit_child(tmp_path):
                              "dashboard", "--port", str(free_port())], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    child = None
-    try:
-        assert _until(lambda: _children(proc.pid), 60), "streamlit never started"
-        (child,) = _children(proc.pid)
-        proc.send_signal(signal.SIGTERM)          # still starting: the health check has not answered
-        proc.wait(timeout=30)
-        assert _until(lambda: not _alive(child), 30), "the streamlit server outlived chrono dashboard"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if child is not None and _alive(child):
-            os.kill(child, signal.SIGKILL)
+    _terminate_and_check_child(proc, start_timeout=60)   # still starting: no health answer yet
 
 
 @pytest.mark.parametrize("when", ["starting", "serving"])
@@ -71,19 +76,7 @@ def test_sigterm_stops_the_demo_and_its_dashboard(tmp_path, when):
                              "--model-steps", "0", "--steps", "20"], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    child = None
-    try:
-        if when == "serving":
-            while "press Ctrl-C to stop" not in proc.stdout.readline():
-                assert proc.poll() is None, "the demo ended before serving"
-        assert _until(lambda: _children(proc.pid), 120), "no dashboard started"
-        (child,) = _children(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        assert _until(lambda: not _alive(child), 30), "the dashboard outlived chrono demo"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if child is not None and _alive(child):
-            os.kill(child, signal.SIGKILL)
+    if when == "serving":
+        while "press Ctrl-C to stop" not in proc.stdout.readline():
+            assert proc.poll() is None, "the demo ended before serving"
+    _terminate_and_check_child(proc, start_timeout=120)
