@@ -25,7 +25,7 @@ from pathlib import Path
 import duckdb
 
 from .columns import COLUMN_DEFAULTS, COLUMNS, sql_columns
-from .store import StoreError, list_runs, part_columns, part_files, run_manifest
+from .store import StoreError, list_runs, part_columns, part_files, run_manifest, store_note
 from .store.catalog import CACHE_PARTS, file_version, part_candidates
 
 # The ``runs`` view, one row per run from its manifest: (column, SQL type, SQL of the bound value).
@@ -213,12 +213,23 @@ def duckdb_threads(threads=None) -> int | None:
     return n
 
 
+def _warn_if_not_a_store(root) -> None:
+    """A UserWarning (``chrono.store.store_note``) when ``root`` looks mistyped: a missing
+    directory, or the parent of a store. Reading it still gives an empty store."""
+    import warnings
+
+    note = store_note(root)
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=3)
+
+
 def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
             threads: int | None = None, tables=None) -> duckdb.DuckDBPyConnection:
     """Read-only DuckDB connection with views ``runs routing tokens snapshots alerts
     decisions signals lifecycle`` over all runs under ``root``.
 
-    A missing root is an empty store (every view empty, right columns).
+    A missing root is an empty store (every view empty, right columns), with a UserWarning
+    saying so (also for a directory that is not a store but holds one: a mistyped root).
     ``skip_invalid``: leave rows the write API would refuse (``chrono.validate``:
     negative counts, unknown modes, non-finite metrics...; written by an older
     version or another tool) out of those views, and show them in views
@@ -235,6 +246,7 @@ def connect(root=None, sandbox: bool = True, skip_invalid: bool = False,
 
     root = Path(root if root is not None else default_root()).absolute()
     n_threads = duckdb_threads(threads)
+    _warn_if_not_a_store(root)
     if tables is not None:
         tables = tuple(dict.fromkeys((tables,) if isinstance(tables, str) else tables))   # "routing" = one
         for t in tables:
@@ -328,7 +340,8 @@ def _one_line(e: Exception) -> str:
 
 
 def read(root, table: str, run: str | None = None):
-    """The same rows as the DuckDB view ``table``, as a ``polars.LazyFrame``."""
+    """The same rows as the DuckDB view ``table``, as a ``polars.LazyFrame`` (a mistyped
+    ``root`` warns as in ``connect``)."""
     import polars as pl
 
     from .schema import table_schema
@@ -337,6 +350,7 @@ def read(root, table: str, run: str | None = None):
         raise StoreError("use chrono.connect(root) for the runs view")
     schema = table_schema(table)
     pl_schema = pl.from_arrow(schema.empty_table()).schema
+    _warn_if_not_a_store(root)
     files = part_files(root, table, run)
     if not files:
         return pl.LazyFrame(schema=pl_schema)

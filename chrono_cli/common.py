@@ -57,6 +57,14 @@ def require_store(root) -> Path:
     return root
 
 
+def refuse_inside_store(path, root, option: str) -> None:
+    """UserError when ``path`` (a file or directory a command writes) lies inside the store
+    ``root`` (symlinks followed): chrono alone writes the store."""
+    if Path(path).resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{option} {path} is inside the store {root}: chrono writes the store itself; "
+                        f"write the result elsewhere")
+
+
 def _fmt_cell(v) -> str:
     if v is None:
         return ""
@@ -65,11 +73,13 @@ def _fmt_cell(v) -> str:
     return str(v)
 
 
-def print_table(table, out=None, max_rows: int | None = None) -> None:
+def print_table(table, out=None, max_rows: int | None = None, more: str = "") -> None:
     """Print a table as aligned text columns.
 
     ``table``: a ``pyarrow.Table``, or a ``(column_names, rows)`` pair of plain
     Python values (what DuckDB's ``fetchall`` returns; no pyarrow needed).
+    ``more``: how the calling command shows the rows beyond ``max_rows`` (its own options),
+    printed after "... N more rows".
     """
     out = out or sys.stdout
     if isinstance(table, tuple):
@@ -87,6 +97,6 @@ def print_table(table, out=None, max_rows: int | None = None) -> None:
     for row in cells:
         out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
     if hidden:
-        out.write(f"... {hidden} more rows (use --format csv/json/parquet --output F for all)\n")
+        out.write(f"... {hidden} more rows" + (f" ({more})" if more else "") + "\n")
     if not rows:
         out.write("(no rows)\n")

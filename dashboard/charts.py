@@ -49,8 +49,8 @@ def share_legend(n_experts: int) -> alt.Legend:
     u = 1.0 / max(1, int(n_experts))
     return alt.Legend(format=".1~%", values=sorted({0.0, round(u, 4), 0.5, 1.0}), gradientLength=320,
                       orient="bottom", direction="horizontal", titleOrient="top", titleLimit=600,
-                      title=f"share of tokens: white = uniform share 1/{int(n_experts)} = {u:.1%}, "
-                            "blue = starved, purple = hot")
+                      title=[f"share of tokens: white = uniform share 1/{int(n_experts)} = {u:.1%},",
+                             "blue = starved, purple = hot"])   # two lines: fits a half-width chart
 
 
 def _expert_axis(n_exp: int) -> alt.Axis:
@@ -323,7 +323,8 @@ def abstain_band(df: pd.DataFrame, height: int | None = None) -> alt.Chart:
     """
     n = max(1, df["layer"].nunique())
     return alt.Chart(df, title="When the controller abstained (dark) or acted (light)").mark_rect().encode(
-        x=alt.X("step_start:Q", title="training step", axis=alt.Axis(format="~s")), x2="step_end:Q",
+        x=alt.X("step_start:Q", title="training step", axis=alt.Axis(format="~s"),
+                scale=alt.Scale(zero=False)), x2="step_end:Q",   # from the first decision, as the lines
         y=alt.Y("layer_name:N", title=None, sort=alt.SortField("layer")),
         color=alt.Color("abstain_fraction:Q", title="share of decisions abstaining",
                         scale=alt.Scale(domain=[0, 1], range=["#e8eef6", "#1f3b73"]),

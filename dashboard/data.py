@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 import time
 from pathlib import Path
 
@@ -61,7 +62,9 @@ class Store:
         self.lock = threading.RLock()
         self.follower = Follower(self.root)
         self.follower.poll()  # before the views: what they cover is never older than the version
-        self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
+        with warnings.catch_warnings():   # a mistyped root: the welcome page says it
+            warnings.simplefilter("ignore", UserWarning)
+            self.con = chrono.connect(self.root, skip_invalid=True)   # see invalid_note()
         self.checked_at = time.monotonic()
 
     def sync(self, force: bool = False) -> None:
@@ -345,6 +348,19 @@ def _json(s):
 def run_set(root: Path | None = None) -> set[str]:
     """The runs in the store now, from the follower ``sync`` polls (stat calls, no SQL)."""
     return get_store(root).runs()
+
+
+def control_config(run: str, root: Path | None = None) -> dict:
+    """The run's ``control_config.json`` (mode, set point, actuator label; what ``chrono replay``
+    uses); {} when absent or unreadable (the faithful policy then, as replay assumes)."""
+    from chrono.controller import CONFIG_NAME
+    from chrono.store import run_meta_dir
+
+    d = run_meta_dir(root or store_root(), run)
+    try:
+        return json.loads((d / CONFIG_NAME).read_text()) if d is not None else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def run_ids() -> list[str]:

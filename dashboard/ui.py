@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import streamlit as st
 
+from chrono.store import store_note
 from dashboard import data
 
 LIVE_INTERVALS = {"2 s": 2, "5 s": 5, "10 s": 10, "30 s": 30}
@@ -109,6 +110,10 @@ def welcome() -> None:
         f"The dashboard reads the store at `{root}` and found no runs there "
         f"({'the directory does not exist yet' if not root.exists() else 'it holds no run directories'}). "
         "Record one of these ways; this page notices the new run by itself.")
+    note = store_note(root) if root.exists() else None
+    if note is not None:   # e.g. the parent of a store: say which store it holds
+        st.warning(f"{note}: `chrono --root DIR dashboard` with the store's directory.",
+                   icon=":material/warning:")
     st.markdown("**1. A synthetic demo run** (no model, a few seconds):")
     st.code(f"chrono --root {root} demo --no-serve", language="bash")
     st.markdown("**2. Your own MoE model**: wrap the training loop with the probes.")

@@ -132,7 +132,27 @@ def _spec_value(v, module, parent, default):
     return v(module) if callable(v) else int(v)
 
 
-def _spec_site(spec: RouterSpec, name, module, parent) -> RouterSite:
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "k")
+
+
+def _readable_top_k(module, parent) -> bool:
+    return A._attr(module, TOP_K_ATTRS) is not None or \
+        (parent is not None and A._attr(parent, TOP_K_ATTRS) is not None)
+
+
+def _spec_top_k(spec: RouterSpec, k_cfg: Optional[int]):
+    """The spec's top_k; else the router's (or its parent's) attribute; else the model config's
+    ``num_experts_per_tok`` / ``moe_top_k`` / ``top_k``; else 1 (``find_sites`` warns)."""
+    def read(m, p):
+        if spec.top_k is not None:
+            return _spec_value(spec.top_k, m, p, A.default_top_k)
+        if k_cfg is not None and not _readable_top_k(m, p):
+            return k_cfg
+        return A.default_top_k(m, p)
+    return read
+
+
+def _spec_site(spec: RouterSpec, name, module, parent, k_cfg: Optional[int] = None) -> RouterSite:
     parse = spec.parse
 
     def parse_spec(mod, args, output):
@@ -144,7 +164,7 @@ def _spec_site(spec: RouterSpec, name, module, parent) -> RouterSite:
         # (a spec without n_experts reads the default way, one dict lookup per call: count_key)
         _n_experts=A.default_n_experts if spec.n_experts is None else
         lambda m, p: _spec_value(spec.n_experts, m, p, A.default_n_experts),
-        _top_k=lambda m, p: _spec_value(spec.top_k, m, p, A.default_top_k))
+        _top_k=_spec_top_k(spec, k_cfg))
 
 
 def _linear_guess_parse(module, args, output) -> Routed:
@@ -183,6 +203,8 @@ def find_sites(model: nn.Module, specs=None, generic: bool = True) -> list[Route
     sites: list[RouterSite] = []
     taken: set[str] = set()
     spec_matched = False
+    k_cfg = _config_top_k(model)
+    unknown_k: dict[int, list[str]] = {}   # spec -> its routers whose top-k nothing says
 
     def parent_of(name):
         return modules.get(name.rsplit(".", 1)[0] if "." in name else "")
@@ -194,8 +216,10 @@ def find_sites(model: nn.Module, specs=None, generic: bool = True) -> list[Route
         site = None
         spec = next((s for s in specs if s.matches(name)), None)
         if spec is not None:
-            site = _spec_site(spec, name, module, parent)
+            site = _spec_site(spec, name, module, parent, k_cfg)
             spec_matched = True
+            if spec.top_k is None and k_cfg is None and not _readable_top_k(module, parent):
+                unknown_k.setdefault(id(spec), []).append(name)
         elif getattr(module, "chrono_router", False) is True:
             site = RouterSite(name=name, layer=-1, adapter="native", parse=_native_parse,
                               _module=weakref.ref(module),
@@ -215,6 +239,11 @@ def find_sites(model: nn.Module, specs=None, generic: bool = True) -> list[Route
             taken.add(name)
     if specs and not spec_matched:
         raise ProbeError(_no_match_message(model, specs))
+    for names in unknown_k.values():
+        log.warning("probes: top-k of router %s%s is not readable (no top_k / num_experts_per_tok "
+                    "attribute, no model config); the manifest records top_k=1. Pass "
+                    "probes.RouterSpec(..., top_k=K).", names[0],
+                    f" and {len(names) - 1} more ({len(names)} routers)" if len(names) > 1 else "")
     if not sites and generic:
         sites = _generic_sites(model, modules)
     if not sites:

@@ -38,6 +38,7 @@ from .discovery import RouterSite, describe, find_sites
 from .distributed import resolve as resolve_distributed
 from .faults import Faults
 from .forwards import Forwards
+from .interrupts import held_sigint
 from .loads import RecorderLoads
 from .options import check_options
 from .recorder import Recorder, model_device
@@ -190,6 +191,11 @@ class Handle:
     def current_step(self) -> int:
         return self._steps.current
 
+    @property
+    def detached(self) -> bool:
+        """True once ``detach()`` ran (the ``with`` block ended): nothing is recorded any more."""
+        return self._detached
+
     # ----------------------------------------------------------------- window
     def _window_full(self) -> None:
         # durability (issue #11): the write runs while the next step computes; that step's
@@ -223,6 +229,11 @@ class Handle:
             self._steps.finish_open(self._dist is not None)
             self._close_window()
         self._sink.wait()
+
+    def wait_written(self) -> None:
+        """Wait until every window closed so far is in the store (closes no window)."""
+        if not self._detached:
+            self._sink.wait()
 
     def metrics(self) -> dict:
         """Live ``{layer: LayerMetrics}`` of the current window (finished steps + the running one)."""
@@ -319,21 +330,24 @@ class Handle:
         writer. Safe to call twice."""
         if self._detached:
             return
+        locked, ctrl_c = False, []
         try:
-            self._lock.acquire()
-            if self._dist is None:
-                self._steps.finish_open(multi_rank=False)
-                self._close_window()
-            else:
-                self._close_window()          # steps every rank ended with h.step(): reduced
-                if self._steps.pending:
-                    # routing no h.step() ended on every rank: this rank's rows, no collective
-                    self._steps.advance(close=False)
-                    self._close_window(reduce=False)
+            with held_sigint() as ctrl_c:     # a Ctrl-C now: the window is queued first
+                locked = self._lock.acquire()
+                if self._dist is None:
+                    self._steps.finish_open(multi_rank=False)
+                    self._close_window()
+                else:
+                    self._close_window()          # steps every rank ended with h.step(): reduced
+                    if self._steps.pending:
+                        # routing no h.step() ended on every rank: this rank's rows, no collective
+                        self._steps.advance(close=False)
+                        self._close_window(reduce=False)
         except Exception as e:
             self._faults.fault("detach", e)
         finally:
-            self._lock.release()
+            if locked:
+                self._lock.release()
             self._active = False
             self._detached = self._steps.closed = True
             for handles in list(_ATTACHED.values()):
@@ -354,6 +368,8 @@ class Handle:
                     self._faults.fault("close", e)
                 if self.metrics_server is not None:   # the port is free again once detached
                     self.metrics_server.close()
+        if ctrl_c:
+            raise KeyboardInterrupt
 
     def __enter__(self) -> "Handle":
         return self

@@ -161,10 +161,15 @@ def drift(con, scope: Scope, against: tuple[int | None, int | None] | None = Non
     """With ``against``: the scope's step range vs ``against`` (one row per layer).
     Without: the scope's range split into ``n_windows`` windows, each vs the last.
 
-    Raises AnalysisError without routing rows in a range."""
+    Raises AnalysisError without routing rows in a range, or when the two ranges overlap."""
     if against is not None:
         a_lo, a_hi = step_bounds(con, scope)
         b_lo, b_hi = step_bounds(con, scope.with_steps(against))
+        if a_lo < b_hi and b_lo < a_hi:   # a step can count in one range only
+            example = f", e.g. --steps {b_hi}: --against {b_lo}:{b_hi}" if b_hi < a_hi else ""
+            raise AnalysisError(
+                f"the step ranges overlap: {scope.describe()} covers steps {a_lo}..{a_hi - 1} and "
+                f"--against has {b_lo}..{b_hi - 1}; drift compares two disjoint ranges{example}")
         ranges = [(a_lo, a_hi), (b_lo, b_hi)]
     else:
         if n_windows < 2:

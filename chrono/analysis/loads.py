@@ -42,9 +42,10 @@ SCHEMA = pa.schema([
 PCTS = (50, 90, 99)
 
 
-def layer_loads(con, scope: Scope) -> dict[int, np.ndarray]:
-    """{layer: int64[n_experts] tokens per expert over the scope}; AnalysisError if no routing rows."""
-    require_routing(con, scope, "load percentiles")
+def layer_loads(con, scope: Scope, what: str = "load percentiles") -> dict[int, np.ndarray]:
+    """{layer: int64[n_experts] tokens per expert over the scope}; AnalysisError if no routing rows
+    (``what``: the caller's name for itself in that message)."""
+    require_routing(con, scope, what)
     r = con.execute(TOTALS_SQL.format(where=scope.where()), scope.params()).fetchnumpy()
     n_exp = experts_per_layer(con, scope.run)
     out = {}

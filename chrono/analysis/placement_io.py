@@ -90,7 +90,7 @@ def plan_run(con, scope: Scope, gpus: int, replicas: int = 0, groups: int = 1, n
     """Plan from the run's routing rows in ``scope`` (all layers; ``scope.layer`` plans one).
 
     Raises AnalysisError without routing rows, or when layers differ in expert count."""
-    loads = layer_loads(con, scope)
+    loads = layer_loads(con, scope, "the placement plan")
     sizes = {v.size for v in loads.values()}
     if len(sizes) != 1:
         raise AnalysisError(f"layers of run {scope.run!r} have different expert counts "

@@ -39,7 +39,9 @@ SNAPSHOT_GAUGES = (
 # (metric name, decisions column, help text) of the controller gauges.
 DECISION_GAUGES = (
     ("chrono_controller_debt", "debt", "Topology debt in [0, 1] of the latest controller decision."),
-    ("chrono_controller_pressure", "pressure", "Controller pressure (EMA of topology debt)."),
+    ("chrono_controller_pressure", "pressure",
+     "Controller pressure, what the actuators consume: the EMA of topology debt (faithful policy) or the "
+     "PI effort u in [0, 1] (setpoint policy)."),
     ("chrono_controller_heat", "heat",
      "Controller heat clip(pressure, 0, 1): equals pressure while pressure is in [0, 1] (always under the "
      "ChronoMoE policy, as debt is), kept as its own series because the temperature actuator consumes "

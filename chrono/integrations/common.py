@@ -151,11 +151,11 @@ class Session:
     def close(self) -> None:
         """Flush and detach (idempotent)."""
         h, self.handle = self.handle, None
-        if self.governor is not None:
-            self.governor.remove()
-            self.governor = None
         if h is not None:
-            h.detach()
+            h.detach()      # first: the last window's decision is taken while the governor is on
+        if self.governor is not None:
+            self.governor.remove()   # (detach removed it already when it adopted it)
+            self.governor = None
         if self._atexit is not None:
             atexit.unregister(self._atexit)
             self._atexit = None

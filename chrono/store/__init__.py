@@ -28,7 +28,7 @@ from .catalog import REPLACES_KEY, part_columns, part_files
 from .layout import (DECISIONS_JSONL, DEFAULT_ROOT, MANIFEST, PART_RE, PARTITION_KEY, RUN_ID_RE,
                      RUNS_DIR, StoreError, atomic_write_bytes, default_root,
                      is_legacy_run, legacy_run_dir, list_runs, meta_dir, part_rank, read_manifest,
-                     require_run, run_dir, run_manifest, run_meta_dir, table_dir,
+                     require_run, store_note, run_dir, run_manifest, run_meta_dir, table_dir,
                      table_dirs, validate_run_id, write_manifest)
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ _LAZY = {"RunWriter": "writer", "WriterStats": "writer", "open_run": "writer",
 __all__ = [
     "DECISIONS_JSONL", "DEFAULT_ROOT", "MANIFEST", "PART_RE", "PARTITION_KEY", "REPLACES_KEY",
     "RUN_ID_RE", "RUNS_DIR", "StoreError", "atomic_write_bytes", "default_root", "is_legacy_run",
-    "legacy_run_dir", "list_runs", "meta_dir", "part_columns", "part_files", "part_rank",
+    "legacy_run_dir", "list_runs", "meta_dir", "store_note", "part_columns", "part_files", "part_rank",
     "read_manifest", "require_run", "run_dir", "run_manifest", "run_meta_dir",
     "table_dir", "table_dirs", "validate_run_id", "write_manifest", *_LAZY,
 ]

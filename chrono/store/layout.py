@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import itertools
 import re
 import sys
 import threading
@@ -141,6 +142,31 @@ def list_runs(root) -> list[str]:
     runs.update(p.name for p in root.iterdir()
                 if p.is_dir() and RUN_ID_RE.match(p.name) and (p / MANIFEST).is_file())
     return sorted(runs)
+
+
+def store_note(root) -> str | None:
+    """Why a reader of ``root`` finds no run, in one line, when that looks like a mistake:
+    the directory does not exist, or holds no store but has stores inside it (the parent of
+    the store was passed), or is some other non-empty directory. None for a store (even one
+    without runs) and for an empty directory (a store a writer has not filled yet)."""
+    root = Path(root)
+    if not root.exists():
+        return f"no chrono store at {root}: the directory does not exist"
+    if not root.is_dir():
+        return f"no chrono store at {root}: not a directory"
+    if (root / RUNS_DIR).is_dir() or list_runs(root):
+        return None
+    try:
+        entries = sorted(itertools.islice(root.iterdir(), 1000))
+    except OSError:
+        return None
+    inside = [str(p) for p in entries if p.is_dir() and list_runs(p)]
+    if inside:
+        return (f"no runs under {root}; it holds the store{'s' if len(inside) > 1 else ''} "
+                f"{', '.join(inside[:5])} (pass that as the root)")
+    if entries:
+        return f"no runs under {root}: not a chrono store (no {RUNS_DIR}/ directory)"
+    return None
 
 
 # ---------------------------------------------------------------- manifest files

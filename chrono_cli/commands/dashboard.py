@@ -5,10 +5,13 @@ import argparse
 import signal
 import sys
 
+HELP = ("serve the live dashboard (pages: Runs, Routing, Health, Alerts, Governance, Specialization, "
+        "Lifecycle & workloads, SQL)")
+
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "dashboard", help="serve the live dashboard (runs, routing, health, alerts, governance, SQL)",
+        "dashboard", help=HELP,
         description="Start the Streamlit dashboard over the store and print its URL. It reads the "
                     "store read-only and refreshes by itself while runs are written. Ctrl-C stops it.")
     p.add_argument("--root", default=argparse.SUPPRESS,
@@ -32,16 +35,18 @@ def cmd_dashboard(args) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chrono: warning: binding {args.host} makes the store readable from the network", file=sys.stderr)
+    def _terminated(signum, frame):  # `kill PID` stops the server too, not only Ctrl-C
+        raise KeyboardInterrupt
+
+    # before the server starts: serve() stops it on any exception while waiting for it to be ready
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         proc = serve(args.root, port=args.port, host=args.host)
     except ServeError as e:
         raise UserError(str(e)) from None
+    except KeyboardInterrupt:   # Ctrl-C / kill during start-up: the server is stopped already
+        return 0
     print(f"chrono dashboard: {url(args.host, proc.port)}  (store {args.root}; Ctrl-C to stop)", flush=True)
-
-    def _terminated(signum, frame):  # `kill PID` stops the server too, not only Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminated)
     try:
         return proc.wait()
     except KeyboardInterrupt:

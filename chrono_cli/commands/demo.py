@@ -146,7 +146,6 @@ def _default_else_any(start, port: int, busy: type[Exception]):
 def _serve(root) -> int:
     """Serve the dashboard and the metrics endpoint until Ctrl-C."""
     import signal
-    import threading
 
     from chrono.exporters.prometheus import DEFAULT_PORT as METRICS_PORT
     from chrono.exporters.prometheus import ExporterError
@@ -156,6 +155,10 @@ def _serve(root) -> int:
     from dashboard.server import serve as serve_dashboard
     from dashboard.server import stop, url
 
+    def _terminated(signum, frame):   # `kill` stops both servers too, also while they start
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminated)
     # the well-known ports (8501, 9108) when free, so bookmarks and scrape configs keep working;
     # else port 0: a port the system picks (no scanning)
     try:
@@ -163,20 +166,20 @@ def _serve(root) -> int:
     except ServeError as e:
         print(f"chrono: dashboard not started: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # serve() stopped the starting server
+        return 0
+    metrics = None
     try:
-        metrics = _default_else_any(lambda port: serve_metrics(root, port=port), METRICS_PORT, ExporterError)
-    except ExporterError as e:
-        print(f"chrono: metrics endpoint not started: {e}", file=sys.stderr)
-        metrics = None
-    print(f"\ndashboard:  {url('127.0.0.1', proc.port)}")
-    if metrics is not None:
-        print(f"prometheus: {metrics.url}")
-    print("press Ctrl-C to stop")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: done.set())
-    try:
-        while not done.wait(1.0) and proc.poll() is None:
-            pass
+        try:
+            metrics = _default_else_any(lambda port: serve_metrics(root, port=port), METRICS_PORT,
+                                        ExporterError)
+        except ExporterError as e:
+            print(f"chrono: metrics endpoint not started: {e}", file=sys.stderr)
+        print(f"\ndashboard:  {url('127.0.0.1', proc.port)}")
+        if metrics is not None:
+            print(f"prometheus: {metrics.url}")
+        print("press Ctrl-C to stop")
+        proc.wait()                # until Ctrl-C / kill (KeyboardInterrupt) or the server exits
     except KeyboardInterrupt:
         pass
     finally:

@@ -197,11 +197,12 @@ def export_tensorboard(root, run: str, logdir, overwrite: bool = False, progress
 def cmd_export_tensorboard(args) -> int:
     import sys
 
-    from chrono_cli.common import UserError
+    from chrono_cli.common import UserError, refuse_inside_store
 
     logdir = Path(args.logdir)
     if logdir.exists() and not logdir.is_dir():
         raise UserError(f"--logdir {logdir} is not a directory")
+    refuse_inside_store(logdir, args.root, "--logdir")   # DIR/RUN would be a legacy run's place
     try:
         res = export_tensorboard(args.root, args.run, logdir, overwrite=args.overwrite,
                                  progress=sys.stderr.isatty())

@@ -18,13 +18,17 @@ def cmd_plan_placement(args) -> int:
     from chrono.analysis import AnalysisError, Scope, parse_steps
     from chrono.analysis.placement_io import (chrono_json, plan_run, sglang_json, vllm_initial_map,
                                               vllm_json)
-    from chrono_cli.common import UserError, print_table
+    from chrono_cli.common import UserError, print_table, refuse_inside_store
     from chrono.store import require_run
 
+    if args.max_rows < 1:
+        raise UserError("--max-rows must be >= 1")
     require_run(args.root, args.run)
     out = Path(args.output) if args.output else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--output {out} exists and is not a directory")
+    if out is not None:
+        refuse_inside_store(out, args.root, "--output")
     try:
         scope = Scope(args.run, parse_steps(args.steps), args.layer, args.mode)
         rep = plan_run(chrono.connect(args.root), scope, args.gpus, replicas=args.replicas,
@@ -41,13 +45,19 @@ def cmd_plan_placement(args) -> int:
         sys.stdout.write(json.dumps(docs["chrono"]) + "\n")
     else:
         s = rep.summary()
+        n_exp = rep.weight.shape[1]
         print(f"placement of run {args.run} ({scope.describe()}): {s['layers']} layers x "
-              f"{rep.weight.shape[1]} experts + {args.replicas} replicas on {args.gpus} GPUs "
-              f"({s['nodes']} node(s), {s['policy']} policy)")
-        print_table(rep.table(), max_rows=args.max_rows)
+              f"{n_exp} experts + {args.replicas} replicas on {args.gpus} GPUs "
+              f"({s['nodes']} node{'s' if s['nodes'] != 1 else ''}, {s['policy']} policy)")
+        print(f"predicted token assignments per GPU: before = trivial placement (slot p holds expert "
+              f"p mod {n_exp}), after = this plan; ratio = busiest GPU / mean GPU (1 = balanced)")
+        print_table(rep.table(), max_rows=args.max_rows,
+                    more="--max-rows N, or --format json for all")
         if s["mean_before_ratio"] is not None:
-            print(f"\nmax/mean GPU load, mean over layers: {s['mean_before_ratio']:.3f} before, "
-                  f"{s['mean_after_ratio']:.3f} after")
+            print(f"\nbusiest / mean GPU load, mean over layers: {s['mean_before_ratio']:.3f} with the "
+                  f"trivial placement, {s['mean_after_ratio']:.3f} with this plan")
+        if out is None:
+            print("write the files for SGLang and vLLM (and placement.json) with -o DIR")
     if out is not None:
         print(f"wrote {', '.join(str(out / n) for n in FILES.values())}", file=sys.stderr)
     return 0

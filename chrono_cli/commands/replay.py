@@ -17,15 +17,25 @@ DECISION_FIELDS = ("step", "layer", "actuator", "debt", "pressure", "heat", "for
 RECORD_FIELDS = ("mode", "target", "error", "integral", "effort", "informational")  # JSONL only
 
 
-def replay_decisions(snapshot_rows: list[dict], config) -> list[dict]:
+def replay_decisions(snapshot_rows: list[dict], config, first_step: int | None = None) -> list[dict]:
     """Decisions (JSONL records without run_id: table columns + RECORD_FIELDS) the policy
-    takes over these snapshot rows."""
+    takes over these snapshot rows, from the window at ``first_step`` on (the run's first
+    stored decision: the controller starts there, see ``chrono.control_history``; None: all)."""
+    from chrono.control_history import governed_windows
     from chrono.controller import Controller
-    from chrono.snapshots import windows
 
     layers = sorted({int(r["layer"]) for r in snapshot_rows if int(r["layer"]) >= 0})
     ctl = Controller(len(layers), {l: 0 for l in layers}, config)
-    return [d.as_record() for window in windows(snapshot_rows) for d in ctl.update(window)]
+    first = min((int(r["step"]) for r in snapshot_rows), default=0) if first_step is None else first_step
+    return [d.as_record() for window in governed_windows(snapshot_rows, first) for d in ctl.update(window)]
+
+
+def ungoverned(stored: list[dict], replayed: list[dict]) -> tuple[list[dict], int]:
+    """Split off the replayed decisions of windows without any stored decision (no governor was
+    attached then: after ``gov.remove()``, between sessions): ``(the rest, number of such windows)``."""
+    steps = {int(r["step"]) for r in stored}
+    rest = [r for r in replayed if int(r["step"]) in steps]
+    return rest, len({int(r["step"]) for r in replayed} - steps)
 
 
 def _same(a, b) -> bool:
@@ -64,6 +74,9 @@ def cmd_replay(args) -> int:
     from chrono.store import require_run
     from chrono.rules import check_run
 
+    for name in ("show", "max_diffs"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     path = require_run(require_store(Path(args.root)), args.run)
     cfg_path = path / CONFIG_NAME
     try:
@@ -81,7 +94,7 @@ def cmd_replay(args) -> int:
         raise UserError(f"run {args.run!r} has no snapshots to replay")
     if not stored:
         raise UserError(f"run {args.run!r} has no stored decisions to compare with")
-    replayed = replay_decisions(snaps, config)
+    replayed, gaps = ungoverned(stored, replay_decisions(snaps, config, min(int(r["step"]) for r in stored)))
     diffs = compare(stored, replayed)
     jsonl = path / JSONL_NAME
     if jsonl.exists():
@@ -101,12 +114,17 @@ def cmd_replay(args) -> int:
     acted = sum(1 for r in replayed if not r["abstain"])
     print(f"{args.run}: replay reproduces all {len(stored)} decisions exactly "
           f"({acted} acted, {len(replayed) - acted} abstained)")
+    if gaps:
+        print(f"{gaps} windows without stored decisions after the first one (no governor attached "
+              f"then, e.g. after gov.remove() or between sessions; or their decisions were lost); "
+              f"the controller's state followed them")
     if args.show:
         import pyarrow as pa
 
         print_table(pa.Table.from_pylist([{k: r[k] for k in ("step", "layer", "debt", "pressure",
                                                                 "lens_scale", "backoff", "abstain")}
-                                          for r in replayed]), max_rows=args.show)
+                                          for r in replayed]), max_rows=args.show,
+                    more=f"--show {len(replayed)} shows all")
     return 0
 
 
@@ -114,7 +132,10 @@ def register(sub) -> None:
     s = sub.add_parser("replay", help="re-run the governance policy over stored snapshots and "
                                       "check it reproduces the stored decisions",
                        description="Re-derives every controller decision of RUN from its snapshots "
-                                   "and control_config.json; exit 0 if identical, 1 if not.")
+                                   "(from the window of the first stored decision on: the run's one "
+                                   "controller, across re-attaches) and control_config.json; exit 0 "
+                                   "if identical, 1 if not. Windows without any stored decision (no "
+                                   "governor attached then) are counted, not compared.")
     s.add_argument("run")
     s.add_argument("--max-diffs", type=int, default=20, help="differences printed (default 20)")
     s.add_argument("--show", type=int, default=0, metavar="N",

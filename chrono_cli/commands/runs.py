@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from chrono_cli.common import UserError, invocation, plural, print_table, require_store
+from chrono_cli.common import (UserError, invocation, plural, print_table, refuse_inside_store,
+                               require_store)
 
 
 def _root(args) -> Path:
@@ -47,9 +48,13 @@ def _check_rows(con, run: str, tables) -> None:
 
 
 def _connect(args, tables=None):
+    import warnings
+
     import chrono
 
-    return chrono.connect(_root(args), tables=tables)
+    with warnings.catch_warnings():   # a mistyped root: `chrono runs` says it as a note
+        warnings.simplefilter("ignore", UserWarning)
+        return chrono.connect(_root(args), tables=tables)
 
 
 # ------------------------------------------------------------------ commands
@@ -64,6 +69,12 @@ def cmd_runs(args) -> int:
     health = run_health(con)
     labels = [health[r[0]].label() if r[0] in health else OK for r in rows]
     print_table((cols[:1] + ["health"] + cols[1:], [r[:1] + (h,) + r[1:] for r, h in zip(rows, labels)]))
+    if not rows:
+        from chrono.store import store_note
+
+        note = store_note(_root(args))
+        if note is not None:
+            print(f"chrono: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -86,12 +97,31 @@ def _model_line(model: dict) -> str:
     if layers is not None:
         n_exp = ("/".join(map(str, experts)) if len(experts) <= 3 else f"{experts[0]}-{experts[-1]}") \
             if experts else "?"
-        parts.append(f"{len(layers)} layers x {n_exp} experts")
+        parts.append(f"{plural(len(layers), 'layer')} x {n_exp} experts")
     if model.get("top_k") is not None:
         parts.append(f"top-{model['top_k']}")
     if model.get("adapter"):
         parts.append(f"adapter {model['adapter']}")
     return ", ".join(parts)
+
+
+def _governed_line(con, run: str, path, n_decisions: int) -> str:
+    """'governed ACTUATORS, POLICY; N decisions, the latest (step S): A of L layers acting ...'."""
+    from chrono.controller import CONFIG_NAME
+
+    try:
+        cfg = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    policy = (f"setpoint policy (Neff target {cfg.get('neff_target')}·n)" if cfg.get("mode") == "setpoint"
+              else "faithful policy")
+    ((actuators, step, acting, layers),) = con.execute(
+        "WITH d AS (SELECT * FROM decisions WHERE run_id = ?), last AS (SELECT * FROM d WHERE step = "
+        "(SELECT max(step) FROM d)) SELECT (SELECT string_agg(DISTINCT actuator, ', ' ORDER BY actuator) "
+        "FROM d), (SELECT max(step) FROM d), count(*) FILTER (WHERE NOT abstain), count(*) FROM last",
+        [run]).fetchall()
+    return (f"governed {actuators}, {policy}; {plural(n_decisions, 'decision')}, the latest (step {step}): "
+            f"{acting} of {plural(layers, 'layer')} acting ('chrono replay {run}' re-derives them)")
 
 
 def cmd_show(args) -> int:
@@ -132,6 +162,8 @@ def cmd_show(args) -> int:
     print("rows     " + ", ".join(f"{t} {n:,}" for t, n in counts.items() if n) if any(counts.values())
           else "rows     none yet")
     print(f"health   {health.label() if health.active else 'OK (no active alert)'}")
+    if counts.get("decisions"):
+        print(_governed_line(con, args.run, path, counts["decisions"]))
     latest = con.sql(
         "SELECT layer, step, token_count, round(neff, 3) AS neff, n_experts, "
         "round(top2_share, 3) AS top2_share, dead, nearly_dead "
@@ -164,9 +196,7 @@ def cmd_query(args) -> int:
         out_path = Path(args.output)
         if not out_path.parent.exists():
             raise UserError(f"output directory {out_path.parent} does not exist")
-        if out_path.resolve().is_relative_to(_root(args).resolve()):   # symlinks followed
-            raise UserError(f"--output {args.output} is inside the store {args.root}: "
-                            f"chrono writes the store itself; write the result elsewhere")
+        refuse_inside_store(out_path, _root(args), "--output")
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq

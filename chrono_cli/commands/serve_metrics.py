@@ -35,7 +35,7 @@ def register(sub) -> None:
     )
     s.add_argument("--run", default=None,
                    help="export only this run (default: every run written within --recent)")
-    s.add_argument("--recent", default="30m", metavar="DURATION",
+    s.add_argument("--recent", default=None, metavar="DURATION",
                    help="without --run: export runs written within this long (default 30m; "
                         "e.g. 900, 15m, 2h)")
     s.add_argument("--max-runs", type=int, default=None,
@@ -65,8 +65,14 @@ def cmd_serve_metrics(args) -> int:
     cap = DEFAULT_MAX_EXPERT_SERIES if args.max_expert_series is None else args.max_expert_series
     if cap < 0:
         raise UserError("--max-expert-series must be >= 0")
+    if args.run is not None:
+        for name, value in (("--recent", args.recent), ("--max-runs", args.max_runs)):
+            if value is not None:
+                raise UserError(f"{name} picks which recent runs to export; with --run {args.run} "
+                                f"only that run is exported: drop one of them")
+    recent = args.recent or "30m"
     try:
-        recent_s = parse_duration(args.recent)
+        recent_s = parse_duration(recent)
     except ValueError as e:
         raise UserError(str(e)) from None
     max_runs = DEFAULT_MAX_RUNS if args.max_runs is None else args.max_runs
@@ -82,11 +88,18 @@ def cmd_serve_metrics(args) -> int:
         following = f"run {args.run}"
     else:
         runs = source.current_runs()
-        following = (f"every run under {root} written within {args.recent} (now: "
+        following = (f"every run under {root} written within {recent} (now: "
                      f"{', '.join(runs) if runs else 'none'}; at most {max_runs})")
-    print(f"serving Prometheus metrics for {following} at {server.url} (Ctrl-C to stop)", flush=True)
+    if not args.run:
+        from chrono.store import list_runs, store_note
+
+        note = None if list_runs(root) else store_note(root)
+        if note is not None:   # e.g. the parent of the store: the runs are one level down
+            print(f"chrono: note: {note}", file=sys.stderr, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill` stops it as cleanly as Ctrl-C
+    # the banner last: whoever waits for it may stop the process right away
+    print(f"serving Prometheus metrics for {following} at {server.url} (Ctrl-C to stop)", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:

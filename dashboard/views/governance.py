@@ -49,9 +49,23 @@ SERIES_CHARTS = [
 ]
 
 
-def term(label: str, key: str) -> None:
+SETPOINT_PRESSURE = ("Effort u", "the PI controller's output, 0-1: how hard the actuators push "
+                     "(stored in the pressure column)", "Effort u (PI output, stored as pressure)", "effort u (0-1)")
+
+
+def term(label: str, key: str, gloss: str | None = None) -> None:
     """The term in bold with a one-line gloss; hover the (?) for the formula."""
-    st.markdown(f"**{label}**: {GLOSS[key]}", help=TERMS[key])
+    st.markdown(f"**{label}**: {gloss or GLOSS[key]}", help=TERMS[key])
+
+
+def governed_by(actuators: list[str], cfg: dict) -> str:
+    """One line: which actuators and which policy (``control_config.json``; none: faithful)."""
+    who = f"Governed by **{', '.join(actuators)}**"
+    if cfg.get("mode") == "setpoint":
+        target = cfg.get("neff_target", 0.8)
+        return (f"{who} · setpoint policy: PI feedback to Neff = {target}·n per layer; the pressure column "
+                "holds the PI effort u (0-1) the actuators consume, not an average of debt.")
+    return f"{who} · faithful policy (ChronoMoE): debt → pressure → lens scale, with a harm guard."
 
 
 @ui.live
@@ -64,13 +78,17 @@ def body():
     lo, hi = int(rng["lo"].iloc[0]), int(rng["hi"].iloc[0])
     layers = [int(x) for x in rng["layers"].iloc[0]]
     actuators = list(rng["actuators"].iloc[0])
+    cfg = data.control_config(run)
+    setpoint = cfg.get("mode") == "setpoint"
+    st.caption(governed_by(actuators, cfg))
     latest = data.query(data.DECISIONS_LATEST_SQL, run=run, limit=500)
     last = latest[latest["step"] == latest["step"].max()]
     c = st.columns(5)
     c[0].metric("Decisions", ui.fmt_int(rng["decisions"].iloc[0]),
                 help="One per layer per snapshot, all in the `decisions` table.")
     c[1].metric("Latest step", ui.fmt_int(hi))
-    c[2].metric("Max pressure now", ui.fmt_float(last["pressure"].max()), help=TERMS["pressure"])
+    c[2].metric("Max effort u now" if setpoint else "Max pressure now", ui.fmt_float(last["pressure"].max()),
+                help=SETPOINT_PRESSURE[1] if setpoint else TERMS["pressure"])
     c[3].metric("Max lens scale now", ui.fmt_float(last["lens_scale"].max(), 4), help=TERMS["lens scale"])
     c[4].metric("Abstaining now", f"{int(last['abstain'].sum())} of {len(last)}",
                 help="Layers whose latest decision was to abstain. " + TERMS["abstain"])
@@ -88,10 +106,13 @@ def body():
     else:
         # (heading, TERMS key, column, chart title, y title, y domain); abstention is drawn as a band
         for i, (label, key, col, title, y_title, dom) in enumerate(SERIES_CHARTS):
+            gloss = None
+            if setpoint and key == "pressure":
+                label, gloss, title, y_title = SETPOINT_PRESSURE
             if i % 2 == 0:
                 cols = st.columns(2)
             with cols[i % 2]:
-                term(label, key)
+                term(label, key, gloss)
                 st.altair_chart(charts.multi_line(s, col, "layer_name", title, y_title, "layer", y_domain=dom),
                                 width="stretch")
         with cols[1]:
@@ -116,7 +137,7 @@ def body():
     st.subheader("Latest decisions")
     latest = latest[["step", "layer", "actuator", "abstain", "reason", "debt", "pressure", "lens_scale", "backoff",
                      "neff", "top2_share"]]  # heat = pressure here; both in the SQL table
-    if latest["actuator"].nunique() <= 1:  # named in the selector above; room for the numbers
+    if latest["actuator"].nunique() <= 1:  # named in the caption at the top; room for the numbers
         latest = latest.drop(columns=["actuator"])
     st.dataframe(latest, hide_index=True, width="stretch", column_config={
         "step": st.column_config.NumberColumn(width="small"),

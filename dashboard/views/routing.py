@@ -44,7 +44,7 @@ def body():
     totals["share"] = totals["tokens"] / totals.groupby("layer")["tokens"].transform("sum").clip(lower=1)
     totals["mean_weight"] = totals["weight_sum"] / totals["tokens"].where(totals["tokens"] > 0)
     left, right = st.columns(2)
-    left.altair_chart(charts.layer_expert_heatmap(totals, height=170 + min(520, 36 * len(layers))),
+    left.altair_chart(charts.layer_expert_heatmap(totals, height=190 + min(520, 36 * len(layers))),
                       width="stretch")
     weights = data.query(data.TOKEN_WEIGHTS_SQL, run=run, layer=layer, bins=20)
     if not weights.empty:

@@ -111,3 +111,12 @@ def test_analysis_commands_do_not_import_torch(root, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(root), str(tmp_path / "p")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("steps", [[], ["--steps", "0:2"], ["--steps", "0:"]])
+def test_analyze_drift_against_an_overlapping_range_is_refused(root, steps, capsys):
+    # newcomer2: `--against 0:1` with all steps (0:2) printed a table of empty js cells and a
+    # summary of nulls, exit 0: each step went to the first range only, so the reference was empty.
+    assert main(["--root", str(root), "analyze", RUN, "drift", "--against", "0:1", *steps]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chrono: error:") and "overlap" in err and err.count("\n") == 1
