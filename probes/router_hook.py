@@ -29,7 +29,10 @@ activation recompute: after the forward, or inside it when the forward itself ta
 ``torch.autograd.grad`` of an input-gradient penalty) is not counted, on every path: its tokens
 were counted when the forward called the router (``in_backward``, ~80 ns, before both hot paths).
 A call on ``meta`` tensors (a shape or FLOP-count dry run) has no data and is not counted: the
-recorder, which follows the routers' outputs to their device, must not move to ``meta``.
+recorder, which follows the routers' outputs to their device, must not move to ``meta``. The hot
+paths do not test for it (that attribute read cost ~8 us a call in situ,
+``benchmarks/probe_overhead.py``): C refuses a meta call (the general path drops it) and a staged
+one is dropped when the flush reads it (``Stage.flush``).
 """
 from __future__ import annotations
 
@@ -76,8 +79,6 @@ def router_hook(handle, site: RouterSite, slot: int, stack: int):
                 t0 = clock()
                 try:
                     routed = parse(module, args, output)
-                    if routed.indices.is_meta:
-                        return None   # a dry run on meta (shapes, FLOPs): no data, nothing to count
                     n = module.__dict__.get(count_key)   # now: lifecycle may change it before
                     if n.__class__ is not int:             # the forward ends
                         n = experts_of(module)

@@ -275,6 +275,8 @@ class Stage:
             batch, n = [], 0
             for j, ((mode, slot, routed, versions, norm, sample), address) in enumerate(zip(calls, addresses)):
                 indices, weights, _, logits = routed
+                if indices.is_meta:   # a dry run on meta (shapes, FLOPs): no data, not counted
+                    continue
                 # no storage of its own (a torch.func transform's tensor): counted at once, unchecked
                 storeless = versions is not None and address is None
                 if versions is not None and not storeless:

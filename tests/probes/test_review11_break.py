@@ -11,6 +11,7 @@ import torch
 
 import chrono
 import probes
+from probes.staging import STAGED
 
 from . import probe_models as T
 from .field_truth import capture, count as field_count, stored as field_stored
@@ -267,6 +268,42 @@ def test_a_dry_run_on_meta_loses_nothing_after_it(store_root, ctx, tokens):
         h.step()
     h.detach()
     assert diff(truth, stored(store_root, "dry")) == []
+    assert h.stats()["faults"] == 0
+
+
+def test_a_dry_run_on_meta_after_routers_are_staged(store_root, backend):
+    """The meta dry run after real training forwards, when the routers' calls are staged by
+    reference (not on probation): the hot path does not test for meta (that read cost ~8 us a
+    call in situ); the flush drops the staged meta calls. Truth: the routers' own outputs; the dry
+    run's step holds nothing, the routers stay staged, no fault."""
+    real = MoE([Router() for _ in range(3)])
+    model = MoE([Router() for _ in range(3)])
+    model.load_state_dict(real.state_dict())
+    calls: list = []   # the routers' own outputs, as truth_hooks keeps them (meta calls: no data)
+    for i, r in enumerate(model.routers):
+        r.register_forward_hook(lambda m, a, out, i=i: None if out[2].is_meta else calls.append(
+            (i, out[2].detach().clone().long(), out[1].detach().clone().double(), True)))
+    truth = []
+    with probes.attach(model, run="dry2", root=store_root, steps="manual") as h:
+        for _ in range(2):
+            del calls[:]
+            model(IDS).backward()
+            truth.append(count(calls))
+            h.step()
+        stage = h._window.rec.stage
+        assert stage.state == [STAGED] * 3          # the next calls are staged by reference
+        model.to("meta")
+        model(IDS.to("meta")).backward()             # the dry run, in training, with grad
+        truth.append({})
+        h.step()
+        assert stage.state == [STAGED] * 3          # not made eager by the meta calls
+        model.to_empty(device="cpu")
+        model.load_state_dict(real.state_dict())
+        del calls[:]
+        model(IDS).backward()
+        truth.append(count(calls))
+        h.step()
+    assert diff(truth, stored(store_root, "dry2")) == []
     assert h.stats()["faults"] == 0
 
 
