@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 from .adapters import Adapter, register, registered
+from .api import attach
 from .discovery import RouterSite, RouterSpec, find_sites
-from .handle import Handle, attach
+from .handle import Handle
 from .routing import ProbeError, Routed
 
 __all__ = ["attach", "Handle", "RouterSpec", "RouterSite", "ProbeError", "Routed", "Adapter",
