@@ -160,11 +160,13 @@ def _thresholds(values: list[tuple[float, str]]) -> alt.Chart | None:
     rule = base.mark_rule(color="#555", strokeDash=[6, 3]).encode(
         y="y:Q", tooltip=[alt.Tooltip("rule:N", title="threshold"), alt.Tooltip("y:Q", format=".3g")])
     text_style = dict(align="left", dx=4, color="#333", fontSize=11)
-    below = base.transform_filter("!datum.above").mark_text(baseline="top", dy=3, **text_style).encode(
-        y="y:Q", text="rule:N", x=alt.value(0))
-    above = base.transform_filter("datum.above").mark_text(baseline="bottom", dy=-3, **text_style).encode(
-        y="y:Q", text="rule:N", x=alt.value(0))
-    return rule + below + above
+    halo = dict(stroke="white", strokeWidth=4, strokeOpacity=0.9, strokeJoin="round")   # readable over lines
+    labels = []
+    for style in (halo, {}):
+        below = base.transform_filter("!datum.above").mark_text(baseline="top", dy=3, **text_style, **style)
+        above = base.transform_filter("datum.above").mark_text(baseline="bottom", dy=-3, **text_style, **style)
+        labels += [m.encode(y="y:Q", text="rule:N", x=alt.value(0)) for m in (below, above)]
+    return alt.layer(rule, *labels)
 
 
 def health_chart(df: pd.DataFrame, field: str, title: str, y_title: str,

@@ -293,3 +293,16 @@ def test_single_expert_layer_is_white_not_hot():
 
     scale = share_scale(1).to_dict()
     assert scale["domain"] == [0.0, 1.0] and scale["range"][-1] == SHARE_UNIFORM
+
+
+def test_threshold_labels_have_a_halo_over_the_lines():
+    """Newcomer 2: threshold labels were drawn straight over the metric lines (hard to read).
+    Each label is now drawn twice, first with a white stroke (a halo), then plain on top."""
+    from dashboard.charts import TOP2_THRESHOLDS, _thresholds
+
+    spec = _thresholds(list(TOP2_THRESHOLDS)).to_dict()
+    texts = [layer["mark"] for layer in spec["layer"] if layer["mark"]["type"] == "text"]
+    assert len(texts) == 4   # (below, above) x (halo, plain)
+    halos, plain = texts[:2], texts[2:]
+    assert all(m.get("stroke") == "white" and m.get("strokeWidth", 0) >= 3 for m in halos)
+    assert all("stroke" not in m for m in plain)
