@@ -279,7 +279,9 @@ FROM lifecycle WHERE run_id = $run ORDER BY step, layer, event
 
 SIGNAL_NAMES_SQL = """
 SELECT name, count(*) AS points, min(step) AS first_step, max(step) AS last_step,
-       count(DISTINCT layer) AS layers
+       concat_ws(', ', CASE WHEN count(*) > count(layer) THEN 'run-wide' END,
+                 nullif(array_to_string(list_sort(list_distinct(list(layer) FILTER (WHERE layer IS NOT NULL))), ', '), '')
+                 ) AS layers   -- 'run-wide' (no layer), and/or the layers, e.g. '0, 2, 10'
 FROM signals WHERE run_id = $run GROUP BY name ORDER BY name
 """
 

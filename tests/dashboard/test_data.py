@@ -89,3 +89,19 @@ def test_runs_appear_and_disappear(store_root, monkeypatch):
     delete_run(store_root, "a")
     assert data.run_set(store_root) == {"b"}
     assert data.query("SELECT DISTINCT run_id FROM routing", root=store_root)["run_id"].tolist() == ["b"]
+
+
+def test_signal_table_says_which_layers_not_a_count(store_root, monkeypatch):
+    """Newcomer 2: the signals table's ``layers`` column was count(DISTINCT layer): 0 for a
+    run-wide signal, read as "layer 0". It now names them: 'run-wide' and/or the layers."""
+    monkeypatch.setattr(data, "CHECK_EVERY_S", 0.0)
+    with chrono.open_run(store_root, "sig") as w:
+        w.log_routing(0, 0, np.array([1, 1]))
+        w.log_signal(1, "loss", 2.0)
+        for layer in (10, 2, 0):
+            w.log_signal(1, "probes.padding_excluded", 4.0, layer=layer)
+        w.log_signal(1, "mixed", 1.0)
+        w.log_signal(2, "mixed", 1.0, layer=1)
+    names = data.query(data.SIGNAL_NAMES_SQL, run="sig", root=store_root)
+    assert dict(zip(names["name"], names["layers"])) == {
+        "loss": "run-wide", "probes.padding_excluded": "0, 2, 10", "mixed": "run-wide, 1"}
