@@ -32,7 +32,7 @@ from torch import nn
 from .actuators import (Actuator, ActuatorError, AuxLossActuator, InformedLensActuator,
                         LensActuator, RouterBiasActuator, TemperatureActuator)
 from .control_history import stored_history
-from .controller import CONFIG_NAME, JSONL_NAME, ControlConfig, ControlDecision, Controller
+from .controller import CONFIG_NAME, JSONL_NAME, ControlConfig, ControlDecision, Controller, read_config
 from .hooks import HookRegistry
 from .router_loads import HookLoads, RouterLoads
 
@@ -231,12 +231,11 @@ def check_same_config(run_dir: Path | None, config: ControlConfig,
     Raises ActuatorError naming the first field that differs.
     """
     old = previous.to_dict() if previous is not None else None
-    path = run_dir / CONFIG_NAME if run_dir is not None else None
-    if old is None and path is not None and path.exists():
+    if old is None and run_dir is not None:
         try:
-            old = json.loads(path.read_text())
+            old = read_config(run_dir)
         except ValueError:
-            old = None   # unreadable: replay says so; governing may go on
+            old = None   # unreadable or not an object: replay says so; governing may go on
     new = json.loads(json.dumps(config.to_dict()))
     if old is None or old == new:
         return

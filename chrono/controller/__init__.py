@@ -44,7 +44,25 @@ COMPUTED = {"faithful": ("debt", "pressure", "heat", "forgetting", "lens_scale",
             "setpoint": ("debt", "pressure", "heat", "forgetting", "lens_scale", "backoff",
                          "error", "integral", "effort")}
 
-__all__ = ["JSONL_NAME", "CONFIG_NAME", "MODES", "ControlConfig", "ControlState", "LayerState",
+def read_config(run_dir) -> dict | None:
+    """The stored ``control_config.json`` of a run directory as a dict; None when there is none.
+    Raises ValueError (naming the file) when it is not JSON or not a JSON object."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a control config is a JSON object of fields, not a {type(d).__name__}")
+    return d
+
+
+__all__ = ["JSONL_NAME", "CONFIG_NAME", "MODES", "read_config", "ControlConfig", "ControlState", "LayerState",
            "ControlDecision", "Controller", "informational", "policy", "setpoint"]
 
 
@@ -125,6 +143,9 @@ class ControlConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ControlConfig":
+        """Raises ValueError for unknown fields or a value that is not a JSON object."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"a control config is a JSON object of fields, not a {type(d).__name__}")
         d = dict(d or {})
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known

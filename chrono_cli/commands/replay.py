@@ -70,7 +70,7 @@ def cmd_replay(args) -> int:
     from pathlib import Path
 
     from chrono_cli.common import UserError, print_table, require_store
-    from chrono.controller import CONFIG_NAME, JSONL_NAME, ControlConfig
+    from chrono.controller import CONFIG_NAME, JSONL_NAME, ControlConfig, read_config
     from chrono.store import require_run
     from chrono.rules import check_run
 
@@ -78,12 +78,10 @@ def cmd_replay(args) -> int:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     path = require_run(require_store(Path(args.root)), args.run)
-    cfg_path = path / CONFIG_NAME
     try:
-        config = ControlConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.exists() \
-            else ControlConfig()
+        config = ControlConfig.from_dict(read_config(path))
     except (ValueError, TypeError) as e:
-        raise UserError(f"{cfg_path}: {e}") from None
+        raise UserError(f"{path / CONFIG_NAME}: {e}" if str(path) not in str(e) else str(e)) from None
     con = chrono.connect(args.root)
     check_run(con, args.run, ("snapshots", "decisions"))   # invalid rows: one line, exit 2
     snaps = con.sql("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, layer",

@@ -107,12 +107,12 @@ def _model_line(model: dict) -> str:
 
 def _governed_line(con, run: str, path, n_decisions: int) -> str:
     """'governed ACTUATORS, POLICY; N decisions, the latest (step S): A of L layers acting ...'."""
-    from chrono.controller import CONFIG_NAME
+    from chrono.controller import read_config
 
     try:
-        cfg = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        cfg = {}
+        cfg = read_config(path) or {}
+    except ValueError:
+        cfg = {}   # unreadable: `chrono replay` says so
     policy = (f"setpoint policy (Neff target {cfg.get('neff_target')}·n)" if cfg.get("mode") == "setpoint"
               else "faithful policy")
     ((actuators, step, acting, layers),) = con.execute(

@@ -233,3 +233,26 @@ def test_a_handle_that_cannot_be_weakly_keyed_still_governs(store_root, tiny_mod
         gov.step()
     assert len(h.decisions) == 4
     gov.remove()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "\"setpoint\"", "{not json"])
+def test_a_control_config_that_is_not_an_object_is_one_line_everywhere(store_root, tiny_model, capsys,
+                                                                       content):
+    # Newcomer 2's open item: control_config.json holding a JSON list gave a cryptic replay error
+    # ("dictionary update sequence element #0"), and `chrono show` and a second govern() on the
+    # run raised AttributeError ('list' object has no attribute 'get').
+    model, shared = _model(tiny_model)
+    with probes.attach(model, run="cfg", root=store_root, flush_every=5) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        _train(model, h, gov, 10, shared)
+    path = run_dir(store_root, "cfg") / CONFIG_NAME
+    path.write_text(content)
+    rc = main(["--root", str(store_root), "replay", "cfg"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(path) in err and len(err.strip().splitlines()) == 1
+    assert ("JSON object" in err) or ("not readable JSON" in err)
+    assert main(["--root", str(store_root), "show", "cfg"]) == 0   # no traceback
+    assert "governed" in capsys.readouterr().out
+    with probes.attach(model, run="cfg", root=store_root, flush_every=5) as h:   # governs on
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        _train(model, h, gov, 5, shared)
