@@ -1,0 +1,246 @@
+"""Review 13: trying to break "one controller per run" (resume, crash, checkpoint, compact).
+
+Ground truth, besides ``chrono replay`` (the code under test): an uninterrupted run on the same
+model, data and seeds, whose decisions a resumed run must equal where the docs promise it.
+"""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import chrono
+from chrono.controller import ControlConfig
+from chrono.store import run_dir
+from chrono_cli.main import main
+
+probes = pytest.importorskip("probes")
+
+SETPOINT = ControlConfig(mode="setpoint", neff_target=0.95)
+
+
+def _data(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(16, generator=g)
+    return [torch.randn(32, 16, generator=g) * 0.5 + shared for _ in range(n)]
+
+
+def _model(tiny_model, n_layers=3):
+    torch.manual_seed(0)
+    return tiny_model(n_layers=n_layers, d=16, n_experts=4, skew=2.0)
+
+
+def _train(model, h, gov, xs, lo, hi, at=None):
+    saved = None
+    for i in range(lo, hi):
+        model(xs[i])
+        h.step()
+        if gov is not None:
+            gov.step()
+        if i == at:
+            saved = copy.deepcopy(model.state_dict())
+    return saved
+
+
+def _decisions(root, run):
+    return chrono.connect(root).execute(
+        "SELECT step, layer, pressure, neff, top2_share, abstain FROM decisions WHERE run_id = ? "
+        "ORDER BY step, layer", [run]).fetchall()
+
+
+def _replay(root, run, capsys):
+    rc = main(["--root", str(root), "replay", run])
+    return rc, capsys.readouterr().out
+
+
+def _whole(root, tiny_model, xs, steps=40, flush_every=5):
+    model = _model(tiny_model)
+    with probes.attach(model, run="whole", root=root, flush_every=flush_every) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        _train(model, h, gov, xs, 0, steps)
+    return _decisions(root, "whole")
+
+
+def test_resume_from_an_earlier_checkpoint_replaces_later_decisions(store_root, tiny_model, capsys):
+    # checkpoint at a window end (step 19), the run went on to 31 and "crashed"; the resume
+    # from the checkpoint (start_step=20, overwrite) must give exactly the uninterrupted run
+    xs = _data(40)
+    whole = _whole(store_root, tiny_model, xs)
+    model = _model(tiny_model)
+    with probes.attach(model, run="ckpt", root=store_root, flush_every=5) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        ckpt = _train(model, h, gov, xs, 0, 32, at=19)
+    model.load_state_dict(ckpt)
+    with probes.attach(model, run="ckpt", root=store_root, flush_every=5, start_step=20, overwrite=True) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        assert {d.step for d in gov.latest.values()} == {19}     # warm start ends at the checkpoint
+        _train(model, h, gov, xs, 20, 40)
+    assert _decisions(store_root, "ckpt") == whole
+    rc, out = _replay(store_root, "ckpt", capsys)
+    assert rc == 0, out
+    lines = (run_dir(store_root, "ckpt") / "control_decisions.jsonl").read_text().splitlines()
+    assert len(lines) == len(whole)
+
+
+def test_resume_mid_window_and_with_other_flush_every_replays(store_root, tiny_model, capsys):
+    # a checkpoint inside a window (step 17): the window 15..19 loses its snapshot and decision;
+    # then two more sessions with other window lengths. Replay must still match, 3 layers.
+    xs = _data(60)
+    model = _model(tiny_model)
+    with probes.attach(model, run="mid", root=store_root, flush_every=5) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        ckpt = _train(model, h, gov, xs, 0, 32, at=17)
+    model.load_state_dict(ckpt)
+    for lo, hi, fe in ((18, 30, 3), (30, 47, 7)):
+        with probes.attach(model, run="mid", root=store_root, flush_every=fe,
+                           start_step=lo, overwrite=True) as h:
+            gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+            _train(model, h, gov, xs, lo, hi)
+    steps = sorted({s for s, *_ in _decisions(store_root, "mid")})
+    assert steps == [4, 9, 14, 20, 23, 26, 29, 36, 43, 46]
+    rc, out = _replay(store_root, "mid", capsys)
+    assert rc == 0, out
+    assert "reproduces all 30 decisions" in out
+
+
+def test_compacted_store_and_two_runs_replay(store_root, tiny_model, capsys):
+    xs = _data(30)
+    for run in ("a", "b"):
+        model = _model(tiny_model)
+        for lo, hi in ((0, 10), (10, 25)):
+            with probes.attach(model, run=run, root=store_root, flush_every=5) as h:
+                gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+                _train(model, h, gov, xs, lo, hi)
+    before = _decisions(store_root, "a")
+    assert main(["--root", str(store_root), "compact", "a"]) == 0
+    capsys.readouterr()
+    assert _decisions(store_root, "a") == before == _decisions(store_root, "b")
+    for run in ("a", "b"):
+        rc, out = _replay(store_root, run, capsys)
+        assert rc == 0 and "reproduces all 15 decisions" in out, out
+    # and a resume of the compacted run continues its controller
+    model = _model(tiny_model)
+    with probes.attach(model, run="a", root=store_root, flush_every=5) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        assert {d.step for d in gov.latest.values()} == {24}
+        _train(model, h, gov, xs, 25, 30)
+    rc, out = _replay(store_root, "a", capsys)
+    assert rc == 0, out
+
+
+def test_replay_of_a_run_without_decisions_is_one_line(store_root, tiny_model, capsys):
+    xs = _data(10)
+    model = _model(tiny_model)
+    with probes.attach(model, run="plain", root=store_root, flush_every=5) as h:
+        _train(model, h, None, xs, 0, 10)
+    rc = main(["--root", str(store_root), "replay", "plain"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no stored decisions" in err and "Traceback" not in err
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    import torch
+    sys.path.insert(0, {conftest_dir!r})
+    from conftest import TinyModel
+    import chrono, probes
+    from chrono.controller import ControlConfig
+    from chrono.store.writer import RunWriter
+
+    root, kill_at, lost = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    real_flush, real_log_rows = RunWriter.flush, RunWriter.log_rows
+
+    def slow_flush(self):    # a slow disk: the window just closed is still being written
+        time.sleep(0.5)
+        return real_flush(self)
+
+    def slow_decisions(self, table, rows):   # only the decisions rows are slow to write
+        if table == "decisions":
+            time.sleep(0.5)
+        return real_log_rows(self, table, rows)
+
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(16, generator=g)
+    xs = [torch.randn(32, 16, generator=g) * 0.5 + shared for _ in range(60)]
+    torch.manual_seed(0)
+    m = TinyModel(n_layers=3, d=16, n_experts=4, skew=2.0)
+    with probes.attach(m, run="crash", root=root, flush_every=5) as h:
+        gov = chrono.govern(m, h, actuators=("bias",),
+                            config=ControlConfig(mode="setpoint", neff_target=0.95))
+
+        def killer(step, rows, handle):   # runs after the governor's callback of this window
+            if step == kill_at:
+                if lost == "decisions":
+                    handle._window.pending.wait()     # the window's rows are in the store
+                os.kill(os.getpid(), signal.SIGKILL)
+        h.on_snapshot(killer)
+        for i in range(60):
+            m(xs[i])
+            if i == kill_at:
+                if lost == "window":
+                    RunWriter.flush = slow_flush
+                else:
+                    RunWriter.log_rows = slow_decisions
+            h.step(); gov.step()
+""")
+
+
+def _crashed_run(root, kill_at, lost):
+    code = CHILD.format(conftest_dir=os.path.dirname(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-c", code, str(root), str(kill_at), lost], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("lost", ["window", "decisions"])
+def test_process_killed_while_a_window_is_written_then_resumed_replays(store_root, tiny_model, capsys, lost):
+    # SIGKILL after the window ending at step 14 was decided but before its rows ("window") or
+    # only its decisions ("decisions") reached the store: the JSONL mirror was written at once
+    # (main thread), the tables not. Replay said DIFFERS ("stored decision, no snapshot to replay
+    # it") and, after a resume that redid steps 10..14, "duplicate stored decisions".
+    _crashed_run(store_root, 14, lost)
+    con = chrono.connect(store_root)
+    snaps = [s for (s,) in con.execute(
+        "SELECT DISTINCT step FROM snapshots WHERE run_id = 'crash' ORDER BY 1").fetchall()]
+    decided = [s for (s,) in con.execute(
+        "SELECT DISTINCT step FROM decisions WHERE run_id = 'crash' ORDER BY 1").fetchall()]
+    assert decided == [4, 9]                     # the crash lost the decisions of window 10..14
+    assert snaps == ([4, 9] if lost == "window" else [4, 9, 14])
+    rc, out = _replay(store_root, "crash", capsys)
+    assert rc == 0, out
+    xs = _data(60)
+    model = _model(tiny_model)
+    start = 10 if lost == "window" else 15
+    with probes.attach(model, run="crash", root=store_root, flush_every=5) as h:
+        assert h.current_step == start
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        _train(model, h, gov, xs, start, 30)
+    rc, out = _replay(store_root, "crash", capsys)
+    assert rc == 0, out
+    lines = [json.loads(x) for x in
+             (run_dir(store_root, "crash") / "control_decisions.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["layer"]) for r in lines) == \
+        [(s, l) for s, l, *_ in _decisions(store_root, "crash")]
+
+
+@pytest.mark.xfail(strict=True, reason="review 13, not fixed: detach restores the bias actuator's "
+                   "selection bias to its value at install (keep_bias=False), so a re-attached run "
+                   "continues the controller but not the bias it had learnt; HF hook biases are not "
+                   "in a checkpoint at all")
+def test_reattached_run_routes_like_the_uninterrupted_one(store_root, tiny_model):
+    # newcomer2's test compared only `pressure`, which saturates at 1.0 here; Neff shows that the
+    # routing (and so every later decision) differs after a re-attach in the same process
+    xs = _data(40)
+    whole = _whole(store_root, tiny_model, xs)
+    model = _model(tiny_model)
+    for lo, hi in ((0, 10), (10, 25), (25, 40)):
+        with probes.attach(model, run="three", root=store_root, flush_every=5) as h:
+            gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+            _train(model, h, gov, xs, lo, hi)
+    assert _decisions(store_root, "three") == whole
