@@ -210,10 +210,13 @@ def test_process_killed_while_a_window_is_written_then_resumed_replays(store_roo
         "SELECT DISTINCT step FROM snapshots WHERE run_id = 'crash' ORDER BY 1").fetchall()]
     decided = [s for (s,) in con.execute(
         "SELECT DISTINCT step FROM decisions WHERE run_id = 'crash' ORDER BY 1").fetchall()]
-    assert decided == [4, 9]                     # the crash lost the decisions of window 10..14
+    # the crash lost the decisions of window 10..14 (and, with a fast loop, maybe those of 5..9:
+    # the decisions job is queued behind the window's and nobody waits for it)
+    assert decided in ([4], [4, 9])
     assert snaps == ([4, 9] if lost == "window" else [4, 9, 14])
     rc, out = _replay(store_root, "crash", capsys)
     assert rc == 0, out
+    assert "have no stored decision (the process ended before their window was written)" in out
     xs = _data(60)
     model = _model(tiny_model)
     start = 10 if lost == "window" else 15
@@ -244,3 +247,21 @@ def test_reattached_run_routes_like_the_uninterrupted_one(store_root, tiny_model
             gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
             _train(model, h, gov, xs, lo, hi)
     assert _decisions(store_root, "three") == whole
+
+
+def test_replay_still_flags_a_mirror_line_without_stored_decision_before_the_last(store_root, tiny_model,
+                                                                                  capsys):
+    # the crash tolerance covers only the mirror's tail after the last stored decision: a line of
+    # an earlier window that has no stored decision is a difference (tampering, lost rows)
+    xs = _data(20)
+    model = _model(tiny_model)
+    with probes.attach(model, run="tamper", root=store_root, flush_every=5) as h:
+        gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+        _train(model, h, gov, xs, 0, 20)
+    path = run_dir(store_root, "tamper") / "control_decisions.jsonl"
+    lines = path.read_text().splitlines()
+    fake = json.loads(lines[0])
+    fake["step"] = 7
+    path.write_text("\n".join(lines + [json.dumps(fake)]) + "\n")
+    rc, out = _replay(store_root, "tamper", capsys)
+    assert rc == 1 and "step 7 layer 0" in out, out
