@@ -326,3 +326,59 @@ def test_trainer_govern_resume_from_checkpoint_replays(tmp_path, capsys, actuato
         # abstention, temperature 1), so no equality is claimed for steps 8..12
         assert [d for d in resumed if d[0] <= 6] == [d for d in whole if d[0] <= 6]
         assert [(s, l) for s, l, *_ in resumed] == [(s, l) for s, l, *_ in whole]
+
+
+def test_lightning_govern_ckpt_resume_replays(tmp_path, capsys):
+    # lightning.Trainer, govern="bias", validation every 4 updates (EVAL rows in the windows), a
+    # crash after the step-6 checkpoint (steps 7..9 logged), fit(ckpt_path=...): replay exact
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from chrono.integrations.lightning import ChronoCallback
+
+    tiny = _tiny_hf()
+    torch.set_num_threads(1)
+    root = tmp_path / "store"
+
+    class LM(L.LightningModule):
+        def __init__(self, seed=0):
+            super().__init__()
+            self.model = tiny.qwen3_moe(seed)
+
+        def training_step(self, batch, i):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, i):
+            self.log("val_loss", self.model(**batch).loss)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(tiny.TokenData(48), batch_size=2)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(tiny.TokenData(4, seed=1), batch_size=2)
+
+    def trainer(callbacks, **kw):
+        return L.Trainer(max_steps=12, accelerator="cpu", devices=1, val_check_interval=4,
+                         limit_val_batches=1, log_every_n_steps=4, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=callbacks, default_root_dir=str(tmp_path), **kw)
+
+    class Crash(Callback):
+        def on_train_batch_end(self, trainer, *a):
+            if trainer.global_step == 9:
+                raise RuntimeError("simulated crash")
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=6, save_top_k=-1)
+    cb = ChronoCallback(root=root, run="lit", flush_every=2, govern="bias")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer([cb, ckpt, Crash()]).fit(LM())
+    path = [p for p in (tmp_path / "ckpt").iterdir() if "step=6" in p.name][0]
+    cb2 = ChronoCallback(root=root, run="lit", flush_every=2, govern="bias")
+    trainer([cb2], enable_checkpointing=False).fit(LM(seed=1), ckpt_path=str(path))
+    steps = sorted({s for s, *_ in _decisions(root, "lit")})
+    assert steps == [2, 4, 6, 8, 10, 12]
+    rc, out = _replay(root, "lit", capsys)
+    assert rc == 0, out
