@@ -9,8 +9,17 @@ the run's snapshot windows from its **first stored decision** on, which is what
 on a resumed run. Windows in that stretch during which no governor was attached (after
 ``gov.remove()``, between sessions) still update the controller's state but have no
 stored decision. Imports no torch.
+
+The decisions' JSONL mirror (``control_decisions.jsonl``) is written when a window is decided,
+before its rows reach the store on the background writer: a process killed in between leaves
+mirror lines with no stored decision (a later session redoes that window and would write them
+twice). ``reconcile_mirror`` brings the mirror back to the stored decisions when a new session
+governs the run; ``chrono replay`` notes (does not compare) such lines after the last stored
+decision.
 """
 from __future__ import annotations
+
+import json
 
 from .snapshots import windows
 
@@ -38,3 +47,39 @@ def stored_history(root, run: str) -> tuple[int | None, list[list[dict]]]:
     finally:
         con.close()
     return int(first), governed_windows(rows, first)
+
+
+def reconcile_mirror(root, run: str, path) -> int:
+    """Rewrite the JSONL mirror ``path`` of ``run`` to the decisions stored under ``root``:
+    for each stored (step, layer) its last line is kept, lines of other keys (a killed
+    process's unwritten window, or one a resume redid) are dropped. Lines that are not JSON
+    objects with ``step`` and ``layer`` are kept (replay reports them). Returns the number of
+    lines dropped (the file is replaced atomically only when it changes)."""
+    from pathlib import Path
+
+    from .reader import connect
+    from .store.layout import atomic_write_bytes
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    con = connect(root, tables=("decisions",))
+    try:
+        stored = set(con.execute("SELECT step, layer FROM decisions WHERE run_id = ?", [run]).fetchall())
+    finally:
+        con.close()
+    keyed = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            keyed.append((int(rec["step"]), int(rec["layer"])))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            keyed.append(None)
+    last = {k: i for i, k in enumerate(keyed) if k is not None}
+    kept = [line for i, (line, k) in enumerate(zip(lines, keyed))
+            if k is None or (k in stored and last[k] == i)]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
+    return len(lines) - len(kept)

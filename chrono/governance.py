@@ -31,7 +31,7 @@ from torch import nn
 
 from .actuators import (Actuator, ActuatorError, AuxLossActuator, InformedLensActuator,
                         LensActuator, RouterBiasActuator, TemperatureActuator)
-from .control_history import stored_history
+from .control_history import reconcile_mirror, stored_history
 from .controller import CONFIG_NAME, JSONL_NAME, ControlConfig, ControlDecision, Controller, read_config
 from .hooks import HookRegistry
 from .router_loads import HookLoads, RouterLoads
@@ -336,6 +336,8 @@ def govern(model: nn.Module, handle: GovernedHandle, actuators=("informed-lens",
             if callable(getattr(handle, "wait_written", None)):
                 handle.wait_written()   # windows this session closed are still being written
             first, history = stored_history(writer.root, handle.run_id)   # a resumed governed run
+            if run_dir is not None:   # mirror lines of windows a killed process never stored
+                reconcile_mirror(writer.root, handle.run_id, Path(run_dir) / JSONL_NAME)
         loads = handle if isinstance(handle, RouterLoads) else None
         # the stored config binds only while stored decisions derive from it (an overwrite from
         # step 0 removed them all)

@@ -38,6 +38,21 @@ def ungoverned(stored: list[dict], replayed: list[dict]) -> tuple[list[dict], in
     return rest, len({int(r["step"]) for r in replayed} - steps)
 
 
+def unwritten_tail(stored: list[dict], records: list[dict]) -> tuple[list[dict], int]:
+    """Split off the JSONL mirror's records after the last stored decision's step: a process
+    killed while their window was written (the mirror is written first, see
+    ``chrono.control_history``). ``(the rest, number split off)``; lines without a step stay."""
+    last = max(int(r["step"]) for r in stored)
+
+    def after(r):
+        try:
+            return int(r["step"]) > last
+        except (KeyError, TypeError, ValueError):
+            return False
+    rest = [r for r in records if not after(r)]
+    return rest, len(records) - len(rest)
+
+
 def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return a == b or (math.isnan(a) and math.isnan(b))
@@ -94,12 +109,13 @@ def cmd_replay(args) -> int:
         raise UserError(f"run {args.run!r} has no stored decisions to compare with")
     replayed, gaps = ungoverned(stored, replay_decisions(snaps, config, min(int(r["step"]) for r in stored)))
     diffs = compare(stored, replayed)
-    jsonl = path / JSONL_NAME
+    jsonl, unwritten = path / JSONL_NAME, 0
     if jsonl.exists():
         try:
             records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
         except ValueError as e:
             raise UserError(f"{jsonl}: not JSON lines ({e})") from None
+        records, unwritten = unwritten_tail(stored, records)
         if records and "mode" in records[0]:   # mirrors written before the setpoint mode lack these
             diffs += [f"{JSONL_NAME}: {d}" for d in compare(records, replayed, RECORD_FIELDS)]
     if diffs:
@@ -116,6 +132,10 @@ def cmd_replay(args) -> int:
         print(f"{gaps} windows without stored decisions after the first one (no governor attached "
               f"then, e.g. after gov.remove() or between sessions; or their decisions were lost); "
               f"the controller's state followed them")
+    if unwritten:
+        print(f"{unwritten} lines of {JSONL_NAME} after the last stored decision have no stored "
+              f"decision (the process ended before their window was written); not compared, a "
+              f"later govern on the run removes them")
     if args.show:
         import pyarrow as pa
 
