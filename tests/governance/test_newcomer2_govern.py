@@ -64,22 +64,31 @@ def test_resumed_governed_run_continues_the_controller(store_root, tiny_model, c
     # Re-attaching to a governed run and calling govern again restarted the controller
     # (pressure / PI integral back to their initial values): replay, which sees one run,
     # differed from the stored decisions after the resume.
+    # keep_bias: the bias actuator's learnt bias stays on the router across the detach (by default
+    # detach restores the router's bias, so a re-attached run routes differently: review 13)
+    keep = {"bias": {"keep_bias": True}}
     model, shared = _model(tiny_model)
     for _ in range(2):
         with probes.attach(model, run="resumed", root=store_root, flush_every=5) as h:
-            gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT)
+            gov = chrono.govern(model, h, actuators=("bias",), config=SETPOINT, actuator_kwargs=keep)
             _train(model, h, gov, 20, shared)
     stored = _decisions(store_root, "resumed")
     assert len(stored) == 16
     rc, out = _replay(store_root, "resumed", capsys)
     assert rc == 0, out
-    # and the same decisions as one uninterrupted session would take (an independent run)
+    # and the same decisions and routing as one uninterrupted session (an independent run); the
+    # pressure alone saturates at 1.0 here, so the routing (Neff per window) is compared too
     model2, shared2 = _model(tiny_model)
     with probes.attach(model2, run="whole", root=store_root, flush_every=5) as h:
-        gov = chrono.govern(model2, h, actuators=("bias",), config=SETPOINT)
+        gov = chrono.govern(model2, h, actuators=("bias",), config=SETPOINT, actuator_kwargs=keep)
         _train(model2, h, gov, 40, shared2)
     whole = _decisions(store_root, "whole")
     assert [(s, l, round(p, 12)) for s, l, p, _ in whole] == [(s, l, round(p, 12)) for s, l, p, _ in stored]
+    neff = {run: chrono.connect(store_root).execute(
+        "SELECT step, layer, round(neff, 9) FROM snapshots WHERE run_id = ? AND layer >= 0 ORDER BY ALL",
+        [run]).fetchall() for run in ("resumed", "whole")}
+    assert len(neff["whole"]) == 16 and len({n for *_, n in neff["whole"]}) > 2   # it moves
+    assert neff["resumed"] == neff["whole"]
 
 
 def test_resume_with_another_config_is_refused_and_the_config_kept(store_root, tiny_model):
