@@ -102,9 +102,9 @@ def positional_params(module: nn.Module) -> tuple:
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
-def _ids_param_index(module: nn.Module) -> Optional[int]:
-    """Position of ``input_ids`` among ``forward``'s positional parameters, None if it has none."""
-    names = positional_params(module)
+def ids_index(names: tuple) -> Optional[int]:
+    """Position of ``input_ids`` among ``forward``'s positional parameter ``names``
+    (``positional_params``), None if it has none."""
     return names.index("input_ids") if "input_ids" in names else None
 
 
@@ -127,7 +127,7 @@ def find_stacks(model: nn.Module, router_names: list[str]) -> tuple[list[str], l
         for cut in range(len(parts) - 1, 0, -1):
             prefix = ".".join(parts[:cut])
             if prefix not in has_ids:
-                has_ids[prefix] = _ids_param_index(model.get_submodule(prefix)) is not None
+                has_ids[prefix] = ids_index(positional_params(model.get_submodule(prefix))) is not None
             if has_ids[prefix]:
                 chosen = prefix
                 break

@@ -55,6 +55,7 @@ class Forwards:
         self.steps = steps                          # applies to another's
         self.exclude_padding = exclude_padding
         self.per_token = per_token   # tokens are sampled: routers read ids and positions
+        self._stage = steps.window.rec.stage   # the recorder's staged calls (never replaced)
         self._faults = faults
 
     def starts(self, mode: int) -> None:
@@ -64,7 +65,7 @@ class Forwards:
         self.tls.root_mode = mode
 
     def ends(self) -> None:
-        stage = self.steps.window.rec.stage
+        stage = self._stage
         if stage.calls or stage.watch:   # (read without the lock: a call staged after this read is
             self.steps.flush_staged(threading.get_ident())   # another thread's, whose forward runs)
         st = self.tls
@@ -118,7 +119,7 @@ def _root_hooks(handle_ref, model: nn.Module):
 def _stack_hooks(handle_ref, i: int, stack: nn.Module):
     stack_ref = weakref.ref(stack)
     names = C.positional_params(stack)
-    ids_index = names.index("input_ids") if "input_ids" in names else None
+    ids_index = C.ids_index(names)
 
     @torch._dynamo.disable
     def stack_pre(module, args, kwargs):
