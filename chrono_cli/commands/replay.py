@@ -94,9 +94,13 @@ def cmd_replay(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     path = require_run(require_store(Path(args.root)), args.run)
     try:
-        config = ControlConfig.from_dict(read_config(path))
+        stored_config = read_config(path)   # (its errors name the file)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        config = ControlConfig.from_dict(stored_config)
     except (ValueError, TypeError) as e:
-        raise UserError(f"{path / CONFIG_NAME}: {e}" if str(path) not in str(e) else str(e)) from None
+        raise UserError(f"{path / CONFIG_NAME}: {e}") from None
     con = chrono.connect(args.root)
     check_run(con, args.run, ("snapshots", "decisions"))   # invalid rows: one line, exit 2
     snaps = con.sql("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, layer",
